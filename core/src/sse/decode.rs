@@ -1,0 +1,1 @@
+//! SSE decoding (filled in by the core work)

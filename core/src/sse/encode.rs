@@ -1,0 +1,1 @@
+//! SSE encoding (filled in by the core work)

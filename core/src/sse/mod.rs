@@ -1,0 +1,4 @@
+//! Server-sent events: an encoder that returns bytes and an incremental WHATWG decoder.
+
+pub mod decode;
+pub mod encode;

@@ -1,0 +1,1 @@
+//! rollgate-proxy on Cloudflare Workers (filled in by the edge-worker issue).

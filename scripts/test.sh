@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Runs every test of rollgate-proxy on a fresh machine: installs what it needs, then checks
+# formatting, lints, the core's wasm build and dependency rules, and runs every test suite.
+# Usage: ./scripts/test.sh        (the README's test command; .ci/run calls it)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "toolchain (rust-toolchain.toml pins the version and the wasm32 target)"
+rustup show active-toolchain >/dev/null 2>&1 || rustup toolchain install
+rustup target add wasm32-unknown-unknown >/dev/null
+
+step "format"
+cargo fmt --all -- --check
+
+step "lint"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "core builds for wasm32-unknown-unknown"
+cargo build -p rollgate-proxy-core --target wasm32-unknown-unknown --locked
+
+step "core's dependency tree has no runtime or HTTP stack"
+forbidden=$(cargo tree -p rollgate-proxy-core -e normal --prefix none --locked \
+  | awk '{print $1}' | grep -E -x 'tokio|hyper|reqwest|axum|worker|mio' | sort -u || true)
+if [ -n "$forbidden" ]; then
+  echo "core depends on forbidden crates: $forbidden" >&2
+  exit 1
+fi
+echo "ok: no tokio, hyper, reqwest, axum or worker under rollgate-proxy-core"
+
+step "tests"
+cargo test --workspace --locked

@@ -1,0 +1,1 @@
+//! Black-box test support for rollgate-proxy (filled in by the mock-upstream work).
