@@ -387,10 +387,11 @@ impl Context {
     pub fn attribute(&self, attribute: &str) -> Option<String> {
         match attribute {
             "id" | "userId" => self.id.clone(),
-            "email" => self
-                .email
-                .clone()
-                .or_else(|| self.attributes.get("email").map(AttributeValue::to_js_string)),
+            "email" => self.email.clone().or_else(|| {
+                self.attributes
+                    .get("email")
+                    .map(AttributeValue::to_js_string)
+            }),
             other => self.attributes.get(other).map(AttributeValue::to_js_string),
         }
     }
@@ -447,13 +448,15 @@ fn lenient_percentage<'de, D: Deserializer<'de>>(deserializer: D) -> Result<i64,
             // 12.5 % is "in when bucket < 12.5", i.e. buckets 0..=12: the same as 13.
             None => n.as_f64().map_or(0, |f| f.ceil().clamp(-1.0, 101.0) as i64),
         },
-        other => return Err(de::Error::custom(format!("expected a percentage, got {other}"))),
+        other => {
+            return Err(de::Error::custom(format!(
+                "expected a percentage, got {other}"
+            )));
+        }
     })
 }
 
-fn lenient_condition_value<'de, D: Deserializer<'de>>(
-    deserializer: D,
-) -> Result<String, D::Error> {
+fn lenient_condition_value<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
     Ok(match serde_json::Value::deserialize(deserializer)? {
         serde_json::Value::Null => String::new(),
         serde_json::Value::String(s) => s,
@@ -463,7 +466,9 @@ fn lenient_condition_value<'de, D: Deserializer<'de>>(
             .iter()
             .map(|item| match item {
                 serde_json::Value::String(s) => s.clone(),
-                serde_json::Value::Number(n) => n.as_f64().map(js_number_string).unwrap_or_default(),
+                serde_json::Value::Number(n) => {
+                    n.as_f64().map(js_number_string).unwrap_or_default()
+                }
                 other => other.to_string(),
             })
             .collect::<Vec<_>>()
@@ -506,9 +511,18 @@ mod tests {
             EvaluatedFlags::from_json(br#"{"reasons":{}}"#),
             Err(ModelError::MissingFlags)
         ));
-        assert!(matches!(EvaluatedFlags::from_json(b"{"), Err(ModelError::Json(_))));
-        assert!(matches!(EvaluatedFlags::from_json(b"[]"), Err(ModelError::Json(_))));
-        assert!(matches!(EvaluatedFlags::from_json(b""), Err(ModelError::Json(_))));
+        assert!(matches!(
+            EvaluatedFlags::from_json(b"{"),
+            Err(ModelError::Json(_))
+        ));
+        assert!(matches!(
+            EvaluatedFlags::from_json(b"[]"),
+            Err(ModelError::Json(_))
+        ));
+        assert!(matches!(
+            EvaluatedFlags::from_json(b""),
+            Err(ModelError::Json(_))
+        ));
     }
 
     #[test]
@@ -532,7 +546,10 @@ mod tests {
             flags: flags.flags.clone(),
             reasons: BTreeMap::new(),
         };
-        assert_eq!(serde_json::to_string(&bare).unwrap(), r#"{"flags":{"a":true}}"#);
+        assert_eq!(
+            serde_json::to_string(&bare).unwrap(),
+            r#"{"flags":{"a":true}}"#
+        );
     }
 
     #[test]
@@ -563,7 +580,10 @@ mod tests {
 
     #[test]
     fn rejects_bad_rules() {
-        assert!(matches!(RulesPayload::from_json(b"{}"), Err(ModelError::MissingFlags)));
+        assert!(matches!(
+            RulesPayload::from_json(b"{}"),
+            Err(ModelError::MissingFlags)
+        ));
         assert!(matches!(
             RulesPayload::from_json(br#"{"flags":[]}"#),
             Err(ModelError::MissingFlags)

@@ -12,7 +12,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 /// A point in time, in milliseconds since the unix epoch (UTC).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(transparent)]
 pub struct Timestamp(u64);
 
@@ -105,16 +107,26 @@ mod tests {
             (1_709_164_800_000, "2024-02-29T00:00:00.000Z"),
         ];
         for (millis, expected) in cases {
-            assert_eq!(Timestamp::from_millis(millis).to_rfc3339(), expected, "{millis}");
+            assert_eq!(
+                Timestamp::from_millis(millis).to_rfc3339(),
+                expected,
+                "{millis}"
+            );
         }
     }
 
     #[test]
     fn arithmetic_saturates() {
         let t = Timestamp::from_millis(u64::MAX - 5);
-        assert_eq!(t.saturating_add(Duration::from_secs(1)).as_millis(), u64::MAX);
+        assert_eq!(
+            t.saturating_add(Duration::from_secs(1)).as_millis(),
+            u64::MAX
+        );
         let early = Timestamp::from_millis(10);
-        assert_eq!(early.saturating_since(Timestamp::from_millis(20)), Duration::ZERO);
+        assert_eq!(
+            early.saturating_since(Timestamp::from_millis(20)),
+            Duration::ZERO
+        );
         assert_eq!(
             Timestamp::from_millis(1500).saturating_since(early),
             Duration::from_millis(1490)
