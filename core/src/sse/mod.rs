@@ -2,3 +2,5 @@
 
 pub mod decode;
 pub mod encode;
+
+pub use encode::{EncodeError, Event, KEEPALIVE, comment};
