@@ -3,4 +3,5 @@
 pub mod decode;
 pub mod encode;
 
+pub use decode::{DecodeError, Decoder, DecoderLimits, SseEvent};
 pub use encode::{EncodeError, Event, KEEPALIVE, comment};
