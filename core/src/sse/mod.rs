@@ -2,3 +2,6 @@
 
 pub mod decode;
 pub mod encode;
+
+pub use decode::{DecodeError, Decoder, DecoderLimits, SseEvent};
+pub use encode::{EncodeError, Event, KEEPALIVE, comment};
