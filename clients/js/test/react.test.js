@@ -37,7 +37,8 @@ test('hooks re-render on stream updates; useFlag only when its own flag changes'
   let checkoutRenders = 0;
   function CountingCheckout() {
     checkoutRenders += 1;
-    return h(Checkout);
+    const on = useFlag('new-checkout');
+    return h('p', null, on ? 'new checkout' : 'old checkout');
   }
   /** @type {TestRenderer.ReactTestRenderer | undefined} */
   let root;
