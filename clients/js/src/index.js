@@ -1,0 +1,515 @@
+// @rollgate-proxy/client: feature flags from a rollgate-proxy, by ETag-aware polling or
+// server-sent events with a polling fallback. One dependency-free ES module: it runs in
+// browsers as is (the proxy serves this very file at /rollgate-proxy-client.js) and in Node >= 20.
+// Types: index.d.ts beside this file.
+
+/**
+ * @typedef {import('./index.d.ts').ClientOptions} ClientOptions
+ * @typedef {import('./index.d.ts').ClientState} ClientState
+ * @typedef {import('./index.d.ts').FlagContext} FlagContext
+ * @typedef {import('./index.d.ts').FlagMap} FlagMap
+ * @typedef {import('./index.d.ts').FlagsClient} FlagsClient
+ * @typedef {import('./index.d.ts').FlagsListener} FlagsListener
+ * @typedef {import('./index.d.ts').StateListener} StateListener
+ * @typedef {import('./index.d.ts').FetchLike} FetchLike
+ * @typedef {import('./index.d.ts').FetchResponse} FetchResponse
+ * @typedef {import('./index.d.ts').EventSourceLike} EventSourceLike
+ * @typedef {import('./index.d.ts').EventSourceConstructor} EventSourceConstructor
+ */
+
+const DEFAULT_POLL_INTERVAL_MS = 30_000;
+const DEFAULT_REQUEST_TIMEOUT_MS = 10_000;
+const DEFAULT_STREAM_RETRY_MS = 30_000;
+const MAX_STREAM_RETRY_MS = 600_000;
+// The first error retry comes quickly (a blip should not cost a whole interval); later ones back
+// off up to the larger of the poll interval and a minute.
+const FIRST_ERROR_RETRY_MS = 1_000;
+const MAX_ERROR_RETRY_MS = 60_000;
+// EventSource reconnects by itself forever; this many errors in a row with no message in between
+// means the stream is not going to work (a proxy without /api/stream, a broken middlebox), so we poll.
+const STREAM_ERROR_LIMIT = 3;
+// EventSource.CLOSED: the browser gave up (HTTP error such as 401, or not text/event-stream).
+const EVENTSOURCE_CLOSED = 2;
+
+/** Why a request failed: the proxy's error code or one of the client's own. */
+export class RollgateProxyError extends Error {
+  /**
+   * @param {string} code
+   * @param {string} message
+   * @param {number | null} [status]
+   */
+  constructor(code, message, status = null) {
+    super(message);
+    this.name = 'RollgateProxyError';
+    /** @readonly */
+    this.code = code;
+    /** @readonly */
+    this.status = status;
+  }
+}
+
+/**
+ * Build the query string for a context: `user_id`, `email`, `attr.<name>`, then `token`.
+ * @param {FlagContext | null} [context]
+ * @param {string | null} [token]
+ * @returns {string} `''` or `?a=b&...`
+ */
+export function contextToQuery(context, token) {
+  const params = new URLSearchParams();
+  if (context) {
+    if (context.id != null && context.id !== '') params.append('user_id', String(context.id));
+    if (context.email != null && context.email !== '') params.append('email', String(context.email));
+    const attributes = context.attributes;
+    if (attributes && typeof attributes === 'object') {
+      for (const [name, value] of Object.entries(attributes)) {
+        if (value === null || value === undefined) continue;
+        if (typeof value !== 'string' && typeof value !== 'number' && typeof value !== 'boolean') continue;
+        params.append(`attr.${name}`, String(value));
+      }
+    }
+  }
+  if (token) params.append('token', token);
+  const query = params.toString();
+  return query ? `?${query}` : '';
+}
+
+/**
+ * Copy a context so later changes by the caller do not leak in.
+ * @param {FlagContext | null | undefined} context
+ * @returns {FlagContext}
+ */
+function copyContext(context) {
+  if (!context) return {};
+  return {
+    id: context.id ?? undefined,
+    email: context.email ?? undefined,
+    attributes: context.attributes ? { ...context.attributes } : undefined,
+  };
+}
+
+/**
+ * Keep only boolean entries of a JSON object; anything else is an invalid payload.
+ * @param {unknown} value
+ * @returns {Record<string, boolean>}
+ */
+function toFlagMap(value) {
+  if (!value || typeof value !== 'object' || Array.isArray(value)) {
+    throw new RollgateProxyError('invalid_response', 'flags payload is not a JSON object');
+  }
+  /** @type {Record<string, boolean>} */
+  const flags = {};
+  for (const [key, enabled] of Object.entries(value)) {
+    if (typeof enabled === 'boolean') flags[key] = enabled;
+  }
+  return flags;
+}
+
+/**
+ * Keys added, removed or flipped between two flag maps.
+ * @param {FlagMap} before
+ * @param {FlagMap} after
+ * @returns {string[]}
+ */
+function changedKeys(before, after) {
+  const changed = [];
+  for (const key of Object.keys(after)) {
+    if (before[key] !== after[key]) changed.push(key);
+  }
+  for (const key of Object.keys(before)) {
+    if (!(key in after)) changed.push(key);
+  }
+  return changed;
+}
+
+/**
+ * Turn a non-2xx response into a typed error, using the proxy's `{"error":{code,message}}` body.
+ * @param {FetchResponse} response
+ * @returns {Promise<RollgateProxyError>}
+ */
+async function responseError(response) {
+  let code = `http_${response.status}`;
+  let message = `rollgate-proxy answered HTTP ${response.status}`;
+  try {
+    const body = /** @type {any} */ (await response.json());
+    if (body && body.error && typeof body.error === 'object') {
+      if (typeof body.error.code === 'string') code = body.error.code;
+      if (typeof body.error.message === 'string') message = body.error.message;
+    }
+  } catch {
+    // Not JSON: the status says enough.
+  }
+  return new RollgateProxyError(code, message, response.status);
+}
+
+/**
+ * @param {string} name
+ * @param {unknown} value
+ * @param {number} fallback
+ */
+function positiveNumber(name, value, fallback) {
+  if (value === undefined) return fallback;
+  if (typeof value !== 'number' || !Number.isFinite(value) || value <= 0) {
+    throw new TypeError(`${name} must be a positive number of milliseconds`);
+  }
+  return value;
+}
+
+/**
+ * Create a client and start loading flags.
+ * @param {ClientOptions} [options]
+ * @returns {FlagsClient}
+ */
+export function createClient(options = {}) {
+  const mode = options.mode ?? 'stream';
+  if (mode !== 'stream' && mode !== 'poll') throw new TypeError(`mode must be 'stream' or 'poll'`);
+  const base = String(options.url ?? '').replace(/\/+$/, '');
+  const clientKey = options.clientKey || null;
+  const pollIntervalMs = positiveNumber('pollIntervalMs', options.pollIntervalMs, DEFAULT_POLL_INTERVAL_MS);
+  const requestTimeoutMs = positiveNumber('requestTimeoutMs', options.requestTimeoutMs, DEFAULT_REQUEST_TIMEOUT_MS);
+  const streamRetryMs = positiveNumber('streamRetryMs', options.streamRetryMs, DEFAULT_STREAM_RETRY_MS);
+  /** @type {FetchLike} */
+  const fetchImpl = options.fetch ?? globalFetch();
+  /** @type {EventSourceConstructor | null} */
+  const EventSourceImpl =
+    options.EventSource !== undefined
+      ? options.EventSource
+      : /** @type {any} */ (globalThis).EventSource ?? null;
+
+  /** @type {FlagMap} */
+  let flags = Object.freeze(options.initialFlags ? toFlagMap(options.initialFlags) : {});
+  let context = copyContext(options.context);
+  /** @type {ClientState} */
+  let state = 'connecting';
+  /** @type {RollgateProxyError | null} */
+  let error = null;
+  /** @type {number | null} */
+  let updatedAt = null;
+  let closed = false;
+  /** @type {Set<FlagsListener>} */
+  const flagListeners = new Set();
+  /** @type {Set<StateListener>} */
+  const stateListeners = new Set();
+  /**
+   * Resolved with `true` on the next data, `false` on close (behind `ready` and `setContext`).
+   * @type {Array<(loaded: boolean) => void>}
+   */
+  let dataWaiters = [];
+
+  // Polling: one timer, at most one request in flight; the next poll is scheduled only when the
+  // previous one has finished, so requests never overlap.
+  let polling = false;
+  /** @type {ReturnType<typeof setTimeout> | null} */
+  let pollTimer = null;
+  /** @type {AbortController | null} */
+  let inflight = null;
+  let pollFailures = 0;
+  /** @type {string | null} */
+  let etag = null;
+
+  // Streaming.
+  /** @type {EventSourceLike | null} */
+  let source = null;
+  let streamErrors = 0;
+  let streamRetryDelay = streamRetryMs;
+  /** @type {ReturnType<typeof setTimeout> | null} */
+  let streamRetryTimer = null;
+
+  const ready = new Promise((resolve) => dataWaiters.push(resolve));
+
+  /** @param {ClientState} next */
+  function setState(next) {
+    if (state === next) return;
+    state = next;
+    for (const listener of [...stateListeners]) {
+      try {
+        listener(state, error);
+      } catch (err) {
+        console.error('rollgate-proxy client: state listener threw', err);
+      }
+    }
+  }
+
+  /**
+   * Take a flag map from the proxy: notify only if something changed.
+   * @param {FlagMap} next
+   */
+  function receive(next) {
+    updatedAt = Date.now();
+    error = null;
+    const changed = changedKeys(flags, next);
+    if (changed.length > 0) {
+      flags = Object.freeze(next);
+      for (const listener of [...flagListeners]) {
+        try {
+          listener(flags, changed);
+        } catch (err) {
+          console.error('rollgate-proxy client: flags listener threw', err);
+        }
+      }
+    }
+    const waiters = dataWaiters;
+    dataWaiters = [];
+    for (const resolve of waiters) resolve(true);
+  }
+
+  function flagsUrl() {
+    return `${base}/api/flags${contextToQuery(context)}`;
+  }
+
+  function streamUrl() {
+    return `${base}/api/stream${contextToQuery(context, clientKey)}`;
+  }
+
+  // ---- polling ----
+
+  function startPolling() {
+    if (polling || closed) return;
+    polling = true;
+    pollFailures = 0;
+    schedulePoll(0);
+  }
+
+  function stopPolling() {
+    polling = false;
+    if (pollTimer !== null) clearTimeout(pollTimer);
+    pollTimer = null;
+    if (inflight) inflight.abort();
+    inflight = null;
+  }
+
+  /** @param {number} delay */
+  function schedulePoll(delay) {
+    if (pollTimer !== null) clearTimeout(pollTimer);
+    pollTimer = setTimeout(poll, delay);
+  }
+
+  function errorRetryDelay() {
+    const first = Math.min(FIRST_ERROR_RETRY_MS, pollIntervalMs);
+    const cap = Math.max(pollIntervalMs, MAX_ERROR_RETRY_MS);
+    const delay = Math.min(first * 2 ** Math.min(pollFailures - 1, 30), cap);
+    // ±20% so a fleet of browsers does not retry in lockstep after an outage.
+    return delay * (0.8 + 0.4 * Math.random());
+  }
+
+  async function poll() {
+    pollTimer = null;
+    if (!polling || closed || inflight) return;
+    const controller = new AbortController();
+    inflight = controller;
+    const timeout = setTimeout(() => controller.abort(), requestTimeoutMs);
+    /** @type {Record<string, string>} */
+    const headers = { Accept: 'application/json' };
+    if (clientKey) headers.Authorization = `Bearer ${clientKey}`;
+    if (etag) headers['If-None-Match'] = etag;
+    /** @type {RollgateProxyError | null} */
+    let failure = null;
+    /** @type {Record<string, boolean> | null} */
+    let fresh = null;
+    try {
+      const response = await fetchImpl(flagsUrl(), {
+        method: 'GET',
+        headers,
+        signal: controller.signal,
+        cache: 'no-store',
+      });
+      if (response.status === 304) {
+        // Not modified: keep the flags we have.
+      } else if (!response.ok) {
+        failure = await responseError(response);
+      } else {
+        /** @type {any} */
+        let body;
+        try {
+          body = await response.json();
+        } catch {
+          throw new RollgateProxyError('invalid_response', 'the flags response is not JSON', response.status);
+        }
+        fresh = toFlagMap(body && body.flags);
+        etag = response.headers.get('etag');
+      }
+    } catch (err) {
+      failure = controller.signal.aborted
+        ? new RollgateProxyError('timeout', `no answer from rollgate-proxy within ${requestTimeoutMs} ms`)
+        : err instanceof RollgateProxyError
+          ? err
+          : new RollgateProxyError('network', `cannot reach rollgate-proxy: ${errorMessage(err)}`);
+    } finally {
+      clearTimeout(timeout);
+    }
+    // Superseded: closed, polling stopped or the context changed while this request ran.
+    if (inflight !== controller) return;
+    inflight = null;
+    if (failure) {
+      pollFailures += 1;
+      error = failure;
+      setState('error');
+      schedulePoll(errorRetryDelay());
+      return;
+    }
+    pollFailures = 0;
+    // A 304 changes nothing but still proves the flags are current.
+    receive(fresh ?? flags);
+    setState('polling');
+    schedulePoll(pollIntervalMs);
+  }
+
+  // ---- streaming ----
+
+  function openStream() {
+    if (closed) return;
+    closeStream();
+    if (!EventSourceImpl) {
+      fallBackToPolling(new RollgateProxyError('stream_unavailable', 'EventSource is not available here'));
+      return;
+    }
+    /** @type {EventSourceLike} */
+    let es;
+    try {
+      es = new EventSourceImpl(streamUrl());
+    } catch (err) {
+      fallBackToPolling(new RollgateProxyError('stream_unavailable', `cannot open the stream: ${errorMessage(err)}`));
+      return;
+    }
+    source = es;
+    streamErrors = 0;
+    if (!polling) setState('connecting');
+    es.addEventListener('flags', (event) => {
+      if (source !== es) return;
+      let next;
+      try {
+        next = toFlagMap(JSON.parse(event.data));
+      } catch {
+        // A frame we cannot read is not a working stream; keep counting errors.
+        return;
+      }
+      streamErrors = 0;
+      streamRetryDelay = streamRetryMs;
+      if (streamRetryTimer !== null) clearTimeout(streamRetryTimer);
+      streamRetryTimer = null;
+      // The stream works again: it supersedes the fallback polling.
+      stopPolling();
+      receive(next);
+      setState('open');
+    });
+    es.addEventListener('error', () => {
+      if (source !== es) return;
+      streamErrors += 1;
+      if (es.readyState === EVENTSOURCE_CLOSED || streamErrors >= STREAM_ERROR_LIMIT) {
+        fallBackToPolling(
+          new RollgateProxyError(
+            'stream_unavailable',
+            es.readyState === EVENTSOURCE_CLOSED
+              ? 'the stream was refused (check the client key)'
+              : `the stream failed ${streamErrors} times in a row`,
+          ),
+        );
+        return;
+      }
+      // EventSource reconnects by itself; until it delivers again we are not live.
+      if (!polling) setState('connecting');
+    });
+  }
+
+  function closeStream() {
+    if (source) source.close();
+    source = null;
+  }
+
+  /** @param {RollgateProxyError} reason */
+  function fallBackToPolling(reason) {
+    closeStream();
+    error = reason;
+    if (!polling) {
+      startPolling();
+      setState('connecting');
+    }
+    // No EventSource at all: never worth retrying. Otherwise try the stream again later.
+    if (!EventSourceImpl) return;
+    if (streamRetryTimer !== null) clearTimeout(streamRetryTimer);
+    const delay = streamRetryDelay;
+    streamRetryDelay = Math.min(streamRetryDelay * 2, MAX_STREAM_RETRY_MS);
+    streamRetryTimer = setTimeout(() => {
+      streamRetryTimer = null;
+      // Polling goes on until the new stream delivers, so there is no gap if it fails again.
+      openStream();
+    }, delay);
+  }
+
+  function start() {
+    if (mode === 'stream') openStream();
+    else startPolling();
+  }
+
+  function stopAll() {
+    stopPolling();
+    closeStream();
+    if (streamRetryTimer !== null) clearTimeout(streamRetryTimer);
+    streamRetryTimer = null;
+    streamRetryDelay = streamRetryMs;
+  }
+
+  start();
+
+  return {
+    ready,
+    isEnabled(key, defaultValue = false) {
+      return Object.prototype.hasOwnProperty.call(flags, key) ? flags[key] : defaultValue;
+    },
+    getAll() {
+      return flags;
+    },
+    subscribe(listener) {
+      flagListeners.add(listener);
+      return () => {
+        flagListeners.delete(listener);
+      };
+    },
+    onStateChange(listener) {
+      stateListeners.add(listener);
+      return () => {
+        stateListeners.delete(listener);
+      };
+    },
+    state() {
+      return state;
+    },
+    lastError() {
+      return error;
+    },
+    lastUpdated() {
+      return updatedAt === null ? null : new Date(updatedAt);
+    },
+    setContext(next) {
+      if (closed) return Promise.resolve(false);
+      context = copyContext(next);
+      etag = null;
+      stopAll();
+      const loaded = new Promise((resolve) => dataWaiters.push(resolve));
+      setState('connecting');
+      start();
+      return loaded;
+    },
+    close() {
+      if (closed) return;
+      closed = true;
+      stopAll();
+      setState('closed');
+      const waiters = dataWaiters;
+      dataWaiters = [];
+      for (const resolve of waiters) resolve(false);
+      flagListeners.clear();
+      stateListeners.clear();
+    },
+  };
+}
+
+/** @returns {FetchLike} */
+function globalFetch() {
+  if (typeof globalThis.fetch !== 'function') throw new TypeError('no fetch available: pass options.fetch');
+  return globalThis.fetch.bind(globalThis);
+}
+
+/** @param {unknown} err */
+function errorMessage(err) {
+  return err instanceof Error ? err.message : String(err);
+}
