@@ -7,9 +7,11 @@
 //! a test can drive hours of upstream outages in microseconds.
 //!
 //! # Layout
+//! - [`api`]: the downstream API as plain data: routes, parsing, auth, every body.
 //! - [`time`]: `Timestamp` (unix milliseconds), the only notion of time core has.
 //! - [`model`]: evaluated snapshots, the rules model, contexts, reasons; typed parse errors.
 //! - [`eval`]: rules compiled once per snapshot, evaluated per context; never fails.
+//! - [`render`]: response bodies and SSE frames, rendered once for both adapters.
 //! - [`snapshot`]: one immutable revision with every body and SSE frame serialized once.
 //! - [`sse`]: an SSE event encoder and an incremental, size-limited WHATWG decoder.
 //! - [`breaker`]: the circuit breaker with Rollgate's defaults.
@@ -34,10 +36,12 @@
 #![warn(missing_docs)]
 #![warn(clippy::unwrap_used)]
 
+pub mod api;
 pub mod backoff;
 pub mod breaker;
 pub mod eval;
 pub mod model;
+pub mod render;
 pub mod snapshot;
 pub mod sse;
 pub mod time;

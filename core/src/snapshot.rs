@@ -1,1 +1,632 @@
-//! (filled in by the core work)
+//! Immutable flag snapshots, one per revision, with everything served often serialized once.
+//!
+//! A [`Snapshot`] is built when flag content changes and then only read: every poll of the
+//! default context answers with [`Snapshot::flags_body`] and every SSE client receives the same
+//! [`Snapshot::flags_frame`] bytes (`Bytes` clones are reference-count increments). Per-context
+//! answers in rules mode evaluate the snapshot's [`CompiledRules`], whose regexes were compiled
+//! once, when the snapshot was built.
+//!
+//! [`SnapshotStore`] hands out revisions: they only grow, and a new snapshot is made only when the
+//! content hash changes, so "the ETag changes exactly when content changes".
+
+use std::borrow::Cow;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::eval::CompiledRules;
+use crate::model::{Context, EvaluatedFlags, ModelError, RulesPayload};
+use crate::render;
+use crate::time::Timestamp;
+
+/// A snapshot's sequence number. Revisions only grow within one [`SnapshotStore`].
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(transparent)]
+pub struct Revision(u64);
+
+impl Revision {
+    /// A revision from its number.
+    pub const fn new(revision: u64) -> Self {
+        Self(revision)
+    }
+
+    /// The number.
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+
+    /// The revision after this one.
+    pub const fn next(self) -> Self {
+        Self(self.0.saturating_add(1))
+    }
+}
+
+impl fmt::Display for Revision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Where a snapshot's flags come from.
+#[derive(Clone, Debug)]
+pub enum FlagSource {
+    /// Values already evaluated upstream (for the anonymous context). Per-user values need an
+    /// upstream request (`/api/v1/sdk/flags?user_id=`).
+    Evaluated(EvaluatedFlags),
+    /// Rules (from a `rules-full` event or a local file): any context is evaluated locally.
+    Rules(CompiledRules),
+}
+
+impl FlagSource {
+    /// Rules mode: a source that evaluates any context locally.
+    pub fn rules(payload: &RulesPayload) -> Self {
+        Self::Rules(CompiledRules::compile(payload))
+    }
+
+    /// The mode's name for health output and logs: `"evaluated"` or `"rules"`.
+    pub const fn mode(&self) -> &'static str {
+        match self {
+            Self::Evaluated(_) => "evaluated",
+            Self::Rules(_) => "rules",
+        }
+    }
+
+    /// Canonical bytes of the content, hashed into the ETag. Maps are ordered, so equal content
+    /// always gives equal bytes; the prefix keeps a rule set and an evaluated set apart.
+    fn canonical(&self) -> Vec<u8> {
+        let (prefix, json) = match self {
+            Self::Evaluated(flags) => (&b"evaluated:"[..], serde_json::to_vec(flags)),
+            Self::Rules(rules) => (&b"rules:"[..], serde_json::to_vec(rules.payload())),
+        };
+        let mut bytes = prefix.to_vec();
+        bytes.extend(json.unwrap_or_default());
+        bytes
+    }
+}
+
+/// Flags for one context, or the news that only upstream can evaluate it.
+#[derive(Debug)]
+pub enum ContextFlags<'a> {
+    /// The evaluated flags (borrowed for the anonymous context, computed in rules mode).
+    Ready(Cow<'a, EvaluatedFlags>),
+    /// Evaluated mode with a non-anonymous context: ask upstream with `user_id`.
+    NeedsUpstream,
+}
+
+/// One immutable revision of the flag set, with its bodies and SSE frames pre-serialized.
+#[derive(Debug)]
+pub struct Snapshot {
+    revision: Revision,
+    cached_at: Timestamp,
+    source: FlagSource,
+    /// The anonymous context's values and reasons, computed once.
+    defaults: EvaluatedFlags,
+    hash: String,
+    etag: String,
+    event_id: String,
+    flags_body: Bytes,
+    sdk_body: Bytes,
+    sdk_body_with_reasons: Bytes,
+    flags_frame: Bytes,
+    init_frame: Bytes,
+    ofrep_frame: Bytes,
+}
+
+impl Snapshot {
+    /// Builds a snapshot, serializing every shared body and frame once.
+    pub fn build(revision: Revision, cached_at: Timestamp, source: FlagSource) -> Self {
+        let hash = render::content_hash(&source.canonical());
+        Self::build_with_hash(revision, cached_at, source, hash)
+    }
+
+    fn build_with_hash(
+        revision: Revision,
+        cached_at: Timestamp,
+        source: FlagSource,
+        hash: String,
+    ) -> Self {
+        let defaults = match &source {
+            FlagSource::Evaluated(flags) => flags.clone(),
+            FlagSource::Rules(rules) => rules.evaluate_all(&Context::anonymous()),
+        };
+        let etag = format!("\"{hash}\"");
+        // The id carries the content hash as well as the revision: a client reconnecting to
+        // another replica (whose revision numbers differ) is still recognised as up to date
+        // exactly when the content it last saw is the content we have.
+        let event_id = format!("{revision}-{hash}");
+        Self {
+            flags_body: render::flags_body(&defaults, cached_at),
+            sdk_body: render::sdk_flags_body(&defaults, false),
+            sdk_body_with_reasons: render::sdk_flags_body(&defaults, true),
+            flags_frame: render::flags_frame(&defaults, &event_id),
+            init_frame: render::init_frame(&defaults, &event_id),
+            ofrep_frame: render::ofrep_refetch_frame(&event_id, &etag, cached_at),
+            revision,
+            cached_at,
+            source,
+            defaults,
+            hash,
+            etag,
+            event_id,
+        }
+    }
+
+    /// This snapshot's revision.
+    pub fn revision(&self) -> Revision {
+        self.revision
+    }
+
+    /// When this content was first seen (served as `_meta.cachedAt`).
+    pub fn cached_at(&self) -> Timestamp {
+        self.cached_at
+    }
+
+    /// Where the flags come from.
+    pub fn source(&self) -> &FlagSource {
+        &self.source
+    }
+
+    /// The compiled rules, in rules mode.
+    pub fn rules(&self) -> Option<&CompiledRules> {
+        match &self.source {
+            FlagSource::Rules(rules) => Some(rules),
+            FlagSource::Evaluated(_) => None,
+        }
+    }
+
+    /// Values and reasons for the anonymous context.
+    pub fn defaults(&self) -> &EvaluatedFlags {
+        &self.defaults
+    }
+
+    /// Flags for `context`: borrowed for the anonymous context, evaluated locally in rules mode,
+    /// [`ContextFlags::NeedsUpstream`] otherwise.
+    pub fn flags_for(&self, context: &Context) -> ContextFlags<'_> {
+        if context.is_anonymous() {
+            return ContextFlags::Ready(Cow::Borrowed(&self.defaults));
+        }
+        match &self.source {
+            FlagSource::Rules(rules) => {
+                ContextFlags::Ready(Cow::Owned(rules.evaluate_all(context)))
+            }
+            FlagSource::Evaluated(_) => ContextFlags::NeedsUpstream,
+        }
+    }
+
+    /// 16 hex digits identifying the content.
+    pub fn content_hash(&self) -> &str {
+        &self.hash
+    }
+
+    /// The quoted ETag of the content (and of every default-context body).
+    pub fn etag(&self) -> &str {
+        &self.etag
+    }
+
+    /// The SSE `id` of this snapshot's frames: `<revision>-<content hash>`.
+    pub fn event_id(&self) -> &str {
+        &self.event_id
+    }
+
+    /// Whether a client that last saw SSE id `last_event_id` already has this content.
+    pub fn is_current_event_id(&self, last_event_id: &str) -> bool {
+        last_event_id
+            .split_once('-')
+            .is_some_and(|(_, hash)| hash == self.hash)
+    }
+
+    /// `GET /api/flags` body for the anonymous context.
+    pub fn flags_body(&self) -> &Bytes {
+        &self.flags_body
+    }
+
+    /// `GET /api/v1/sdk/flags` body for the anonymous context, with or without reasons.
+    pub fn sdk_body(&self, with_reasons: bool) -> &Bytes {
+        if with_reasons {
+            &self.sdk_body_with_reasons
+        } else {
+            &self.sdk_body
+        }
+    }
+
+    /// `event: flags` frame of `GET /api/stream` for the anonymous context.
+    pub fn flags_frame(&self) -> &Bytes {
+        &self.flags_frame
+    }
+
+    /// `event: init` frame of `GET /api/v1/sdk/stream` for the anonymous context.
+    pub fn init_frame(&self) -> &Bytes {
+        &self.init_frame
+    }
+
+    /// OFREP `refetchEvaluation` notification frame for this snapshot.
+    pub fn ofrep_frame(&self) -> &Bytes {
+        &self.ofrep_frame
+    }
+
+    /// Serializes the snapshot for disk or Durable Object storage: a JSON envelope
+    /// `{"format":1,"revision","cachedAt","upstreamEtag","kind":"evaluated"|"rules","data"}`.
+    pub fn to_persisted(&self, upstream_etag: Option<&str>) -> Bytes {
+        let (kind, data) = match &self.source {
+            FlagSource::Evaluated(flags) => (PersistedKind::Evaluated, serde_json::to_value(flags)),
+            FlagSource::Rules(rules) => {
+                (PersistedKind::Rules, serde_json::to_value(rules.payload()))
+            }
+        };
+        let persisted = Persisted {
+            format: PERSIST_FORMAT,
+            revision: self.revision,
+            cached_at: self.cached_at,
+            upstream_etag: upstream_etag.map(str::to_owned),
+            kind,
+            data: data.unwrap_or_default(),
+        };
+        Bytes::from(serde_json::to_vec(&persisted).unwrap_or_default())
+    }
+
+    /// Restores a snapshot written by [`Snapshot::to_persisted`], with the upstream ETag it
+    /// was saved with.
+    ///
+    /// # Errors
+    /// [`SnapshotError`] when the bytes are not a persisted snapshot of a known format or its
+    /// flag data is invalid.
+    pub fn from_persisted(bytes: &[u8]) -> Result<(Self, Option<String>), SnapshotError> {
+        let persisted: Persisted = serde_json::from_slice(bytes).map_err(SnapshotError::Format)?;
+        if persisted.format != PERSIST_FORMAT {
+            return Err(SnapshotError::UnknownFormat(persisted.format));
+        }
+        let data = serde_json::to_vec(&persisted.data).map_err(SnapshotError::Format)?;
+        let source = match persisted.kind {
+            PersistedKind::Evaluated => FlagSource::Evaluated(EvaluatedFlags::from_json(&data)?),
+            PersistedKind::Rules => FlagSource::rules(&RulesPayload::from_json(&data)?),
+        };
+        let snapshot = Self::build(persisted.revision, persisted.cached_at, source);
+        Ok((snapshot, persisted.upstream_etag))
+    }
+}
+
+/// Why a persisted snapshot could not be restored.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SnapshotError {
+    /// Not the JSON envelope [`Snapshot::to_persisted`] writes.
+    #[error("not a persisted snapshot: {0}")]
+    Format(#[source] serde_json::Error),
+    /// Written by a newer (or unknown) version of the proxy.
+    #[error("persisted snapshot has unknown format {0}")]
+    UnknownFormat(u32),
+    /// The envelope is fine but the flag data inside is not.
+    #[error("persisted snapshot holds invalid flag data: {0}")]
+    Data(#[from] ModelError),
+}
+
+/// The on-disk (and Durable Object storage) form of a snapshot.
+///
+/// `{"format":1,"revision":7,"cachedAt":1764016857123,"upstreamEtag":"\"ab..\"",
+///   "kind":"evaluated"|"rules","data":{...}}` where `data` is the wire JSON of the source.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Persisted {
+    format: u32,
+    revision: Revision,
+    cached_at: Timestamp,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    upstream_etag: Option<String>,
+    kind: PersistedKind,
+    data: serde_json::Value,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum PersistedKind {
+    Evaluated,
+    Rules,
+}
+
+/// Holds the current snapshot and hands out revisions.
+#[derive(Debug, Default)]
+pub struct SnapshotStore {
+    current: Option<Arc<Snapshot>>,
+}
+
+impl SnapshotStore {
+    /// An empty store: no data yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The current snapshot, if any data has arrived.
+    pub fn current(&self) -> Option<&Arc<Snapshot>> {
+        self.current.as_ref()
+    }
+
+    /// Makes `source` current if its content differs from the current snapshot's, returning the
+    /// new snapshot (with the next revision), or `None` when nothing changed.
+    pub fn replace(&mut self, now: Timestamp, source: FlagSource) -> Option<Arc<Snapshot>> {
+        let hash = render::content_hash(&source.canonical());
+        if self
+            .current
+            .as_ref()
+            .is_some_and(|current| current.hash == hash)
+        {
+            return None;
+        }
+        let revision = self
+            .current
+            .as_ref()
+            .map_or(Revision::new(1), |current| current.revision.next());
+        let snapshot = Arc::new(Snapshot::build_with_hash(revision, now, source, hash));
+        self.current = Some(Arc::clone(&snapshot));
+        Some(snapshot)
+    }
+
+    /// Installs a restored snapshot when the store is empty or older, keeping revisions growing.
+    /// Returns whether it was installed.
+    pub fn restore(&mut self, snapshot: Snapshot) -> Option<Arc<Snapshot>> {
+        if self
+            .current
+            .as_ref()
+            .is_some_and(|current| current.revision >= snapshot.revision)
+        {
+            return None;
+        }
+        let snapshot = Arc::new(snapshot);
+        self.current = Some(Arc::clone(&snapshot));
+        Some(snapshot)
+    }
+}
+
+/// Cache statistics in the shape the SDKs report (`getCacheStats()`: hits, misses, staleHits).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CacheStats {
+    /// Requests answered from data upstream confirmed recently.
+    pub hits: u64,
+    /// Requests that found no data at all.
+    pub misses: u64,
+    /// Requests answered from data upstream has not confirmed for a while.
+    pub stale_hits: u64,
+}
+
+impl CacheStats {
+    /// Counts one lookup.
+    pub fn record(&mut self, freshness: Freshness) {
+        match freshness {
+            Freshness::Fresh => self.hits += 1,
+            Freshness::Missing => self.misses += 1,
+            Freshness::Stale => self.stale_hits += 1,
+        }
+    }
+}
+
+/// How fresh the data behind an answer is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Freshness {
+    /// Upstream confirmed the data within the staleness threshold (or the data is local).
+    Fresh,
+    /// There is no data yet.
+    Missing,
+    /// The data is older than the staleness threshold: served anyway, counted apart.
+    Stale,
+}
+
+impl Freshness {
+    /// Classifies data last confirmed at `confirmed` (`None`: never, i.e. no data).
+    pub fn classify(now: Timestamp, confirmed: Option<Timestamp>, stale_after: Duration) -> Self {
+        match confirmed {
+            None => Self::Missing,
+            Some(at) if now.saturating_since(at) <= stale_after => Self::Fresh,
+            Some(_) => Self::Stale,
+        }
+    }
+}
+
+const PERSIST_FORMAT: u32 = 1;
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn evaluated(pairs: &[(&str, bool)]) -> FlagSource {
+        FlagSource::Evaluated(EvaluatedFlags {
+            flags: pairs.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect(),
+            reasons: BTreeMap::new(),
+        })
+    }
+
+    #[test]
+    fn bodies_and_frames_are_serialized_once_and_exactly() {
+        let snapshot = Snapshot::build(
+            Revision::new(3),
+            Timestamp::from_millis(1_764_016_857_123),
+            evaluated(&[("b", false), ("a", true)]),
+        );
+        let hash = snapshot.content_hash().to_owned();
+        assert_eq!(hash.len(), 16);
+        assert_eq!(snapshot.etag(), format!("\"{hash}\""));
+        assert_eq!(snapshot.event_id(), format!("3-{hash}"));
+        assert_eq!(
+            &snapshot.flags_body()[..],
+            br#"{"flags":{"a":true,"b":false},"_meta":{"cachedAt":"2025-11-24T20:40:57.123Z"}}"#
+        );
+        assert_eq!(
+            &snapshot.sdk_body(false)[..],
+            br#"{"flags":{"a":true,"b":false}}"#
+        );
+        assert_eq!(
+            snapshot.flags_frame(),
+            &Bytes::from(format!(
+                "event: flags\nid: 3-{hash}\ndata: {{\"a\":true,\"b\":false}}\n\n"
+            ))
+        );
+        assert_eq!(
+            snapshot.init_frame(),
+            &Bytes::from(format!(
+                "event: init\nid: 3-{hash}\ndata: {{\"flags\":{{\"a\":true,\"b\":false}}}}\n\n"
+            ))
+        );
+        assert!(snapshot.is_current_event_id(&format!("99-{hash}")));
+        assert!(!snapshot.is_current_event_id("3"));
+        assert!(!snapshot.is_current_event_id("3-0000000000000000"));
+    }
+
+    #[test]
+    fn store_publishes_only_changes_and_revisions_grow() {
+        let mut store = SnapshotStore::new();
+        let t = Timestamp::from_millis(1000);
+        let first = store.replace(t, evaluated(&[("a", true)])).unwrap();
+        assert_eq!(first.revision(), Revision::new(1));
+        assert!(store.replace(t, evaluated(&[("a", true)])).is_none());
+        let second = store.replace(t, evaluated(&[("a", false)])).unwrap();
+        assert_eq!(second.revision(), Revision::new(2));
+        assert_ne!(first.etag(), second.etag());
+        // An older persisted snapshot never replaces a newer one.
+        let old = Snapshot::build(Revision::new(1), t, evaluated(&[("z", true)]));
+        assert!(store.restore(old).is_none());
+        assert_eq!(store.current().unwrap().revision(), Revision::new(2));
+    }
+
+    #[test]
+    fn rules_and_evaluated_content_with_same_values_have_different_etags() {
+        let rules =
+            RulesPayload::from_json(br#"{"flags":{"a":{"enabled":true,"rollout":100}}}"#).unwrap();
+        let by_rules =
+            Snapshot::build(Revision::new(1), Timestamp::ZERO, FlagSource::rules(&rules));
+        let by_values =
+            Snapshot::build(Revision::new(1), Timestamp::ZERO, evaluated(&[("a", true)]));
+        assert_eq!(by_rules.defaults().flags, by_values.defaults().flags);
+        assert_ne!(by_rules.etag(), by_values.etag());
+    }
+
+    #[test]
+    fn flags_for_a_user_need_upstream_only_in_evaluated_mode() {
+        let user = Context::with_id("u1");
+        let values = Snapshot::build(Revision::new(1), Timestamp::ZERO, evaluated(&[("a", true)]));
+        assert!(matches!(
+            values.flags_for(&user),
+            ContextFlags::NeedsUpstream
+        ));
+        assert!(matches!(
+            values.flags_for(&Context::anonymous()),
+            ContextFlags::Ready(Cow::Borrowed(_))
+        ));
+        let rules = RulesPayload::from_json(
+            br#"{"flags":{"a":{"enabled":true,"rollout":0,"targetUsers":["u1"]}}}"#,
+        )
+        .unwrap();
+        let local = Snapshot::build(Revision::new(1), Timestamp::ZERO, FlagSource::rules(&rules));
+        let ContextFlags::Ready(flags) = local.flags_for(&user) else {
+            panic!("rules mode evaluates locally");
+        };
+        assert!(flags.flags["a"]);
+        assert!(!local.defaults().flags["a"]);
+    }
+
+    #[test]
+    fn persisted_snapshots_round_trip() {
+        let snapshot = Snapshot::build(
+            Revision::new(42),
+            Timestamp::from_millis(5),
+            evaluated(&[("a", true), ("b", false)]),
+        );
+        let bytes = snapshot.to_persisted(Some("\"up\""));
+        let (restored, etag) = Snapshot::from_persisted(&bytes).unwrap();
+        assert_eq!(etag.as_deref(), Some("\"up\""));
+        assert_eq!(restored.revision(), Revision::new(42));
+        assert_eq!(restored.etag(), snapshot.etag());
+        assert_eq!(restored.flags_body(), snapshot.flags_body());
+
+        let rules =
+            RulesPayload::from_json(br#"{"version":"v9","flags":{"a":{"enabled":true}}}"#).unwrap();
+        let snapshot =
+            Snapshot::build(Revision::new(2), Timestamp::ZERO, FlagSource::rules(&rules));
+        let (restored, etag) = Snapshot::from_persisted(&snapshot.to_persisted(None)).unwrap();
+        assert_eq!(etag, None);
+        assert_eq!(restored.etag(), snapshot.etag());
+        assert_eq!(restored.rules().unwrap().version(), "v9");
+    }
+
+    #[test]
+    fn corrupt_persisted_snapshots_are_typed_errors() {
+        assert!(matches!(
+            Snapshot::from_persisted(b"garbage"),
+            Err(SnapshotError::Format(_))
+        ));
+        assert!(matches!(
+            Snapshot::from_persisted(
+                br#"{"format":9,"revision":1,"cachedAt":0,"kind":"rules","data":{}}"#
+            ),
+            Err(SnapshotError::UnknownFormat(9))
+        ));
+        assert!(matches!(
+            Snapshot::from_persisted(
+                br#"{"format":1,"revision":1,"cachedAt":0,"kind":"evaluated","data":{"flags":{"a":1}}}"#
+            ),
+            Err(SnapshotError::Data(_))
+        ));
+    }
+
+    #[test]
+    fn freshness_classification() {
+        let now = Timestamp::from_millis(100_000);
+        let limit = Duration::from_secs(60);
+        assert_eq!(Freshness::classify(now, None, limit), Freshness::Missing);
+        assert_eq!(
+            Freshness::classify(now, Some(Timestamp::from_millis(40_000)), limit),
+            Freshness::Fresh
+        );
+        assert_eq!(
+            Freshness::classify(now, Some(Timestamp::from_millis(39_999)), limit),
+            Freshness::Stale
+        );
+        let mut stats = CacheStats::default();
+        stats.record(Freshness::Fresh);
+        stats.record(Freshness::Stale);
+        stats.record(Freshness::Missing);
+        assert_eq!(
+            serde_json::to_string(&stats).unwrap(),
+            r#"{"hits":1,"misses":1,"staleHits":1}"#
+        );
+    }
+
+    proptest! {
+        /// The ETag changes exactly when the content changes, and revisions only grow.
+        #[test]
+        fn etag_tracks_content_and_revisions_grow(
+            steps in proptest::collection::vec(
+                proptest::collection::btree_map("[a-c]", any::<bool>(), 0..3), 1..20)
+        ) {
+            let mut store = SnapshotStore::new();
+            let mut last: Option<(BTreeMap<String, bool>, String, Revision)> = None;
+            for flags in steps {
+                let source = FlagSource::Evaluated(EvaluatedFlags {
+                    flags: flags.clone(),
+                    reasons: BTreeMap::new(),
+                });
+                let published = store.replace(Timestamp::ZERO, source);
+                match (&last, published) {
+                    (Some((prev, _, _)), None) => prop_assert_eq!(prev, &flags),
+                    (Some((prev, etag, revision)), Some(snapshot)) => {
+                        prop_assert_ne!(prev, &flags);
+                        prop_assert_ne!(etag.as_str(), snapshot.etag());
+                        prop_assert!(snapshot.revision() > *revision);
+                        last = Some((flags, snapshot.etag().to_owned(), snapshot.revision()));
+                    }
+                    (None, Some(snapshot)) => {
+                        last = Some((flags, snapshot.etag().to_owned(), snapshot.revision()));
+                    }
+                    (None, None) => prop_assert!(false, "first content must publish"),
+                }
+            }
+        }
+    }
+}

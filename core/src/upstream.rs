@@ -1,1 +1,899 @@
-//! (filled in by the core work)
+//! The upstream protocol machine: keeps one replica in sync with Rollgate, sans-IO.
+//!
+//! [`Upstream`] decides every request the replica makes to Rollgate and what to do with every
+//! answer; the adapter only performs the I/O it is told to. One machine holds **one** stream.
+//!
+//! Behaviour (protocol doc §1–§4):
+//! - At start: one `GET /api/v1/sdk/flags` ([`Action::Fetch`]), then one stream
+//!   ([`Action::OpenStream`]) when streaming is enabled.
+//! - Stream events: `init` / `flags` replace the evaluated flags; `flag-changed` triggers a
+//!   conditional refetch (`If-None-Match`); `flag-update` merges one flag; `rules-full` switches
+//!   to rules (local evaluation), after which the evaluated-data events of the stream are ignored
+//!   as the Node SDK ignores them; `heartbeat` and unknown events are ignored. Malformed data
+//!   keeps the last good snapshot and is counted.
+//! - An idle stream (no byte for `stream_idle_timeout`) is closed and reopened; reconnects back
+//!   off from 1 s doubling to 30 s, jittered, and reset once the new stream delivers an event.
+//! - While the stream is down (or streaming is off), flags are polled every `refresh_interval`
+//!   with the last ETag. A poll answer with new content always wins, also over stale rules.
+//! - Every request goes through the circuit breaker; a fetch is retried (100 ms·2ⁿ ±10 %, 3
+//!   retries) before it counts as **one** breaker failure, as in the SDKs. A failed stream open
+//!   counts as one failure too. While the breaker is open nothing reaches upstream; once it is
+//!   half-open, conditional polls every second confirm the recovery so it closes within seconds.
+//!
+//! Inputs are the `handle_*` methods; outputs are drained with [`Upstream::poll_action`], then
+//! [`Upstream::poll_timeout`] says when to call [`Upstream::handle_timeout`].
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Deserialize;
+
+use crate::backoff::{BackoffConfigError, Jitter, ReconnectBackoff, ReconnectPolicy, RetryPolicy};
+use crate::breaker::{
+    Admission, BreakerConfig, BreakerConfigError, BreakerState, BreakerStats, CircuitBreaker,
+    Outcome,
+};
+use crate::model::{EvaluatedFlags, RulesPayload};
+use crate::snapshot::{FlagSource, Freshness, Snapshot, SnapshotError, SnapshotStore};
+use crate::sse::decode::{DecodeError, Decoder, DecoderLimits, SseEvent};
+use crate::time::Timestamp;
+
+/// How the machine talks to upstream. `Default` is Rollgate's SDK defaults.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UpstreamConfig {
+    /// Hold a stream (`GET /api/v1/sdk/stream`); when off, only poll.
+    pub streaming: bool,
+    /// Poll interval while the stream is down or streaming is off.
+    pub refresh_interval: Duration,
+    /// Close and reopen a stream that delivered no byte for this long. Also bounds how long a
+    /// stream may take to open.
+    pub stream_idle_timeout: Duration,
+    /// Data not confirmed by upstream for longer than this is reported stale.
+    pub stale_after: Duration,
+    /// Circuit breaker settings.
+    pub breaker: BreakerConfig,
+    /// Retries of one fetch before it counts as a breaker failure.
+    pub retry: RetryPolicy,
+    /// Stream reconnect schedule.
+    pub reconnect: ReconnectPolicy,
+    /// Limits that keep a hostile stream from growing memory.
+    pub decoder_limits: DecoderLimits,
+    /// Seed of the jitter source; the adapter passes a random value so replicas do not retry in
+    /// lockstep, tests pass a constant so transcripts are reproducible.
+    pub jitter_seed: u64,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            streaming: true,
+            refresh_interval: Duration::from_secs(30),
+            stream_idle_timeout: Duration::from_secs(90),
+            stale_after: Duration::from_secs(300),
+            breaker: BreakerConfig::default(),
+            retry: RetryPolicy::default(),
+            reconnect: ReconnectPolicy::default(),
+            decoder_limits: DecoderLimits::default(),
+            jitter_seed: 0x5eed,
+        }
+    }
+}
+
+impl UpstreamConfig {
+    /// Checks the settings once, before the machine starts.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the first invalid setting.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.refresh_interval < MIN_INTERVAL {
+            return Err(ConfigError::TooShort {
+                setting: "refresh_interval",
+                min: MIN_INTERVAL,
+            });
+        }
+        if self.stream_idle_timeout < MIN_INTERVAL {
+            return Err(ConfigError::TooShort {
+                setting: "stream_idle_timeout",
+                min: MIN_INTERVAL,
+            });
+        }
+        self.breaker.validate()?;
+        self.retry.validate()?;
+        self.reconnect.validate()?;
+        Ok(())
+    }
+}
+
+/// An invalid [`UpstreamConfig`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A duration below the minimum the machine can honour.
+    #[error("{setting} must be at least {min:?}")]
+    TooShort {
+        /// The setting's name.
+        setting: &'static str,
+        /// The minimum.
+        min: Duration,
+    },
+    /// Invalid breaker settings.
+    #[error(transparent)]
+    Breaker(#[from] BreakerConfigError),
+    /// Invalid retry or reconnect settings.
+    #[error(transparent)]
+    Backoff(#[from] BackoffConfigError),
+}
+
+/// Identifies one fetch, so a late answer to an abandoned request is recognised and ignored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RequestId(u64);
+
+/// Identifies one stream connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct StreamId(u64);
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "fetch#{}", self.0)
+    }
+}
+
+impl fmt::Display for StreamId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "stream#{}", self.0)
+    }
+}
+
+/// What the adapter must do next. Drain with [`Upstream::poll_action`] after every input.
+#[must_use]
+#[derive(Clone, Debug)]
+pub enum Action {
+    /// Stop reading the stream `id` and drop its connection. Do not report it closed.
+    CloseStream(StreamId),
+    /// `GET {base}/api/v1/sdk/flags?withReasons=true` with `Authorization: Bearer <key>` and,
+    /// when given, `If-None-Match`; report the result with [`Upstream::handle_fetch`].
+    Fetch {
+        /// Pass back with the result.
+        id: RequestId,
+        /// The ETag to send as `If-None-Match`.
+        if_none_match: Option<String>,
+    },
+    /// `GET {base}/api/v1/sdk/stream?token=<key>` (also with the Bearer header, which the
+    /// Python-style servers need); report with `handle_stream_opened`, `handle_stream_bytes`
+    /// and `handle_stream_closed`.
+    OpenStream(StreamId),
+    /// Write these bytes to durable storage, replacing what was there (atomically).
+    Persist(Bytes),
+    /// Make this snapshot current and send its frames to subscribers.
+    Publish(Arc<Snapshot>),
+}
+
+/// The result of a [`Action::Fetch`], as the adapter saw it.
+#[derive(Clone, Debug)]
+pub enum FetchResult {
+    /// Upstream answered (any status).
+    Response {
+        /// HTTP status.
+        status: u16,
+        /// The `ETag` header, verbatim.
+        etag: Option<String>,
+        /// The body (empty for 304).
+        body: Bytes,
+    },
+    /// No answer: connect error, timeout, reset.
+    Transport(String),
+}
+
+/// How a stream ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StreamEnd {
+    /// The body ended cleanly.
+    Eof,
+    /// The connection failed (before or after the response head).
+    Error(String),
+}
+
+/// The stream's state, for health output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamState {
+    /// Streaming is disabled in the configuration.
+    Disabled,
+    /// No stream; one will be opened at the reconnect deadline.
+    Disconnected,
+    /// Waiting for the response head.
+    Connecting,
+    /// Open and delivering.
+    Connected,
+}
+
+impl StreamState {
+    /// `"disabled"`, `"disconnected"`, `"connecting"` or `"connected"`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Disabled => "disabled",
+            Self::Disconnected => "disconnected",
+            Self::Connecting => "connecting",
+            Self::Connected => "connected",
+        }
+    }
+}
+
+/// Counters since start, for metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UpstreamCounters {
+    /// Fetches answered 200 with valid data.
+    pub fetch_ok: u64,
+    /// Fetches answered 304.
+    pub fetch_not_modified: u64,
+    /// Failed fetch attempts (each retry counts).
+    pub fetch_errors: u64,
+    /// Fetches (logical requests) that the open breaker refused.
+    pub breaker_rejections: u64,
+    /// Streams opened successfully.
+    pub stream_connects: u64,
+    /// Stream opens that failed, and streams that broke or went idle.
+    pub stream_errors: u64,
+    /// SSE events received.
+    pub events: u64,
+    /// Events or bodies whose data was invalid (the last good snapshot was kept).
+    pub malformed: u64,
+}
+
+/// Why the last upstream interaction failed (for health output and logs).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum UpstreamError {
+    /// Upstream answered with an unexpected status.
+    #[error("upstream answered {status} to {what}")]
+    Status {
+        /// The request.
+        what: &'static str,
+        /// The status.
+        status: u16,
+    },
+    /// No answer.
+    #[error("{what} failed: {reason}")]
+    Transport {
+        /// The request.
+        what: &'static str,
+        /// The adapter's description.
+        reason: String,
+    },
+    /// The answer's data was invalid.
+    #[error("upstream sent invalid {what}: {reason}")]
+    Malformed {
+        /// What was invalid.
+        what: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// The stream stayed silent past the idle timeout.
+    #[error("stream idle for {0:?}; reconnecting")]
+    Idle(Duration),
+    /// The stream broke a decoder limit.
+    #[error("stream rejected: {0}")]
+    Decode(#[from] DecodeError),
+}
+
+/// A summary of the machine's state for `/api/health`.
+#[derive(Clone, Debug)]
+pub struct UpstreamStatus {
+    /// Breaker state and counters.
+    pub breaker: BreakerStats,
+    /// Stream state.
+    pub stream: StreamState,
+    /// `"evaluated"` or `"rules"`, when there is data.
+    pub mode: Option<&'static str>,
+    /// When upstream last confirmed the data (a 200/304, or an event on the stream).
+    pub last_confirmed: Option<Timestamp>,
+    /// Freshness of the data now.
+    pub freshness: Freshness,
+    /// The last failure, cleared by the next success.
+    pub last_error: Option<UpstreamError>,
+    /// Counters since start.
+    pub counters: UpstreamCounters,
+}
+
+/// The protocol machine. See the module docs for its behaviour.
+#[derive(Debug)]
+pub struct Upstream {
+    config: UpstreamConfig,
+    store: SnapshotStore,
+    breaker: CircuitBreaker,
+    reconnect: ReconnectBackoff,
+    jitter: Jitter,
+    actions: VecDeque<Action>,
+    next_id: u64,
+    /// The ETag of upstream's last 200, sent as `If-None-Match`.
+    upstream_etag: Option<String>,
+    fetch: FetchSlot,
+    /// A refetch was asked for while one was in flight: issue it when that one ends, so a burst
+    /// of `flag-changed` events costs at most two requests.
+    refetch_pending: bool,
+    /// Next poll while the stream is down or streaming is off.
+    poll_at: Option<Timestamp>,
+    stream: StreamSlot,
+    /// Rules arrived on the stream: the stream's evaluated-data events no longer apply.
+    rules_active: bool,
+    last_confirmed: Option<Timestamp>,
+    last_error: Option<UpstreamError>,
+    counters: UpstreamCounters,
+}
+
+#[derive(Debug)]
+enum FetchSlot {
+    /// Nothing in flight, nothing scheduled.
+    Idle,
+    /// A request is in flight.
+    InFlight { id: RequestId, retry: u32 },
+    /// Waiting to (re)try: attempt number `retry` at `at` (a retry delay, or the breaker's
+    /// reopen deadline).
+    Waiting { at: Timestamp, retry: u32 },
+}
+
+#[derive(Debug)]
+enum StreamSlot {
+    Disabled,
+    Down { reconnect_at: Option<Timestamp> },
+    Connecting { id: StreamId, since: Timestamp },
+    Open(Box<OpenStream>),
+}
+
+#[derive(Debug)]
+struct OpenStream {
+    id: StreamId,
+    last_byte_at: Timestamp,
+    decoder: Decoder,
+    /// Whether this connection delivered an event yet (only then is it "healthy").
+    delivered: bool,
+}
+
+impl Upstream {
+    /// A machine that starts by fetching flags. Validate `config` first
+    /// ([`UpstreamConfig::validate`]).
+    pub fn new(config: UpstreamConfig, now: Timestamp) -> Self {
+        let stream = if config.streaming {
+            // Open the stream right away, in parallel with the initial fetch: the stream's
+            // `init` event carries the same snapshot, and a slow fetch must not delay it.
+            StreamSlot::Down {
+                reconnect_at: Some(now),
+            }
+        } else {
+            StreamSlot::Disabled
+        };
+        let mut machine = Self {
+            breaker: CircuitBreaker::new(config.breaker.clone()),
+            reconnect: ReconnectBackoff::new(config.reconnect.clone()),
+            jitter: Jitter::new(config.jitter_seed),
+            config,
+            store: SnapshotStore::new(),
+            actions: VecDeque::new(),
+            next_id: 0,
+            upstream_etag: None,
+            fetch: FetchSlot::Idle,
+            refetch_pending: false,
+            poll_at: None,
+            stream,
+            rules_active: false,
+            last_confirmed: None,
+            last_error: None,
+            counters: UpstreamCounters::default(),
+        };
+        machine.request_fetch(now);
+        machine.drive(now);
+        machine
+    }
+
+    /// Restores a persisted snapshot (from disk or Durable Object storage) so clients are served
+    /// at once, before upstream answers. Call right after [`Upstream::new`].
+    ///
+    /// The restored data counts as unconfirmed (stale) until upstream confirms it.
+    ///
+    /// # Errors
+    /// [`SnapshotError`] when the bytes are not a valid persisted snapshot; nothing changes.
+    pub fn restore(&mut self, bytes: &[u8]) -> Result<(), SnapshotError> {
+        let (snapshot, etag) = Snapshot::from_persisted(bytes)?;
+        if let Some(snapshot) = self.store.restore(snapshot) {
+            self.upstream_etag = etag;
+            self.rules_active = false;
+            self.actions.push_back(Action::Publish(snapshot));
+        }
+        Ok(())
+    }
+
+    /// The current snapshot, if any.
+    pub fn snapshot(&self) -> Option<&Arc<Snapshot>> {
+        self.store.current()
+    }
+
+    /// Breaker state, for metrics.
+    pub fn breaker_state(&self) -> BreakerState {
+        self.breaker.state()
+    }
+
+    /// A summary for health output.
+    pub fn status(&self, now: Timestamp) -> UpstreamStatus {
+        UpstreamStatus {
+            breaker: self.breaker.stats(),
+            stream: self.stream_state(),
+            mode: self.store.current().map(|s| s.source().mode()),
+            last_confirmed: self.last_confirmed,
+            freshness: self.freshness(now),
+            last_error: self.last_error.clone(),
+            counters: self.counters,
+        }
+    }
+
+    /// Freshness of the data now (see [`UpstreamConfig::stale_after`]).
+    pub fn freshness(&self, now: Timestamp) -> Freshness {
+        match (self.store.current(), self.last_confirmed) {
+            (None, _) => Freshness::Missing,
+            // Restored from storage and not confirmed yet.
+            (Some(_), None) => Freshness::Stale,
+            (Some(_), confirmed) => Freshness::classify(now, confirmed, self.config.stale_after),
+        }
+    }
+
+    /// The stream's state.
+    pub fn stream_state(&self) -> StreamState {
+        match &self.stream {
+            StreamSlot::Disabled => StreamState::Disabled,
+            StreamSlot::Down { .. } => StreamState::Disconnected,
+            StreamSlot::Connecting { .. } => StreamState::Connecting,
+            StreamSlot::Open(_) => StreamState::Connected,
+        }
+    }
+
+    /// Asks the breaker whether a request the adapter makes on its own (a per-user fetch in
+    /// evaluated mode) may go to upstream now. Report its outcome with
+    /// [`Upstream::record_side_request`].
+    pub fn admit_side_request(&mut self, now: Timestamp) -> bool {
+        !matches!(self.breaker.check(now), Admission::Reject { .. })
+    }
+
+    /// Records the outcome of a request admitted by [`Upstream::admit_side_request`].
+    pub fn record_side_request(&mut self, now: Timestamp, outcome: Outcome) {
+        self.breaker.record(now, outcome);
+    }
+
+    /// The next action to perform, or `None` when there is nothing to do.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// When to call [`Upstream::handle_timeout`] next. `None`: only inputs can make progress.
+    pub fn poll_timeout(&self) -> Option<Timestamp> {
+        let fetch_at = match self.fetch {
+            FetchSlot::Waiting { at, .. } => Some(at),
+            FetchSlot::Idle | FetchSlot::InFlight { .. } => None,
+        };
+        let stream_at = match &self.stream {
+            StreamSlot::Disabled => None,
+            StreamSlot::Down { reconnect_at } => *reconnect_at,
+            StreamSlot::Connecting { since, .. } => {
+                Some(since.saturating_add(self.config.stream_idle_timeout))
+            }
+            StreamSlot::Open(open) => Some(
+                open.last_byte_at
+                    .saturating_add(self.config.stream_idle_timeout),
+            ),
+        };
+        [fetch_at, self.poll_at, stream_at]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// Advances timers: retries, polls, reconnects and idle checks that are due at `now`.
+    pub fn handle_timeout(&mut self, now: Timestamp) {
+        if let FetchSlot::Waiting { at, retry } = self.fetch
+            && at <= now
+        {
+            self.fetch = FetchSlot::Idle;
+            self.start_fetch(now, retry);
+        }
+        if self.poll_at.is_some_and(|at| at <= now) {
+            self.poll_at = None;
+            self.request_fetch(now);
+        }
+        match &self.stream {
+            StreamSlot::Connecting { id, since }
+                if now >= since.saturating_add(self.config.stream_idle_timeout) =>
+            {
+                let id = *id;
+                self.actions.push_back(Action::CloseStream(id));
+                self.stream_failed(
+                    now,
+                    UpstreamError::Transport {
+                        what: "stream open",
+                        reason: format!("no response within {:?}", self.config.stream_idle_timeout),
+                    },
+                    true,
+                );
+            }
+            StreamSlot::Open(open)
+                if now
+                    >= open
+                        .last_byte_at
+                        .saturating_add(self.config.stream_idle_timeout) =>
+            {
+                let id = open.id;
+                self.actions.push_back(Action::CloseStream(id));
+                self.stream_failed(
+                    now,
+                    UpstreamError::Idle(self.config.stream_idle_timeout),
+                    false,
+                );
+            }
+            _ => {}
+        }
+        self.drive(now);
+    }
+
+    /// Reports the result of [`Action::Fetch`] `id`.
+    pub fn handle_fetch(&mut self, now: Timestamp, id: RequestId, result: FetchResult) {
+        let FetchSlot::InFlight {
+            id: in_flight,
+            retry,
+        } = self.fetch
+        else {
+            return;
+        };
+        if in_flight != id {
+            return;
+        }
+        self.fetch = FetchSlot::Idle;
+        match result {
+            FetchResult::Response { status: 304, .. } => {
+                self.counters.fetch_not_modified += 1;
+                self.fetch_succeeded(now);
+            }
+            FetchResult::Response {
+                status: 200,
+                etag,
+                body,
+            } => match EvaluatedFlags::from_json(&body) {
+                Ok(flags) => {
+                    self.counters.fetch_ok += 1;
+                    self.upstream_etag = etag;
+                    // Fresh upstream values win, also over rules the (currently silent) stream
+                    // sent earlier: they are the newest information there is.
+                    self.rules_active = false;
+                    self.apply(now, FlagSource::Evaluated(flags));
+                    self.fetch_succeeded(now);
+                }
+                Err(error) => {
+                    self.counters.malformed += 1;
+                    // Retrying cannot fix bad content: one breaker failure, no retries.
+                    self.fetch_failed(
+                        now,
+                        UpstreamError::Malformed {
+                            what: "flags response",
+                            reason: error.to_string(),
+                        },
+                        retry,
+                        false,
+                    );
+                }
+            },
+            FetchResult::Response { status, .. } => {
+                // 5xx and 429 are worth retrying; other statuses (401, 403, 404, ...) are not.
+                let retryable = status >= 500 || status == 429;
+                self.fetch_failed(
+                    now,
+                    UpstreamError::Status {
+                        what: "flags request",
+                        status,
+                    },
+                    retry,
+                    retryable,
+                );
+            }
+            FetchResult::Transport(reason) => self.fetch_failed(
+                now,
+                UpstreamError::Transport {
+                    what: "flags request",
+                    reason,
+                },
+                retry,
+                true,
+            ),
+        }
+        self.drive(now);
+    }
+
+    /// Reports the response head of [`Action::OpenStream`] `id`.
+    pub fn handle_stream_opened(
+        &mut self,
+        now: Timestamp,
+        id: StreamId,
+        status: u16,
+        is_event_stream: bool,
+    ) {
+        let StreamSlot::Connecting { id: connecting, .. } = self.stream else {
+            return;
+        };
+        if connecting != id {
+            return;
+        }
+        if status != 200 || !is_event_stream {
+            self.actions.push_back(Action::CloseStream(id));
+            self.stream_failed(
+                now,
+                UpstreamError::Status {
+                    what: "stream request",
+                    status,
+                },
+                true,
+            );
+        } else {
+            self.counters.stream_connects += 1;
+            self.stream = StreamSlot::Open(Box::new(OpenStream {
+                id,
+                last_byte_at: now,
+                decoder: Decoder::new(self.config.decoder_limits),
+                delivered: false,
+            }));
+        }
+        self.drive(now);
+    }
+
+    /// Reports body bytes of stream `id`.
+    pub fn handle_stream_bytes(&mut self, now: Timestamp, id: StreamId, bytes: &[u8]) {
+        let StreamSlot::Open(open) = &mut self.stream else {
+            return;
+        };
+        if open.id != id {
+            return;
+        }
+        open.last_byte_at = now;
+        if let Err(error) = open.decoder.push(bytes) {
+            self.actions.push_back(Action::CloseStream(id));
+            self.counters.malformed += 1;
+            self.stream_failed(now, UpstreamError::Decode(error), false);
+            self.drive(now);
+            return;
+        }
+        let mut events = Vec::new();
+        while let Some(event) = open.decoder.next_event() {
+            events.push(event);
+        }
+        if !events.is_empty() && !open.delivered {
+            open.delivered = true;
+            // A stream that delivers is healthy: reset the reconnect schedule and tell the
+            // breaker (this is what closes it again after an outage).
+            self.reconnect.reset();
+            self.breaker.record(now, Outcome::Success);
+            self.poll_at = None;
+            self.last_error = None;
+        }
+        for event in events {
+            self.counters.events += 1;
+            self.last_confirmed = Some(now);
+            self.handle_event(now, &event);
+        }
+        self.drive(now);
+    }
+
+    /// Reports that stream `id` ended.
+    pub fn handle_stream_closed(&mut self, now: Timestamp, id: StreamId, end: StreamEnd) {
+        let (current, connecting) = match &self.stream {
+            StreamSlot::Connecting { id, .. } => (*id, true),
+            StreamSlot::Open(open) => (open.id, false),
+            StreamSlot::Disabled | StreamSlot::Down { .. } => return,
+        };
+        if current != id {
+            return;
+        }
+        let error = match end {
+            StreamEnd::Eof => UpstreamError::Transport {
+                what: "stream",
+                reason: "closed by upstream".to_owned(),
+            },
+            StreamEnd::Error(reason) => UpstreamError::Transport {
+                what: if connecting {
+                    "stream request"
+                } else {
+                    "stream"
+                },
+                reason,
+            },
+        };
+        self.stream_failed(now, error, connecting);
+        self.drive(now);
+    }
+
+    fn handle_event(&mut self, now: Timestamp, event: &SseEvent) {
+        match event.event.as_str() {
+            "init" | "flags" => {
+                if self.rules_active {
+                    return;
+                }
+                match EvaluatedFlags::from_json(event.data.as_bytes()) {
+                    Ok(flags) => self.apply(now, FlagSource::Evaluated(flags)),
+                    Err(error) => self.malformed(event, error.to_string()),
+                }
+            }
+            "flag-changed" if !self.rules_active => self.request_fetch(now),
+            "flag-update" => {
+                if self.rules_active {
+                    return;
+                }
+                #[derive(Deserialize)]
+                struct FlagUpdate {
+                    key: String,
+                    enabled: bool,
+                }
+                let update = match serde_json::from_str::<FlagUpdate>(&event.data) {
+                    Ok(update) => update,
+                    Err(error) => return self.malformed(event, error.to_string()),
+                };
+                let Some(current) = self.store.current() else {
+                    // Nothing to merge into yet: the full snapshot is on its way.
+                    return self.request_fetch(now);
+                };
+                let mut flags = current.defaults().clone();
+                flags.flags.insert(update.key.clone(), update.enabled);
+                // The old reason no longer explains the new value.
+                flags.reasons.remove(&update.key);
+                self.apply(now, FlagSource::Evaluated(flags));
+            }
+            "rules-full" => match RulesPayload::from_json(event.data.as_bytes()) {
+                Ok(rules) => {
+                    self.rules_active = true;
+                    self.apply(now, FlagSource::rules(&rules));
+                }
+                Err(error) => self.malformed(event, error.to_string()),
+            },
+            // `heartbeat` and events this version does not know: the bytes already proved the
+            // stream alive, and the data must not touch the flags.
+            _ => {}
+        }
+    }
+
+    fn malformed(&mut self, event: &SseEvent, reason: String) {
+        self.counters.malformed += 1;
+        self.last_error = Some(UpstreamError::Malformed {
+            what: if event.event == "rules-full" {
+                "rules-full event"
+            } else {
+                "stream event"
+            },
+            reason,
+        });
+    }
+
+    /// Publishes `source` if it changes the content, and persists it.
+    fn apply(&mut self, now: Timestamp, source: FlagSource) {
+        self.last_confirmed = Some(now);
+        if let Some(snapshot) = self.store.replace(now, source) {
+            // Publish first: clients wait on it; storage does not.
+            let persisted = snapshot.to_persisted(self.upstream_etag.as_deref());
+            self.actions.push_back(Action::Publish(snapshot));
+            self.actions.push_back(Action::Persist(persisted));
+        }
+    }
+
+    /// Asks for a (conditional) fetch: now, or after the one in flight.
+    fn request_fetch(&mut self, now: Timestamp) {
+        match self.fetch {
+            FetchSlot::InFlight { .. } => self.refetch_pending = true,
+            // Already scheduled (retry or breaker wait): that attempt will fetch fresh data.
+            FetchSlot::Waiting { .. } => {}
+            FetchSlot::Idle => self.start_fetch(now, 0),
+        }
+    }
+
+    /// Issues attempt `retry` of a fetch, through the breaker on the first attempt.
+    fn start_fetch(&mut self, now: Timestamp, retry: u32) {
+        if retry == 0
+            && let Admission::Reject { until } = self.breaker.check(now)
+        {
+            self.counters.breaker_rejections += 1;
+            self.fetch = FetchSlot::Waiting {
+                at: until.max(now),
+                retry: 0,
+            };
+            return;
+        }
+        let id = RequestId(self.next_id());
+        self.fetch = FetchSlot::InFlight { id, retry };
+        // Without data there is nothing a 304 could keep.
+        let if_none_match = self
+            .store
+            .current()
+            .and_then(|_| self.upstream_etag.clone());
+        self.actions.push_back(Action::Fetch { id, if_none_match });
+    }
+
+    fn fetch_succeeded(&mut self, now: Timestamp) {
+        self.last_confirmed = Some(now);
+        self.last_error = None;
+        self.breaker.record(now, Outcome::Success);
+        if self.refetch_pending {
+            self.refetch_pending = false;
+            self.start_fetch(now, 0);
+        }
+    }
+
+    fn fetch_failed(&mut self, now: Timestamp, error: UpstreamError, retry: u32, retryable: bool) {
+        self.counters.fetch_errors += 1;
+        self.last_error = Some(error);
+        if retryable && retry < self.config.retry.max_retries {
+            let delay = self.config.retry.delay(retry, self.jitter.next_sample());
+            self.fetch = FetchSlot::Waiting {
+                at: now.saturating_add(delay),
+                retry: retry + 1,
+            };
+            return;
+        }
+        // Retries exhausted: one breaker failure for the whole logical request (SDK semantics).
+        self.breaker.record(now, Outcome::Failure);
+        // A pending refetch is answered by the next poll; there is no point asking again now.
+        self.refetch_pending = false;
+    }
+
+    /// The stream is gone: schedule a reconnect; polling takes over meanwhile.
+    fn stream_failed(&mut self, now: Timestamp, error: UpstreamError, open_failed: bool) {
+        self.counters.stream_errors += 1;
+        if open_failed {
+            self.breaker.record(now, Outcome::Failure);
+        }
+        self.last_error = Some(error);
+        let delay = self.reconnect.next_delay(self.jitter.next_sample());
+        self.stream = StreamSlot::Down {
+            reconnect_at: Some(now.saturating_add(delay)),
+        };
+    }
+
+    /// Brings the schedule in line with the state: opens a due stream, (re)arms polling.
+    fn drive(&mut self, now: Timestamp) {
+        if let StreamSlot::Down {
+            reconnect_at: Some(at),
+        } = self.stream
+            && at <= now
+        {
+            match self.breaker.check(now) {
+                Admission::Reject { until } => {
+                    self.stream = StreamSlot::Down {
+                        reconnect_at: Some(until.max(now)),
+                    };
+                }
+                Admission::Allow | Admission::Probe => {
+                    let id = StreamId(self.next_id());
+                    self.stream = StreamSlot::Connecting { id, since: now };
+                    self.actions.push_back(Action::OpenStream(id));
+                }
+            }
+        }
+        let stream_delivering = matches!(&self.stream, StreamSlot::Open(open) if open.delivered);
+        if self.breaker.state() == BreakerState::HalfOpen {
+            // Recovering: confirm with quick conditional polls (cheap 304s) so the breaker
+            // closes within seconds instead of waiting for the stream to happen to carry news.
+            let probe_at = now.saturating_add(RECOVERY_POLL_INTERVAL);
+            self.poll_at = Some(self.poll_at.map_or(probe_at, |at| at.min(probe_at)));
+        } else if stream_delivering {
+            self.poll_at = None;
+        } else if self.poll_at.is_none() {
+            self.poll_at = Some(now.saturating_add(self.config.refresh_interval));
+        }
+    }
+
+    fn next_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+}
+
+/// Poll interval while the breaker is half-open and recovery is being confirmed.
+const RECOVERY_POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Shortest interval the machine accepts for polling and idle timeouts: below this, a
+/// misconfiguration would hammer upstream.
+const MIN_INTERVAL: Duration = Duration::from_millis(100);
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,1091 @@
+//! The downstream API as plain data: routes, request parsing, auth, and every response body.
+//!
+//! Adapters turn HTTP into these calls and the results back into HTTP; they add nothing to the
+//! bytes. That is what keeps the native server and the Worker byte-identical: the routes, the
+//! error bodies, the ETag decisions and the OFREP shapes are decided here once.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
+
+use crate::model::{AttributeValue, Context, EvaluatedFlags, FlagKey, Reason, ReasonKind};
+use crate::render;
+use crate::snapshot::{CacheStats, Snapshot};
+
+/// The public routes. Paths are matched exactly (no trailing-slash variants).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// `GET /api/flags`, `POST /api/flags` (context in the body).
+    Flags,
+    /// `GET /api/flags/{key}`.
+    Flag(String),
+    /// `GET /api/stream`: the frontend SSE stream (`event: flags`).
+    Stream,
+    /// `GET /api/health`.
+    Health,
+    /// `GET /api/metrics`: Prometheus text.
+    Metrics,
+    /// `GET /api/v1/sdk/flags`: the Rollgate SDK API.
+    SdkFlags,
+    /// `GET /api/v1/sdk/stream`: the Rollgate SDK stream (`event: init`).
+    SdkStream,
+    /// `POST /api/v1/sdk/identify`.
+    SdkIdentify,
+    /// `POST /api/v1/sdk/events`.
+    SdkEvents,
+    /// `POST /api/v1/sdk/telemetry`.
+    SdkTelemetry,
+    /// `GET /health`: what the Rollgate SDK harness checks.
+    RootHealth,
+    /// `POST /ofrep/v1/evaluate/flags/{key}`.
+    OfrepFlag(String),
+    /// `POST /ofrep/v1/evaluate/flags`.
+    OfrepFlags,
+    /// `GET /ofrep/v1/sse`: OFREP ADR-0008 notifications.
+    OfrepStream,
+    /// `GET /live`: the process is up.
+    Live,
+    /// `GET /ready`: there is data to serve.
+    Ready,
+    /// `GET /`: the live demo page.
+    Demo,
+    /// `GET /rollgate-proxy-client.js` and other static assets of the demo page.
+    Asset(&'static str),
+}
+
+impl Route {
+    /// Matches a method and path.
+    ///
+    /// # Errors
+    /// [`ApiError::not_found`] for an unknown path, [`ApiError::method_not_allowed`] for a known
+    /// path with the wrong method.
+    pub fn parse(method: &str, path: &str) -> Result<Self, ApiError> {
+        let get = method == "GET" || method == "HEAD";
+        let post = method == "POST";
+        let (route, allowed) = match path {
+            "/api/flags" => (Self::Flags, get || post),
+            "/api/stream" => (Self::Stream, get),
+            "/api/health" => (Self::Health, get),
+            "/api/metrics" => (Self::Metrics, get),
+            "/api/v1/sdk/flags" => (Self::SdkFlags, get),
+            "/api/v1/sdk/stream" => (Self::SdkStream, get),
+            "/api/v1/sdk/identify" => (Self::SdkIdentify, post),
+            "/api/v1/sdk/events" => (Self::SdkEvents, post),
+            "/api/v1/sdk/telemetry" => (Self::SdkTelemetry, post),
+            "/health" => (Self::RootHealth, get),
+            "/ofrep/v1/evaluate/flags" => (Self::OfrepFlags, post),
+            "/ofrep/v1/sse" => (Self::OfrepStream, get),
+            "/live" => (Self::Live, get),
+            "/ready" => (Self::Ready, get),
+            "/" | "/demo" => (Self::Demo, get),
+            "/rollgate-proxy-client.js" => (Self::Asset("rollgate-proxy-client.js"), get),
+            _ => {
+                if let Some(key) = path.strip_prefix("/api/flags/") {
+                    (Self::Flag(percent_decode(key)?), get)
+                } else if let Some(key) = path.strip_prefix("/ofrep/v1/evaluate/flags/") {
+                    (Self::OfrepFlag(percent_decode(key)?), post)
+                } else {
+                    return Err(ApiError::not_found(path));
+                }
+            }
+        };
+        if allowed {
+            Ok(route)
+        } else {
+            Err(ApiError::method_not_allowed(method))
+        }
+    }
+
+    /// Whether the route serves flag data, and so needs a client key when keys are configured.
+    /// Health, metrics, probes and the demo page's static files never do.
+    pub fn needs_client_key(&self) -> bool {
+        !matches!(
+            self,
+            Self::Health
+                | Self::Metrics
+                | Self::RootHealth
+                | Self::Live
+                | Self::Ready
+                | Self::Demo
+                | Self::Asset(_)
+        )
+    }
+
+    /// A label for metrics (the route template, never the raw path: keys would explode label
+    /// cardinality).
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Flags => "/api/flags",
+            Self::Flag(_) => "/api/flags/:key",
+            Self::Stream => "/api/stream",
+            Self::Health => "/api/health",
+            Self::Metrics => "/api/metrics",
+            Self::SdkFlags => "/api/v1/sdk/flags",
+            Self::SdkStream => "/api/v1/sdk/stream",
+            Self::SdkIdentify => "/api/v1/sdk/identify",
+            Self::SdkEvents => "/api/v1/sdk/events",
+            Self::SdkTelemetry => "/api/v1/sdk/telemetry",
+            Self::RootHealth => "/health",
+            Self::OfrepFlag(_) => "/ofrep/v1/evaluate/flags/:key",
+            Self::OfrepFlags => "/ofrep/v1/evaluate/flags",
+            Self::OfrepStream => "/ofrep/v1/sse",
+            Self::Live => "/live",
+            Self::Ready => "/ready",
+            Self::Demo => "/",
+            Self::Asset(_) => "/asset",
+        }
+    }
+}
+
+/// An error answer: status plus `{"error":{"code","message"}}`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{status} {code}: {message}")]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: u16,
+    /// Stable machine-readable code (`INVALID_FLAG_KEY`, `UNAUTHORIZED`, ...).
+    pub code: &'static str,
+    /// Human-readable explanation; never contains secrets.
+    pub message: String,
+}
+
+impl ApiError {
+    /// A custom error.
+    pub fn new(status: u16, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// 400 `BAD_REQUEST`.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(400, "BAD_REQUEST", message)
+    }
+
+    /// 404 `NOT_FOUND`.
+    pub fn not_found(path: &str) -> Self {
+        let shown: String = path.chars().take(128).collect();
+        Self::new(404, "NOT_FOUND", format!("no route for {shown:?}"))
+    }
+
+    /// 405 `METHOD_NOT_ALLOWED`.
+    pub fn method_not_allowed(method: &str) -> Self {
+        let shown: String = method.chars().take(16).collect();
+        Self::new(
+            405,
+            "METHOD_NOT_ALLOWED",
+            format!("method {shown} is not allowed here"),
+        )
+    }
+
+    /// 401 `UNAUTHORIZED`.
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(401, "UNAUTHORIZED", message)
+    }
+
+    /// 413 `PAYLOAD_TOO_LARGE`.
+    pub fn payload_too_large(limit: usize) -> Self {
+        Self::new(
+            413,
+            "PAYLOAD_TOO_LARGE",
+            format!("request body is larger than {limit} bytes"),
+        )
+    }
+
+    /// 503 `NOT_READY`: no flag data yet (from upstream or disk).
+    pub fn not_ready() -> Self {
+        Self::new(
+            503,
+            "NOT_READY",
+            "no flag data yet: waiting for the first snapshot from upstream",
+        )
+    }
+
+    /// 502 `UPSTREAM_UNAVAILABLE`: a per-user answer needed upstream and upstream failed.
+    pub fn upstream_unavailable() -> Self {
+        Self::new(
+            502,
+            "UPSTREAM_UNAVAILABLE",
+            "flags for this user need upstream, which is unavailable",
+        )
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> Bytes {
+        #[derive(Serialize)]
+        struct Inner<'a> {
+            code: &'a str,
+            message: &'a str,
+        }
+        #[derive(Serialize)]
+        struct Outer<'a> {
+            error: Inner<'a>,
+        }
+        json_bytes(&Outer {
+            error: Inner {
+                code: self.code,
+                message: &self.message,
+            },
+        })
+    }
+}
+
+/// A response as plain data. `headers` are in addition to `Content-Type` (given by `content_type`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApiResponse {
+    /// HTTP status.
+    pub status: u16,
+    /// `Content-Type`, or `None` for empty bodies (304).
+    pub content_type: Option<&'static str>,
+    /// Extra headers (`ETag`, `Cache-Control`, `Retry-After`).
+    pub headers: Vec<(&'static str, String)>,
+    /// The body.
+    pub body: Bytes,
+}
+
+impl ApiResponse {
+    /// 200 with a JSON body.
+    pub fn json(body: Bytes) -> Self {
+        Self {
+            status: 200,
+            content_type: Some(JSON),
+            headers: Vec::new(),
+            body,
+        }
+    }
+
+    /// A JSON body with an ETag, or 304 when `if_none_match` matches it.
+    pub fn json_with_etag(body: Bytes, etag: &str, if_none_match: Option<&str>) -> Self {
+        let mut headers = vec![
+            ("ETag", etag.to_owned()),
+            ("Cache-Control", NO_CACHE.to_owned()),
+        ];
+        if if_none_match.is_some_and(|header| render::if_none_match_matches(header, etag)) {
+            headers.shrink_to_fit();
+            return Self {
+                status: 304,
+                content_type: None,
+                headers,
+                body: Bytes::new(),
+            };
+        }
+        Self {
+            status: 200,
+            content_type: Some(JSON),
+            headers,
+            body,
+        }
+    }
+
+    /// The error's status and JSON body.
+    pub fn error(error: &ApiError) -> Self {
+        let mut response = Self::json(error.body());
+        response.status = error.status;
+        if error.status == 503 {
+            response.headers.push(("Retry-After", "1".to_owned()));
+        }
+        response
+    }
+}
+
+impl From<ApiError> for ApiResponse {
+    fn from(error: ApiError) -> Self {
+        Self::error(&error)
+    }
+}
+
+/// Configured client keys. Empty: the API is open.
+#[derive(Clone, Default)]
+pub struct ClientKeys(Vec<String>);
+
+impl std::fmt::Debug for ClientKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Keys are secrets: show how many, never which.
+        write!(f, "ClientKeys({} configured)", self.0.len())
+    }
+}
+
+impl ClientKeys {
+    /// Keys that unlock the data routes.
+    pub fn new(keys: impl IntoIterator<Item = String>) -> Self {
+        Self(keys.into_iter().filter(|k| !k.is_empty()).collect())
+    }
+
+    /// Whether any key is configured.
+    pub fn is_enabled(&self) -> bool {
+        !self.0.is_empty()
+    }
+
+    /// Checks a request's key, from `Authorization: Bearer <key>`, `X-API-Key` (OFREP), or the
+    /// `token` query parameter (EventSource cannot send headers). Comparison is constant-time.
+    ///
+    /// # Errors
+    /// [`ApiError::unauthorized`] when keys are configured and none given matches.
+    pub fn authorize(
+        &self,
+        authorization: Option<&str>,
+        api_key: Option<&str>,
+        query: &str,
+    ) -> Result<(), ApiError> {
+        if !self.is_enabled() {
+            return Ok(());
+        }
+        let bearer = authorization.and_then(|value| {
+            let (scheme, token) = value.trim().split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        });
+        let token = query_pairs(query)
+            .find(|(name, _)| name == "token")
+            .map(|(_, value)| value);
+        let offered: Vec<&str> = [bearer, api_key.map(str::trim), token.as_deref()]
+            .into_iter()
+            .flatten()
+            .collect();
+        if offered.is_empty() {
+            return Err(ApiError::unauthorized(
+                "a client key is required: send Authorization: Bearer <key>, or ?token=<key> \
+                 for EventSource",
+            ));
+        }
+        let matches = offered.iter().any(|given| {
+            self.0.iter().fold(false, |found, key| {
+                found | bool::from(key.as_bytes().ct_eq(given.as_bytes()))
+            })
+        });
+        if matches {
+            Ok(())
+        } else {
+            Err(ApiError::unauthorized("the client key is not valid"))
+        }
+    }
+}
+
+/// Limits on client-supplied contexts.
+pub mod limits {
+    /// Most attributes in one context.
+    pub const MAX_ATTRIBUTES: usize = 64;
+    /// Longest attribute name, in bytes.
+    pub const MAX_ATTRIBUTE_NAME: usize = 128;
+    /// Longest attribute value, user id or email, in bytes.
+    pub const MAX_VALUE: usize = 1024;
+}
+
+/// The context of a request from its query: `user_id`, `email`, and `attr.<name>=<value>`.
+/// Unknown parameters (such as `token` or `withReasons`) are ignored.
+///
+/// # Errors
+/// 400 `INVALID_CONTEXT` when a limit in [`limits`] is exceeded or a value is empty-named.
+pub fn context_from_query(query: &str) -> Result<Context, ApiError> {
+    let mut context = Context::anonymous();
+    for (name, value) in query_pairs(query) {
+        match name.as_ref() {
+            "user_id" | "userId" => context.id = non_empty(checked_value("user_id", &value)?),
+            "email" => context.email = non_empty(checked_value("email", &value)?),
+            other => {
+                if let Some(attribute) = other.strip_prefix("attr.") {
+                    insert_attribute(
+                        &mut context,
+                        attribute,
+                        AttributeValue::String(checked_value(attribute, &value)?),
+                    )?;
+                }
+            }
+        }
+    }
+    Ok(context)
+}
+
+/// The context of `POST /api/flags` and `POST /api/v1/sdk/identify`:
+/// `{"user":{"id","email","attributes"}}`. An empty body is the anonymous context.
+///
+/// # Errors
+/// 400 `INVALID_CONTEXT` for invalid JSON, wrong types, or exceeded [`limits`].
+pub fn context_from_body(body: &[u8]) -> Result<Context, ApiError> {
+    #[derive(Deserialize)]
+    struct Body {
+        #[serde(default)]
+        user: Option<Context>,
+    }
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Context::anonymous());
+    }
+    let body: Body = serde_json::from_slice(body).map_err(|error| {
+        invalid_context(format!(
+            "expected {{\"user\":{{\"id\",\"email\",\"attributes\"}}}}: {error}"
+        ))
+    })?;
+    let user = body.user.unwrap_or_default();
+    let mut context = Context {
+        id: user
+            .id
+            .map(|id| checked_value("id", &id))
+            .transpose()?
+            .and_then(non_empty),
+        email: user
+            .email
+            .map(|email| checked_value("email", &email))
+            .transpose()?
+            .and_then(non_empty),
+        attributes: BTreeMap::new(),
+    };
+    for (name, value) in user.attributes {
+        insert_attribute(&mut context, &name, value)?;
+    }
+    Ok(context)
+}
+
+/// `GET /api/flags` (and `POST`): the flag map with `_meta.cachedAt`, ETag and 304.
+pub fn flags_response(
+    snapshot: &Snapshot,
+    flags: Cow<'_, EvaluatedFlags>,
+    if_none_match: Option<&str>,
+) -> ApiResponse {
+    match flags {
+        Cow::Borrowed(_) => ApiResponse::json_with_etag(
+            snapshot.flags_body().clone(),
+            snapshot.etag(),
+            if_none_match,
+        ),
+        Cow::Owned(flags) => ApiResponse::json_with_etag(
+            render::flags_body(&flags, snapshot.cached_at()),
+            &flags_etag(&flags),
+            if_none_match,
+        ),
+    }
+}
+
+/// `GET /api/flags/{key}`: `{"key","enabled"}`; unknown keys are `false`, as
+/// `isEnabled(key, false)`.
+///
+/// # Errors
+/// 400 `INVALID_FLAG_KEY` for a key outside `[A-Za-z0-9._:-]{1,256}`.
+pub fn flag_response(key: &str, flags: &EvaluatedFlags) -> Result<ApiResponse, ApiError> {
+    let key = FlagKey::parse(key)
+        .map_err(|error| ApiError::new(400, "INVALID_FLAG_KEY", error.to_string()))?;
+    let enabled = flags.is_enabled(key.as_str(), false);
+    let mut response = ApiResponse::json(render::flag_body(key.as_str(), enabled));
+    response
+        .headers
+        .push(("Cache-Control", NO_CACHE.to_owned()));
+    Ok(response)
+}
+
+/// `GET /api/v1/sdk/flags`: `{"flags"}` or `{"flags","reasons"}` (with `withReasons=true`),
+/// quoted ETag, 304.
+pub fn sdk_flags_response(
+    snapshot: &Snapshot,
+    flags: Cow<'_, EvaluatedFlags>,
+    query: &str,
+    if_none_match: Option<&str>,
+) -> ApiResponse {
+    let with_reasons =
+        query_pairs(query).any(|(name, value)| name == "withReasons" && value == "true");
+    match flags {
+        Cow::Borrowed(_) => ApiResponse::json_with_etag(
+            snapshot.sdk_body(with_reasons).clone(),
+            snapshot.etag(),
+            if_none_match,
+        ),
+        Cow::Owned(flags) => ApiResponse::json_with_etag(
+            render::sdk_flags_body(&flags, with_reasons),
+            &flags_etag(&flags),
+            if_none_match,
+        ),
+    }
+}
+
+/// The ETag of a per-context answer: a hash of its values and reasons.
+pub fn flags_etag(flags: &EvaluatedFlags) -> String {
+    render::etag_for(&render::sdk_flags_body(flags, true))
+}
+
+/// `POST /api/v1/sdk/events`: how many events a batch holds (`{"events":[..]}`).
+///
+/// # Errors
+/// 400 `BAD_REQUEST` when the body is not `{"events":[...]}`.
+pub fn count_events(body: &[u8]) -> Result<usize, ApiError> {
+    #[derive(Deserialize)]
+    struct Batch {
+        events: Vec<serde_json::Value>,
+    }
+    serde_json::from_slice::<Batch>(body)
+        .map(|batch| batch.events.len())
+        .map_err(|error| ApiError::bad_request(format!("expected {{\"events\":[...]}}: {error}")))
+}
+
+/// `POST /api/v1/sdk/telemetry`: the sum of `total` over `{"evaluations":{key:{total,..}}}`.
+///
+/// # Errors
+/// 400 `BAD_REQUEST` when the body is not a telemetry report.
+pub fn count_telemetry(body: &[u8]) -> Result<u64, ApiError> {
+    #[derive(Deserialize)]
+    struct Counts {
+        #[serde(default)]
+        total: u64,
+    }
+    #[derive(Deserialize)]
+    struct Report {
+        evaluations: BTreeMap<String, Counts>,
+    }
+    serde_json::from_slice::<Report>(body)
+        .map(|report| report.evaluations.values().map(|c| c.total).sum())
+        .map_err(|error| {
+            ApiError::bad_request(format!("expected {{\"evaluations\":{{...}}}}: {error}"))
+        })
+}
+
+/// `{"received":N}`: what every SDK expects back from `/events` and `/telemetry`.
+pub fn received_body(count: u64) -> Bytes {
+    json_bytes(&serde_json::json!({ "received": count }))
+}
+
+/// What `/api/health` reports. Adapters fill it; [`HealthReport::body`] renders it.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HealthReport {
+    /// `healthy`, or `degraded` when the breaker is open, the data is stale or missing.
+    pub status: &'static str,
+    /// Breaker state: `closed`, `open` or `half_open`.
+    pub circuit: &'static str,
+    /// Cache statistics (`hits`, `misses`, `staleHits`).
+    pub cache: CacheStats,
+    /// `upstream` (with a Rollgate key) or `local` (a flags file).
+    pub source: &'static str,
+    /// Upstream connection details.
+    pub upstream: UpstreamHealth,
+    /// Current revision, if any data.
+    pub revision: Option<u64>,
+    /// Current ETag, if any data.
+    pub etag: Option<String>,
+    /// Milliseconds since upstream last confirmed the data (`None`: never).
+    pub data_age_ms: Option<u64>,
+    /// Number of flags served.
+    pub flags: usize,
+    /// Open SSE connections.
+    pub sse_clients: u64,
+}
+
+/// The upstream part of [`HealthReport`].
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UpstreamHealth {
+    /// `disabled`, `disconnected`, `connecting`, `connected`.
+    pub stream: &'static str,
+    /// `evaluated` or `rules`.
+    pub mode: Option<&'static str>,
+    /// Whether the data is fresh.
+    pub fresh: bool,
+    /// The last error, if the last interaction failed.
+    pub last_error: Option<String>,
+}
+
+impl HealthReport {
+    /// The JSON body.
+    pub fn body(&self) -> Bytes {
+        json_bytes(self)
+    }
+}
+
+/// OFREP (OpenFeature Remote Evaluation Protocol) bodies.
+pub mod ofrep {
+    use super::*;
+
+    /// An OFREP error: status and `{"errorCode","errorDetails"}` (plus `key` for one flag).
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct OfrepError {
+        /// HTTP status.
+        pub status: u16,
+        /// `PARSE_ERROR`, `INVALID_CONTEXT`, `FLAG_NOT_FOUND`, `GENERAL`.
+        pub code: &'static str,
+        /// Explanation.
+        pub details: String,
+    }
+
+    impl OfrepError {
+        /// The response, with `key` for single-flag errors.
+        pub fn response(&self, key: Option<&str>) -> ApiResponse {
+            #[derive(Serialize)]
+            #[serde(rename_all = "camelCase")]
+            struct Body<'a> {
+                #[serde(skip_serializing_if = "Option::is_none")]
+                key: Option<&'a str>,
+                error_code: &'a str,
+                error_details: &'a str,
+            }
+            let mut response = ApiResponse::json(json_bytes(&Body {
+                key,
+                error_code: self.code,
+                error_details: &self.details,
+            }));
+            response.status = self.status;
+            response
+        }
+    }
+
+    /// The evaluation context of an OFREP request: `{"context":{"targetingKey":..,..}}`.
+    /// `targetingKey` is the user id, `email` the email, other scalar fields are attributes;
+    /// nested objects and arrays are ignored (Rollgate conditions compare scalars). An empty
+    /// body or a missing context is the anonymous context (lenient, like flagd).
+    ///
+    /// # Errors
+    /// 400 `PARSE_ERROR` for invalid JSON, 400 `INVALID_CONTEXT` for a non-object context or
+    /// exceeded [`limits`].
+    pub fn context(body: &[u8]) -> Result<Context, OfrepError> {
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Context::anonymous());
+        }
+        let value: serde_json::Value =
+            serde_json::from_slice(body).map_err(|error| OfrepError {
+                status: 400,
+                code: "PARSE_ERROR",
+                details: format!("request body is not JSON: {error}"),
+            })?;
+        let invalid = |details: String| OfrepError {
+            status: 400,
+            code: "INVALID_CONTEXT",
+            details,
+        };
+        let fields = match value.get("context") {
+            None | Some(serde_json::Value::Null) => return Ok(Context::anonymous()),
+            Some(serde_json::Value::Object(fields)) => fields,
+            Some(_) => return Err(invalid("context must be an object".to_owned())),
+        };
+        let mut context = Context::anonymous();
+        for (name, value) in fields {
+            let value = match value {
+                serde_json::Value::String(s) => AttributeValue::String(s.clone()),
+                serde_json::Value::Bool(b) => AttributeValue::Bool(*b),
+                serde_json::Value::Number(n) => match n.as_f64() {
+                    Some(n) => AttributeValue::Number(n),
+                    None => continue,
+                },
+                _ => continue,
+            };
+            match (name.as_str(), value) {
+                ("targetingKey", AttributeValue::String(id)) => {
+                    context.id = non_empty(
+                        checked_value("targetingKey", &id).map_err(|e| invalid(e.message))?,
+                    );
+                }
+                ("email", AttributeValue::String(email)) => {
+                    context.email =
+                        non_empty(checked_value("email", &email).map_err(|e| invalid(e.message))?);
+                }
+                (name, value) => {
+                    insert_attribute(&mut context, name, value).map_err(|e| invalid(e.message))?;
+                }
+            }
+        }
+        Ok(context)
+    }
+
+    /// `POST /ofrep/v1/evaluate/flags/{key}`.
+    pub fn single(key: &str, flags: &EvaluatedFlags) -> ApiResponse {
+        match flags.flags.get(key) {
+            Some(value) => {
+                ApiResponse::json(json_bytes(&item(key, *value, flags.reasons.get(key))))
+            }
+            None => OfrepError {
+                status: 404,
+                code: "FLAG_NOT_FOUND",
+                details: format!("flag {key:?} was not found"),
+            }
+            .response(Some(key)),
+        }
+    }
+
+    /// `POST /ofrep/v1/evaluate/flags`: every flag, with an ETag derived from the snapshot and
+    /// the context (so a 304 needs no evaluation), and `eventStreams` when `stream_uri` is given.
+    pub fn bulk(
+        snapshot: &Snapshot,
+        context: &Context,
+        flags: &EvaluatedFlags,
+        stream_uri: Option<&str>,
+        if_none_match: Option<&str>,
+    ) -> ApiResponse {
+        #[derive(Serialize)]
+        struct Endpoint<'a> {
+            #[serde(rename = "requestUri")]
+            request_uri: &'a str,
+        }
+        #[derive(Serialize)]
+        struct EventStream<'a> {
+            #[serde(rename = "type")]
+            kind: &'a str,
+            endpoint: Endpoint<'a>,
+        }
+        #[derive(Serialize)]
+        struct Body<'a> {
+            flags: Vec<Item<'a>>,
+            #[serde(rename = "eventStreams", skip_serializing_if = "Option::is_none")]
+            event_streams: Option<[EventStream<'a>; 1]>,
+        }
+        let etag = bulk_etag(snapshot, context);
+        if if_none_match.is_some_and(|header| render::if_none_match_matches(header, &etag)) {
+            return ApiResponse::json_with_etag(Bytes::new(), &etag, if_none_match);
+        }
+        let body = Body {
+            flags: flags
+                .flags
+                .iter()
+                .map(|(key, value)| item(key, *value, flags.reasons.get(key)))
+                .collect(),
+            event_streams: stream_uri.map(|request_uri| {
+                [EventStream {
+                    kind: "sse",
+                    endpoint: Endpoint { request_uri },
+                }]
+            }),
+        };
+        ApiResponse::json_with_etag(json_bytes(&body), &etag, None)
+    }
+
+    /// The bulk ETag: snapshot content × context.
+    pub fn bulk_etag(snapshot: &Snapshot, context: &Context) -> String {
+        let mut material = snapshot.content_hash().as_bytes().to_vec();
+        material.push(b'|');
+        material.extend(serde_json::to_vec(context).unwrap_or_default());
+        render::etag_for(&material)
+    }
+
+    #[derive(Serialize)]
+    struct Item<'a> {
+        key: &'a str,
+        value: bool,
+        reason: &'static str,
+        variant: &'static str,
+        metadata: BTreeMap<&'static str, &'static str>,
+    }
+
+    fn item<'a>(key: &'a str, value: bool, reason: Option<&Reason>) -> Item<'a> {
+        Item {
+            key,
+            value,
+            reason: reason.map_or("UNKNOWN", openfeature_reason),
+            variant: if value { "on" } else { "off" },
+            metadata: BTreeMap::new(),
+        }
+    }
+
+    /// Maps a Rollgate reason onto OpenFeature's reason vocabulary.
+    pub fn openfeature_reason(reason: &Reason) -> &'static str {
+        match reason.kind {
+            ReasonKind::Off => "DISABLED",
+            ReasonKind::TargetMatch | ReasonKind::RuleMatch => "TARGETING_MATCH",
+            // A rollout decided: that is OpenFeature's pseudorandom SPLIT.
+            ReasonKind::Fallthrough if reason.in_rollout.is_some() => "SPLIT",
+            ReasonKind::Fallthrough => "DEFAULT",
+            ReasonKind::Error => "ERROR",
+            ReasonKind::Unknown => "UNKNOWN",
+        }
+    }
+}
+
+fn invalid_context(message: String) -> ApiError {
+    ApiError::new(400, "INVALID_CONTEXT", message)
+}
+
+fn checked_value(name: &str, value: &str) -> Result<String, ApiError> {
+    if value.len() > limits::MAX_VALUE {
+        return Err(invalid_context(format!(
+            "value of {:?} is longer than {} bytes",
+            name.chars().take(64).collect::<String>(),
+            limits::MAX_VALUE
+        )));
+    }
+    Ok(value.to_owned())
+}
+
+fn insert_attribute(
+    context: &mut Context,
+    name: &str,
+    value: AttributeValue,
+) -> Result<(), ApiError> {
+    if name.is_empty() || name.len() > limits::MAX_ATTRIBUTE_NAME {
+        return Err(invalid_context(format!(
+            "attribute names must be 1 to {} bytes",
+            limits::MAX_ATTRIBUTE_NAME
+        )));
+    }
+    if let AttributeValue::String(s) = &value {
+        checked_value(name, s)?;
+    }
+    if context.attributes.len() >= limits::MAX_ATTRIBUTES && !context.attributes.contains_key(name)
+    {
+        return Err(invalid_context(format!(
+            "a context may have at most {} attributes",
+            limits::MAX_ATTRIBUTES
+        )));
+    }
+    context.attributes.insert(name.to_owned(), value);
+    Ok(())
+}
+
+fn non_empty(value: String) -> Option<String> {
+    (!value.is_empty()).then_some(value)
+}
+
+fn query_pairs(query: &str) -> impl Iterator<Item = (Cow<'_, str>, Cow<'_, str>)> {
+    form_urlencoded::parse(query.trim_start_matches('?').as_bytes())
+}
+
+fn percent_decode(segment: &str) -> Result<String, ApiError> {
+    // Path segments use %XX escapes but not '+' for space, so decode them by hand here: only
+    // `%XX` sequences are special.
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| ApiError::bad_request("invalid percent-encoding in path"))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| ApiError::bad_request("path is not valid UTF-8"))
+}
+
+fn json_bytes<T: Serialize + ?Sized>(value: &T) -> Bytes {
+    // Serializing these plain structs and maps cannot fail.
+    Bytes::from(serde_json::to_vec(value).unwrap_or_default())
+}
+
+/// `Content-Type` of JSON answers.
+pub const JSON: &str = "application/json";
+/// `Content-Type` of SSE answers.
+pub const EVENT_STREAM: &str = "text/event-stream";
+/// `Cache-Control` of flag answers: caches must revalidate (with the ETag) every time.
+pub const NO_CACHE: &str = "no-cache";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::{FlagSource, Revision};
+    use crate::time::Timestamp;
+
+    fn snapshot() -> Snapshot {
+        let flags = EvaluatedFlags::from_json(
+            br#"{"flags":{"a":true,"b":false},"reasons":{"a":{"kind":"FALLTHROUGH","inRollout":true},"b":{"kind":"OFF"}}}"#,
+        )
+        .unwrap();
+        Snapshot::build(
+            Revision::new(1),
+            Timestamp::ZERO,
+            FlagSource::Evaluated(flags),
+        )
+    }
+
+    #[test]
+    fn routes() {
+        assert_eq!(Route::parse("GET", "/api/flags"), Ok(Route::Flags));
+        assert_eq!(Route::parse("POST", "/api/flags"), Ok(Route::Flags));
+        assert_eq!(
+            Route::parse("GET", "/api/flags/new%2Dcheckout"),
+            Ok(Route::Flag("new-checkout".into()))
+        );
+        assert_eq!(
+            Route::parse("POST", "/ofrep/v1/evaluate/flags/x"),
+            Ok(Route::OfrepFlag("x".into()))
+        );
+        assert_eq!(
+            Route::parse("DELETE", "/api/flags").unwrap_err().status,
+            405
+        );
+        assert_eq!(Route::parse("GET", "/nope").unwrap_err().status, 404);
+        assert_eq!(
+            Route::parse("GET", "/api/flags/%zz").unwrap_err().status,
+            400
+        );
+        assert!(!Route::Health.needs_client_key());
+        assert!(Route::Stream.needs_client_key());
+    }
+
+    #[test]
+    fn error_bodies() {
+        let error = ApiError::unauthorized("no key");
+        assert_eq!(
+            &error.body()[..],
+            br#"{"error":{"code":"UNAUTHORIZED","message":"no key"}}"#
+        );
+        let response = ApiResponse::from(ApiError::not_ready());
+        assert_eq!(response.status, 503);
+        assert!(response.headers.contains(&("Retry-After", "1".to_owned())));
+    }
+
+    #[test]
+    fn client_keys() {
+        let keys = ClientKeys::new(["k1".to_owned(), "k2".to_owned()]);
+        assert!(keys.authorize(Some("Bearer k2"), None, "").is_ok());
+        assert!(keys.authorize(Some("bearer  k1 "), None, "").is_ok());
+        assert!(keys.authorize(None, Some("k1"), "").is_ok());
+        assert!(keys.authorize(None, None, "user_id=u&token=k1").is_ok());
+        assert_eq!(keys.authorize(None, None, "").unwrap_err().status, 401);
+        let wrong = keys.authorize(Some("Bearer nope"), None, "").unwrap_err();
+        assert!(!wrong.message.contains("k1"));
+        assert!(ClientKeys::default().authorize(None, None, "").is_ok());
+        assert_eq!(format!("{keys:?}"), "ClientKeys(2 configured)");
+    }
+
+    #[test]
+    fn contexts_from_query_and_body() {
+        let ctx = context_from_query("user_id=u%201&email=a%40b.c&attr.plan=pro&token=x").unwrap();
+        assert_eq!(ctx.id.as_deref(), Some("u 1"));
+        assert_eq!(ctx.email.as_deref(), Some("a@b.c"));
+        assert_eq!(ctx.attribute("plan").as_deref(), Some("pro"));
+        assert!(context_from_query("").unwrap().is_anonymous());
+        let too_many: String = (0..65).map(|i| format!("attr.a{i}=v&")).collect();
+        assert_eq!(
+            context_from_query(&too_many).unwrap_err().code,
+            "INVALID_CONTEXT"
+        );
+        let long = format!("user_id={}", "x".repeat(2000));
+        assert_eq!(context_from_query(&long).unwrap_err().status, 400);
+
+        let ctx = context_from_body(br#"{"user":{"id":"u1","attributes":{"age":30,"beta":true}}}"#)
+            .unwrap();
+        assert_eq!(ctx.id.as_deref(), Some("u1"));
+        assert_eq!(ctx.attribute("age").as_deref(), Some("30"));
+        assert!(context_from_body(b"").unwrap().is_anonymous());
+        assert_eq!(context_from_body(b"{").unwrap_err().code, "INVALID_CONTEXT");
+        assert_eq!(
+            context_from_body(br#"{"user":{"id":5}}"#).unwrap_err().code,
+            "INVALID_CONTEXT"
+        );
+    }
+
+    #[test]
+    fn flags_and_sdk_responses_with_etags() {
+        let snapshot = snapshot();
+        let defaults = Cow::Borrowed(snapshot.defaults());
+        let response = flags_response(&snapshot, defaults.clone(), None);
+        assert_eq!(response.status, 200);
+        assert_eq!(&response.body, snapshot.flags_body());
+        let not_modified = flags_response(&snapshot, defaults.clone(), Some(snapshot.etag()));
+        assert_eq!(not_modified.status, 304);
+        assert!(not_modified.body.is_empty());
+        assert!(
+            not_modified
+                .headers
+                .contains(&("ETag", snapshot.etag().to_owned()))
+        );
+
+        let sdk = sdk_flags_response(
+            &snapshot,
+            defaults.clone(),
+            "withReasons=true&user_id=",
+            None,
+        );
+        assert!(
+            std::str::from_utf8(&sdk.body)
+                .unwrap()
+                .contains("\"reasons\"")
+        );
+        let bare = sdk_flags_response(&snapshot, defaults, "", None);
+        assert_eq!(&bare.body[..], br#"{"flags":{"a":true,"b":false}}"#);
+
+        let owned: Cow<'_, EvaluatedFlags> = Cow::Owned(snapshot.defaults().clone());
+        let per_user = flags_response(&snapshot, owned.clone(), None);
+        let etag = per_user
+            .headers
+            .iter()
+            .find(|(n, _)| *n == "ETag")
+            .unwrap()
+            .1
+            .clone();
+        assert_eq!(flags_response(&snapshot, owned, Some(&etag)).status, 304);
+    }
+
+    #[test]
+    fn single_flag() {
+        let snapshot = snapshot();
+        let body = flag_response("a", snapshot.defaults()).unwrap().body;
+        assert_eq!(&body[..], br#"{"key":"a","enabled":true}"#);
+        let body = flag_response("missing", snapshot.defaults()).unwrap().body;
+        assert_eq!(&body[..], br#"{"key":"missing","enabled":false}"#);
+        assert_eq!(
+            flag_response("bad key", snapshot.defaults())
+                .unwrap_err()
+                .code,
+            "INVALID_FLAG_KEY"
+        );
+    }
+
+    #[test]
+    fn events_and_telemetry_counts() {
+        assert_eq!(count_events(br#"{"events":[{},{}]}"#), Ok(2));
+        assert!(count_events(b"[]").is_err());
+        assert_eq!(
+            count_telemetry(br#"{"evaluations":{"a":{"total":3,"true":2,"false":1},"b":{"total":4}},"period_ms":1}"#),
+            Ok(7)
+        );
+        assert_eq!(&received_body(7)[..], br#"{"received":7}"#);
+    }
+
+    #[test]
+    fn ofrep_bodies() {
+        let snapshot = snapshot();
+        let flags = snapshot.defaults();
+        let single = ofrep::single("a", flags);
+        assert_eq!(
+            &single.body[..],
+            br#"{"key":"a","value":true,"reason":"SPLIT","variant":"on","metadata":{}}"#
+        );
+        let off = ofrep::single("b", flags);
+        assert!(
+            std::str::from_utf8(&off.body)
+                .unwrap()
+                .contains(r#""reason":"DISABLED""#)
+        );
+        let missing = ofrep::single("zz", flags);
+        assert_eq!(missing.status, 404);
+        assert_eq!(
+            &missing.body[..],
+            br#"{"key":"zz","errorCode":"FLAG_NOT_FOUND","errorDetails":"flag \"zz\" was not found"}"#
+        );
+
+        let context = ofrep::context(
+            br#"{"context":{"targetingKey":"u1","email":"e@x","plan":"pro","n":3,"deep":{"x":1}}}"#,
+        )
+        .unwrap();
+        assert_eq!(context.id.as_deref(), Some("u1"));
+        assert_eq!(context.attribute("n").as_deref(), Some("3"));
+        assert_eq!(context.attribute("deep"), None);
+        assert_eq!(ofrep::context(b"{").unwrap_err().code, "PARSE_ERROR");
+        assert_eq!(
+            ofrep::context(br#"{"context":1}"#).unwrap_err().code,
+            "INVALID_CONTEXT"
+        );
+        assert!(ofrep::context(b"").unwrap().is_anonymous());
+
+        let bulk = ofrep::bulk(&snapshot, &context, flags, Some("/ofrep/v1/sse"), None);
+        let text = std::str::from_utf8(&bulk.body).unwrap();
+        assert!(
+            text.starts_with(r#"{"flags":[{"key":"a","value":true"#),
+            "{text}"
+        );
+        assert!(
+            text.ends_with(
+                r#""eventStreams":[{"type":"sse","endpoint":{"requestUri":"/ofrep/v1/sse"}}]}"#
+            ),
+            "{text}"
+        );
+        let etag = ofrep::bulk_etag(&snapshot, &context);
+        assert_ne!(etag, ofrep::bulk_etag(&snapshot, &Context::anonymous()));
+        assert_eq!(
+            ofrep::bulk(&snapshot, &context, flags, None, Some(&etag)).status,
+            304
+        );
+    }
+}

@@ -1,0 +1,168 @@
+//! Response bodies and SSE frames rendered from flag data: the only place either adapter gets them.
+//!
+//! Both adapters serve bytes produced here (most of them once per snapshot, see
+//! [`crate::snapshot`]), so the native server and the Worker are byte-identical by construction
+//! and one set of golden files covers both.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::model::{EvaluatedFlags, Reason};
+use crate::sse::encode::Event;
+use crate::time::Timestamp;
+
+/// SSE event name of the frontend stream (`GET /api/stream`), as in the original pattern.
+pub const FLAGS_EVENT: &str = "flags";
+/// SSE event name of the Rollgate SDK stream (`GET /api/v1/sdk/stream`): every official SDK
+/// replaces its whole state on `init`, so it is safe to send on connect and on every change.
+pub const INIT_EVENT: &str = "init";
+/// SSE event name of OFREP's event stream (ADR-0008): always `message`.
+pub const OFREP_EVENT: &str = "message";
+
+/// `{"flags":{..},"_meta":{"cachedAt":".."}}`: the body of `GET /api/flags`.
+pub fn flags_body(flags: &EvaluatedFlags, cached_at: Timestamp) -> Bytes {
+    #[derive(Serialize)]
+    struct Meta {
+        #[serde(rename = "cachedAt")]
+        cached_at: String,
+    }
+    #[derive(Serialize)]
+    struct Body<'a> {
+        flags: &'a BTreeMap<String, bool>,
+        #[serde(rename = "_meta")]
+        meta: Meta,
+    }
+    json_bytes(&Body {
+        flags: &flags.flags,
+        meta: Meta {
+            cached_at: cached_at.to_rfc3339(),
+        },
+    })
+}
+
+/// `{"key":..,"enabled":..}`: the body of `GET /api/flags/:key`.
+pub fn flag_body(key: &str, enabled: bool) -> Bytes {
+    #[derive(Serialize)]
+    struct Body<'a> {
+        key: &'a str,
+        enabled: bool,
+    }
+    json_bytes(&Body { key, enabled })
+}
+
+/// `{"flags":{..}}` or `{"flags":{..},"reasons":{..}}`: the body of `GET /api/v1/sdk/flags`.
+///
+/// Reasons are included only when asked for (`withReasons=true`), as Rollgate does.
+pub fn sdk_flags_body(flags: &EvaluatedFlags, with_reasons: bool) -> Bytes {
+    #[derive(Serialize)]
+    struct Body<'a> {
+        flags: &'a BTreeMap<String, bool>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reasons: Option<&'a BTreeMap<String, Reason>>,
+    }
+    json_bytes(&Body {
+        flags: &flags.flags,
+        reasons: with_reasons.then_some(&flags.reasons),
+    })
+}
+
+/// `event: flags` with the bare flag map as data: one frame of `GET /api/stream`.
+pub fn flags_frame(flags: &EvaluatedFlags, event_id: &str) -> Bytes {
+    frame(FLAGS_EVENT, event_id, &json_string(&flags.flags))
+}
+
+/// `event: init` with `{"flags":{..}}` as data: one frame of `GET /api/v1/sdk/stream`.
+///
+/// The data always has a `flags` key: the Python SDK treats any data event as a snapshot and
+/// would wipe its flags on anything else (protocol doc §2.2).
+pub fn init_frame(flags: &EvaluatedFlags, event_id: &str) -> Bytes {
+    #[derive(Serialize)]
+    struct Data<'a> {
+        flags: &'a BTreeMap<String, bool>,
+    }
+    frame(
+        INIT_EVENT,
+        event_id,
+        &json_string(&Data {
+            flags: &flags.flags,
+        }),
+    )
+}
+
+/// An OFREP ADR-0008 notification: `{"type":"refetchEvaluation","etag":..,"lastModified":..}`.
+pub fn ofrep_refetch_frame(event_id: &str, etag: &str, last_modified: Timestamp) -> Bytes {
+    #[derive(Serialize)]
+    struct Data<'a> {
+        #[serde(rename = "type")]
+        kind: &'a str,
+        etag: &'a str,
+        #[serde(rename = "lastModified")]
+        last_modified: u64,
+    }
+    let data = json_string(&Data {
+        kind: "refetchEvaluation",
+        etag,
+        last_modified: last_modified.as_millis() / 1000,
+    });
+    frame(OFREP_EVENT, event_id, &data)
+}
+
+/// `retry: <ms>\n\n`: sent first on every stream so clients reconnect at the pace we choose.
+pub fn retry_frame(retry: std::time::Duration) -> Bytes {
+    Event::new().retry(retry).into_bytes()
+}
+
+/// A quoted strong entity tag for `content`: `"` + 16 hex digits of its SHA-256 + `"`.
+///
+/// Quoted because the .NET SDK parses `ETag` into an `EntityTagHeaderValue` and drops unquoted
+/// values (protocol doc §1.1).
+pub fn etag_for(content: &[u8]) -> String {
+    format!("\"{}\"", content_hash(content))
+}
+
+/// 16 lowercase hex digits of the SHA-256 of `content` (64 bits: collisions are not a concern
+/// for telling two versions of one flag set apart).
+pub fn content_hash(content: &[u8]) -> String {
+    let digest = Sha256::digest(content);
+    let mut hex = String::with_capacity(16);
+    for byte in &digest[..8] {
+        hex.push(char::from(HEX[usize::from(byte >> 4)]));
+        hex.push(char::from(HEX[usize::from(byte & 0x0f)]));
+    }
+    hex
+}
+
+/// Whether an `If-None-Match` header value matches `etag` (a list of tags, `*`, or weak tags,
+/// compared weakly as RFC 9110 §13.1.2 asks for `If-None-Match`).
+pub fn if_none_match_matches(header: &str, etag: &str) -> bool {
+    let strip_weak = |tag: &str| tag.trim().trim_start_matches("W/").to_owned();
+    let wanted = strip_weak(etag);
+    header
+        .split(',')
+        .map(str::trim)
+        .any(|tag| tag == "*" || strip_weak(tag) == wanted)
+}
+
+fn frame(event: &str, id: &str, data: &str) -> Bytes {
+    // Event names here are constants and ids are produced by this crate (digits, '-', hex), so
+    // neither can hold a line break; should one ever be rejected, the frame stays valid without
+    // that field rather than failing the publish.
+    let builder = Event::new();
+    let builder = builder.clone().event(event).unwrap_or(builder);
+    let builder = builder.clone().id(id).unwrap_or(builder);
+    builder.data(data).into_bytes()
+}
+
+fn json_string<T: Serialize + ?Sized>(value: &T) -> String {
+    // Serializing maps with string keys and plain values cannot fail.
+    serde_json::to_string(value).unwrap_or_default()
+}
+
+fn json_bytes<T: Serialize + ?Sized>(value: &T) -> Bytes {
+    Bytes::from(serde_json::to_vec(value).unwrap_or_default())
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
