@@ -29,5 +29,8 @@ if [ -n "$forbidden" ]; then
 fi
 echo "ok: no tokio, hyper, reqwest, axum or worker under rollgate-proxy-core"
 
-step "tests"
+step "Rust tests (unit, property, golden, simulation, black-box)"
 cargo test --workspace --locked
+
+step "JS client tests (clients/js, pinned by package-lock.json)"
+(cd clients/js && npm ci --no-audit --no-fund --loglevel=error && npm test)
