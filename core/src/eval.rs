@@ -54,9 +54,11 @@
 mod condition;
 mod js;
 
+use std::collections::BTreeMap;
+
 use sha2::{Digest, Sha256};
 
-use self::condition::{CompiledCondition, Outcome};
+use self::condition::{Attributes, CompiledCondition, Outcome};
 use crate::model::{
     Context, ErrorKind, EvaluatedFlags, FlagRule, Reason, ReasonKind, RulesPayload,
 };
@@ -86,6 +88,8 @@ pub struct CompiledRules {
     payload: RulesPayload,
     /// Sorted by key (the payload's map order), for binary search and ordered output.
     flags: Vec<(String, CompiledFlag)>,
+    /// The number of distinct custom attribute names, i.e. of attribute cache slots.
+    attribute_slots: usize,
 }
 
 #[derive(Clone, Debug)]
@@ -108,7 +112,7 @@ struct CompiledRule {
 }
 
 impl CompiledFlag {
-    fn compile(flag: &FlagRule) -> Self {
+    fn compile(flag: &FlagRule, slots: &mut BTreeMap<String, usize>) -> Self {
         let mut target_users = flag.target_users.clone();
         target_users.sort_unstable();
         target_users.dedup();
@@ -124,7 +128,7 @@ impl CompiledFlag {
                 conditions: rule
                     .conditions
                     .iter()
-                    .map(CompiledCondition::compile)
+                    .map(|condition| CompiledCondition::compile(condition, slots))
                     .collect(),
             })
             .collect();
@@ -136,7 +140,8 @@ impl CompiledFlag {
         }
     }
 
-    fn evaluate(&self, key: &str, context: &Context) -> Detail {
+    fn evaluate(&self, key: &str, attributes: &mut Attributes<'_>) -> Detail {
+        let context = attributes.context();
         if !self.enabled {
             return Detail::new(false, Reason::new(ReasonKind::Off));
         }
@@ -153,7 +158,7 @@ impl CompiledFlag {
         // The SDKs skip rules for a `null` user, which is what an anonymous context stands for.
         if !context.is_anonymous() {
             for rule in &self.rules {
-                match rule.matches(context) {
+                match rule.matches(attributes) {
                     Outcome::NoMatch => {}
                     Outcome::Malformed => {
                         return Detail::new(false, Reason::error(ErrorKind::MalformedFlag));
@@ -192,9 +197,9 @@ impl CompiledFlag {
 }
 
 impl CompiledRule {
-    fn matches(&self, context: &Context) -> Outcome {
+    fn matches(&self, attributes: &mut Attributes<'_>) -> Outcome {
         for condition in &self.conditions {
-            match condition.matches(context) {
+            match condition.matches(attributes) {
                 Outcome::Match => {}
                 other => return other,
             }
@@ -218,14 +223,16 @@ impl CompiledRules {
     /// Compiles a rules payload. Never fails: problems in a flag (an unsupported regex) surface
     /// as an `ERROR` reason when that flag is evaluated.
     pub fn compile(payload: &RulesPayload) -> Self {
+        let mut slots = BTreeMap::new();
         let flags = payload
             .flags
             .iter()
-            .map(|(key, flag)| (key.clone(), CompiledFlag::compile(flag)))
+            .map(|(key, flag)| (key.clone(), CompiledFlag::compile(flag, &mut slots)))
             .collect();
         Self {
             payload: payload.clone(),
             flags,
+            attribute_slots: slots.len(),
         }
     }
 
@@ -266,20 +273,27 @@ impl CompiledRules {
     /// `ERROR` / `FLAG_NOT_FOUND`.
     pub fn evaluate(&self, key: &str, context: &Context) -> Detail {
         match self.find(key) {
-            Some(flag) => flag.evaluate(key, context),
+            Some(flag) => flag.evaluate(key, &mut Attributes::new(context)),
             None => Detail::new(false, Reason::error(ErrorKind::FlagNotFound)),
         }
     }
 
     /// Evaluates every flag for `context`, with reasons.
     pub fn evaluate_all(&self, context: &Context) -> EvaluatedFlags {
-        let mut out = EvaluatedFlags::default();
+        // Each attribute is looked up once for all flags.
+        let mut attributes = Attributes::cached(context, self.attribute_slots);
+        let mut flags = Vec::with_capacity(self.flags.len());
+        let mut reasons = Vec::with_capacity(self.flags.len());
         for (key, flag) in &self.flags {
-            let detail = flag.evaluate(key, context);
-            out.flags.insert(key.clone(), detail.value);
-            out.reasons.insert(key.clone(), detail.reason);
+            let detail = flag.evaluate(key, &mut attributes);
+            flags.push((key.clone(), detail.value));
+            reasons.push((key.clone(), detail.reason));
         }
-        out
+        // Collecting sorted pairs builds each map in bulk, without a search per insert.
+        EvaluatedFlags {
+            flags: flags.into_iter().collect(),
+            reasons: reasons.into_iter().collect(),
+        }
     }
 }
 

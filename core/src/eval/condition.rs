@@ -7,6 +7,7 @@
 //! regex compilation) is done here at compile time.
 
 use std::cmp::Ordering;
+use std::collections::BTreeMap;
 
 use super::js::{self, JsRegex, StackStr};
 use crate::model::{AttributeValue, Condition, Context};
@@ -35,8 +36,60 @@ enum Attribute {
     Id,
     /// `email`: the context's email, never an entry of `attributes` (as in `evaluate.ts`).
     Email,
-    /// Any other name: the entry of `attributes`.
-    Custom(String),
+    /// Any other name: the entry of `attributes`, with the cache slot of that name.
+    Custom { name: String, slot: usize },
+}
+
+/// Reads attribute values from one context. With a cache (for evaluating many flags for one
+/// context), each custom attribute is looked up in the context's map once, by the slot its
+/// name was given at compile time.
+#[derive(Debug)]
+pub(super) struct Attributes<'a> {
+    context: &'a Context,
+    /// Slot → not yet looked up (`None`) or the lookup's result. Empty: no caching.
+    cache: Vec<Option<Option<Value<'a>>>>,
+}
+
+impl<'a> Attributes<'a> {
+    /// Direct lookups, no cache (and no allocation).
+    pub(super) const fn new(context: &'a Context) -> Self {
+        Self {
+            context,
+            cache: Vec::new(),
+        }
+    }
+
+    /// Lookups cached in `slots` slots (the number of distinct names compiled).
+    pub(super) fn cached(context: &'a Context, slots: usize) -> Self {
+        Self {
+            context,
+            cache: vec![None; slots],
+        }
+    }
+
+    pub(super) const fn context(&self) -> &'a Context {
+        self.context
+    }
+
+    fn get(&mut self, attribute: &Attribute) -> Option<Value<'a>> {
+        let context = self.context;
+        let lookup = |name: &str| {
+            context.attributes.get(name).map(|v| match v {
+                AttributeValue::String(s) => Value::Str(s),
+                AttributeValue::Number(n) => Value::Number(*n),
+                AttributeValue::Bool(b) => Value::Bool(*b),
+            })
+        };
+        match attribute {
+            Attribute::Id => context.id.as_deref().map(Value::Str),
+            Attribute::Email => context.email.as_deref().map(Value::Str),
+            Attribute::Custom { name, slot } => match self.cache.get_mut(*slot) {
+                Some(Some(cached)) => *cached,
+                Some(empty) => *empty.insert(lookup(name)),
+                None => lookup(name),
+            },
+        }
+    }
 }
 
 /// An attribute value as read from the context, borrowed.
@@ -132,11 +185,19 @@ pub(super) struct CompiledCondition {
 
 impl CompiledCondition {
     /// Compiles `condition`; never fails (problems surface when the condition is matched).
-    pub(super) fn compile(condition: &Condition) -> Self {
+    /// `slots` gives each distinct custom attribute name a cache slot.
+    pub(super) fn compile(condition: &Condition, slots: &mut BTreeMap<String, usize>) -> Self {
         let attribute = match condition.attribute.as_str() {
             "id" => Attribute::Id,
             "email" => Attribute::Email,
-            other => Attribute::Custom(other.to_owned()),
+            other => {
+                let next = slots.len();
+                let slot = *slots.entry(other.to_owned()).or_insert(next);
+                Attribute::Custom {
+                    name: other.to_owned(),
+                    slot,
+                }
+            }
         };
         let value = condition.value.as_str();
         let lower = || value.to_lowercase();
@@ -178,17 +239,9 @@ impl CompiledCondition {
         Self { attribute, op }
     }
 
-    /// Matches the condition against `context`.
-    pub(super) fn matches(&self, context: &Context) -> Outcome {
-        let value = match &self.attribute {
-            Attribute::Id => context.id.as_deref().map(Value::Str),
-            Attribute::Email => context.email.as_deref().map(Value::Str),
-            Attribute::Custom(name) => context.attributes.get(name).map(|v| match v {
-                AttributeValue::String(s) => Value::Str(s),
-                AttributeValue::Number(n) => Value::Number(*n),
-                AttributeValue::Bool(b) => Value::Bool(*b),
-            }),
-        };
+    /// Matches the condition against the context `attributes` reads.
+    pub(super) fn matches(&self, attributes: &mut Attributes<'_>) -> Outcome {
+        let value = attributes.get(&self.attribute);
         // `attrValue !== undefined && attrValue !== ""`: 0 and false are set.
         let value = value.filter(|v| !matches!(v, Value::Str("")));
         let value = match (&self.op, value) {
@@ -203,13 +256,8 @@ impl CompiledCondition {
                 .with_str(|s| js::with_lowercase(s, |actual| str_op(*op, actual, expected)))
                 .into(),
             Op::In { items, negated } => {
-                let found = value.with_str(|s| {
-                    js::with_lowercase(s, |actual| {
-                        items
-                            .binary_search_by(|item| item.as_str().cmp(actual))
-                            .is_ok()
-                    })
-                });
+                let found =
+                    value.with_str(|s| js::with_lowercase(s, |actual| list_has(items, actual)));
                 (found != *negated).into()
             }
             Op::Num(op, expected) => {
@@ -247,6 +295,20 @@ impl CompiledCondition {
                 .into()
             }
         }
+    }
+}
+
+/// Whether the sorted `items` contain `actual`. Short lists are scanned comparing lengths
+/// first, which is cheaper than a binary search's string comparisons.
+fn list_has(items: &[String], actual: &str) -> bool {
+    if items.len() <= 8 {
+        items
+            .iter()
+            .any(|item| item.len() == actual.len() && item == actual)
+    } else {
+        items
+            .binary_search_by(|item| item.as_str().cmp(actual))
+            .is_ok()
     }
 }
 
@@ -335,7 +397,19 @@ mod tests {
             Some(v) => ctx(&[("a", v)]),
             None => ctx(&[]),
         };
-        CompiledCondition::compile(&condition).matches(&context)
+        matches(
+            &CompiledCondition::compile(&condition, &mut BTreeMap::new()),
+            &context,
+        )
+    }
+
+    /// Matches once without and once with the attribute cache; both must agree.
+    fn matches(condition: &CompiledCondition, context: &Context) -> Outcome {
+        let direct = condition.matches(&mut Attributes::new(context));
+        let mut cached = Attributes::cached(context, 1);
+        assert_eq!(condition.matches(&mut cached), direct);
+        assert_eq!(condition.matches(&mut cached), direct, "from the cache");
+        direct
     }
 
     /// Rows of (operator, condition value, attribute, expected match).
@@ -426,6 +500,26 @@ mod tests {
             ("not_in", "pro", None, false),
             ("not_in", "pro", Some(s("")), false),
         ]);
+        // Long lists are binary-searched.
+        let long: Vec<String> = (0..50).map(|i| format!("Item-{i}")).collect();
+        let long = long.join(", ");
+        for (attr, expected) in [
+            ("item-0", true),
+            ("ITEM-49", true),
+            ("item-23", true),
+            ("item-50", false),
+        ] {
+            assert_eq!(
+                check("in", &long, Some(s(attr))),
+                Outcome::from(expected),
+                "{attr}"
+            );
+            assert_eq!(
+                check("not_in", &long, Some(s(attr))),
+                Outcome::from(!expected),
+                "{attr}"
+            );
+        }
     }
 
     #[test]
@@ -554,39 +648,42 @@ mod tests {
     #[test]
     fn id_and_email_are_read_from_the_context_fields_only() {
         let compile = |attribute: &str, operator: &str, value: &str| {
-            CompiledCondition::compile(&Condition {
-                attribute: attribute.into(),
-                operator: operator.into(),
-                value: value.into(),
-            })
+            CompiledCondition::compile(
+                &Condition {
+                    attribute: attribute.into(),
+                    operator: operator.into(),
+                    value: value.into(),
+                },
+                &mut BTreeMap::new(),
+            )
         };
         let mut context = ctx(&[("id", s("other")), ("email", s("other@x.y"))]);
         assert_eq!(
-            compile("id", "equals", "USER-1").matches(&context),
+            matches(&compile("id", "equals", "USER-1"), &context),
             Outcome::Match
         );
         assert_eq!(
-            compile("id", "equals", "other").matches(&context),
+            matches(&compile("id", "equals", "other"), &context),
             Outcome::NoMatch
         );
         assert_eq!(
-            compile("email", "ends_with", "@example.com").matches(&context),
+            matches(&compile("email", "ends_with", "@example.com"), &context),
             Outcome::Match
         );
         context.email = None;
         // No fallback to `attributes.email`, as in evaluate.ts.
         assert_eq!(
-            compile("email", "is_set", "").matches(&context),
+            matches(&compile("email", "is_set", ""), &context),
             Outcome::NoMatch
         );
         context.id = Some(String::new());
         assert_eq!(
-            compile("id", "is_not_set", "").matches(&context),
+            matches(&compile("id", "is_not_set", ""), &context),
             Outcome::Match
         );
         // `userId` is an ordinary attribute name.
         assert_eq!(
-            compile("userId", "is_set", "").matches(&context),
+            matches(&compile("userId", "is_set", ""), &context),
             Outcome::NoMatch
         );
     }
