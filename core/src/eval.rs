@@ -52,7 +52,7 @@
 //! - **Go aliases** (`eq`, `gte`, ...) match here; Node and Python treat them as unknown.
 
 mod condition;
-mod js;
+pub(crate) mod js;
 
 use std::collections::BTreeMap;
 

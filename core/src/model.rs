@@ -386,31 +386,19 @@ impl Context {
     /// everything else comes from `attributes` (as in `evaluate.ts`).
     pub fn attribute(&self, attribute: &str) -> Option<String> {
         match attribute {
-            "id" | "userId" => self.id.clone(),
-            "email" => self.email.clone().or_else(|| {
-                self.attributes
-                    .get("email")
-                    .map(AttributeValue::to_js_string)
-            }),
+            "id" => self.id.clone(),
+            "email" => self.email.clone(),
             other => self.attributes.get(other).map(AttributeValue::to_js_string),
         }
     }
 }
 
-/// Formats a number as JavaScript's `String(n)` does for the common cases: integers without a
-/// fractional part, other finite values with Rust's shortest round-trip form, which matches
-/// JavaScript's for numbers written in plain decimal notation.
+/// Formats a number exactly as JavaScript's `String(n)` does (`1e+21`, `1e-7`, `NaN`, ...).
 fn js_number_string(n: f64) -> String {
-    if n.is_nan() {
-        return "NaN".to_owned();
-    }
-    if n.is_infinite() {
-        return if n > 0.0 { "Infinity" } else { "-Infinity" }.to_owned();
-    }
-    if n == 0.0 {
-        return "0".to_owned();
-    }
-    format!("{n}")
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = crate::eval::js::write_number(&mut out, n);
+    out
 }
 
 fn lenient_string<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {

@@ -158,7 +158,7 @@ impl fmt::Write for StackStr {
 /// Writes `String(n)` as JavaScript renders a number (ECMAScript `Number::toString`, radix 10):
 /// shortest round-trip digits, plain notation for 1e-7 < |n| < 1e21, exponent form otherwise
 /// (`1e+21`, `1.5e-7`), `-0` as `"0"`.
-pub(super) fn write_number(out: &mut impl fmt::Write, n: f64) -> fmt::Result {
+pub(crate) fn write_number(out: &mut impl fmt::Write, n: f64) -> fmt::Result {
     if n.is_nan() {
         return out.write_str("NaN");
     }
