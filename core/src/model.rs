@@ -401,14 +401,21 @@ fn js_number_string(n: f64) -> String {
     out
 }
 
+/// A JSON scalar as JavaScript's `String(value)` renders it; `None` for arrays and objects.
+fn scalar_string(value: &serde_json::Value) -> Option<String> {
+    match value {
+        serde_json::Value::Null => Some(String::new()),
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Bool(b) => Some(b.to_string()),
+        serde_json::Value::Number(n) => Some(n.as_f64().map(js_number_string).unwrap_or_default()),
+        serde_json::Value::Array(_) | serde_json::Value::Object(_) => None,
+    }
+}
+
 fn lenient_string<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
-    Ok(match serde_json::Value::deserialize(deserializer)? {
-        serde_json::Value::Null => String::new(),
-        serde_json::Value::String(s) => s,
-        serde_json::Value::Bool(b) => b.to_string(),
-        serde_json::Value::Number(n) => n.as_f64().map(js_number_string).unwrap_or_default(),
-        other => return Err(de::Error::custom(format!("expected a string, got {other}"))),
-    })
+    let value = serde_json::Value::deserialize(deserializer)?;
+    scalar_string(&value)
+        .ok_or_else(|| de::Error::custom(format!("expected a string, got {value}")))
 }
 
 fn lenient_string_list<'de, D: Deserializer<'de>>(
@@ -445,24 +452,17 @@ fn lenient_percentage<'de, D: Deserializer<'de>>(deserializer: D) -> Result<i64,
 }
 
 fn lenient_condition_value<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
-    Ok(match serde_json::Value::deserialize(deserializer)? {
-        serde_json::Value::Null => String::new(),
-        serde_json::Value::String(s) => s,
-        serde_json::Value::Bool(b) => b.to_string(),
-        serde_json::Value::Number(n) => n.as_f64().map(js_number_string).unwrap_or_default(),
-        serde_json::Value::Array(items) => items
+    let value = serde_json::Value::deserialize(deserializer)?;
+    match &value {
+        // A JSON list is the `in` operator's comma-separated string.
+        serde_json::Value::Array(items) => Ok(items
             .iter()
-            .map(|item| match item {
-                serde_json::Value::String(s) => s.clone(),
-                serde_json::Value::Number(n) => {
-                    n.as_f64().map(js_number_string).unwrap_or_default()
-                }
-                other => other.to_string(),
-            })
+            .map(|item| scalar_string(item).unwrap_or_else(|| item.to_string()))
             .collect::<Vec<_>>()
-            .join(","),
-        other => return Err(de::Error::custom(format!("expected a value, got {other}"))),
-    })
+            .join(",")),
+        other => scalar_string(other)
+            .ok_or_else(|| de::Error::custom(format!("expected a value, got {value}"))),
+    }
 }
 
 #[cfg(test)]
