@@ -524,3 +524,99 @@ async fn real_socket_local_mode_reload_and_graceful_shutdown() {
         "no longer accepting"
     );
 }
+
+#[tokio::test]
+async fn evaluated_mode_per_user_answers_are_cached_coalesced_and_served_stale() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    #[derive(Default)]
+    struct Mock {
+        user_requests: AtomicUsize,
+        failing: AtomicBool,
+    }
+    let mock = Arc::new(Mock::default());
+    let state = Arc::clone(&mock);
+    let upstream = axum::Router::new().fallback(move |request: axum::extract::Request| {
+        let state = Arc::clone(&state);
+        async move {
+            let query = request.uri().query().unwrap_or("").to_owned();
+            let auth = request
+                .headers()
+                .get("authorization")
+                .map(|v| v.to_str().unwrap().to_owned());
+            assert_eq!(auth.as_deref(), Some("Bearer rg_server_k"));
+            if !query.contains("user_id=") {
+                return (StatusCode::OK, r#"{"flags":{"a":true}}"#.to_owned());
+            }
+            state.user_requests.fetch_add(1, Ordering::SeqCst);
+            if state.failing.load(Ordering::SeqCst) {
+                return (StatusCode::INTERNAL_SERVER_ERROR, String::new());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            (
+                StatusCode::OK,
+                r#"{"flags":{"a":false,"u":true}}"#.to_owned(),
+            )
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, upstream).await.unwrap() });
+
+    crate::metrics::install();
+    let settings = Config::try_parse_from([
+        "rollgate-proxy",
+        "--api-key",
+        "rg_server_k",
+        "--base-url",
+        &base,
+        "--streaming",
+        "false",
+        "--refresh-interval",
+        "300ms",
+        "--snapshot-file",
+        "",
+    ])
+    .unwrap()
+    .validate(5)
+    .unwrap();
+    let shutdown = CancellationToken::new();
+    let app = crate::start(settings, shutdown.clone()).unwrap().app;
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while app.current().is_none() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        call(&app, get("/api/flags"))
+            .await
+            .2
+            .contains(r#""a":true"#)
+    );
+
+    // Ten concurrent requests for one user: one upstream request.
+    let answers =
+        futures_util::future::join_all((0..10).map(|_| call(&app, get("/api/flags?user_id=u1"))))
+            .await;
+    for (status, _, body) in &answers {
+        assert_eq!(*status, 200);
+        assert!(body.contains(r#""u":true"#), "{body}");
+    }
+    assert_eq!(mock.user_requests.load(Ordering::SeqCst), 1);
+    // Cached: no new request.
+    call(&app, get("/api/v1/sdk/flags?user_id=u1")).await;
+    assert_eq!(mock.user_requests.load(Ordering::SeqCst), 1);
+
+    // Expired and upstream failing: the stale entry is served; an unknown user gets 502.
+    mock.failing.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (status, _, body) = call(&app, get("/api/flags?user_id=u1")).await;
+    assert_eq!(status, 200);
+    assert!(body.contains(r#""u":true"#));
+    let (status, _, body) = call(&app, get("/api/flags?user_id=u2")).await;
+    assert_eq!(status, 502);
+    assert!(body.contains("UPSTREAM_UNAVAILABLE"));
+    shutdown.cancel();
+}
