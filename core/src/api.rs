@@ -52,7 +52,8 @@ pub enum Route {
     Ready,
     /// `GET /`: the live demo page.
     Demo,
-    /// `GET /rollgate-proxy-client.js` and other static assets of the demo page.
+    /// `GET /rollgate-proxy-client.js`, `/demo.js`, `/demo.css`: the demo page's static files,
+    /// by file name (see [`Route::asset_content_type`]).
     Asset(&'static str),
 }
 
@@ -82,6 +83,8 @@ impl Route {
             "/ready" => (Self::Ready, get),
             "/" | "/demo" => (Self::Demo, get),
             "/rollgate-proxy-client.js" => (Self::Asset("rollgate-proxy-client.js"), get),
+            "/demo.js" => (Self::Asset("demo.js"), get),
+            "/demo.css" => (Self::Asset("demo.css"), get),
             _ => {
                 if let Some(key) = path.strip_prefix("/api/flags/") {
                     (Self::Flag(percent_decode(key)?), get)
@@ -112,6 +115,18 @@ impl Route {
                 | Self::Demo
                 | Self::Asset(_)
         )
+    }
+
+    /// The `Content-Type` of a static asset of the demo page, by file name.
+    pub fn asset_content_type(name: &str) -> &'static str {
+        if name.ends_with(".css") {
+            "text/css; charset=utf-8"
+        } else if name.ends_with(".html") {
+            "text/html; charset=utf-8"
+        } else {
+            // Module scripts must be served with a JavaScript type.
+            "text/javascript; charset=utf-8"
+        }
     }
 
     /// A label for metrics (the route template, never the raw path: keys would explode label
@@ -914,6 +929,12 @@ mod tests {
         assert_eq!(
             Route::parse("GET", "/api/flags/%zz").unwrap_err().status,
             400
+        );
+        assert_eq!(Route::parse("GET", "/demo.css"), Ok(Route::Asset("demo.css")));
+        assert_eq!(Route::asset_content_type("demo.css"), "text/css; charset=utf-8");
+        assert_eq!(
+            Route::asset_content_type("rollgate-proxy-client.js"),
+            "text/javascript; charset=utf-8"
         );
         assert!(!Route::Health.needs_client_key());
         assert!(Route::Stream.needs_client_key());

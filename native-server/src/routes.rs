@@ -91,21 +91,13 @@ async fn handle(State(app): State<Arc<App>>, request: Request) -> Response {
             || format!("{:016x}", app.request_seq.fetch_add(1, Ordering::Relaxed)),
             str::to_owned,
         );
-    let static_asset = static_asset(&parts);
     let route = Route::parse(parts.method.as_str(), parts.uri.path());
-    let label = if static_asset.is_some() {
-        "/asset"
-    } else {
-        route.as_ref().map_or("unmatched", Route::label)
-    };
+    let label = route.as_ref().map_or("unmatched", Route::label);
     let span =
         tracing::debug_span!("request", id = %request_id, method = %parts.method, route = label);
     let mut response = async {
         if let Err(error) = check_limits(&app, &parts) {
             return error_response(&error);
-        }
-        if let Some(response) = static_asset {
-            return response;
         }
         match route {
             Ok(route) => dispatch(&app, route, &parts, body)
@@ -124,19 +116,6 @@ async fn handle(State(app): State<Arc<App>>, request: Request) -> Response {
     m::request(label, status, elapsed);
     tracing::debug!(parent: &span, status, micros = elapsed.as_micros() as u64, "answered");
     response
-}
-
-/// The demo page's own files, which core's routes do not list.
-fn static_asset(parts: &Parts) -> Option<Response> {
-    if parts.method != Method::GET && parts.method != Method::HEAD {
-        return None;
-    }
-    let (body, content_type) = match parts.uri.path() {
-        "/demo.css" => (DEMO_CSS, "text/css; charset=utf-8"),
-        "/demo.js" => (DEMO_JS, "text/javascript; charset=utf-8"),
-        _ => return None,
-    };
-    Some(text(body, content_type))
 }
 
 fn check_limits(app: &App, parts: &Parts) -> Result<(), ApiError> {
@@ -341,7 +320,14 @@ async fn dispatch(
             }
         }
         Route::Demo => text(INDEX_HTML, "text/html; charset=utf-8"),
-        Route::Asset(_) => text(CLIENT_JS, "text/javascript; charset=utf-8"),
+        Route::Asset(name) => {
+            let body = match name {
+                "demo.css" => DEMO_CSS,
+                "demo.js" => DEMO_JS,
+                _ => CLIENT_JS,
+            };
+            text(body, Route::asset_content_type(name))
+        }
     };
     Ok(response)
 }
