@@ -347,8 +347,23 @@ impl ClientKeys {
         api_key: Option<&str>,
         query: &str,
     ) -> Result<(), ApiError> {
+        self.matching_key(authorization, api_key, query).map(drop)
+    }
+
+    /// Like [`ClientKeys::authorize`], and returns the configured key the request presented
+    /// (`None` when no keys are configured), so an answer can hand the same key on, as OFREP's
+    /// `eventStreams` URL must for an `EventSource` that cannot send headers.
+    ///
+    /// # Errors
+    /// [`ApiError::unauthorized`] when keys are configured and none given matches.
+    pub fn matching_key(
+        &self,
+        authorization: Option<&str>,
+        api_key: Option<&str>,
+        query: &str,
+    ) -> Result<Option<&str>, ApiError> {
         if !self.is_enabled() {
-            return Ok(());
+            return Ok(None);
         }
         let bearer = authorization.and_then(|value| {
             let (scheme, token) = value.trim().split_once(' ')?;
@@ -367,16 +382,19 @@ impl ClientKeys {
                  for EventSource",
             ));
         }
-        let matches = offered.iter().any(|given| {
-            self.0.iter().fold(false, |found, key| {
-                found | bool::from(key.as_bytes().ct_eq(given.as_bytes()))
-            })
-        });
-        if matches {
-            Ok(())
-        } else {
-            Err(ApiError::unauthorized("the client key is not valid"))
+        // Compare against every key in constant time, so timing reveals neither which key nor
+        // how much of it matched.
+        let mut matched = None;
+        for given in &offered {
+            for key in &self.0 {
+                if bool::from(key.as_bytes().ct_eq(given.as_bytes())) {
+                    matched = Some(key.as_str());
+                }
+            }
         }
+        matched
+            .map(Some)
+            .ok_or_else(|| ApiError::unauthorized("the client key is not valid"))
     }
 }
 
@@ -699,6 +717,24 @@ pub mod ofrep {
         Ok(context)
     }
 
+    /// The path of OFREP's event stream to advertise in `eventStreams`. With client keys the
+    /// caller's own key rides along as `?token=`: the OFREP web provider opens the stream with an
+    /// `EventSource`, which cannot send headers (ADR-0008 allows credentials in this URL).
+    pub fn stream_uri(client_key: Option<&str>) -> String {
+        match client_key {
+            None => STREAM_PATH.to_owned(),
+            Some(key) => {
+                let query: String = form_urlencoded::Serializer::new(String::new())
+                    .append_pair("token", key)
+                    .finish();
+                format!("{STREAM_PATH}?{query}")
+            }
+        }
+    }
+
+    /// Path of the OFREP event stream.
+    pub const STREAM_PATH: &str = "/ofrep/v1/sse";
+
     /// `POST /ofrep/v1/evaluate/flags/{key}`.
     pub fn single(key: &str, flags: &EvaluatedFlags) -> ApiResponse {
         match flags.flags.get(key) {
@@ -930,8 +966,14 @@ mod tests {
             Route::parse("GET", "/api/flags/%zz").unwrap_err().status,
             400
         );
-        assert_eq!(Route::parse("GET", "/demo.css"), Ok(Route::Asset("demo.css")));
-        assert_eq!(Route::asset_content_type("demo.css"), "text/css; charset=utf-8");
+        assert_eq!(
+            Route::parse("GET", "/demo.css"),
+            Ok(Route::Asset("demo.css"))
+        );
+        assert_eq!(
+            Route::asset_content_type("demo.css"),
+            "text/css; charset=utf-8"
+        );
         assert_eq!(
             Route::asset_content_type("rollgate-proxy-client.js"),
             "text/javascript; charset=utf-8"
@@ -963,6 +1005,13 @@ mod tests {
         let wrong = keys.authorize(Some("Bearer nope"), None, "").unwrap_err();
         assert!(!wrong.message.contains("k1"));
         assert!(ClientKeys::default().authorize(None, None, "").is_ok());
+        assert_eq!(keys.matching_key(None, None, "token=k2"), Ok(Some("k2")));
+        assert_eq!(ClientKeys::default().matching_key(None, None, ""), Ok(None));
+        assert_eq!(ofrep::stream_uri(None), "/ofrep/v1/sse");
+        assert_eq!(
+            ofrep::stream_uri(Some("k 1&x")),
+            "/ofrep/v1/sse?token=k+1%26x"
+        );
         assert_eq!(format!("{keys:?}"), "ClientKeys(2 configured)");
     }
 

@@ -34,9 +34,6 @@ const DEMO_CSS: &str = include_str!("../assets/demo.css");
 const DEMO_JS: &str = include_str!("../assets/demo.js");
 const CLIENT_JS: &str = include_str!("../../clients/js/src/index.js");
 
-/// Where OFREP clients find the notification stream.
-const OFREP_STREAM_URI: &str = "/ofrep/v1/sse";
-
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
@@ -190,13 +187,15 @@ async fn dispatch(
     let query = parts.uri.query().unwrap_or("");
     let header = |name: &HeaderName| parts.headers.get(name).and_then(|v| v.to_str().ok());
     let if_none_match = header(&header::IF_NONE_MATCH);
-    if route.needs_client_key() {
-        app.settings.client_keys.authorize(
+    let client_key = if route.needs_client_key() {
+        app.settings.client_keys.matching_key(
             header(&header::AUTHORIZATION),
             header(&X_API_KEY),
             query,
-        )?;
-    }
+        )?
+    } else {
+        None
+    };
     let response = match route {
         Route::Flags => {
             let context = if parts.method == Method::POST {
@@ -298,7 +297,7 @@ async fn dispatch(
                 &snapshot,
                 &context,
                 &flags,
-                Some(OFREP_STREAM_URI),
+                Some(&ofrep::stream_uri(client_key)),
                 if_none_match,
             ))
         }
