@@ -14,7 +14,11 @@
 //! - An idle stream (no byte for `stream_idle_timeout`) is closed and reopened; reconnects back
 //!   off from 1 s doubling to 30 s, jittered, and reset once the new stream delivers an event.
 //! - While the stream is down (or streaming is off), flags are polled every `refresh_interval`
-//!   with the last ETag. A poll answer with new content always wins, also over stale rules.
+//!   with the last ETag. A poll answer with new content then wins, also over the rules the
+//!   stream sent before it went down; while the stream delivers rules, fetched values do not
+//!   replace them.
+//! - Stream events carry values, not reasons: unchanged flags keep Rollgate's reasons, and a
+//!   change triggers a conditional refetch that brings the new reasons.
 //! - Every request goes through the circuit breaker; a fetch is retried (100 ms·2ⁿ ±10 %, 3
 //!   retries) before it counts as **one** breaker failure, as in the SDKs. A failed stream open
 //!   counts as one failure too. While the breaker is open nothing reaches upstream; once it is
@@ -559,10 +563,15 @@ impl Upstream {
                 Ok(flags) => {
                     self.counters.fetch_ok += 1;
                     self.upstream_etag = etag;
-                    // Fresh upstream values win, also over rules the (currently silent) stream
-                    // sent earlier: they are the newest information there is.
-                    self.rules_active = false;
-                    self.apply(now, FlagSource::Evaluated(flags));
+                    if self.rules_active && self.stream_delivering() {
+                        // The live stream's rules are newer and richer than these values (the
+                        // fetch may have been sent before `rules-full` arrived): keep them.
+                    } else {
+                        // With the stream silent, fresh values are the newest information there
+                        // is, also over rules the stream sent before it went down.
+                        self.rules_active = false;
+                        self.apply(now, FlagSource::Evaluated(flags));
+                    }
                     self.fetch_succeeded(now);
                 }
                 Err(error) => {
@@ -713,7 +722,7 @@ impl Upstream {
                     return;
                 }
                 match EvaluatedFlags::from_json(event.data.as_bytes()) {
-                    Ok(flags) => self.apply(now, FlagSource::Evaluated(flags)),
+                    Ok(flags) => self.apply_streamed(now, flags),
                     Err(error) => self.malformed(event, error.to_string()),
                 }
             }
@@ -737,9 +746,8 @@ impl Upstream {
                 };
                 let mut flags = current.defaults().clone();
                 flags.flags.insert(update.key.clone(), update.enabled);
-                // The old reason no longer explains the new value.
-                flags.reasons.remove(&update.key);
-                self.apply(now, FlagSource::Evaluated(flags));
+                flags.reasons.clear();
+                self.apply_streamed(now, flags);
             }
             "rules-full" => match RulesPayload::from_json(event.data.as_bytes()) {
                 Ok(rules) => {
@@ -766,15 +774,42 @@ impl Upstream {
         });
     }
 
-    /// Publishes `source` if it changes the content, and persists it.
-    fn apply(&mut self, now: Timestamp, source: FlagSource) {
+    /// Applies evaluated flags that came over the stream. Stream events carry values only, no
+    /// reasons (`init`/`flags` are `{"flags":{..}}`), yet SDKs asking with `withReasons=true`
+    /// must get Rollgate's reasons: flags whose value did not change keep their reason, and when
+    /// a changed flag is left without one, a conditional refetch brings the reasons (the values
+    /// are served at once; the reasons follow one request later).
+    fn apply_streamed(&mut self, now: Timestamp, mut flags: EvaluatedFlags) {
+        if flags.reasons.is_empty()
+            && let Some(current) = self.store.current()
+            && let FlagSource::Evaluated(previous) = current.source()
+        {
+            flags.reasons = flags
+                .flags
+                .iter()
+                .filter(|(key, value)| previous.flags.get(*key) == Some(*value))
+                .filter_map(|(key, _)| Some((key.clone(), previous.reasons.get(key)?.clone())))
+                .collect();
+        }
+        let missing_reasons = flags.flags.len() != flags.reasons.len();
+        if self.apply(now, FlagSource::Evaluated(flags)) && missing_reasons {
+            self.request_fetch(now);
+        }
+    }
+
+    /// Publishes `source` if it changes the content, and persists it. Returns whether it did.
+    fn apply(&mut self, now: Timestamp, source: FlagSource) -> bool {
         self.last_confirmed = Some(now);
-        if let Some(snapshot) = self.store.replace(now, source) {
+        let Some(snapshot) = self.store.replace(now, source) else {
+            return false;
+        };
+        {
             // Publish first: clients wait on it; storage does not.
             let persisted = snapshot.to_persisted(self.upstream_etag.as_deref());
             self.actions.push_back(Action::Publish(snapshot));
             self.actions.push_back(Action::Persist(persisted));
         }
+        true
     }
 
     /// Asks for a (conditional) fetch: now, or after the one in flight.
@@ -869,7 +904,7 @@ impl Upstream {
                 }
             }
         }
-        let stream_delivering = matches!(&self.stream, StreamSlot::Open(open) if open.delivered);
+        let stream_delivering = self.stream_delivering();
         if self.breaker.state() == BreakerState::HalfOpen {
             // Recovering: confirm with quick conditional polls (cheap 304s) so the breaker
             // closes within seconds instead of waiting for the stream to happen to carry news.
@@ -880,6 +915,11 @@ impl Upstream {
         } else if self.poll_at.is_none() {
             self.poll_at = Some(now.saturating_add(self.config.refresh_interval));
         }
+    }
+
+    /// Whether the stream is open and has delivered an event (so it is the source of truth).
+    fn stream_delivering(&self) -> bool {
+        matches!(&self.stream, StreamSlot::Open(open) if open.delivered)
     }
 
     fn next_id(&mut self) -> u64 {

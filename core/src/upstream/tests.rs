@@ -410,6 +410,104 @@ fn rules_full_switches_to_local_evaluation_and_later_init_is_ignored() {
     );
 }
 
+/// Drains the machine's actions: the last fetch and stream ids, and what was published.
+fn drain(machine: &mut Upstream) -> (Option<RequestId>, Option<StreamId>, Vec<Arc<Snapshot>>) {
+    let (mut fetch, mut stream, mut published) = (None, None, Vec::new());
+    while let Some(action) = machine.poll_action() {
+        match action {
+            Action::Fetch { id, .. } => fetch = Some(id),
+            Action::OpenStream(id) => stream = Some(id),
+            Action::Publish(snapshot) => published.push(snapshot),
+            Action::CloseStream(_) | Action::Persist(_) => {}
+        }
+    }
+    (fetch, stream, published)
+}
+
+fn ok(body: &'static [u8]) -> FetchResult {
+    FetchResult::Response {
+        status: 200,
+        etag: Some("\"e1\"".into()),
+        body: Bytes::from_static(body),
+    }
+}
+
+#[test]
+fn a_late_fetch_does_not_undo_rules_from_a_live_stream() {
+    let now = Timestamp::from_millis(T0);
+    let mut machine = Upstream::new(UpstreamConfig::default(), now);
+    let (fetch, stream, _) = drain(&mut machine);
+    let stream = stream.unwrap();
+    machine.handle_stream_opened(now, stream, 200, true);
+    machine.handle_stream_bytes(
+        now,
+        stream,
+        &frame(
+            "rules-full",
+            r#"{"flags":{"r":{"enabled":true,"rollout":100}}}"#,
+        ),
+    );
+    // The start-up fetch, sent before the rules arrived, answers late.
+    machine.handle_fetch(now, fetch.unwrap(), ok(br#"{"flags":{"r":false}}"#));
+    let snapshot = machine.snapshot().unwrap();
+    assert_eq!(snapshot.source().mode(), "rules");
+    assert!(snapshot.defaults().flags["r"]);
+
+    // Once the stream is gone, a poll's values are the newest information and win.
+    machine.handle_stream_closed(now, stream, StreamEnd::Eof);
+    let later = now.saturating_add(Duration::from_secs(31));
+    machine.handle_timeout(later);
+    let (fetch, _, _) = drain(&mut machine);
+    machine.handle_fetch(later, fetch.unwrap(), ok(br#"{"flags":{"r":false}}"#));
+    assert_eq!(machine.snapshot().unwrap().source().mode(), "evaluated");
+}
+
+#[test]
+fn stream_snapshots_keep_reasons_and_refetch_them_for_changes() {
+    let now = Timestamp::from_millis(T0);
+    let mut machine = Upstream::new(UpstreamConfig::default(), now);
+    let (fetch, stream, _) = drain(&mut machine);
+    machine.handle_fetch(
+        now,
+        fetch.unwrap(),
+        ok(br#"{"flags":{"a":true,"b":false},"reasons":{"a":{"kind":"FALLTHROUGH","inRollout":true},"b":{"kind":"OFF"}}}"#),
+    );
+    let (_, _, published) = drain(&mut machine);
+    assert_eq!(published.len(), 1);
+    let stream = stream.unwrap();
+    machine.handle_stream_opened(now, stream, 200, true);
+
+    // The same values without reasons: nothing changes, nothing is fetched.
+    machine.handle_stream_bytes(
+        now,
+        stream,
+        &frame("init", r#"{"flags":{"a":true,"b":false}}"#),
+    );
+    let (fetch, _, published) = drain(&mut machine);
+    assert!(published.is_empty() && fetch.is_none());
+    assert_eq!(machine.snapshot().unwrap().defaults().reasons.len(), 2);
+
+    // `b` changes: the value is served at once with `a`'s reason kept, and the reasons are
+    // fetched.
+    machine.handle_stream_bytes(
+        now,
+        stream,
+        &frame("init", r#"{"flags":{"a":true,"b":true}}"#),
+    );
+    let (fetch, _, published) = drain(&mut machine);
+    assert_eq!(published.len(), 1);
+    let reasons = &published[0].defaults().reasons;
+    assert_eq!(reasons["a"].kind, crate::model::ReasonKind::Fallthrough);
+    assert!(!reasons.contains_key("b"));
+    machine.handle_fetch(
+        now,
+        fetch.expect("a refetch for the new reasons"),
+        ok(br#"{"flags":{"a":true,"b":true},"reasons":{"a":{"kind":"FALLTHROUGH","inRollout":true},"b":{"kind":"TARGET_MATCH"}}}"#),
+    );
+    let reasons = &machine.snapshot().unwrap().defaults().reasons;
+    assert_eq!(reasons["b"].kind, crate::model::ReasonKind::TargetMatch);
+}
+
 #[test]
 fn heartbeats_and_unknown_events_change_nothing() {
     let mut sim = Sim::new(UpstreamConfig::default());
