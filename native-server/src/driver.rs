@@ -13,7 +13,9 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use http::header;
 use rollgate_proxy_core::breaker::BreakerState;
-use rollgate_proxy_core::upstream::{Action, FetchResult, RequestId, StreamEnd, StreamId};
+use rollgate_proxy_core::upstream::{
+    Action, FetchResult, RequestId, StreamEnd, StreamId, StreamState,
+};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -74,8 +76,16 @@ pub async fn run(
                 .store(confirmed.as_millis().max(1), Ordering::Relaxed);
         }
         if last_stream != Some(status.stream) {
+            // Connected and lost are news; the connecting/disconnected flips of a reconnect
+            // loop during an outage are not (the breaker transition is logged instead).
             let error = status.last_error.as_ref().map(ToString::to_string);
-            tracing::info!(stream = status.stream.as_str(), last_error = ?error, "upstream stream state");
+            if status.stream == StreamState::Connected {
+                tracing::info!("upstream stream connected");
+            } else if last_stream == Some(StreamState::Connected) {
+                tracing::warn!(last_error = ?error, "upstream stream lost; polling until it is back");
+            } else {
+                tracing::debug!(stream = status.stream.as_str(), last_error = ?error, "upstream stream state");
+            }
             last_stream = Some(status.stream);
         }
         if last_breaker != status.breaker.state {
@@ -98,7 +108,7 @@ pub async fn run(
             () = upstream.notified() => {}
             () = tokio::time::sleep_until(Instant::now() + sleep_for) => {}
         }
-        upstream.with(|m| m.handle_timeout(now()));
+        upstream.with_quiet(|m| m.handle_timeout(now()));
     }
     for (_, task) in streams {
         task.abort();
@@ -187,7 +197,7 @@ async fn stream(upstream: Arc<UpstreamHandle>, id: StreamId) {
 /// Loads the persisted snapshot into the machine, if there is a usable one.
 pub fn restore(upstream: &UpstreamHandle, bytes: Option<Bytes>) {
     let Some(bytes) = bytes else { return };
-    match upstream.with(|m| m.restore(&bytes)) {
+    match upstream.with_quiet(|m| m.restore(&bytes)) {
         Ok(()) => {
             tracing::info!("restored the persisted snapshot; serving it until upstream answers")
         }

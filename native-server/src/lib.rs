@@ -17,6 +17,9 @@ pub mod sse;
 pub mod state;
 pub mod users;
 
+#[cfg(test)]
+mod tests;
+
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;

@@ -97,7 +97,10 @@ pub fn render(app: &App, handle: &PrometheusHandle) -> String {
         );
         gauge!("rollgate_proxy_breaker_state").set(status.breaker.state.gauge());
         counter!("rollgate_proxy_breaker_opens_total").absolute(status.breaker.opens_total);
-        counter!("rollgate_proxy_upstream_reconnects_total").absolute(c.stream_connects);
+        counter!("rollgate_proxy_upstream_stream_connects_total").absolute(c.stream_connects);
+        // Every successful open after the first is a reconnect.
+        counter!("rollgate_proxy_upstream_reconnects_total")
+            .absolute(c.stream_connects.saturating_sub(1));
         counter!("rollgate_proxy_upstream_stream_errors_total").absolute(c.stream_errors);
         counter!("rollgate_proxy_upstream_events_total").absolute(c.events);
         counter!("rollgate_proxy_upstream_malformed_total").absolute(c.malformed);

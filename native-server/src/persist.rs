@@ -134,3 +134,27 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), b"b");
     }
 }
+
+#[cfg(test)]
+mod live_tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn writer_writes_while_running() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("snap.json");
+        let shutdown = CancellationToken::new();
+        let (persister, _task) = Persister::start(path.clone(), shutdown.clone());
+        persister.save(Bytes::from_static(b"a"));
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !path.exists() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .unwrap();
+        shutdown.cancel();
+    }
+}

@@ -100,6 +100,12 @@ impl UpstreamHandle {
         result
     }
 
+    /// Like [`UpstreamHandle::with`], without waking the driver: for the driver itself (a
+    /// self-notification would make its loop spin).
+    pub fn with_quiet<R>(&self, f: impl FnOnce(&mut Upstream) -> R) -> R {
+        f(&mut lock(&self.machine))
+    }
+
     /// Like [`UpstreamHandle::with`], without waking the driver (for reads).
     pub fn peek<R>(&self, f: impl FnOnce(&Upstream) -> R) -> R {
         f(&lock(&self.machine))
