@@ -4,6 +4,11 @@
 //! One suite, two targets: [`TargetKind::Native`] spawns the `rollgate-proxy` binary;
 //! [`TargetKind::Edge`] is the seam for the Cloudflare Worker under `wrangler dev` (the edge
 //! issue implements [`edge::start`]). Select with `E2E_TARGET=native|edge` (default native).
+//!
+//! Native binary: `ROLLGATE_PROXY_BIN=<path>` uses that file as is; otherwise the first start
+//! runs `cargo build -p rollgate-proxy-server --bin rollgate-proxy` (a no-op when up to date)
+//! and uses `$CARGO_TARGET_DIR/debug/rollgate-proxy`. `E2E_DEBUG_BUILD_LOG=<file>` saves that
+//! build's stderr (to see why it rebuilt).
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
