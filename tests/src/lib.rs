@@ -5,6 +5,8 @@
 //!   and `/health` like Rollgate production, and is driven in process through
 //!   [`mock::MockControl`] or over HTTP under `/control/*` (binary `mock-upstream`).
 //! * [`sse`]: [`sse::SseClient`] and its incremental [`sse::SseParser`].
+//! * [`target`]: the proxy under test as a black box (`E2E_TARGET=native|edge`).
 
 pub mod mock;
 pub mod sse;
+pub mod target;

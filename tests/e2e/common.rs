@@ -1,0 +1,273 @@
+//! Shared scenario plumbing: a mock + proxy pair, plain HTTP helpers and bounded polling.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rollgate_proxy_tests::mock::{MockConfig, MockUpstream};
+use rollgate_proxy_tests::sse::{SseClient, SseError, SseEvent, SseItem, test_http_client};
+use rollgate_proxy_tests::target::{self, ProxyConfig, ProxyHandle, TargetKind};
+use serde_json::Value;
+
+/// The server API key every scenario uses: distinctive, so a leak is found by a substring search.
+pub(crate) const SERVER_KEY: &str = "rg_server_E2E-s3cr3t-7f3a9c1d5b2e";
+
+/// The selected target (panics on a bad `E2E_TARGET`, which fails every scenario loudly).
+pub(crate) fn target() -> TargetKind {
+    TargetKind::from_env().unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A mock started with `SERVER_KEY` and the `basic` scenario (or the given config).
+pub(crate) async fn mock(config: MockConfig) -> MockUpstream {
+    MockUpstream::start(config.api_key(SERVER_KEY))
+        .await
+        .expect("mock starts")
+}
+
+/// The proxy config every scenario starts from: upstream mode against `mock`, persistence off,
+/// a 2 s refresh interval (the per-user cache TTL too).
+pub(crate) fn proxy_config(mock: &MockUpstream) -> ProxyConfig {
+    ProxyConfig {
+        refresh_interval: Some(Duration::from_secs(2)),
+        ..ProxyConfig::upstream(mock.base_url(), SERVER_KEY)
+    }
+}
+
+/// Starts the proxy (panics with its logs if it cannot).
+pub(crate) async fn start_proxy(config: ProxyConfig) -> ProxyHandle {
+    match target::start(target(), config).await {
+        Ok(p) => p,
+        Err(e) => panic!("proxy did not start: {e:#}"),
+    }
+}
+
+/// A mock and a proxy in front of it, ready (first snapshot served).
+pub(crate) struct Env {
+    pub(crate) mock: MockUpstream,
+    pub(crate) proxy: ProxyHandle,
+}
+
+impl Env {
+    /// `basic` mock, default proxy config.
+    pub(crate) async fn basic() -> Self {
+        Self::with(MockConfig::basic(), |_| {}).await
+    }
+
+    /// A mock from `mock_config`, the default proxy config changed by `tweak`; waits for `/ready`.
+    pub(crate) async fn with(
+        mock_config: MockConfig,
+        tweak: impl FnOnce(&mut ProxyConfig),
+    ) -> Self {
+        let mock = mock(mock_config).await;
+        let mut config = proxy_config(&mock);
+        tweak(&mut config);
+        let proxy = start_proxy(config).await;
+        wait_ready(&proxy).await;
+        Self { mock, proxy }
+    }
+
+    pub(crate) fn url(&self, path: &str) -> String {
+        self.proxy.url(path)
+    }
+}
+
+/// Polls `/ready` until 200 (at most 15 s).
+pub(crate) async fn wait_ready(proxy: &ProxyHandle) {
+    let url = proxy.url("/ready");
+    eventually("the proxy to become ready", Duration::from_secs(15), || {
+        let url = url.clone();
+        async move { (get(&url).await.ok()?.status == 200).then_some(()) }
+    })
+    .await;
+}
+
+/// A fully read response.
+#[derive(Debug)]
+pub(crate) struct Resp {
+    pub(crate) status: u16,
+    pub(crate) headers: http::HeaderMap,
+    pub(crate) body: Bytes,
+}
+
+impl Resp {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    pub(crate) fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub(crate) fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", self.text()))
+    }
+
+    /// Asserts status and `application/json`, returns the body.
+    pub(crate) fn expect_json(&self, status: u16) -> Value {
+        assert_eq!(self.status, status, "status; body {:?}", self.text());
+        let ct = self.header("content-type").unwrap_or_default();
+        assert!(ct.starts_with("application/json"), "content-type {ct:?}");
+        self.json()
+    }
+
+    /// Asserts a documented error: status, JSON `{"error":{"code","message"}}`.
+    pub(crate) fn expect_error(&self, status: u16, code: &str) {
+        let body = self.expect_json(status);
+        assert_eq!(body["error"]["code"], code, "error body {body}");
+        assert!(body["error"]["message"].is_string(), "error body {body}");
+    }
+}
+
+async fn read(resp: reqwest::Response) -> Result<Resp, reqwest::Error> {
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.bytes().await?;
+    Ok(Resp {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// Sends a request and reads the whole answer (at most 10 s).
+pub(crate) async fn send(req: reqwest::RequestBuilder) -> Result<Resp, reqwest::Error> {
+    read(req.timeout(Duration::from_secs(10)).send().await?).await
+}
+
+pub(crate) fn http() -> reqwest::Client {
+    test_http_client()
+}
+
+pub(crate) async fn get(url: &str) -> Result<Resp, reqwest::Error> {
+    send(http().get(url)).await
+}
+
+/// GET that must succeed at the HTTP level.
+pub(crate) async fn must_get(url: &str) -> Resp {
+    get(url).await.unwrap_or_else(|e| panic!("GET {url}: {e}"))
+}
+
+/// POST with a JSON body that must succeed at the HTTP level.
+pub(crate) async fn must_post(url: &str, body: impl Into<reqwest::Body>) -> Resp {
+    send(
+        http()
+            .post(url)
+            .header("content-type", "application/json")
+            .body(body),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("POST {url}: {e}"))
+}
+
+/// `GET /api/flags` `flags` object.
+pub(crate) async fn served_flags(proxy: &ProxyHandle, query: &str) -> Value {
+    must_get(&proxy.url(&format!("/api/flags{query}")))
+        .await
+        .expect_json(200)["flags"]
+        .clone()
+}
+
+/// Polls `f` every 25 ms until it returns `Some`, panicking after `timeout` with `what`.
+pub(crate) async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if let Ok(Some(v)) = tokio::time::timeout(left.max(Duration::from_millis(50)), f()).await {
+            return v;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Waits until `/api/flags` serves `key` = `value` (anonymous).
+pub(crate) async fn wait_served(proxy: &ProxyHandle, key: &str, value: bool, timeout: Duration) {
+    let url = proxy.url("/api/flags");
+    eventually(&format!("/api/flags {key}={value}"), timeout, || {
+        let url = url.clone();
+        async move {
+            let body = get(&url).await.ok()?;
+            (body.status == 200 && body.json()["flags"][key] == value).then_some(())
+        }
+    })
+    .await;
+}
+
+/// Opens an SSE stream (panics on failure).
+pub(crate) async fn sse(url: &str) -> SseClient {
+    SseClient::connect(url, Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|e| panic!("SSE {url}: {e}"))
+}
+
+/// Opens an SSE stream from a prepared request (panics on failure).
+pub(crate) async fn sse_req(req: reqwest::RequestBuilder) -> SseClient {
+    SseClient::open(req, Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|e| panic!("SSE: {e}"))
+}
+
+/// The next event (comments skipped), panicking after `timeout`.
+pub(crate) async fn next_event(client: &mut SseClient, timeout: Duration) -> SseEvent {
+    client
+        .next_event(timeout)
+        .await
+        .unwrap_or_else(|e| panic!("no SSE event within {timeout:?}: {e}"))
+}
+
+/// Reads events until one satisfies `pred`, within `timeout` in total.
+pub(crate) async fn event_where(
+    client: &mut SseClient,
+    timeout: Duration,
+    mut pred: impl FnMut(&SseEvent) -> bool,
+) -> SseEvent {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match client.next_event(left).await {
+            Ok(ev) if pred(&ev) => return ev,
+            Ok(_) => {}
+            Err(e) => panic!("no matching SSE event within {timeout:?}: {e}"),
+        }
+    }
+}
+
+/// Reads items for `window`; returns the events seen (comments dropped) and whether any
+/// comment arrived.
+pub(crate) async fn collect_for(
+    client: &mut SseClient,
+    window: Duration,
+) -> (Vec<SseEvent>, usize) {
+    let deadline = Instant::now() + window;
+    let (mut events, mut comments) = (Vec::new(), 0);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        match client.next_item(left).await {
+            Ok(SseItem::Event(ev)) => events.push(ev),
+            Ok(SseItem::Comment(_)) => comments += 1,
+            Err(SseError::Timeout(_)) => break,
+            Err(e) => panic!("stream failed: {e}"),
+        }
+    }
+    (events, comments)
+}
+
+/// A JSON object of booleans from pairs.
+pub(crate) fn bools(pairs: &[(&str, bool)]) -> Value {
+    Value::Object(
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), Value::Bool(*v)))
+            .collect(),
+    )
+}
