@@ -746,8 +746,10 @@ impl Upstream {
                 };
                 let mut flags = current.defaults().clone();
                 flags.flags.insert(update.key.clone(), update.enabled);
-                flags.reasons.clear();
-                self.apply_streamed(now, flags);
+                // The old reason no longer explains the new value. Unlike a full snapshot, a
+                // single-flag merge exists to avoid a request, so none is made for the reason.
+                flags.reasons.remove(&update.key);
+                self.apply(now, FlagSource::Evaluated(flags));
             }
             "rules-full" => match RulesPayload::from_json(event.data.as_bytes()) {
                 Ok(rules) => {

@@ -40,7 +40,21 @@ static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 /// The application: the fallback handler behind the CORS layer.
 pub fn router(app: Arc<App>) -> Router {
     let cors = cors_layer(&app.settings.cors);
-    Router::new().fallback(handle).with_state(app).layer(cors)
+    Router::new()
+        .fallback(handle)
+        .with_state(app)
+        .layer(cors)
+        .layer(axum::middleware::map_response(strip_cors_for_other_origins))
+}
+
+/// tower-http adds `Access-Control-Expose-Headers` even for origins it does not allow; an
+/// origin outside the allow-list gets no CORS header at all.
+async fn strip_cors_for_other_origins(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    if !headers.contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN) {
+        headers.remove(header::ACCESS_CONTROL_EXPOSE_HEADERS);
+    }
+    response
 }
 
 fn cors_layer(origins: &CorsOrigins) -> CorsLayer {

@@ -11,6 +11,7 @@ use crate::{Scenario, scenario};
 
 pub(crate) fn scenarios() -> Vec<Scenario> {
     vec![
+        scenario!(reasons_survive_the_stream_init),
         scenario!(api_flags_shape_etag_and_304),
         scenario!(single_flag_route),
         scenario!(sdk_flags_route),
@@ -19,11 +20,6 @@ pub(crate) fn scenarios() -> Vec<Scenario> {
         scenario!(per_user_answers_are_cached_and_coalesced),
         scenario!(probe_and_info_routes),
     ]
-}
-
-/// Scenarios that fail against the current server (see tests/KNOWN_FAILURES.md).
-pub(crate) fn known_failures() -> Vec<Scenario> {
-    vec![scenario!(reasons_survive_the_stream_init)]
 }
 
 /// The stream's `init` carries the same values as the start-up fetch but no reasons; it must

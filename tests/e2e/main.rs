@@ -61,13 +61,6 @@ fn all() -> Vec<Scenario> {
     all.extend(resilience::scenarios());
     all.extend(security::scenarios());
     all.extend(ops::scenarios());
-    // Known server failures (tests/KNOWN_FAILURES.md) run with E2E_KNOWN_FAILURES=1, so the
-    // default run stays green while they are open.
-    if std::env::var_os("E2E_KNOWN_FAILURES").is_some_and(|v| v == "1") {
-        all.extend(flags::known_failures());
-        all.extend(sse::known_failures());
-        all.extend(security::known_failures());
-    }
     all
 }
 

@@ -10,16 +10,12 @@ use crate::{Scenario, scenario};
 
 pub(crate) fn scenarios() -> Vec<Scenario> {
     vec![
+        scenario!(disallowed_origin_gets_no_cors_headers),
         scenario!(server_key_never_leaks),
         scenario!(client_keys_guard_data_routes),
         scenario!(cors_allow_list),
         scenario!(bad_input_is_refused_with_json),
     ]
-}
-
-/// Scenarios that fail against the current server (see tests/KNOWN_FAILURES.md).
-pub(crate) fn known_failures() -> Vec<Scenario> {
-    vec![scenario!(disallowed_origin_gets_no_cors_headers)]
 }
 
 fn assert_no_key(what: &str, resp: &Resp) {
