@@ -150,6 +150,7 @@ fn main() -> ExitCode {
         common::target()
     );
     let started = Instant::now();
+    let total = scenarios.len();
     let failed = runtime.block_on(async move {
         let permits = Arc::new(tokio::sync::Semaphore::new(jobs));
         let mut tasks = Vec::new();
@@ -194,7 +195,7 @@ fn main() -> ExitCode {
     });
     if failed.is_empty() {
         println!(
-            "\ne2e result: ok. finished in {:.1}s",
+            "\ne2e result: ok. finished in {:.1}s\ne2e: {total} passed, 0 failed",
             started.elapsed().as_secs_f64()
         );
         ExitCode::SUCCESS
@@ -204,9 +205,11 @@ fn main() -> ExitCode {
             println!("    {name}: {msg}");
         }
         println!(
-            "\ne2e result: FAILED. {} failed; finished in {:.1}s",
+            "\ne2e result: FAILED. {} failed; finished in {:.1}s\ne2e: {} passed, {} failed",
             failed.len(),
-            started.elapsed().as_secs_f64()
+            started.elapsed().as_secs_f64(),
+            total - failed.len(),
+            failed.len()
         );
         ExitCode::from(101)
     }
