@@ -862,6 +862,13 @@ fn json_bytes<T: Serialize + ?Sized>(value: &T) -> Bytes {
     Bytes::from(serde_json::to_vec(value).unwrap_or_default())
 }
 
+/// `{"status":"ok"}`: `GET /health` (what the Rollgate SDK harness checks) and `GET /live`.
+pub const STATUS_OK_BODY: &[u8] = br#"{"status":"ok"}"#;
+/// `{"status":"ready"}`: `GET /ready` once a snapshot exists.
+pub const READY_BODY: &[u8] = br#"{"status":"ready"}"#;
+/// `{"success":true}`: `POST /api/v1/sdk/identify`, as Rollgate answers it.
+pub const IDENTIFY_BODY: &[u8] = br#"{"success":true}"#;
+
 /// `Content-Type` of JSON answers.
 pub const JSON: &str = "application/json";
 /// `Content-Type` of SSE answers.

@@ -1,9 +1,86 @@
-//! `rollgate-proxy`: the native server binary (filled in by the native-server issue).
+//! `rollgate-proxy`: parse the configuration, set up logging, bind, and run until SIGTERM/SIGINT.
 
-fn main() {
-    println!(
-        "rollgate-proxy {}: the native server lands with the native-server issue; \
-         see README.md",
-        env!("CARGO_PKG_VERSION")
-    );
+use std::io::IsTerminal;
+
+use anyhow::Context as _;
+use clap::Parser;
+use rollgate_proxy_server::config::{Config, LogFormat, Mode};
+use rollgate_proxy_server::state::random_u64;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
+    let settings = match config.validate(random_u64()) {
+        Ok(settings) => settings,
+        Err(error) => {
+            eprintln!("rollgate-proxy: {error}");
+            std::process::exit(2);
+        }
+    };
+    let filter = match EnvFilter::try_new(&config.log_level) {
+        Ok(filter) => filter,
+        Err(error) => {
+            eprintln!("rollgate-proxy: invalid --log-level (ROLLGATE_PROXY_LOG_LEVEL): {error}");
+            std::process::exit(2);
+        }
+    };
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout)
+        .with_ansi(std::io::stdout().is_terminal());
+    match config.log_format {
+        LogFormat::Text => subscriber.init(),
+        LogFormat::Json => subscriber.json().flatten_event(true).init(),
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    runtime.block_on(async move {
+        match &settings.mode {
+            Mode::Local { flags_file } => tracing::info!(
+                "local mode: serving {} (no ROLLGATE_API_KEY)",
+                flags_file.display()
+            ),
+            Mode::Upstream { base_url, .. } => tracing::info!(
+                "upstream mode: {base_url} (streaming {})",
+                if settings.upstream.streaming {
+                    "on"
+                } else {
+                    "off"
+                }
+            ),
+        }
+        let addr = settings.addr;
+        let listener = rollgate_proxy_server::server::bind(addr)
+            .with_context(|| format!("cannot listen on {addr} (--bind/--port)"))?;
+        let local = listener.local_addr().context("no local address")?;
+        tracing::info!("listening on http://{local}");
+        rollgate_proxy_server::run(listener, settings, shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM (Docker, Kubernetes).
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("SIGINT received"),
+        () = terminate => tracing::info!("SIGTERM received"),
+    }
 }

@@ -1,0 +1,141 @@
+//! rollgate-proxy's native server: tokio + axum around `rollgate-proxy-core`.
+//!
+//! `main.rs` parses the configuration, sets up logging and binds; [`run`] does the rest: it
+//! builds the shared state, starts the flag source (a watched local rules file, or the one
+//! upstream connection driven by core's `Upstream` machine), serves HTTP, and shuts down
+//! gracefully.
+
+pub mod config;
+pub mod driver;
+pub mod forward;
+pub mod local;
+pub mod metrics;
+pub mod persist;
+pub mod routes;
+pub mod server;
+pub mod sse;
+pub mod state;
+pub mod users;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rollgate_proxy_core::upstream::Upstream;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Mode, Settings};
+use crate::local::LocalSource;
+use crate::persist::Persister;
+use crate::state::{App, LocalStatus, UpstreamHandle, now};
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The local rules file is unusable.
+    #[error("invalid --flags-file (ROLLGATE_PROXY_FLAGS_FILE): {0}")]
+    FlagsFile(#[from] local::LocalError),
+    /// The HTTP client could not be built (TLS setup).
+    #[error("cannot build the upstream HTTP client: {0}")]
+    Client(String),
+}
+
+/// A started proxy: its state and background tasks (not yet serving HTTP).
+#[derive(Debug)]
+pub struct Started {
+    /// Shared state.
+    pub app: Arc<App>,
+    /// Background tasks to await at shutdown (driver, persister, forwarder, watcher).
+    pub tasks: Vec<JoinHandle<()>>,
+}
+
+/// Builds the state and starts the flag source. Cancelling `shutdown` stops every task.
+///
+/// # Errors
+/// [`StartError`] when the flags file (local mode) or the HTTP client cannot be used.
+pub fn start(settings: Settings, shutdown: CancellationToken) -> Result<Started, StartError> {
+    metrics::install();
+    let mut tasks = Vec::new();
+    match settings.mode.clone() {
+        Mode::Local { flags_file } => {
+            let status = Arc::new(LocalStatus::default());
+            let app = Arc::new(App::new(
+                settings,
+                None,
+                Some(Arc::clone(&status)),
+                shutdown.clone(),
+            ));
+            let source = LocalSource::start(flags_file, app.snapshots.clone(), status)?;
+            tasks.push(tokio::spawn(source.watch(shutdown)));
+            Ok(Started { app, tasks })
+        }
+        Mode::Upstream { api_key, base_url } => {
+            let http = reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(5))
+                .user_agent(concat!("rollgate-proxy/", env!("CARGO_PKG_VERSION")))
+                .build()
+                .map_err(|error| StartError::Client(api_key.redact(&error.to_string())))?;
+            let machine = Upstream::new(settings.upstream.clone(), now());
+            let upstream = Arc::new(UpstreamHandle::new(
+                machine,
+                http,
+                base_url,
+                api_key,
+                settings.upstream_timeout,
+            ));
+            let persister = settings.snapshot_file.clone().map(|path| {
+                driver::restore(&upstream, persist::load(&path));
+                let (persister, task) = Persister::start(path, shutdown.clone());
+                tasks.push(task);
+                persister
+            });
+            let app = Arc::new(App::new(
+                settings,
+                Some(Arc::clone(&upstream)),
+                None,
+                shutdown.clone(),
+            ));
+            tasks.push(tokio::spawn(driver::run(
+                upstream,
+                app.snapshots.clone(),
+                persister,
+                shutdown.clone(),
+            )));
+            tasks.push(tokio::spawn(forward::run(Arc::clone(&app), shutdown)));
+            Ok(Started { app, tasks })
+        }
+    }
+}
+
+/// Runs the proxy on `listener` until `signal` resolves, then shuts down gracefully.
+///
+/// # Errors
+/// [`StartError`] when the proxy cannot start.
+pub async fn run(
+    listener: TcpListener,
+    settings: Settings,
+    signal: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
+    let shutdown = CancellationToken::new();
+    let Started { app, tasks } = start(settings, shutdown.clone())?;
+    let trigger = shutdown.clone();
+    tokio::spawn(async move {
+        signal.await;
+        trigger.cancel();
+    });
+    let router = routes::router(Arc::clone(&app));
+    server::serve(listener, router, &app.settings, shutdown).await;
+    // Background tasks flush (snapshot file, events, telemetry) within the same bound.
+    let flush = futures_util::future::join_all(tasks);
+    if tokio::time::timeout(app.settings.shutdown_timeout, flush)
+        .await
+        .is_err()
+    {
+        tracing::warn!("background tasks did not finish in time");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,136 @@
+//! Persistence of the last good snapshot: atomic writes (temp file + rename), coalesced.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Sends snapshots to the writer task; only the newest pending write matters.
+#[derive(Debug, Clone)]
+pub struct Persister {
+    pending: watch::Sender<Option<Bytes>>,
+}
+
+impl Persister {
+    /// Starts the writer for `path`. It writes each new value, and the last pending one when
+    /// `shutdown` fires, then ends.
+    pub fn start(path: PathBuf, shutdown: CancellationToken) -> (Self, JoinHandle<()>) {
+        let (pending, mut rx) = watch::channel::<Option<Bytes>>(None);
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    changed = rx.changed() => {
+                        if changed.is_err() {
+                            break;
+                        }
+                    }
+                    () = shutdown.cancelled() => {
+                        if rx.has_changed().unwrap_or(false) {
+                            let bytes = rx.borrow_and_update().clone();
+                            write_logged(&path, bytes).await;
+                        }
+                        break;
+                    }
+                }
+                let bytes = rx.borrow_and_update().clone();
+                write_logged(&path, bytes).await;
+            }
+        });
+        (Self { pending }, task)
+    }
+
+    /// Queues `bytes` for writing (replacing any write not started yet).
+    pub fn save(&self, bytes: Bytes) {
+        self.pending.send_replace(Some(bytes));
+    }
+}
+
+async fn write_logged(path: &Path, bytes: Option<Bytes>) {
+    let Some(bytes) = bytes else { return };
+    let target = path.to_owned();
+    let result = tokio::task::spawn_blocking(move || write_atomic(&target, &bytes)).await;
+    match result {
+        Ok(Ok(())) => tracing::debug!(path = %path.display(), "persisted snapshot"),
+        Ok(Err(error)) => {
+            tracing::warn!(path = %path.display(), %error, "could not persist the snapshot; continuing");
+        }
+        Err(error) => tracing::warn!(%error, "snapshot writer task failed; continuing"),
+    }
+}
+
+/// Writes `bytes` to `<path>.tmp`, syncs it, and renames it over `path`, so a reader (or a
+/// crash) never sees a half-written file.
+///
+/// # Errors
+/// Any I/O error; the previous file stays intact.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let result = (|| {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Reads the persisted snapshot, if any. A missing file is normal; other errors are logged.
+pub fn load(path: &Path) -> Option<Bytes> {
+    match std::fs::read(path) {
+        Ok(bytes) => Some(Bytes::from(bytes)),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            tracing::info!(path = %path.display(), "no persisted snapshot yet");
+            None
+        }
+        Err(error) => {
+            tracing::warn!(path = %path.display(), %error, "cannot read the persisted snapshot; ignoring it");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn atomic_write_replaces_and_leaves_no_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("snap.json");
+        write_atomic(&path, b"one").unwrap();
+        write_atomic(&path, b"two").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"two");
+        assert!(!dir.path().join("snap.json.tmp").exists());
+        assert_eq!(load(&path).unwrap(), Bytes::from_static(b"two"));
+        assert!(load(&dir.path().join("missing.json")).is_none());
+        // Unwritable target: an error, not a panic, and nothing left behind.
+        let bad = dir.path().join("no-such-dir").join("x.json");
+        assert!(write_atomic(&bad, b"x").is_err());
+    }
+
+    #[tokio::test]
+    async fn writer_coalesces_and_flushes_at_shutdown() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("snap.json");
+        let shutdown = CancellationToken::new();
+        let (persister, task) = Persister::start(path.clone(), shutdown.clone());
+        persister.save(Bytes::from_static(b"a"));
+        persister.save(Bytes::from_static(b"b"));
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"b");
+    }
+}
