@@ -121,13 +121,38 @@ def test_init_reads_the_proxys_flags(mock: Mock, proxy: Proxy) -> None:
             assert client.get_all_flags() == proxy_flags(proxy)["flags"]
             assert client.is_enabled("enabled-flag") is True
             assert client.is_enabled("disabled-flag", True) is False
-            # Reasons came from the proxy (the SDK would synthesize FALLTHROUGH{inRollout} without
-            # them); disabled-flag is OFF upstream.
-            detail = client.is_enabled_detail("disabled-flag")
-            assert detail.value is False
-            assert detail.reason.kind == EvaluationReasonKind.OFF, detail.reason
+            # Whatever reasons the proxy sends parse as the SDK's enum (an unknown kind would
+            # have failed the whole fetch).
+            for key in expected:
+                assert client.is_enabled_detail(key).reason.kind in set(EvaluationReasonKind)
             # The SDK keeps the proxy's ETag for its next conditional request.
             assert client._last_etag and client._last_etag.startswith('"'), client._last_etag
+        finally:
+            await client.close()
+
+    asyncio.run(run())
+
+
+def test_reasons_from_rollgate_reach_the_sdk(mock: Mock, proxy: Proxy) -> None:
+    # Rollgate's /flags?withReasons=true says disabled-flag is OFF and the others FALLTHROUGH
+    # (inRollout). Without reasons from the proxy the SDK synthesizes FALLTHROUGH{inRollout:value}
+    # for every flag, so `is_enabled_detail` would report a disabled flag as a rollout miss.
+    # A change pushed over the upstream stream (whose `init` carries flags only, like Rollgate's)
+    # must not drop the reasons: whichever of the proxy's first fetch and the stream's first
+    # snapshot lands last decides otherwise, so make the stream land last.
+    before = proxy.get_json("/api/health")["revision"]
+    mock.set_flag("max-items", False)
+    wait_until(lambda: proxy.get_json("/api/health")["revision"] > before, 5.0, "the change to reach the proxy")
+    upstream = mock_view(mock)["reasons"]
+    assert upstream["disabled-flag"] == {"kind": "OFF"}
+
+    async def run() -> None:
+        client = make_client(proxy)
+        try:
+            await client.init()
+            got = {key: client.is_enabled_detail(key).reason.to_dict() for key in upstream}
+            assert got == upstream, f"proxy sent reasons {proxy_flags(proxy).get('reasons')}"
+            assert client.is_enabled_detail("disabled-flag").reason.kind == EvaluationReasonKind.OFF
         finally:
             await client.close()
 

@@ -140,3 +140,41 @@ describe('OFREP web provider → proxy (bulk, ETag/304, SSE)', () => {
     await mock.setFlag('enabled-flag', true);
   });
 });
+
+describe('OFREP web provider with client keys', () => {
+  const CLIENT_KEY = 'ck_ofrep_web';
+  /** @type {Mock} */ let mock;
+  /** @type {Proxy} */ let proxy;
+
+  before(async () => {
+    mock = await Mock.start();
+    proxy = await Proxy.start(mock, ['--client-keys', CLIENT_KEY]);
+  });
+
+  after(async () => {
+    await OpenFeature.close();
+    await proxy?.stop();
+    await mock?.stop();
+  });
+
+  test('X-API-Key works for bulk, and the advertised SSE stream also authenticates (EventSource sends no headers)', async () => {
+    await OpenFeature.setContext('keyed', { targetingKey: 'user-1' });
+    await OpenFeature.setProviderAndWait(
+      'keyed',
+      new OFREPWebProvider({ baseUrl: proxy.url, cacheMode: 'disabled', headers: [['X-API-Key', CLIENT_KEY]] }),
+    );
+    const client = OpenFeature.getClient('keyed');
+    assert.equal(client.getBooleanDetails('enabled-flag', false).value, true);
+    assert.equal(client.getBooleanDetails('enabled-flag', false).errorCode, undefined);
+    // The provider opens `new EventSource(<advertised url>)`: without a credential in that URL
+    // the proxy answers 401 and, with polling off (the provider's default), no change ever
+    // arrives. The proxy should advertise a stream URL that carries the key (ADR-0008 allows
+    // credentials in the opaque URL) when the bulk request was authenticated with one.
+    const health = () => proxy.json('/api/health', { headers: { 'X-API-Key': CLIENT_KEY } });
+    await waitFor(async () => (await health()).sseClients >= 1, 3000, 'an authenticated OFREP SSE connection');
+    const changed = nextEvent((h) => client.addHandler(ProviderEvents.ConfigurationChanged, h), 2000, 'ConfigurationChanged');
+    await mock.setFlag('enabled-flag', false);
+    await changed;
+    assert.equal(client.getBooleanValue('enabled-flag', true), false);
+  });
+});
