@@ -1,0 +1,203 @@
+// A real browser against the proxy: Debian's Chromium, headless, driven by playwright-core.
+// - the demo page served by the proxy (`/`) shows the flags and follows a change at Rollgate
+//   within 1 s (stable selectors: [data-flag][data-enabled], #connection-state[data-state]);
+// - a page on a second origin (127.0.0.2) polls `/api/flags` over CORS (with If-None-Match, which
+//   needs a preflight, and reading the exposed ETag), and streams with the proxy's own JS client;
+// - with client keys, `/?token=<key>` works and a page without a key shows a 401 error state.
+// Screenshots go to test-artifacts/ (not committed).
+
+import { after, before, describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { join } from 'node:path';
+import { Mock, Proxy } from '../lib/procs.js';
+import { SCREENSHOTS, launchChromium, staticServer } from '../lib/browser.js';
+
+const CLIENT_KEY = 'ck_browser_suite';
+
+const POLLING_PAGE = `<!doctype html>
+<html><head><meta charset="utf-8"><title>other origin: polling</title></head>
+<body><h1>Flags from another origin</h1><pre id="out" data-state="loading"></pre>
+<script type="module">
+const params = new URLSearchParams(location.search);
+const proxy = params.get('proxy');
+const out = document.getElementById('out');
+let etag = null, polls = 0, notModified = 0;
+async function poll() {
+  const headers = {};
+  if (etag) headers['If-None-Match'] = etag;
+  try {
+    const r = await fetch(proxy + '/api/flags', { headers, cache: 'no-store' });
+    polls++;
+    if (r.status === 304) notModified++;
+    else if (r.ok) {
+      etag = r.headers.get('ETag');
+      const body = await r.json();
+      out.textContent = JSON.stringify(body.flags);
+      out.dataset.state = 'ok';
+      out.dataset.etag = etag ?? '';
+    } else out.dataset.state = 'http-' + r.status;
+  } catch (e) {
+    out.dataset.state = 'error';
+    out.dataset.error = String(e);
+  }
+  out.dataset.polls = String(polls);
+  out.dataset.notModified = String(notModified);
+  setTimeout(poll, 250);
+}
+poll();
+</script></body></html>`;
+
+const CLIENT_PAGE = `<!doctype html>
+<html><head><meta charset="utf-8"><title>other origin: JS client</title></head>
+<body><h1>JS client from another origin</h1><pre id="out" data-state="loading"></pre>
+<script type="module">
+const proxy = new URLSearchParams(location.search).get('proxy');
+const out = document.getElementById('out');
+try {
+  const { createClient } = await import(proxy + '/rollgate-proxy-client.js');
+  const flags = createClient({ url: proxy, mode: 'stream' });
+  const render = () => {
+    out.textContent = JSON.stringify(flags.getAll());
+    out.dataset.state = flags.state();
+  };
+  flags.subscribe(render);
+  flags.onStateChange(render);
+  await flags.ready;
+  render();
+} catch (e) {
+  out.dataset.state = 'import-error';
+  out.textContent = String(e);
+}
+</script></body></html>`;
+
+/** The flags a page shows, from the demo page's stable selectors. */
+async function shownFlags(page) {
+  return page.$$eval('[data-flag][data-enabled]', (rows) =>
+    Object.fromEntries(rows.map((r) => [r.getAttribute('data-flag'), r.getAttribute('data-enabled') === 'true'])),
+  );
+}
+
+describe('Chromium: demo page, second origin', () => {
+  /** @type {Mock} */ let mock;
+  /** @type {Proxy} */ let proxy;
+  let browser;
+  let other;
+
+  before(async () => {
+    mock = await Mock.start();
+    proxy = await Proxy.start(mock);
+    browser = await launchChromium();
+    other = await staticServer('127.0.0.2', { '/poll.html': POLLING_PAGE, '/client.html': CLIENT_PAGE });
+  });
+
+  after(async () => {
+    await browser?.close();
+    await other?.close();
+    await proxy?.stop();
+    await mock?.stop();
+  });
+
+  test('the demo page shows the proxy’s flags live, and a change at Rollgate within 1 s', async () => {
+    const page = await browser.context.newPage();
+    const consoleErrors = [];
+    page.on('console', (m) => m.type() === 'error' && consoleErrors.push(m.text()));
+    page.on('pageerror', (e) => consoleErrors.push(String(e)));
+    await page.goto(`${proxy.url}/`);
+    await page.waitForSelector('#connection-state[data-state="streaming"]', { timeout: 10_000 });
+    await page.waitForSelector('[data-flag="enabled-flag"][data-enabled="true"]', { timeout: 5000 });
+    const expected = (await proxy.json('/api/flags')).flags;
+    assert.deepEqual(await shownFlags(page), expected);
+    // Data age is the proxy's (from /api/health), rendered as text.
+    await page.waitForFunction(() => document.querySelector('#data-age')?.textContent?.trim() !== '—', null, { timeout: 12_000 });
+    await page.screenshot({ path: join(SCREENSHOTS, 'demo-page.png'), fullPage: true });
+
+    for (const [key, value] of [
+      ['enabled-flag', false],
+      ['brand-new-flag', true],
+      ['enabled-flag', true],
+    ]) {
+      const start = Date.now();
+      await mock.setFlag(key, value);
+      await page.waitForSelector(`[data-flag="${key}"][data-enabled="${value}"]`, { timeout: 1000 });
+      const took = Date.now() - start;
+      assert.ok(took <= 1000, `${key}=${value} took ${took} ms`);
+    }
+    await page.screenshot({ path: join(SCREENSHOTS, 'demo-page-after-changes.png'), fullPage: true });
+    assert.equal(await page.getAttribute('#connection-state', 'data-state'), 'streaming');
+    assert.deepEqual(consoleErrors, []);
+    await page.close();
+  });
+
+  test('a page on another origin polls /api/flags over CORS (preflighted If-None-Match, exposed ETag)', async () => {
+    const page = await browser.context.newPage();
+    await page.goto(`${other.origin}/poll.html?proxy=${encodeURIComponent(proxy.url)}`);
+    await page.waitForSelector('#out[data-state="ok"]', { timeout: 5000 });
+    const expected = (await proxy.json('/api/flags')).flags;
+    assert.deepEqual(JSON.parse(await page.textContent('#out')), expected);
+    assert.match(await page.getAttribute('#out', 'data-etag'), /^(W\/)?".+"$/, 'ETag readable (Access-Control-Expose-Headers)');
+    // Conditional polls come back 304 (the preflight for If-None-Match was allowed).
+    await page.waitForFunction(() => Number(document.querySelector('#out')?.dataset.notModified) >= 2, null, { timeout: 5000 });
+    await mock.setFlag('max-items', false);
+    await page.waitForFunction(() => JSON.parse(document.querySelector('#out')?.textContent || '{}')['max-items'] === false, null, { timeout: 2000 });
+    assert.equal(await page.getAttribute('#out', 'data-state'), 'ok');
+    await page.screenshot({ path: join(SCREENSHOTS, 'other-origin-poll.png') });
+    await mock.setFlag('max-items', true);
+    await page.close();
+  });
+
+  test('the proxy’s JS client, imported from the proxy by another origin, streams over CORS', async () => {
+    const page = await browser.context.newPage();
+    await page.goto(`${other.origin}/client.html?proxy=${encodeURIComponent(proxy.url)}`);
+    await page.waitForSelector('#out[data-state="open"]', { timeout: 8000 });
+    const expected = (await proxy.json('/api/flags')).flags;
+    assert.deepEqual(JSON.parse(await page.textContent('#out')), expected);
+    await mock.setFlag('config', false);
+    await page.waitForFunction(() => JSON.parse(document.querySelector('#out')?.textContent || '{}').config === false, null, { timeout: 1000 });
+    assert.equal(await page.getAttribute('#out', 'data-state'), 'open');
+    await mock.setFlag('config', true);
+    await page.close();
+  });
+});
+
+describe('Chromium: demo page with client keys', () => {
+  /** @type {Mock} */ let mock;
+  /** @type {Proxy} */ let proxy;
+  let browser;
+
+  before(async () => {
+    mock = await Mock.start();
+    proxy = await Proxy.start(mock, ['--client-keys', CLIENT_KEY]);
+    browser = await launchChromium();
+  });
+
+  after(async () => {
+    await browser?.close();
+    await proxy?.stop();
+    await mock?.stop();
+  });
+
+  test('/?token=<key> streams the flags', async () => {
+    const page = await browser.context.newPage();
+    await page.goto(`${proxy.url}/?token=${CLIENT_KEY}`);
+    await page.waitForSelector('#connection-state[data-state="streaming"]', { timeout: 10_000 });
+    await page.waitForSelector('[data-flag="enabled-flag"][data-enabled="true"]', { timeout: 5000 });
+    assert.equal(await page.isVisible('#error'), false);
+    await mock.setFlag('enabled-flag', false);
+    await page.waitForSelector('[data-flag="enabled-flag"][data-enabled="false"]', { timeout: 1000 });
+    await page.screenshot({ path: join(SCREENSHOTS, 'demo-page-with-token.png'), fullPage: true });
+    await page.close();
+  });
+
+  test('without a key the page shows a clear 401 error state and no flags', async () => {
+    const page = await browser.context.newPage();
+    await page.goto(`${proxy.url}/`);
+    await page.waitForSelector('#connection-state[data-state="error"]', { timeout: 10_000 });
+    await page.waitForSelector('#error:not([hidden])', { timeout: 5000 });
+    const message = await page.textContent('#error');
+    assert.match(message, /unauthori[sz]ed/i);
+    assert.match(message, /\?token=/);
+    assert.equal(await page.$$eval('[data-flag]', (rows) => rows.length), 0);
+    await page.screenshot({ path: join(SCREENSHOTS, 'demo-page-401.png'), fullPage: true });
+    await page.close();
+  });
+});
