@@ -45,7 +45,7 @@ export ESBUILD_BIN="$PWD/node_modules/.bin/esbuild"
 # binaryen's wasm-opt is a node program: make sure a node is on PATH for it.
 export PATH="$PWD/node_modules/.bin:$PATH"
 
-(cd edge-worker && worker-build --release "${opt_flag[@]}")
+(cd edge-worker && worker-build --profile wasm-release "${opt_flag[@]}")
 
 wasm=edge-worker/build/index_bg.wasm
 raw=$(wc -c <"$wasm")

@@ -725,6 +725,7 @@ fn metrics(inner: &Inner) -> MetricsInput {
         revision: snapshot.as_ref().map_or(0, |s| s.revision().get()),
         flags: snapshot.as_ref().map_or(0, |s| s.defaults().flags.len()),
         sse_clients: core.shard_clients.values().sum(),
+        shard_clients: core.shard_clients.iter().map(|(s, n)| (*s, *n)).collect(),
         cache: core.cache,
         ..MetricsInput::default()
     };

@@ -155,6 +155,8 @@ pub struct MetricsInput {
     pub flags: usize,
     /// SSE clients over all shards.
     pub sse_clients: u64,
+    /// SSE clients per shard index, as the shards last reported.
+    pub shard_clients: Vec<(u32, u64)>,
     /// Relay-side cache statistics.
     pub cache: rollgate_proxy_core::snapshot::CacheStats,
 }
@@ -198,6 +200,17 @@ pub fn metrics_text(m: &MetricsInput) -> String {
         "Flags in the served snapshot.",
         m.flags.to_string(),
     );
+    let _ = writeln!(
+        out,
+        "# HELP rollgate_proxy_sse_shard_clients Open SSE client connections per shard object."
+    );
+    let _ = writeln!(out, "# TYPE rollgate_proxy_sse_shard_clients gauge");
+    for (shard, clients) in &m.shard_clients {
+        let _ = writeln!(
+            out,
+            "rollgate_proxy_sse_shard_clients{{shard=\"{shard}\"}} {clients}"
+        );
+    }
     let mut counter = |name: &str, help: &str, series: &[(&str, u64)]| {
         let _ = writeln!(out, "# HELP rollgate_proxy_{name} {help}");
         let _ = writeln!(out, "# TYPE rollgate_proxy_{name} counter");
@@ -396,6 +409,7 @@ mod tests {
     fn metrics_are_prometheus_text() {
         let text = metrics_text(&MetricsInput {
             sse_clients: 3,
+            shard_clients: vec![(0, 1), (1, 2)],
             fetch_ok: 2,
             ..MetricsInput::default()
         });
@@ -405,6 +419,7 @@ mod tests {
             )
         );
         assert!(text.contains("rollgate_proxy_upstream_requests_total{outcome=\"ok\"} 2\n"));
+        assert!(text.contains("rollgate_proxy_sse_shard_clients{shard=\"1\"} 2\n"));
         assert!(
             text.lines()
                 .all(|l| l.starts_with('#') || l.starts_with("rollgate_proxy_"))

@@ -62,6 +62,9 @@ struct Client {
     tx: UnboundedSender<Vec<u8>>,
     /// Unix ms of the last byte sent (keepalives are due after the interval).
     last_sent: u64,
+    /// The `Last-Event-ID` the client reconnected with, until its first snapshot is decided:
+    /// a client that already has the content is not sent it again.
+    last_event_id: Option<String>,
 }
 
 impl std::fmt::Debug for SseShard {
@@ -129,17 +132,13 @@ fn connect(inner: &Rc<Inner>, req: &Request) -> worker::Result<Response> {
             context,
             tx,
             last_sent: now().as_millis(),
+            last_event_id,
         });
         id
     };
     let snapshot = inner.core.borrow().snapshot.clone();
     if let Some(snapshot) = snapshot {
-        let current = last_event_id
-            .as_deref()
-            .is_some_and(|last| snapshot.is_current_event_id(last));
-        if !current {
-            send_snapshot(inner, id, &snapshot);
-        }
+        send_snapshot(inner, id, &snapshot);
     }
     ensure_tasks(inner);
     let headers = Headers::new();
@@ -153,10 +152,17 @@ fn connect(inner: &Rc<Inner>, req: &Request) -> worker::Result<Response> {
 /// evaluated mode).
 fn send_snapshot(inner: &Rc<Inner>, id: u64, snapshot: &Arc<Snapshot>) {
     let (route, context) = {
-        let core = inner.core.borrow();
-        let Some(client) = core.clients.iter().find(|c| c.id == id) else {
+        let mut core = inner.core.borrow_mut();
+        let Some(client) = core.clients.iter_mut().find(|c| c.id == id) else {
             return;
         };
+        if client
+            .last_event_id
+            .take()
+            .is_some_and(|last| snapshot.is_current_event_id(&last))
+        {
+            return;
+        }
         (client.route.clone(), client.context.clone())
     };
     match context.as_ref().map(|c| snapshot.flags_for(c)) {
