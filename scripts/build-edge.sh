@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Builds the Cloudflare Worker (edge-worker/) offline with pinned tools:
+#   worker-build 0.8.7 and wasm-bindgen-cli = the wasm-bindgen version in Cargo.lock (installed
+#   with `cargo install` when missing), wrangler/esbuild/wasm-opt from package-lock.json (npm ci).
+# Output: edge-worker/build/{index.js,index_bg.wasm}. Usage: scripts/build-edge.sh [--no-npm] [--no-opt]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+npm_step=1
+opt_flag=()
+for arg in "$@"; do
+  case "$arg" in
+    --no-npm) npm_step=0 ;;   # wrangler's [build] runs us with node_modules already installed
+    --no-opt) opt_flag=(--no-opt) ;;
+    *) echo "unknown argument: $arg" >&2; exit 2 ;;
+  esac
+done
+
+WB_VER=0.8.7
+WBG_VER=$(awk '/^name = "wasm-bindgen"$/{getline; gsub(/[^0-9.]/,""); print; exit}' Cargo.lock)
+if [ -z "$WBG_VER" ]; then
+  echo "wasm-bindgen is not in Cargo.lock" >&2
+  exit 1
+fi
+
+rustup target add wasm32-unknown-unknown >/dev/null 2>&1 || true
+if ! { command -v worker-build >/dev/null && [ "$(worker-build --version 2>/dev/null)" = "$WB_VER" ]; }; then
+  echo "==> installing worker-build $WB_VER (a few minutes, once)"
+  cargo install worker-build --version "$WB_VER"
+fi
+if ! { command -v wasm-bindgen >/dev/null && wasm-bindgen --version | grep -qx "wasm-bindgen $WBG_VER"; }; then
+  echo "==> installing wasm-bindgen-cli $WBG_VER (a few minutes, once)"
+  # Not --locked: its lock pins a webpki-roots the registry index here does not have.
+  cargo install wasm-bindgen-cli --version "$WBG_VER"
+fi
+
+if [ "$npm_step" = 1 ] || [ ! -x node_modules/.bin/wasm-opt ]; then
+  npm ci --no-audit --no-fund --loglevel=error
+fi
+
+# worker-build would otherwise download these from GitHub releases (unreachable offline).
+export WASM_BINDGEN_BIN=wasm-bindgen
+export WASM_OPT_BIN="$PWD/node_modules/.bin/wasm-opt"
+export ESBUILD_BIN="$PWD/node_modules/.bin/esbuild"
+# binaryen's wasm-opt is a node program: make sure a node is on PATH for it.
+export PATH="$PWD/node_modules/.bin:$PATH"
+
+(cd edge-worker && worker-build --profile wasm-release "${opt_flag[@]}")
+
+wasm=edge-worker/build/index_bg.wasm
+raw=$(wc -c <"$wasm")
+gz=$(gzip -9 -c "$wasm" | wc -c)
+echo "==> $wasm: $raw bytes raw, $gz bytes gzip -9"
