@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+suites=0
 step() { printf '\n==> %s\n' "$*"; }
 
 step "toolchain (rust-toolchain.toml pins the version and the wasm32 target)"
@@ -29,8 +30,22 @@ if [ -n "$forbidden" ]; then
 fi
 echo "ok: no tokio, hyper, reqwest, axum or worker under rollgate-proxy-core"
 
-step "Rust tests (unit, property, golden, simulation, black-box)"
+step "Rust tests: core unit/property/golden/simulation, server, mock upstream, e2e black-box"
 cargo test --workspace --locked
+suites=$((suites + 1))
 
-step "JS client tests (clients/js, pinned by package-lock.json)"
+step "JS client tests (clients/js, pinned by its package-lock.json)"
 (cd clients/js && npm ci --no-audit --no-fund --loglevel=error && npm test)
+suites=$((suites + 1))
+
+step "edge worker: build with pinned worker-build / wasm-bindgen / wrangler, then its specs"
+./scripts/build-edge.sh
+npm run --silent test:edge
+suites=$((suites + 1))
+
+step "real clients: official Python SDK, OpenFeature OFREP providers, Chromium on the demo page"
+./scripts/test-clients.sh
+suites=$((suites + 1))
+
+echo
+echo "all suites: ${suites} passed, 0 failed"
