@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_channel::mpsc::{UnboundedSender, unbounded};
-use futures_util::StreamExt;
 use futures_util::FutureExt as _;
+use futures_util::StreamExt;
 use futures_util::future::{Either, LocalBoxFuture, Shared, select};
 use rollgate_proxy_core::api::{self, ApiError, ApiResponse, HealthReport, Route, UpstreamHealth};
 use rollgate_proxy_core::breaker::{BreakerState, Outcome};
@@ -73,6 +73,9 @@ struct Core {
     shard_clients: BTreeMap<u32, u64>,
     cache: CacheStats,
     identities: HashMap<String, Context>,
+    /// Bumped by every `/identify`: part of the edge cache key, so cached answers that did not
+    /// see the new attributes are not served after one pointer TTL.
+    identity_epoch: u64,
     /// Evaluated mode: flags per user id, fresh for the refresh interval and the revision.
     users: HashMap<String, CachedUser>,
     /// Evaluated mode: the one upstream fetch per user and revision that callers share.
@@ -525,14 +528,21 @@ async fn poll(
     let snapshot = inner.core.borrow().snapshot();
     let freshness = freshness(inner);
     inner.core.borrow_mut().cache.record(freshness);
-    let answer = serve::data_route(snapshot.as_deref(), route, method, query, body, inm);
+    let answer = serve::data_route_merged(
+        snapshot.as_deref(),
+        route,
+        method,
+        query,
+        body,
+        inm,
+        |context| merge_identity(inner, context),
+    );
     let response = match answer {
         Answer::Ready(response) => response,
-        Answer::NeedsUpstream(mut context) => {
+        Answer::NeedsUpstream(context) => {
             let Some(snapshot) = snapshot.as_deref() else {
                 return http::error_response(&ApiError::not_ready());
             };
-            merge_identity(inner, &mut context);
             match user_flags(inner, config, &context, snapshot.revision()).await {
                 Some(flags) => serve::respond(
                     snapshot,
@@ -546,7 +556,10 @@ async fn poll(
             }
         }
     };
-    let event_id = snapshot.map(|s| s.event_id().to_owned());
+    // The edge cache keys answers by this: the snapshot, and the `/identify` epoch, since
+    // stored attributes change answers without a new snapshot.
+    let epoch = inner.core.borrow().identity_epoch;
+    let event_id = snapshot.map(|s| format!("{}~{epoch}", s.event_id()));
     let mut response = http::to_response(response)?;
     if let Some(event_id) = event_id {
         response.headers_mut().set(EVENT_ID_HEADER, &event_id)?;
@@ -617,7 +630,11 @@ async fn user_flags(
 }
 
 /// One upstream fetch of a user's flags, admitted and recorded by the breaker.
-async fn fetch_user(inner: &Rc<Inner>, config: &EdgeConfig, user_id: &str) -> Option<EvaluatedFlags> {
+async fn fetch_user(
+    inner: &Rc<Inner>,
+    config: &EdgeConfig,
+    user_id: &str,
+) -> Option<EvaluatedFlags> {
     let admitted = inner
         .core
         .borrow_mut()
@@ -679,6 +696,7 @@ async fn identify(
             }
         }
         core.identities.insert(id, context);
+        core.identity_epoch += 1;
     }
     forward(inner, config, "/api/v1/sdk/identify", body.clone());
     http::to_response(ApiResponse::json(Bytes::from_static(api::IDENTIFY_BODY)))

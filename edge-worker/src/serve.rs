@@ -83,13 +83,28 @@ pub fn data_route(
     body: &[u8],
     if_none_match: Option<&str>,
 ) -> Answer {
+    data_route_merged(snapshot, route, method, query, body, if_none_match, |_| {})
+}
+
+/// [`data_route`] with `merge` applied to the request's context first (the relay adds the
+/// attributes stored by `/identify`, as the native server does for every route).
+pub fn data_route_merged(
+    snapshot: Option<&Snapshot>,
+    route: &Route,
+    method: &str,
+    query: &str,
+    body: &[u8],
+    if_none_match: Option<&str>,
+    merge: impl FnOnce(&mut Context),
+) -> Answer {
     let Some(snapshot) = snapshot else {
         return Answer::Ready(ApiError::not_ready().into());
     };
-    let context = match context_of(route, method, query, body) {
+    let mut context = match context_of(route, method, query, body) {
         Ok(context) => context,
         Err(response) => return Answer::Ready(response),
     };
+    merge(&mut context);
     match snapshot.flags_for(&context) {
         ContextFlags::Ready(flags) => Answer::Ready(respond(
             snapshot,
