@@ -41,6 +41,9 @@ pub struct EdgeConfig {
     pub sdk_keepalive: Duration,
     /// How long an edge cache entry of the current revision is trusted before asking the relay.
     pub cache_ttl: Duration,
+    /// SSE connections are closed after about this age (±10%, see [`jittered_age`]) so
+    /// clients spread over shards and locations again; `None` (`SSE_MAX_AGE_MS=0`): never.
+    pub sse_max_age: Option<Duration>,
     /// The upstream machine's settings.
     pub upstream: UpstreamConfig,
 }
@@ -180,6 +183,8 @@ impl EdgeConfig {
             keepalive: ms("KEEPALIVE_MS", 15_000, 100, 600_000)?,
             sdk_keepalive: ms("SDK_KEEPALIVE_MS", 4_000, 100, 4_000)?,
             cache_ttl: ms("CACHE_TTL_MS", 1_000, 0, 60_000)?,
+            sse_max_age: Some(ms("SSE_MAX_AGE_MS", 3_600_000, 0, 604_800_000)?)
+                .filter(|age| !age.is_zero()),
             upstream,
         })
     }
@@ -206,6 +211,12 @@ impl EdgeConfig {
         let index = (sample.clamp(0.0, 1.0) * shards) as u32;
         index.min(self.sse_shards - 1)
     }
+}
+
+/// `age` scaled by a factor in `[0.9, 1.1)` from a uniform `sample` in `[0, 1)`, as the native
+/// server's `--sse-max-age` jitter: connections opened together do not all end together.
+pub fn jittered_age(age: Duration, sample: f64) -> Duration {
+    age.mul_f64(1.0 + 0.1 * (2.0 * sample.clamp(0.0, 1.0) - 1.0))
 }
 
 fn split_list(list: &str) -> Vec<String> {
@@ -247,6 +258,15 @@ mod tests {
         assert_eq!(c.sdk_keepalive, Duration::from_secs(4));
         assert_eq!(c.upstream.refresh_interval, Duration::from_secs(30));
         assert_eq!(c.relay_name(), "relay:default");
+        assert_eq!(c.sse_max_age, Some(Duration::from_secs(3600)));
+        assert_eq!(
+            config(&[("SSE_MAX_AGE_MS", "0")]).unwrap().sse_max_age,
+            None
+        );
+        let hour = Duration::from_secs(3600);
+        assert_eq!(jittered_age(hour, 0.0), Duration::from_secs(3240));
+        assert_eq!(jittered_age(hour, 0.5), hour);
+        assert_eq!(jittered_age(hour, 1.0), Duration::from_secs(3960));
         assert_eq!(c.shard_name(1), "sse:default:1");
     }
 

@@ -3,14 +3,16 @@
 
 use crate::config::CorsOrigins;
 
-/// Headers a browser may send on a cross-origin request.
-pub const ALLOW_HEADERS: &str = "authorization,content-type,if-none-match,x-api-key,last-event-id";
+/// Headers a browser may send on a cross-origin request: the native server's list, including
+/// the browser SDK's tracing headers (protocol doc §1.1), or its preflights would fail here.
+pub const ALLOW_HEADERS: &str = "authorization,content-type,if-none-match,cache-control,x-api-key,\
+last-event-id,x-request-id,x-trace-id,x-span-id,traceparent,x-sdk-name,x-sdk-version";
 /// Methods of the API.
 pub const ALLOW_METHODS: &str = "GET,HEAD,POST,OPTIONS";
 /// Response headers scripts may read.
-pub const EXPOSE_HEADERS: &str = "etag";
+pub const EXPOSE_HEADERS: &str = "etag,retry-after,x-request-id";
 /// How long a browser may cache a preflight answer, in seconds.
-pub const MAX_AGE_SECS: &str = "86400";
+pub const MAX_AGE_SECS: &str = "600";
 
 /// The `Access-Control-Allow-Origin` value for a request from `origin`, or `None` when the
 /// origin is not allowed (the response then carries no CORS headers and the browser blocks it).
@@ -67,7 +69,10 @@ mod tests {
     fn any_origin_gets_a_star() {
         let h = response_headers(&CorsOrigins::Any, Some("https://x.example"));
         assert_eq!(find(&h, "access-control-allow-origin"), Some("*"));
-        assert_eq!(find(&h, "access-control-expose-headers"), Some("etag"));
+        assert_eq!(
+            find(&h, "access-control-expose-headers"),
+            Some("etag,retry-after,x-request-id")
+        );
         assert_eq!(find(&h, "vary"), None);
         let p = preflight_headers(&CorsOrigins::Any, None);
         assert_eq!(

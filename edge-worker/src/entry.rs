@@ -2,7 +2,7 @@
 //! polling, a shard object for streams, and the relay object for everything else.
 
 use bytes::Bytes;
-use rollgate_proxy_core::api::{ApiError, ApiResponse, Route};
+use rollgate_proxy_core::api::{self, ApiResponse, Route};
 use worker::{Cache, Context, Env, Headers, Method, Request, Response, console_error, event};
 
 use crate::cache;
@@ -16,10 +16,8 @@ use crate::serve;
 const CACHED_CC: &str = "x-rollgate-cache-control";
 /// Header that carries a cached answer's status (the stored copy is a 200).
 const CACHED_STATUS: &str = "x-rollgate-status";
-/// The demo page: a pointer to the JS client (the full page ships with the native server).
-const DEMO_PAGE: &str = "<!doctype html><meta charset=utf-8><title>rollgate-proxy</title>\
-<h1>rollgate-proxy (edge)</h1><p>Flags: <a href=/api/flags>/api/flags</a>, stream: \
-<a href=/api/stream>/api/stream</a>, health: <a href=/api/health>/api/health</a>.</p>";
+/// Header carrying a request id, kept from the client when sane, as the native server does.
+const REQUEST_ID: &str = "x-request-id";
 
 /// Reads the configuration from vars and secrets.
 pub(crate) fn load_config(env: &Env) -> Result<EdgeConfig, ConfigError> {
@@ -41,8 +39,23 @@ async fn fetch(req: Request, env: Env, ctx: Context) -> worker::Result<Response>
         }
     };
     let origin = req.headers().get("origin")?;
+    let request_id = req
+        .headers()
+        .get(REQUEST_ID)?
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .unwrap_or_else(|| {
+            // Random, not a counter: isolates share no state.
+            #[allow(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                reason = "a random sample in [0, 2^53) as an id"
+            )]
+            let n = (js_sys::Math::random() * 9_007_199_254_740_992.0) as u64;
+            format!("{n:016x}")
+        });
     if req.method() == Method::Options {
-        let headers = cors::preflight_headers(&config.cors, origin.as_deref());
+        let mut headers = cors::preflight_headers(&config.cors, origin.as_deref());
+        headers.push((REQUEST_ID, request_id));
         return http::with_headers(Response::empty()?, &headers, &[]);
     }
     let response = match handle(req, &env, &ctx, &config).await {
@@ -52,7 +65,8 @@ async fn fetch(req: Request, env: Env, ctx: Context) -> worker::Result<Response>
             http::internal()?
         }
     };
-    let headers = cors::response_headers(&config.cors, origin.as_deref());
+    let mut headers = cors::response_headers(&config.cors, origin.as_deref());
+    headers.push((REQUEST_ID, request_id));
     http::with_headers(
         response,
         &headers,
@@ -90,11 +104,13 @@ async fn handle(
         Err(error) => return http::error_response(&error),
     };
     match route {
-        Route::Live | Route::RootHealth => http::to_response(ApiResponse::json(
-            Bytes::from_static(b"{\"status\":\"ok\"}"),
-        )),
-        Route::Demo => Response::from_html(DEMO_PAGE),
-        Route::Asset(_) => http::error_response(&ApiError::not_found(&path)),
+        Route::Live | Route::RootHealth => {
+            http::to_response(ApiResponse::json(Bytes::from_static(api::STATUS_OK_BODY)))
+        }
+        Route::Demo => http::static_text(serve::asset("index.html"), serve::DEMO_CONTENT_TYPE),
+        Route::Asset(name) => {
+            http::static_text(serve::asset(name), Route::asset_content_type(name))
+        }
         ref stream if serve::is_stream(stream) => {
             let index = config.pick_shard(js_sys::Math::random());
             let mut headers = vec![(SHARD_HEADER, index.to_string())];

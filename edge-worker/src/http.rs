@@ -29,6 +29,14 @@ pub(crate) fn to_response(api: ApiResponse) -> worker::Result<Response> {
     Ok(response.with_status(api.status).with_headers(headers))
 }
 
+/// A static text answer (demo page, its assets), `Cache-Control: no-cache` as the native server.
+pub(crate) fn static_text(body: &'static str, content_type: &str) -> worker::Result<Response> {
+    let headers = Headers::new();
+    headers.set("content-type", content_type)?;
+    headers.set("cache-control", rollgate_proxy_core::api::NO_CACHE)?;
+    Ok(Response::from_bytes(body.as_bytes().to_vec())?.with_headers(headers))
+}
+
 /// An error answer.
 pub(crate) fn error_response(error: &ApiError) -> worker::Result<Response> {
     to_response(ApiResponse::error(error))

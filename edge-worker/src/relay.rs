@@ -10,12 +10,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_channel::mpsc::{UnboundedSender, unbounded};
+use futures_util::FutureExt as _;
 use futures_util::StreamExt;
-use futures_util::future::{Either, select};
+use futures_util::future::{Either, LocalBoxFuture, Shared, select};
 use rollgate_proxy_core::api::{self, ApiError, ApiResponse, HealthReport, Route, UpstreamHealth};
 use rollgate_proxy_core::breaker::{BreakerState, Outcome};
 use rollgate_proxy_core::model::{Context, EvaluatedFlags, RulesPayload};
-use rollgate_proxy_core::snapshot::{CacheStats, FlagSource, Freshness, Snapshot, SnapshotStore};
+use rollgate_proxy_core::snapshot::{
+    CacheStats, FlagSource, Freshness, Revision, Snapshot, SnapshotStore,
+};
 use rollgate_proxy_core::sse::encode::{Event, KEEPALIVE};
 use rollgate_proxy_core::upstream::{
     Action, FetchResult, RequestId, StreamEnd, StreamId, Upstream,
@@ -33,6 +36,8 @@ use crate::serve::{self, Answer, MetricsInput};
 const SNAPSHOT_KEY: &str = "snapshot";
 /// Most user contexts kept from `/identify`.
 const MAX_IDENTITIES: usize = 10_000;
+/// Most users whose upstream-evaluated flags are cached (as the native server's default).
+const MAX_USERS: usize = 10_000;
 /// Longest an upstream request may take.
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(10);
 /// SSE event name of the internal relay → shard stream.
@@ -68,6 +73,23 @@ struct Core {
     shard_clients: BTreeMap<u32, u64>,
     cache: CacheStats,
     identities: HashMap<String, Context>,
+    /// Bumped by every `/identify`: part of the edge cache key, so cached answers that did not
+    /// see the new attributes are not served after one pointer TTL.
+    identity_epoch: u64,
+    /// Evaluated mode: flags per user id, fresh for the refresh interval and the revision.
+    users: HashMap<String, CachedUser>,
+    /// Evaluated mode: the one upstream fetch per user and revision that callers share.
+    inflight_users: HashMap<(String, Revision), PendingUser>,
+}
+
+type PendingUser = Shared<LocalBoxFuture<'static, Option<Arc<EvaluatedFlags>>>>;
+
+struct CachedUser {
+    flags: Arc<EvaluatedFlags>,
+    /// Unix ms of the fetch.
+    fetched: u64,
+    /// The revision current at the fetch: any change upstream makes the entry out of date.
+    revision: Revision,
 }
 
 impl Core {
@@ -464,13 +486,11 @@ async fn handle(inner: &Rc<Inner>, mut req: Request) -> worker::Result<Response>
         Route::Metrics => {
             let text = serve::metrics_text(&metrics(inner));
             let headers = Headers::new();
-            headers.set("content-type", "text/plain; version=0.0.4")?;
+            headers.set("content-type", "text/plain; version=0.0.4; charset=utf-8")?;
             Ok(Response::ok(text)?.with_headers(headers))
         }
         Route::Ready => match inner.core.borrow().snapshot() {
-            Some(_) => http::to_response(ApiResponse::json(Bytes::from_static(
-                b"{\"status\":\"ready\"}",
-            ))),
+            Some(_) => http::to_response(ApiResponse::json(Bytes::from_static(api::READY_BODY))),
             None => http::error_response(&ApiError::not_ready()),
         },
         Route::SdkIdentify => identify(inner, &config, &body).await,
@@ -508,23 +528,38 @@ async fn poll(
     let snapshot = inner.core.borrow().snapshot();
     let freshness = freshness(inner);
     inner.core.borrow_mut().cache.record(freshness);
-    let answer = serve::data_route(snapshot.as_deref(), route, method, query, body, inm);
+    let answer = serve::data_route_merged(
+        snapshot.as_deref(),
+        route,
+        method,
+        query,
+        body,
+        inm,
+        |context| merge_identity(inner, context),
+    );
     let response = match answer {
         Answer::Ready(response) => response,
-        Answer::NeedsUpstream(mut context) => {
+        Answer::NeedsUpstream(context) => {
             let Some(snapshot) = snapshot.as_deref() else {
                 return http::error_response(&ApiError::not_ready());
             };
-            merge_identity(inner, &mut context);
-            match user_flags(inner, config, &context).await {
-                Some(flags) => {
-                    serve::respond(snapshot, route, &context, Cow::Owned(flags), query, inm)
-                }
+            match user_flags(inner, config, &context, snapshot.revision()).await {
+                Some(flags) => serve::respond(
+                    snapshot,
+                    route,
+                    &context,
+                    Cow::Owned(EvaluatedFlags::clone(&flags)),
+                    query,
+                    inm,
+                ),
                 None => ApiError::upstream_unavailable().into(),
             }
         }
     };
-    let event_id = snapshot.map(|s| s.event_id().to_owned());
+    // The edge cache keys answers by this: the snapshot, and the `/identify` epoch, since
+    // stored attributes change answers without a new snapshot.
+    let epoch = inner.core.borrow().identity_epoch;
+    let event_id = snapshot.map(|s| format!("{}~{epoch}", s.event_id()));
     let mut response = http::to_response(response)?;
     if let Some(event_id) = event_id {
         response.headers_mut().set(EVENT_ID_HEADER, &event_id)?;
@@ -532,11 +567,73 @@ async fn poll(
     Ok(response)
 }
 
-/// A user's flags from upstream (evaluated mode), through the breaker.
+/// A user's flags in evaluated mode, as the native server: from the cache while younger than
+/// the refresh interval and fetched at `revision`; else one upstream fetch per user and
+/// revision, shared by every caller meanwhile; when that fails, an expired entry (stale).
 async fn user_flags(
     inner: &Rc<Inner>,
     config: &EdgeConfig,
     context: &Context,
+    revision: Revision,
+) -> Option<Arc<EvaluatedFlags>> {
+    let id = context.id.clone()?;
+    let ttl = rollgate_proxy_core::time::duration_millis(config.upstream.refresh_interval);
+    let at = now().as_millis();
+    let stale = match inner.core.borrow().users.get(&id) {
+        Some(entry) if entry.revision == revision && at.saturating_sub(entry.fetched) < ttl => {
+            return Some(Arc::clone(&entry.flags));
+        }
+        Some(entry) => Some(Arc::clone(&entry.flags)),
+        None => None,
+    };
+    let pending = {
+        let key = (id, revision);
+        let mut core = inner.core.borrow_mut();
+        core.inflight_users
+            .entry(key.clone())
+            .or_insert_with(|| {
+                let inner = Rc::clone(inner);
+                async move {
+                    let config = config_of(&inner)?;
+                    let flags = fetch_user(&inner, &config, &key.0).await.map(Arc::new);
+                    let mut core = inner.core.borrow_mut();
+                    core.inflight_users.remove(&key);
+                    if let Some(flags) = &flags {
+                        if core.users.len() >= MAX_USERS && !core.users.contains_key(&key.0) {
+                            // Bounded: drop the oldest entry.
+                            let oldest = core
+                                .users
+                                .iter()
+                                .min_by_key(|(_, e)| e.fetched)
+                                .map(|(k, _)| k.clone());
+                            if let Some(oldest) = oldest {
+                                core.users.remove(&oldest);
+                            }
+                        }
+                        core.users.insert(
+                            key.0.clone(),
+                            CachedUser {
+                                flags: Arc::clone(flags),
+                                fetched: now().as_millis(),
+                                revision: key.1,
+                            },
+                        );
+                    }
+                    flags
+                }
+                .boxed_local()
+                .shared()
+            })
+            .clone()
+    };
+    pending.await.or(stale)
+}
+
+/// One upstream fetch of a user's flags, admitted and recorded by the breaker.
+async fn fetch_user(
+    inner: &Rc<Inner>,
+    config: &EdgeConfig,
+    user_id: &str,
 ) -> Option<EvaluatedFlags> {
     let admitted = inner
         .core
@@ -547,7 +644,7 @@ async fn user_flags(
     if !admitted {
         return None;
     }
-    let result = get_flags(config, context.id.as_deref(), None).await;
+    let result = get_flags(config, Some(user_id), None).await;
     let flags = match result {
         FetchResult::Response {
             status: 200, body, ..
@@ -599,9 +696,10 @@ async fn identify(
             }
         }
         core.identities.insert(id, context);
+        core.identity_epoch += 1;
     }
     forward(inner, config, "/api/v1/sdk/identify", body.clone());
-    http::to_response(ApiResponse::json(Bytes::from_static(b"{\"success\":true}")))
+    http::to_response(ApiResponse::json(Bytes::from_static(api::IDENTIFY_BODY)))
 }
 
 /// Sends a client's batch on to upstream in the background (upstream mode, breaker permitting).

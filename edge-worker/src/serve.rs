@@ -10,6 +10,26 @@ use rollgate_proxy_core::model::{Context, EvaluatedFlags};
 use rollgate_proxy_core::render;
 use rollgate_proxy_core::snapshot::{ContextFlags, Snapshot};
 
+/// Content type of the demo page (as the native server).
+pub const DEMO_CONTENT_TYPE: &str = "text/html; charset=utf-8";
+
+/// The demo page and its assets: the native server's very files.
+const INDEX_HTML: &str = include_str!("../../native-server/assets/index.html");
+const DEMO_CSS: &str = include_str!("../../native-server/assets/demo.css");
+const DEMO_JS: &str = include_str!("../../native-server/assets/demo.js");
+const CLIENT_JS: &str = include_str!("../../clients/js/src/index.js");
+
+/// The text of asset `name` (`index.html` is the demo page; core's `Route::Asset` names the
+/// rest), the same choice as the native server's.
+pub fn asset(name: &str) -> &'static str {
+    match name {
+        "index.html" => INDEX_HTML,
+        "demo.css" => DEMO_CSS,
+        "demo.js" => DEMO_JS,
+        _ => CLIENT_JS,
+    }
+}
+
 /// The OFREP event stream announced by the bulk answer.
 pub const OFREP_STREAM_URI: &str = "/ofrep/v1/sse";
 
@@ -63,19 +83,44 @@ pub fn data_route(
     body: &[u8],
     if_none_match: Option<&str>,
 ) -> Answer {
+    data_route_merged(snapshot, route, method, query, body, if_none_match, |_| {})
+}
+
+/// [`data_route`] with `merge` applied to the request's context first (the relay adds the
+/// attributes stored by `/identify`, as the native server does for every route).
+pub fn data_route_merged(
+    snapshot: Option<&Snapshot>,
+    route: &Route,
+    method: &str,
+    query: &str,
+    body: &[u8],
+    if_none_match: Option<&str>,
+    merge: impl FnOnce(&mut Context),
+) -> Answer {
     let Some(snapshot) = snapshot else {
         return Answer::Ready(ApiError::not_ready().into());
     };
-    let context = match context_of(route, method, query, body) {
+    let mut context = match context_of(route, method, query, body) {
         Ok(context) => context,
         Err(response) => return Answer::Ready(response),
     };
+    merge(&mut context);
     match snapshot.flags_for(&context) {
         ContextFlags::Ready(flags) => Answer::Ready(respond(
             snapshot,
             route,
             &context,
             flags,
+            query,
+            if_none_match,
+        )),
+        // Upstream evaluates per user id only: without one, the snapshot's own flags (as the
+        // native server; asking upstream would give the same flags under a per-context ETag).
+        ContextFlags::NeedsUpstream if context.id.is_none() => Answer::Ready(respond(
+            snapshot,
+            route,
+            &context,
+            Cow::Borrowed(snapshot.defaults()),
             query,
             if_none_match,
         )),
@@ -360,6 +405,17 @@ mod tests {
             data_route(Some(&e), &Route::Flags, "GET", "user_id=u1", b"", None),
             Answer::NeedsUpstream(_)
         ));
+        // Attributes but no user id: the snapshot's own answer, ETag included.
+        let no_id = ready(data_route(
+            Some(&e),
+            &Route::Flags,
+            "GET",
+            "attr.plan=pro",
+            b"",
+            None,
+        ));
+        assert_eq!(&no_id.body, e.flags_body());
+        assert!(no_id.headers.iter().any(|(_, v)| v == e.etag()));
         let bad = ready(data_route(
             Some(&s),
             &Route::OfrepFlags,
@@ -403,6 +459,20 @@ mod tests {
             stream_frame(&Route::Stream, &s, Some(&user)),
             s.flags_frame().clone()
         );
+    }
+
+    #[test]
+    fn assets_are_the_native_servers_files() {
+        assert!(asset("index.html").contains("<html"));
+        assert!(asset("demo.css").len() > 10);
+        assert_eq!(asset("demo.js"), DEMO_JS);
+        assert_eq!(asset("rollgate-proxy-client.js"), CLIENT_JS);
+        for path in ["/demo.css", "/demo.js", "/rollgate-proxy-client.js"] {
+            let Ok(Route::Asset(name)) = Route::parse("GET", path) else {
+                panic!("{path} is an asset route");
+            };
+            assert!(!asset(name).is_empty(), "{path}");
+        }
     }
 
     #[test]

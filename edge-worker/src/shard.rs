@@ -62,6 +62,8 @@ struct Client {
     tx: UnboundedSender<Vec<u8>>,
     /// Unix ms of the last byte sent (keepalives are due after the interval).
     last_sent: u64,
+    /// Unix ms after which the connection is closed (`SSE_MAX_AGE_MS`, jittered).
+    close_at: Option<u64>,
     /// The `Last-Event-ID` the client reconnected with, until its first snapshot is decided:
     /// a client that already has the content is not sent it again.
     last_event_id: Option<String>,
@@ -122,6 +124,17 @@ fn connect(inner: &Rc<Inner>, req: &Request) -> worker::Result<Response> {
     let (tx, rx) = unbounded::<Vec<u8>>();
     let _ = tx.unbounded_send(render::retry_frame(RETRY).to_vec());
     let context = (!context.is_anonymous() && route != Route::OfrepStream).then_some(context);
+    let opened = now();
+    let close_at = inner
+        .core
+        .borrow()
+        .config
+        .as_ref()
+        .and_then(|c| c.sse_max_age)
+        .map(|age| {
+            let age = crate::config::jittered_age(age, js_sys::Math::random());
+            opened.saturating_add(age).as_millis()
+        });
     let id = {
         let mut core = inner.core.borrow_mut();
         core.next_client += 1;
@@ -131,7 +144,8 @@ fn connect(inner: &Rc<Inner>, req: &Request) -> worker::Result<Response> {
             route,
             context,
             tx,
-            last_sent: now().as_millis(),
+            last_sent: opened.as_millis(),
+            close_at,
             last_event_id,
         });
         id
@@ -166,11 +180,20 @@ fn send_snapshot(inner: &Rc<Inner>, id: u64, snapshot: &Arc<Snapshot>) {
         (client.route.clone(), client.context.clone())
     };
     match context.as_ref().map(|c| snapshot.flags_for(c)) {
+        // No context, or evaluated mode without a user id (upstream evaluates per id only):
+        // the snapshot's own frame.
         None => send(
             inner,
             id,
             &crate::serve::stream_frame(&route, snapshot, None),
         ),
+        Some(ContextFlags::NeedsUpstream) if context.as_ref().is_some_and(|c| c.id.is_none()) => {
+            send(
+                inner,
+                id,
+                &crate::serve::stream_frame(&route, snapshot, None),
+            );
+        }
         Some(ContextFlags::Ready(flags)) => {
             send(
                 inner,
@@ -343,6 +366,11 @@ async fn ticker(inner: Rc<Inner>) {
         let (count, changed, index) = {
             let mut core = inner.core.borrow_mut();
             core.clients.retain_mut(|client| {
+                if client.close_at.is_some_and(|end| at >= end) {
+                    // Dropping the sender ends the response body cleanly; the client
+                    // reconnects after `retry:` and may land on another shard or location.
+                    return false;
+                }
                 let interval = if client.route == Route::SdkStream {
                     config.sdk_keepalive
                 } else {

@@ -7,12 +7,14 @@
 //! owns its processes and ports and has a hard time limit.
 //!
 //! Usage: `cargo test -p rollgate-proxy-tests --test e2e [-- FILTER... | --list | --exact]`;
-//! `E2E_JOBS=N` bounds how many scenarios run at once (default 8).
+//! `E2E_JOBS=N` bounds how many scenarios run at once (default 8; 3 with `E2E_TARGET=edge`,
+//! where every scenario starts a workerd). `E2E_TARGET=parity` runs only `parity::`.
 
 mod common;
 mod flags;
 mod ofrep;
 mod ops;
+mod parity;
 mod resilience;
 mod sdk;
 mod security;
@@ -61,6 +63,7 @@ fn all() -> Vec<Scenario> {
     all.extend(resilience::scenarios());
     all.extend(security::scenarios());
     all.extend(ops::scenarios());
+    all.extend(parity::scenarios());
     all
 }
 
@@ -118,9 +121,11 @@ fn main() -> ExitCode {
         eprintln!("panicked at {location}");
     }));
     let args = parse_args();
+    let parity_only = rollgate_proxy_tests::target::parity_from_env();
     let scenarios: Vec<Scenario> = all()
         .into_iter()
         .filter(|s| selected(&args, s.name))
+        .filter(|s| !parity_only || s.name.contains("::parity::"))
         .collect();
     if args.list {
         for s in &scenarios {
@@ -132,7 +137,11 @@ fn main() -> ExitCode {
         .ok()
         .and_then(|j| j.parse::<usize>().ok())
         .filter(|&j| j > 0)
-        .unwrap_or(8);
+        .unwrap_or_else(|| match common::target() {
+            // Each scenario starts wrangler + workerd (~1-2 s of CPU each): fewer at once.
+            rollgate_proxy_tests::target::TargetKind::Edge => 3,
+            rollgate_proxy_tests::target::TargetKind::Native => 8,
+        });
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
         .enable_all()

@@ -2,8 +2,10 @@
 //! its `base_url`, stop, restart or kill it, read its logs.
 //!
 //! One suite, two targets: [`TargetKind::Native`] spawns the `rollgate-proxy` binary;
-//! [`TargetKind::Edge`] is the seam for the Cloudflare Worker under `wrangler dev` (the edge
-//! issue implements [`edge::start`]). Select with `E2E_TARGET=native|edge` (default native).
+//! [`TargetKind::Edge`] runs the prebuilt Cloudflare Worker under `wrangler dev` (see the
+//! `edge` module; build it first with `scripts/build-edge.sh`). Select with
+//! `E2E_TARGET=native|edge|parity` (default native; `parity` runs only the scenario that
+//! compares a native proxy and a Worker on one mock, see [`parity_from_env`]).
 //!
 //! Native binary: `ROLLGATE_PROXY_BIN=<path>` uses that file as is; otherwise the first start
 //! runs `cargo build -p rollgate-proxy-server --bin rollgate-proxy` (a no-op when up to date)
@@ -29,15 +31,24 @@ pub enum TargetKind {
 }
 
 impl TargetKind {
-    /// From `E2E_TARGET` (`native`, the default, or `edge`).
+    /// From `E2E_TARGET` (`native`, the default, `edge`, or `parity`, which needs the edge
+    /// build too and so counts as edge).
     ///
     /// # Errors
     /// An unknown value.
     pub fn from_env() -> anyhow::Result<Self> {
-        match std::env::var("E2E_TARGET").ok().as_deref().map(str::trim) {
+        Self::parse(std::env::var("E2E_TARGET").ok().as_deref())
+    }
+
+    /// The rule of [`Self::from_env`] on a value.
+    ///
+    /// # Errors
+    /// An unknown value.
+    pub fn parse(value: Option<&str>) -> anyhow::Result<Self> {
+        match value.map(str::trim) {
             None | Some("" | "native") => Ok(Self::Native),
-            Some("edge") => Ok(Self::Edge),
-            Some(other) => bail!("E2E_TARGET={other:?}: expected native or edge"),
+            Some("edge" | "parity") => Ok(Self::Edge),
+            Some(other) => bail!("E2E_TARGET={other:?}: expected native, edge or parity"),
         }
     }
 
@@ -46,6 +57,11 @@ impl TargetKind {
     pub fn is_process(self) -> bool {
         matches!(self, Self::Native)
     }
+}
+
+/// Whether `E2E_TARGET=parity`: run only the native-vs-Worker parity scenario.
+pub fn parity_from_env() -> bool {
+    std::env::var("E2E_TARGET").is_ok_and(|v| v.trim() == "parity")
 }
 
 /// How to start the proxy. Target-neutral: each target maps it onto its own flags or vars.
@@ -114,7 +130,7 @@ impl ProxyConfig {
 pub async fn start(kind: TargetKind, config: ProxyConfig) -> anyhow::Result<ProxyHandle> {
     match kind {
         TargetKind::Native => native::start(config, None).await,
-        TargetKind::Edge => edge::start(config).await,
+        TargetKind::Edge => edge::start(config, None, None).await,
     }
 }
 
@@ -129,6 +145,8 @@ pub struct ProxyHandle {
     child: Option<Child>,
     logs: Arc<Mutex<Vec<String>>>,
     exit: Option<ExitStatus>,
+    /// Edge only: the instance directory (persisted state, env file), kept across restarts.
+    edge_dir: Option<Arc<TempDir>>,
 }
 
 impl ProxyHandle {
@@ -168,13 +186,16 @@ impl ProxyHandle {
         self.child.as_ref().map(Child::id)
     }
 
-    /// Sends SIGTERM and returns at once (native only).
+    /// Sends SIGTERM and returns at once (edge: to wrangler's whole process group).
     ///
     /// # Errors
-    /// Not a process target, or `kill` failed.
+    /// No process, or `kill` failed.
     pub fn terminate(&self) -> anyhow::Result<()> {
         let pid = self.pid().ok_or_else(|| anyhow!("no process to signal"))?;
-        signal(pid, "TERM")
+        match self.kind {
+            TargetKind::Native => signal(pid, "TERM"),
+            TargetKind::Edge => signal_group(pid, "TERM"),
+        }
     }
 
     /// Waits for the process to exit, at most `timeout`.
@@ -222,6 +243,9 @@ impl ProxyHandle {
             return Ok(status);
         }
         if let Some(child) = self.child.as_mut() {
+            if self.kind == TargetKind::Edge {
+                let _ = signal_group(child.id(), "KILL");
+            }
             let _ = child.kill();
         }
         self.wait_exit(Duration::from_secs(10)).await
@@ -236,7 +260,14 @@ impl ProxyHandle {
         self.stop(Duration::from_secs(15)).await?;
         let next = match self.kind {
             TargetKind::Native => native::start(self.config.clone(), Some(self.port)).await?,
-            TargetKind::Edge => edge::start(self.config.clone()).await?,
+            TargetKind::Edge => {
+                // wrangler has exited; make sure workerd (same group) is gone too before the
+                // next one opens the same state directory and port.
+                if let Some(child) = self.child.as_ref() {
+                    let _ = signal_group(child.id(), "KILL");
+                }
+                edge::start(self.config.clone(), self.edge_dir.clone(), Some(self.port)).await?
+            }
         };
         let mut next = next;
         let old = std::mem::take(&mut *self.logs.lock().map_err(|_| anyhow!("poisoned"))?);
@@ -256,6 +287,10 @@ impl ProxyHandle {
 impl Drop for ProxyHandle {
     fn drop(&mut self) {
         if let Some(child) = self.child.as_mut() {
+            if self.kind == TargetKind::Edge {
+                // workerd and esbuild are wrangler's children: take down the whole group.
+                let _ = signal_group(child.id(), "KILL");
+            }
             if self.exit.is_none() {
                 let _ = child.kill();
             }
@@ -285,6 +320,21 @@ fn signal(pid: u32, name: &str) -> anyhow::Result<()> {
         .context("running kill")?;
     if !status.success() {
         bail!("kill -{name} {pid} failed: {status}");
+    }
+    Ok(())
+}
+
+/// Signals the process group led by `pgid` (children spawned with `process_group(0)`).
+fn signal_group(pgid: u32, name: &str) -> anyhow::Result<()> {
+    let status = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg("--")
+        .arg(format!("-{pgid}"))
+        .stderr(Stdio::null())
+        .status()
+        .context("running kill")?;
+    if !status.success() {
+        bail!("kill -{name} -- -{pgid} failed: {status}");
     }
     Ok(())
 }
@@ -520,6 +570,7 @@ mod native {
             child: Some(child),
             logs,
             exit: None,
+            edge_dir: None,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -554,7 +605,7 @@ mod native {
         }
     }
 
-    fn capture(stream: impl Read + Send + 'static, logs: Arc<Mutex<Vec<String>>>) {
+    pub(super) fn capture(stream: impl Read + Send + 'static, logs: Arc<Mutex<Vec<String>>>) {
         std::thread::spawn(move || {
             let mut reader = BufReader::new(stream);
             let mut line = Vec::new();
@@ -589,17 +640,214 @@ mod native {
     }
 }
 
-/// The edge target: the Cloudflare Worker under `wrangler dev`. Implemented by the edge
-/// issue: start `wrangler dev` on 127.0.0.1 with `config` mapped to vars/secrets, wait for
-/// its ready line, return a [`ProxyHandle`] whose `child` is the wrangler process.
+/// The edge target: the prebuilt Worker (`edge-worker/build/`, from `scripts/build-edge.sh`)
+/// under `wrangler dev -c wrangler.nobuild.toml` (workerd from npm) on 127.0.0.1.
+///
+/// [`ProxyConfig`] maps onto the Worker's vars (`edge-worker/README.md`). The server key and
+/// client keys are secrets there; here they go in a per-instance `--env-file` (mode 0600) so
+/// they are not on a command line. Every instance has its own directory: `state/` is
+/// `--persist-to` (Durable Object storage, so a restart — stop, then start with the same
+/// directory and port — reloads the relay's persisted snapshot), `secrets.env` the env file.
+/// wrangler runs in its own process group; stop/kill/drop signal the whole group (workerd
+/// included). Settings the Worker does not have (snapshot file, flags file, flush intervals,
+/// shutdown timeout, log level) are ignored; scenarios that need them skip on this target.
 mod edge {
+    use std::os::unix::process::CommandExt as _;
+
     use super::*;
 
-    pub(super) async fn start(_config: ProxyConfig) -> anyhow::Result<ProxyHandle> {
-        bail!(
-            "E2E_TARGET=edge is not implemented yet: implement edge::start in \
-             tests/src/target.rs (wrangler dev on 127.0.0.1)"
-        )
+    /// The repository root (wrangler's working directory).
+    pub(super) fn workspace() -> anyhow::Result<PathBuf> {
+        Ok(Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .ok_or_else(|| anyhow!("tests/ has no parent"))?
+            .to_path_buf())
+    }
+
+    /// `--var NAME:VALUE` pairs for `config` (secrets excluded: see [`secrets`]).
+    pub(super) fn vars(config: &ProxyConfig) -> Vec<(&'static str, String)> {
+        let ms = |d: Duration| d.as_millis().to_string();
+        let mut vars = Vec::new();
+        let mut push = |name: &'static str, value: Option<String>| {
+            if let Some(value) = value {
+                vars.push((name, value));
+            }
+        };
+        push("ROLLGATE_BASE_URL", config.base_url.clone());
+        push(
+            "ROLLGATE_STREAMING",
+            config.streaming.map(|s| s.to_string()),
+        );
+        push("REFRESH_INTERVAL_MS", config.refresh_interval.map(ms));
+        push("STREAM_IDLE_TIMEOUT_MS", config.stream_idle_timeout.map(ms));
+        push(
+            "BREAKER_THRESHOLD",
+            config.breaker_threshold.map(|n| n.to_string()),
+        );
+        push("BREAKER_WINDOW_MS", config.breaker_window.map(ms));
+        push(
+            "BREAKER_OPEN_TIMEOUT_MS",
+            config.breaker_open_timeout.map(ms),
+        );
+        push(
+            "BREAKER_SUCCESS_THRESHOLD",
+            config.breaker_success_threshold.map(|n| n.to_string()),
+        );
+        push("CORS_ORIGINS", config.cors_origins.clone());
+        push("KEEPALIVE_MS", config.keepalive.map(ms));
+        push("SDK_KEEPALIVE_MS", config.sdk_keepalive.map(ms));
+        push("BODY_LIMIT", config.body_limit.map(|n| n.to_string()));
+        vars
+    }
+
+    /// The env file's lines: the server key and client keys.
+    pub(super) fn secrets(config: &ProxyConfig) -> String {
+        let mut out = String::new();
+        if let Some(key) = &config.api_key {
+            out.push_str(&format!("ROLLGATE_API_KEY={key}\n"));
+        }
+        if !config.client_keys.is_empty() {
+            out.push_str(&format!("CLIENT_KEYS={}\n", config.client_keys.join(",")));
+        }
+        out
+    }
+
+    fn free_port() -> anyhow::Result<u16> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding port 0")?;
+        Ok(listener.local_addr()?.port())
+    }
+
+    /// Starts wrangler in `dir` (fresh when `None`) on `port` (free when `None`).
+    pub(super) async fn start(
+        config: ProxyConfig,
+        dir: Option<Arc<TempDir>>,
+        port: Option<u16>,
+    ) -> anyhow::Result<ProxyHandle> {
+        let root = workspace()?;
+        let bundle = root.join("edge-worker/build/index.js");
+        if !bundle.is_file() {
+            bail!(
+                "E2E_TARGET=edge needs the built Worker ({} is missing): run scripts/build-edge.sh first",
+                bundle.display()
+            );
+        }
+        let wrangler = root.join("node_modules/.bin/wrangler");
+        if !wrangler.is_file() {
+            bail!(
+                "E2E_TARGET=edge needs wrangler ({} is missing): run scripts/build-edge.sh (it runs npm ci)",
+                wrangler.display()
+            );
+        }
+        let dir = match dir {
+            Some(dir) => dir,
+            None => Arc::new(TempDir::new("edge")?),
+        };
+        let env_file = dir.join("secrets.env");
+        {
+            use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&env_file)
+                .context("writing the env file")?;
+            file.write_all(secrets(&config).as_bytes())?;
+        }
+        let port = match port {
+            Some(port) => port,
+            None => free_port()?,
+        };
+        let inspector = free_port()?;
+        let mut command = Command::new(&wrangler);
+        command.current_dir(&root).args([
+            "dev",
+            "-c",
+            "wrangler.nobuild.toml",
+            "--ip",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--inspector-port",
+            &inspector.to_string(),
+            "--persist-to",
+        ]);
+        command.arg(dir.join("state"));
+        command.arg("--env-file").arg(&env_file);
+        command.args(["--show-interactive-dev-session=false", "--log-level", "log"]);
+        for (name, value) in vars(&config) {
+            command.arg("--var").arg(format!("{name}:{value}"));
+        }
+        command.args(&config.extra_args);
+        let mut path = std::ffi::OsString::from(root.join("node_modules/.bin"));
+        if let Some(old) = std::env::var_os("PATH") {
+            path.push(":");
+            path.push(old);
+        }
+        for (name, _) in std::env::vars_os() {
+            let name = name.to_string_lossy();
+            if name.starts_with("ROLLGATE_") || name.starts_with("CLOUDFLARE_") {
+                command.env_remove(name.as_ref());
+            }
+        }
+        command
+            .env("PATH", path)
+            .env("WRANGLER_SEND_METRICS", "false")
+            .env("CI", "true")
+            .env("NO_COLOR", "1")
+            .env("FORCE_COLOR", "0")
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().context("spawning wrangler dev")?;
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        if let Some(out) = child.stdout.take() {
+            native::capture(out, Arc::clone(&logs));
+        }
+        if let Some(err) = child.stderr.take() {
+            native::capture(err, Arc::clone(&logs));
+        }
+        let base_url = format!("http://127.0.0.1:{port}");
+        let mut handle = ProxyHandle {
+            kind: TargetKind::Edge,
+            config,
+            base_url: base_url.clone(),
+            port,
+            child: Some(child),
+            logs,
+            exit: None,
+            edge_dir: Some(dir),
+        };
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(resp) = client.get(format!("{base_url}/live")).send().await
+                && resp.status().is_success()
+            {
+                return Ok(handle);
+            }
+            if let Some(child) = handle.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                handle.exit = Some(status);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                bail!(
+                    "wrangler dev exited with {status} before answering:\n{}",
+                    handle.logs()
+                );
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "wrangler dev did not answer /live on {base_url} within 60s:\n{}",
+                    handle.logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }
 
@@ -653,5 +901,36 @@ mod tests {
         // Only the parser: the env var itself is left alone (tests run in parallel).
         assert!(TargetKind::Native.is_process());
         assert!(!TargetKind::Edge.is_process());
+        assert_eq!(TargetKind::parse(None).unwrap(), TargetKind::Native);
+        assert_eq!(TargetKind::parse(Some(" edge")).unwrap(), TargetKind::Edge);
+        assert_eq!(TargetKind::parse(Some("parity")).unwrap(), TargetKind::Edge);
+        assert!(TargetKind::parse(Some("wasm")).is_err());
+    }
+
+    #[test]
+    fn edge_vars_map_settings_and_keep_secrets_off_the_command_line() {
+        let config = ProxyConfig {
+            refresh_interval: Some(Duration::from_millis(250)),
+            client_keys: vec!["k1".into(), "k2".into()],
+            streaming: Some(false),
+            breaker_threshold: Some(2),
+            cors_origins: Some("https://a.example".into()),
+            ..ProxyConfig::upstream("http://127.0.0.1:9", "secret-key")
+        };
+        let vars = edge::vars(&config);
+        let find = |n: &str| vars.iter().find(|(k, _)| *k == n).map(|(_, v)| v.as_str());
+        assert_eq!(find("ROLLGATE_BASE_URL"), Some("http://127.0.0.1:9"));
+        assert_eq!(find("REFRESH_INTERVAL_MS"), Some("250"));
+        assert_eq!(find("ROLLGATE_STREAMING"), Some("false"));
+        assert_eq!(find("BREAKER_THRESHOLD"), Some("2"));
+        assert_eq!(find("CORS_ORIGINS"), Some("https://a.example"));
+        assert!(
+            vars.iter()
+                .all(|(_, v)| !v.contains("secret-key") && v != "k1,k2")
+        );
+        assert_eq!(
+            edge::secrets(&config),
+            "ROLLGATE_API_KEY=secret-key\nCLIENT_KEYS=k1,k2\n"
+        );
     }
 }
