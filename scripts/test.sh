@@ -43,6 +43,10 @@ step "edge worker: build with pinned worker-build / wasm-bindgen / wrangler, the
 npm run --silent test:edge
 suites=$((suites + 1))
 
+step "the same e2e suite against the Worker (wrangler dev + the Rust mock), and native/Worker parity"
+E2E_TARGET=edge cargo test -p rollgate-proxy-tests --test e2e --locked
+suites=$((suites + 1))
+
 step "real clients: official Python SDK, OpenFeature OFREP providers, Chromium on the demo page"
 ./scripts/test-clients.sh
 suites=$((suites + 1))
