@@ -80,10 +80,8 @@ async fn handle(
     ctx: &Context,
     config: &EdgeConfig,
 ) -> worker::Result<Response> {
-    let url = req.url()?;
+    let (path, query) = http::path_and_query(&req);
     let method = req.method();
-    let path = url.path().to_owned();
-    let query = url.query().unwrap_or("").to_owned();
     let route = match Route::parse(method.as_ref(), &path) {
         Ok(route) => route,
         Err(error) => return http::error_response(&error),

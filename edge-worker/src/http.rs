@@ -12,6 +12,17 @@ pub(crate) const SHARD_HEADER: &str = "x-rollgate-shard";
 /// Host of the internal URLs used for object requests (never resolved: stubs route by object).
 pub(crate) const INTERNAL_ORIGIN: &str = "https://rollgate-proxy.internal";
 
+/// The path and the query (without `?`; empty if none) of `req`, cut from the URL string the
+/// runtime already serialized. Not `Request::url()`: re-parsing with `url::Url` would link the
+/// url crate's host parser and IDNA/Unicode-normalisation tables into the wasm.
+pub(crate) fn path_and_query(req: &Request) -> (String, String) {
+    let url = req.inner().url();
+    let query = url
+        .split_once('?')
+        .map_or("", |(_, rest)| rest.split('#').next().unwrap_or(""));
+    (req.path(), query.to_owned())
+}
+
 /// An `ApiResponse` as a `worker::Response`.
 pub(crate) fn to_response(api: ApiResponse) -> worker::Result<Response> {
     let headers = Headers::new();

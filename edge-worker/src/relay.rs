@@ -449,16 +449,14 @@ async fn pump_stream(inner: Rc<Inner>, id: StreamId, signal: worker::AbortSignal
 }
 
 async fn handle(inner: &Rc<Inner>, mut req: Request) -> worker::Result<Response> {
-    let url = req.url()?;
-    let path = url.path().to_owned();
-    let query = url.query().unwrap_or("").to_owned();
+    let (path, query) = http::path_and_query(&req);
     let method = req.method().to_string();
     match path.as_str() {
         "/__rollgate/subscribe" => return subscribe(inner),
         "/__rollgate/shard-clients" => {
             let mut shard = None;
             let mut clients = None;
-            for (name, value) in url.query_pairs() {
+            for (name, value) in form_urlencoded::parse(query.as_bytes()) {
                 match name.as_ref() {
                     "shard" => shard = value.parse::<u32>().ok(),
                     "clients" => clients = value.parse::<u64>().ok(),

@@ -101,14 +101,14 @@ impl worker::DurableObject for SseShard {
 }
 
 fn connect(inner: &Rc<Inner>, req: &Request) -> worker::Result<Response> {
-    let url = req.url()?;
+    let (path, query) = http::path_and_query(req);
     let method = req.method().to_string();
-    let route = match Route::parse(&method, url.path()) {
+    let route = match Route::parse(&method, &path) {
         Ok(route) if crate::serve::is_stream(&route) => route,
-        Ok(_) => return http::error_response(&ApiError::not_found(url.path())),
+        Ok(_) => return http::error_response(&ApiError::not_found(&path)),
         Err(error) => return http::error_response(&error),
     };
-    let query = url.query().unwrap_or("");
+    let query = query.as_str();
     let context = match api::context_from_query(query) {
         Ok(context) => context,
         Err(error) => return http::error_response(&error),
