@@ -18,6 +18,9 @@ cargo fmt --all -- --check
 step "lint"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "lint the Worker's wasm-only modules (they build only for wasm32)"
+cargo clippy -p rollgate-proxy-edge --target wasm32-unknown-unknown --locked -- -D warnings
+
 step "core builds for wasm32-unknown-unknown"
 cargo build -p rollgate-proxy-core --target wasm32-unknown-unknown --locked
 
