@@ -830,14 +830,7 @@ fn metrics(inner: &Inner) -> MetricsInput {
         m.breaker_state = status.breaker.state.gauge();
         m.breaker_opens = status.breaker.opens_total;
         m.upstream_connected = status.stream.as_str() == "connected";
-        m.fetch_ok = status.counters.fetch_ok;
-        m.fetch_not_modified = status.counters.fetch_not_modified;
-        m.fetch_errors = status.counters.fetch_errors;
-        m.breaker_rejections = status.counters.breaker_rejections;
-        m.stream_connects = status.counters.stream_connects;
-        m.stream_errors = status.counters.stream_errors;
-        m.events = status.counters.events;
-        m.malformed = status.counters.malformed;
+        m.counters = status.counters;
         m.data_age_seconds = status
             .last_confirmed
             .map_or(0.0, |c| at.saturating_since(c).as_secs_f64());

@@ -176,22 +176,8 @@ pub struct MetricsInput {
     pub breaker_opens: u64,
     /// Whether the upstream stream is open.
     pub upstream_connected: bool,
-    /// Upstream fetches by outcome.
-    pub fetch_ok: u64,
-    /// Upstream fetches answered 304.
-    pub fetch_not_modified: u64,
-    /// Failed upstream fetch attempts.
-    pub fetch_errors: u64,
-    /// Fetches the open breaker refused.
-    pub breaker_rejections: u64,
-    /// Streams opened.
-    pub stream_connects: u64,
-    /// Stream failures (each is followed by a reconnect).
-    pub stream_errors: u64,
-    /// Upstream SSE events.
-    pub events: u64,
-    /// Malformed upstream data.
-    pub malformed: u64,
+    /// The upstream machine's counters (zero in local mode).
+    pub counters: rollgate_proxy_core::upstream::UpstreamCounters,
     /// Current revision.
     pub revision: u64,
     /// Seconds since upstream confirmed the data.
@@ -271,31 +257,31 @@ pub fn metrics_text(m: &MetricsInput) -> String {
         "upstream_requests_total",
         "Upstream flag requests by outcome.",
         &[
-            ("outcome=\"ok\"", m.fetch_ok),
-            ("outcome=\"not_modified\"", m.fetch_not_modified),
-            ("outcome=\"error\"", m.fetch_errors),
-            ("outcome=\"rejected\"", m.breaker_rejections),
+            ("outcome=\"ok\"", m.counters.fetch_ok),
+            ("outcome=\"not_modified\"", m.counters.fetch_not_modified),
+            ("outcome=\"error\"", m.counters.fetch_errors),
+            ("outcome=\"rejected\"", m.counters.breaker_rejections),
         ],
     );
     counter(
         "upstream_stream_connects_total",
         "Upstream streams opened.",
-        &[("", m.stream_connects)],
+        &[("", m.counters.stream_connects)],
     );
     counter(
         "upstream_reconnects_total",
         "Upstream stream failures followed by a reconnect.",
-        &[("", m.stream_errors)],
+        &[("", m.counters.stream_errors)],
     );
     counter(
         "upstream_events_total",
         "Upstream SSE events received.",
-        &[("", m.events)],
+        &[("", m.counters.events)],
     );
     counter(
         "upstream_malformed_total",
         "Upstream bodies or events rejected as invalid.",
-        &[("", m.malformed)],
+        &[("", m.counters.malformed)],
     );
     counter(
         "breaker_opens_total",
@@ -480,7 +466,10 @@ mod tests {
         let text = metrics_text(&MetricsInput {
             sse_clients: 3,
             shard_clients: vec![(0, 1), (1, 2)],
-            fetch_ok: 2,
+            counters: rollgate_proxy_core::upstream::UpstreamCounters {
+                fetch_ok: 2,
+                ..Default::default()
+            },
             ..MetricsInput::default()
         });
         assert!(
