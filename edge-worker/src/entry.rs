@@ -3,12 +3,13 @@
 
 use bytes::Bytes;
 use rollgate_proxy_core::api::{self, ApiResponse, Route};
+use rollgate_proxy_core::render;
 use worker::{Cache, Context, Env, Headers, Method, Request, Response, console_error, event};
 
 use crate::cache;
 use crate::config::{ConfigError, EdgeConfig};
 use crate::cors;
-use crate::http::{self, EVENT_ID_HEADER, SHARD_HEADER};
+use crate::http::{self, CLIENT_KEY_HEADER, EVENT_ID_HEADER, SHARD_HEADER};
 use crate::serve;
 
 /// Header that carries a cached answer's original `Cache-Control` (the stored copy has the
@@ -86,17 +87,23 @@ async fn handle(
         Ok(route) => route,
         Err(error) => return http::error_response(&error),
     };
+    let mut client_key = None;
     if route.needs_client_key() {
         let authorization = req.headers().get("authorization")?;
         let api_key = req.headers().get("x-api-key")?;
-        if let Err(error) =
-            config
-                .client_keys
-                .authorize(authorization.as_deref(), api_key.as_deref(), &query)
+        match config
+            .client_keys
+            .matching_key(authorization.as_deref(), api_key.as_deref(), &query)
         {
-            return http::error_response(&error);
+            Ok(key) => client_key = key.map(str::to_owned),
+            Err(error) => return http::error_response(&error),
         }
     }
+    // Only OFREP's bulk answer depends on the key (its eventStreams URL carries it).
+    let answer_key_of = |route: &Route| match route {
+        Route::OfrepFlags => client_key.clone(),
+        _ => None,
+    };
     let body = match http::read_limited(&mut req, config.body_limit).await? {
         Ok(body) => body,
         Err(error) => return http::error_response(&error),
@@ -134,13 +141,18 @@ async fn handle(
                 &query,
                 &body,
                 inm.as_deref(),
+                answer_key_of(polling).as_deref(),
             )
             .await
         }
-        _ => to_relay(env, config, method, &path, &query, &body, None).await,
+        _ => to_relay(env, config, method, &path, &query, &body, None, None).await,
     }
 }
 
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one request's parts, passed through once"
+)]
 async fn to_relay(
     env: &Env,
     config: &EdgeConfig,
@@ -149,10 +161,14 @@ async fn to_relay(
     query: &str,
     body: &[u8],
     if_none_match: Option<&str>,
+    client_key: Option<&str>,
 ) -> worker::Result<Response> {
     let mut headers = vec![("content-type", "application/json".to_owned())];
     if let Some(inm) = if_none_match {
         headers.push(("if-none-match", inm.to_owned()));
+    }
+    if let Some(key) = client_key {
+        headers.push((CLIENT_KEY_HEADER, key.to_owned()));
     }
     let request = http::internal_request(method, &format!("{path}?{query}"), &headers, body)?;
     env.durable_object("RELAY")?
@@ -177,10 +193,27 @@ async fn poll(
     query: &str,
     body: &[u8],
     if_none_match: Option<&str>,
+    client_key: Option<&str>,
 ) -> worker::Result<Response> {
     if config.cache_ttl.is_zero() {
-        return to_relay(env, config, method, path, query, body, if_none_match).await;
+        return to_relay(
+            env,
+            config,
+            method,
+            path,
+            query,
+            body,
+            if_none_match,
+            client_key,
+        )
+        .await;
     }
+    // Answers that carry the client key are cached per key, under a hash of it: keys never
+    // reach a cache URL.
+    let scope = |event_id: &str| match client_key {
+        Some(key) => format!("{event_id}~k{}", render::content_hash(key.as_bytes())),
+        None => event_id.to_owned(),
+    };
     let edge = Cache::default();
     let pointer = cache::pointer_key(&config.environment);
     let method_name = method.to_string();
@@ -188,7 +221,7 @@ async fn poll(
         let event_id = current.text().await?;
         let key = cache::answer_key(
             &config.environment,
-            &event_id,
+            &scope(&event_id),
             &method_name,
             path,
             query,
@@ -215,7 +248,7 @@ async fn poll(
         }
     }
     // Miss: ask the relay for the full answer (no If-None-Match, so it can be cached).
-    let mut response = to_relay(env, config, method, path, query, body, None).await?;
+    let mut response = to_relay(env, config, method, path, query, body, None, client_key).await?;
     let Some(event_id) = response.headers().get(EVENT_ID_HEADER)? else {
         return Ok(response);
     };
@@ -229,7 +262,7 @@ async fn poll(
         let ttl = config.cache_ttl.as_secs().max(1);
         let key = cache::answer_key(
             &config.environment,
-            &event_id,
+            &scope(&event_id),
             &method_name,
             path,
             query,

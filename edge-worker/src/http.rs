@@ -7,6 +7,9 @@ use worker::{Headers, Method, Request, RequestInit, Response, ResponseBody};
 
 /// Header carrying the snapshot event id from the relay to the Worker (stripped before clients).
 pub(crate) const EVENT_ID_HEADER: &str = "x-rollgate-event-id";
+/// Internal header (Worker → relay only): the client key an OFREP bulk request presented, so
+/// the relay can announce an event stream URL that carries it.
+pub(crate) const CLIENT_KEY_HEADER: &str = "x-rollgate-client-key";
 /// Header carrying the shard index from the Worker to a shard object.
 pub(crate) const SHARD_HEADER: &str = "x-rollgate-shard";
 /// Host of the internal URLs used for object requests (never resolved: stubs route by object).

@@ -13,7 +13,9 @@ use futures_channel::mpsc::{UnboundedSender, unbounded};
 use futures_util::FutureExt as _;
 use futures_util::StreamExt;
 use futures_util::future::{Either, LocalBoxFuture, Shared, select};
-use rollgate_proxy_core::api::{self, ApiError, ApiResponse, HealthReport, Route, UpstreamHealth};
+use rollgate_proxy_core::api::{
+    self, ApiError, ApiResponse, HealthReport, Route, UpstreamHealth, ofrep,
+};
 use rollgate_proxy_core::breaker::{BreakerState, Outcome};
 use rollgate_proxy_core::model::{Context, EvaluatedFlags, RulesPayload};
 use rollgate_proxy_core::snapshot::{
@@ -29,7 +31,7 @@ use worker::{
 };
 
 use crate::config::EdgeConfig;
-use crate::http::{self, EVENT_ID_HEADER, now};
+use crate::http::{self, CLIENT_KEY_HEADER, EVENT_ID_HEADER, now};
 use crate::serve::{self, Answer, MetricsInput};
 
 /// Storage key of the persisted snapshot.
@@ -476,6 +478,8 @@ async fn handle(inner: &Rc<Inner>, mut req: Request) -> worker::Result<Response>
     };
     let body = Bytes::from(req.bytes().await.unwrap_or_default());
     let inm = req.headers().get("if-none-match")?;
+    // The Worker hands on the client key the request presented, for OFREP's stream URL only.
+    let ofrep_stream = ofrep::stream_uri(req.headers().get(CLIENT_KEY_HEADER)?.as_deref());
     let Some(config) = config_of(inner) else {
         return http::internal();
     };
@@ -507,13 +511,27 @@ async fn handle(inner: &Rc<Inner>, mut req: Request) -> worker::Result<Response>
             Err(error) => http::error_response(&error),
         },
         ref data if serve::is_polling(data) => {
-            poll(inner, &config, data, &method, &query, &body, inm.as_deref()).await
+            poll(
+                inner,
+                &config,
+                data,
+                &method,
+                &query,
+                &body,
+                inm.as_deref(),
+                &ofrep_stream,
+            )
+            .await
         }
         _ => http::error_response(&ApiError::not_found(&path)),
     }
 }
 
 /// A polling answer, with the snapshot's event id for the Worker's cache.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one request's parts, passed through once"
+)]
 async fn poll(
     inner: &Rc<Inner>,
     config: &EdgeConfig,
@@ -522,6 +540,7 @@ async fn poll(
     query: &str,
     body: &[u8],
     inm: Option<&str>,
+    ofrep_stream: &str,
 ) -> worker::Result<Response> {
     let snapshot = inner.core.borrow().snapshot();
     let freshness = freshness(inner);
@@ -533,6 +552,7 @@ async fn poll(
         query,
         body,
         inm,
+        ofrep_stream,
         |context| merge_identity(inner, context),
     );
     let response = match answer {
@@ -549,6 +569,7 @@ async fn poll(
                     Cow::Owned(EvaluatedFlags::clone(&flags)),
                     query,
                     inm,
+                    ofrep_stream,
                 ),
                 None => ApiError::upstream_unavailable().into(),
             }

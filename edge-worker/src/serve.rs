@@ -30,8 +30,8 @@ pub fn asset(name: &str) -> &'static str {
     }
 }
 
-/// The OFREP event stream announced by the bulk answer.
-pub const OFREP_STREAM_URI: &str = "/ofrep/v1/sse";
+/// The OFREP event stream announced by the bulk answer to a request without a client key.
+pub const OFREP_STREAM_URI: &str = ofrep::STREAM_PATH;
 
 /// What a data request needs.
 #[derive(Debug)]
@@ -83,11 +83,25 @@ pub fn data_route(
     body: &[u8],
     if_none_match: Option<&str>,
 ) -> Answer {
-    data_route_merged(snapshot, route, method, query, body, if_none_match, |_| {})
+    data_route_merged(
+        snapshot,
+        route,
+        method,
+        query,
+        body,
+        if_none_match,
+        OFREP_STREAM_URI,
+        |_| {},
+    )
 }
 
 /// [`data_route`] with `merge` applied to the request's context first (the relay adds the
-/// attributes stored by `/identify`, as the native server does for every route).
+/// attributes stored by `/identify`, as the native server does for every route), and the OFREP
+/// event stream to announce (`ofrep::stream_uri` of the caller's client key).
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one request's parts, passed through once"
+)]
 pub fn data_route_merged(
     snapshot: Option<&Snapshot>,
     route: &Route,
@@ -95,6 +109,7 @@ pub fn data_route_merged(
     query: &str,
     body: &[u8],
     if_none_match: Option<&str>,
+    ofrep_stream: &str,
     merge: impl FnOnce(&mut Context),
 ) -> Answer {
     let Some(snapshot) = snapshot else {
@@ -113,6 +128,7 @@ pub fn data_route_merged(
             flags,
             query,
             if_none_match,
+            ofrep_stream,
         )),
         // Upstream evaluates per user id only: without one, the snapshot's own flags (as the
         // native server; asking upstream would give the same flags under a per-context ETag).
@@ -123,6 +139,7 @@ pub fn data_route_merged(
             Cow::Borrowed(snapshot.defaults()),
             query,
             if_none_match,
+            ofrep_stream,
         )),
         ContextFlags::NeedsUpstream => Answer::NeedsUpstream(context),
     }
@@ -136,19 +153,16 @@ pub fn respond(
     flags: Cow<'_, EvaluatedFlags>,
     query: &str,
     if_none_match: Option<&str>,
+    ofrep_stream: &str,
 ) -> ApiResponse {
     match route {
         Route::Flags => api::flags_response(snapshot, flags, if_none_match),
         Route::Flag(key) => api::flag_response(key, &flags).unwrap_or_else(ApiResponse::from),
         Route::SdkFlags => api::sdk_flags_response(snapshot, flags, query, if_none_match),
         Route::OfrepFlag(key) => ofrep::single(key, &flags),
-        Route::OfrepFlags => ofrep::bulk(
-            snapshot,
-            context,
-            &flags,
-            Some(OFREP_STREAM_URI),
-            if_none_match,
-        ),
+        Route::OfrepFlags => {
+            ofrep::bulk(snapshot, context, &flags, Some(ofrep_stream), if_none_match)
+        }
         other => ApiError::not_found(other.label()).into(),
     }
 }

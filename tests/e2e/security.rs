@@ -13,6 +13,7 @@ pub(crate) fn scenarios() -> Vec<Scenario> {
         scenario!(disallowed_origin_gets_no_cors_headers),
         scenario!(server_key_never_leaks),
         scenario!(client_keys_guard_data_routes),
+        scenario!(ofrep_event_stream_url_carries_the_callers_key),
         scenario!(cors_allow_list),
         scenario!(bad_input_is_refused_with_json),
     ]
@@ -237,6 +238,39 @@ async fn client_keys_guard_data_routes() {
     .unwrap();
     assert!(!resp.text().contains("ck_guess_123"));
     assert!(!resp.text().contains(KEY_A));
+}
+
+/// OFREP web providers open the advertised `eventStreams` URL with an `EventSource`, which
+/// cannot send headers: with client keys the URL carries the caller's own key, and works.
+async fn ofrep_event_stream_url_carries_the_callers_key() {
+    let env = Env::with(MockConfig::basic(), |c| {
+        c.client_keys = vec![KEY_A.into(), KEY_B.into()];
+    })
+    .await;
+    for (key, header) in [(KEY_A, "x-api-key"), (KEY_B, "authorization")] {
+        let value = if header == "authorization" {
+            format!("Bearer {key}")
+        } else {
+            key.to_owned()
+        };
+        let bulk = send(
+            http()
+                .post(env.url("/ofrep/v1/evaluate/flags"))
+                .header(header, value)
+                .body(r#"{"context":{"targetingKey":"u1"}}"#),
+        )
+        .await
+        .unwrap()
+        .expect_json(200);
+        let uri = bulk["eventStreams"][0]["endpoint"]["requestUri"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert_eq!(uri, format!("/ofrep/v1/sse?token={key}"), "{bulk}");
+        let mut stream = sse(&env.url(&uri)).await;
+        let event = next_event(&mut stream, Duration::from_secs(5)).await;
+        assert!(event.data.contains("refetchEvaluation"), "{}", event.data);
+    }
 }
 
 async fn cors_allow_list() {
