@@ -93,19 +93,23 @@ fn cors_layer(origins: &CorsOrigins) -> CorsLayer {
 async fn handle(State(app): State<Arc<App>>, request: Request) -> Response {
     let started = Instant::now();
     let (parts, body) = request.into_parts();
-    let request_id = parts
-        .headers
-        .get(&X_REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
-        .map_or_else(
-            || format!("{:016x}", app.request_seq.fetch_add(1, Ordering::Relaxed)),
-            str::to_owned,
-        );
+    // The caller's id when it is usable, else a sequence number as 16 hex digits; kept as a
+    // `HeaderValue` (a cheap clone of the caller's bytes) so it is formatted at most once.
+    let request_id = match parts.headers.get(&X_REQUEST_ID).filter(|v| {
+        let v = v.as_bytes();
+        !v.is_empty() && v.len() <= 128 && v.iter().all(u8::is_ascii_graphic)
+    }) {
+        Some(value) => value.clone(),
+        None => sequence_id(app.request_seq.fetch_add(1, Ordering::Relaxed)),
+    };
     let route = Route::parse(parts.method.as_str(), parts.uri.path());
     let label = route.as_ref().map_or("unmatched", Route::label);
-    let span =
-        tracing::debug_span!("request", id = %request_id, method = %parts.method, route = label);
+    let span = tracing::debug_span!(
+        "request",
+        id = request_id.to_str().unwrap_or_default(),
+        method = %parts.method,
+        route = label
+    );
     let mut response = async {
         if let Err(error) = check_limits(&app, &parts) {
             return error_response(&error);
@@ -119,14 +123,24 @@ async fn handle(State(app): State<Arc<App>>, request: Request) -> Response {
     }
     .instrument(span.clone())
     .await;
-    if let Ok(value) = HeaderValue::from_str(&request_id) {
-        response.headers_mut().insert(X_REQUEST_ID.clone(), value);
-    }
+    response
+        .headers_mut()
+        .insert(X_REQUEST_ID.clone(), request_id);
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
     m::request(label, status, elapsed);
     tracing::debug!(parent: &span, status, micros = elapsed.as_micros() as u64, "answered");
     response
+}
+
+/// `seq` as 16 lowercase hex digits (what `format!("{seq:016x}")` gives, without a `String`).
+pub(crate) fn sequence_id(seq: u64) -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut digits = [0u8; 16];
+    for (i, digit) in digits.iter_mut().enumerate() {
+        *digit = HEX[((seq >> (60 - 4 * i)) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&digits).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
 fn check_limits(app: &App, parts: &Parts) -> Result<(), ApiError> {
@@ -169,7 +183,8 @@ pub fn from_api(response: ApiResponse) -> Response {
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     }
     for (name, value) in response.headers {
-        if let Ok(value) = HeaderValue::from_str(&value) {
+        // Takes the `String`'s buffer instead of copying it.
+        if let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from(value)) {
             headers.insert(name, value);
         }
     }

@@ -120,6 +120,34 @@ async fn flags_routes_etag_and_errors() {
 }
 
 #[tokio::test]
+async fn every_answer_carries_a_request_id() {
+    let app = app(&[], true);
+    let (_, first, _) = call(&app, get("/api/flags")).await;
+    let (_, second, _) = call(&app, get("/nope")).await;
+    assert_eq!(first["x-request-id"], "0000000000000000");
+    assert_eq!(second["x-request-id"], "0000000000000001");
+    let with_id = |id: &str| {
+        Request::get("/api/flags")
+            .header("x-request-id", id)
+            .body(Body::empty())
+            .unwrap()
+    };
+    let (_, headers, _) = call(&app, with_id("caller-7f")).await;
+    assert_eq!(headers["x-request-id"], "caller-7f");
+    // Unusable ids (a space, over 128 bytes) are replaced by the next sequence number.
+    for bad in ["has space", &"x".repeat(129)] {
+        let (_, headers, _) = call(&app, with_id(bad)).await;
+        let id = headers["x-request-id"].to_str().unwrap();
+        assert_eq!(id.len(), 16, "{id}");
+        assert!(id.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
+    }
+    assert_eq!(
+        crate::routes::sequence_id(u64::MAX - 1),
+        format!("{:016x}", u64::MAX - 1).as_str()
+    );
+}
+
+#[tokio::test]
 async fn sdk_api_ofrep_identify_events_telemetry() {
     let app = app(&[], true);
     let (_, headers, body) = call(&app, get("/api/v1/sdk/flags?withReasons=true")).await;
