@@ -119,6 +119,138 @@ async fn flags_routes_etag_and_errors() {
     assert!(body.contains(r#""pro-only":true"#));
 }
 
+/// tower-http's `CorsLayer` as the router used it before CORS was answered in the handler,
+/// with the layer that dropped CORS headers for origins outside the allow-list.
+fn reference_cors(origins: &crate::config::CorsOrigins) -> axum::Router {
+    use http::{HeaderName, HeaderValue, Method, header};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let allow_origin = match origins {
+        crate::config::CorsOrigins::Any => AllowOrigin::any(),
+        crate::config::CorsOrigins::List(list) => {
+            AllowOrigin::list(list.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+        }
+    };
+    let layer = CorsLayer::new()
+        .allow_origin(allow_origin)
+        .allow_methods([Method::GET, Method::HEAD, Method::POST, Method::OPTIONS])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            header::IF_NONE_MATCH,
+            header::CACHE_CONTROL,
+            HeaderName::from_static("x-api-key"),
+            HeaderName::from_static("last-event-id"),
+            HeaderName::from_static("x-request-id"),
+            HeaderName::from_static("x-trace-id"),
+            HeaderName::from_static("x-span-id"),
+            HeaderName::from_static("traceparent"),
+            HeaderName::from_static("x-sdk-name"),
+            HeaderName::from_static("x-sdk-version"),
+        ])
+        .expose_headers([
+            header::ETAG,
+            header::RETRY_AFTER,
+            HeaderName::from_static("x-request-id"),
+        ])
+        .max_age(Duration::from_secs(600));
+    axum::Router::new()
+        .fallback(|| async { "x" })
+        .layer(layer)
+        .layer(axum::middleware::map_response(
+            |mut response: axum::response::Response| async move {
+                let headers = response.headers_mut();
+                if !headers.contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN) {
+                    headers.remove(header::ACCESS_CONTROL_EXPOSE_HEADERS);
+                }
+                response
+            },
+        ))
+}
+
+#[tokio::test]
+async fn cors_headers_match_tower_http() {
+    const CORS_HEADERS: [&str; 6] = [
+        "vary",
+        "access-control-allow-origin",
+        "access-control-expose-headers",
+        "access-control-allow-methods",
+        "access-control-allow-headers",
+        "access-control-max-age",
+    ];
+    for args in [
+        &[][..],
+        &["--cors-origins", "https://app.example,https://b.example"][..],
+    ] {
+        let app = app(args, true);
+        for method in ["GET", "POST", "OPTIONS", "HEAD"] {
+            for origin in [
+                None,
+                Some("https://app.example"),
+                Some("https://evil.example"),
+            ] {
+                let request = || {
+                    let mut request = Request::builder().method(method).uri("/api/flags");
+                    if let Some(origin) = origin {
+                        request = request
+                            .header("origin", origin)
+                            .header("access-control-request-method", "GET");
+                    }
+                    request.body(Body::empty()).unwrap()
+                };
+                let ours = router(Arc::clone(&app)).oneshot(request()).await.unwrap();
+                let reference = reference_cors(&app.settings.cors)
+                    .oneshot(request())
+                    .await
+                    .unwrap();
+                let case = format!("{args:?} {method} {origin:?}");
+                if method == "OPTIONS" {
+                    assert_eq!(ours.status(), reference.status(), "{case}");
+                    assert_eq!(ours.headers(), reference.headers(), "{case}");
+                    continue;
+                }
+                for name in CORS_HEADERS {
+                    let values = |r: &axum::response::Response| {
+                        r.headers()
+                            .get_all(name)
+                            .iter()
+                            .cloned()
+                            .collect::<Vec<_>>()
+                    };
+                    assert_eq!(values(&ours), values(&reference), "{case} {name}");
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn every_answer_carries_a_request_id() {
+    let app = app(&[], true);
+    let (_, first, _) = call(&app, get("/api/flags")).await;
+    let (_, second, _) = call(&app, get("/nope")).await;
+    assert_eq!(first["x-request-id"], "0000000000000000");
+    assert_eq!(second["x-request-id"], "0000000000000001");
+    let with_id = |id: &str| {
+        Request::get("/api/flags")
+            .header("x-request-id", id)
+            .body(Body::empty())
+            .unwrap()
+    };
+    let (_, headers, _) = call(&app, with_id("caller-7f")).await;
+    assert_eq!(headers["x-request-id"], "caller-7f");
+    // Unusable ids (a space, over 128 bytes) are replaced by the next sequence number.
+    for bad in ["has space", &"x".repeat(129)] {
+        let (_, headers, _) = call(&app, with_id(bad)).await;
+        let id = headers["x-request-id"].to_str().unwrap();
+        assert_eq!(id.len(), 16, "{id}");
+        assert!(id.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
+    }
+    assert_eq!(
+        crate::routes::sequence_id(u64::MAX - 1),
+        format!("{:016x}", u64::MAX - 1).as_str()
+    );
+}
+
 #[tokio::test]
 async fn sdk_api_ofrep_identify_events_telemetry() {
     let app = app(&[], true);
