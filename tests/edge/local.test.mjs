@@ -62,7 +62,8 @@ test("per-user evaluation, single flags, SDK and OFREP routes", async () => {
   const bulk = await fetch(worker.url + "/ofrep/v1/evaluate/flags", { method: "POST", headers: auth, body: '{"context":{"targetingKey":"u-admin"}}' });
   const bulkBody = await bulk.json();
   assert.equal(bulkBody.flags.find((f) => f.key === "pro-dashboard").value, true);
-  assert.deepEqual(bulkBody.eventStreams, [{ type: "sse", endpoint: { requestUri: "/ofrep/v1/sse" } }]);
+  // With client keys the advertised stream carries the caller's key (EventSource sends no headers).
+  assert.deepEqual(bulkBody.eventStreams, [{ type: "sse", endpoint: { requestUri: `/ofrep/v1/sse?token=${KEY}` } }]);
   const bulk304 = await fetch(worker.url + "/ofrep/v1/evaluate/flags", {
     method: "POST", headers: { ...auth, "if-none-match": bulk.headers.get("etag") }, body: '{"context":{"targetingKey":"u-admin"}}',
   });
@@ -105,7 +106,8 @@ test("CORS: preflight needs no key, allow-list echoes allowed origins only, ETag
   assert.match(pre.headers.get("access-control-allow-headers"), /authorization/);
   const ok = await fetch(worker.url + "/api/flags", { headers: { ...auth, origin: "https://app.example" } });
   assert.equal(ok.headers.get("access-control-allow-origin"), "https://app.example");
-  assert.equal(ok.headers.get("access-control-expose-headers"), "etag");
+  // The same exposed headers as the native server.
+  assert.equal(ok.headers.get("access-control-expose-headers"), "etag,retry-after,x-request-id");
   const denied = await fetch(worker.url + "/api/flags", { headers: { ...auth, origin: "https://evil.example" } });
   assert.equal(denied.headers.get("access-control-allow-origin"), null);
   // Internal headers never leak.
