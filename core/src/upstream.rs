@@ -805,12 +805,10 @@ impl Upstream {
         let Some(snapshot) = self.store.replace(now, source) else {
             return false;
         };
-        {
-            // Publish first: clients wait on it; storage does not.
-            let persisted = snapshot.to_persisted(self.upstream_etag.as_deref());
-            self.actions.push_back(Action::Publish(snapshot));
-            self.actions.push_back(Action::Persist(persisted));
-        }
+        // Publish first: clients wait on it; storage does not.
+        let persisted = snapshot.to_persisted(self.upstream_etag.as_deref());
+        self.actions.push_back(Action::Publish(snapshot));
+        self.actions.push_back(Action::Persist(persisted));
         true
     }
 
