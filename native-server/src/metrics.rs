@@ -220,15 +220,43 @@ pub fn sse_clients(stream: &'static str, delta: f64) {
     gauge!("rollgate_proxy_sse_clients", "stream" => stream).increment(delta);
 }
 
-/// One SSE data frame written.
+/// One SSE data frame written. Called once per client per publish, so it is an atomic on a
+/// fixed label set (handed to the exporter at scrape time), not a registry lookup.
 pub fn frame_sent(stream: &'static str) {
-    counter!("rollgate_proxy_sse_frames_sent_total", "stream" => stream).increment(1);
+    count(&FRAMES_SENT, &FRAME_STREAMS, stream);
 }
 
 /// One per-user cache lookup: `hit`, `miss`, `stale` or `error`.
 pub fn user_cache(result: &'static str) {
-    counter!("rollgate_proxy_user_cache_total", "result" => result).increment(1);
+    count(&USER_CACHE, &USER_CACHE_RESULTS, result);
 }
+
+/// Adds one to the counter of `label` in a fixed label set; an unknown label (a programming
+/// error) is counted under the last one rather than lost.
+fn count<const N: usize>(counters: &[AtomicU64; N], labels: &[&str; N], label: &str) {
+    let index = labels.iter().position(|l| *l == label).unwrap_or(N - 1);
+    counters[index].fetch_add(1, Ordering::Relaxed);
+}
+
+/// Hands the non-zero counters of a fixed label set to the exporter.
+fn publish<const N: usize>(
+    name: &'static str,
+    label: &'static str,
+    counters: &[AtomicU64; N],
+    labels: &[&'static str; N],
+) {
+    for (counter, value) in counters.iter().zip(labels) {
+        let n = counter.load(Ordering::Relaxed);
+        if n > 0 {
+            counter!(name, label => *value).absolute(n);
+        }
+    }
+}
+
+const FRAME_STREAMS: [&str; 3] = ["frontend", "sdk", "ofrep"];
+static FRAMES_SENT: [AtomicU64; 3] = [const { AtomicU64::new(0) }; 3];
+const USER_CACHE_RESULTS: [&str; 4] = ["hit", "miss", "stale", "error"];
+static USER_CACHE: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
 
 /// One upstream request made outside the machine (per-user fetches, forwarding).
 pub fn upstream_request(kind: &'static str, outcome: &'static str) {
@@ -290,6 +318,18 @@ pub fn render(app: &App, handle: &PrometheusHandle) -> String {
         gauge!("rollgate_proxy_upstream_connected").set(0.0);
         gauge!("rollgate_proxy_breaker_state").set(0.0);
     }
+    publish(
+        "rollgate_proxy_sse_frames_sent_total",
+        "stream",
+        &FRAMES_SENT,
+        &FRAME_STREAMS,
+    );
+    publish(
+        "rollgate_proxy_user_cache_total",
+        "result",
+        &USER_CACHE,
+        &USER_CACHE_RESULTS,
+    );
     let evaluations = EVALUATIONS.load(Ordering::Relaxed);
     if evaluations > 0 {
         counter!("rollgate_proxy_evaluations_total").absolute(evaluations);
