@@ -150,6 +150,33 @@ pub struct ProxyHandle {
 }
 
 impl ProxyHandle {
+    /// One step of waiting for a start: fails when the process already exited or `deadline`
+    /// passed (with the logs so far), else sleeps `poll` so the caller can check again.
+    async fn still_starting(
+        &mut self,
+        what: &str,
+        waiting_for: &str,
+        deadline: Instant,
+        poll: Duration,
+    ) -> anyhow::Result<()> {
+        if let Some(child) = self.child.as_mut()
+            && let Some(status) = child.try_wait()?
+        {
+            self.exit = Some(status);
+            // Give the reader threads a moment to collect the last lines.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            bail!(
+                "{what} exited with {status} before {waiting_for}:\n{}",
+                self.logs()
+            );
+        }
+        if Instant::now() >= deadline {
+            bail!("{what} did not {waiting_for} in time:\n{}", self.logs());
+        }
+        tokio::time::sleep(poll).await;
+        Ok(())
+    }
+
     /// `http://127.0.0.1:PORT` (the same across [`Self::restart`]).
     pub fn base_url(&self) -> &str {
         &self.base_url
@@ -584,24 +611,14 @@ mod native {
                 handle.port = port;
                 return Ok(handle);
             }
-            if let Some(child) = handle.child.as_mut()
-                && let Some(status) = child.try_wait()?
-            {
-                handle.exit = Some(status);
-                // Give the reader threads a moment to collect the last lines.
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                bail!(
-                    "the proxy exited with {status} before listening:\n{}",
-                    handle.logs()
-                );
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "the proxy did not report `listening on http://...` within 30s:\n{}",
-                    handle.logs()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            handle
+                .still_starting(
+                    "the proxy",
+                    "report `listening on http://...`",
+                    deadline,
+                    Duration::from_millis(20),
+                )
+                .await?;
         }
     }
 
@@ -830,23 +847,14 @@ mod edge {
             {
                 return Ok(handle);
             }
-            if let Some(child) = handle.child.as_mut()
-                && let Some(status) = child.try_wait()?
-            {
-                handle.exit = Some(status);
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                bail!(
-                    "wrangler dev exited with {status} before answering:\n{}",
-                    handle.logs()
-                );
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "wrangler dev did not answer /live on {base_url} within 60s:\n{}",
-                    handle.logs()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            handle
+                .still_starting(
+                    "wrangler dev",
+                    &format!("answer /live on {base_url}"),
+                    deadline,
+                    Duration::from_millis(100),
+                )
+                .await?;
         }
     }
 }
