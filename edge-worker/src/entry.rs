@@ -132,45 +132,54 @@ async fn handle(
         }
         ref polling if serve::is_polling(polling) => {
             let inm = req.headers().get("if-none-match")?;
-            poll(
-                env,
-                ctx,
-                config,
+            let client_key = answer_key_of(polling);
+            let request = Forward {
                 method,
-                &path,
-                &query,
-                &body,
-                inm.as_deref(),
-                answer_key_of(polling).as_deref(),
-            )
-            .await
+                path: &path,
+                query: &query,
+                body: &body,
+                client_key: client_key.as_deref(),
+            };
+            poll(env, ctx, config, &request, inm.as_deref()).await
         }
-        _ => to_relay(env, config, method, &path, &query, &body, None, None).await,
+        _ => {
+            let request = Forward {
+                method,
+                path: &path,
+                query: &query,
+                body: &body,
+                client_key: None,
+            };
+            to_relay(env, config, &request, None).await
+        }
     }
 }
 
-#[allow(
-    clippy::too_many_arguments,
-    reason = "one request's parts, passed through once"
-)]
+/// One request's parts, as the Worker hands them on to the relay.
+struct Forward<'a> {
+    method: Method,
+    path: &'a str,
+    query: &'a str,
+    body: &'a [u8],
+    /// The client key presented, for the one answer that carries it (OFREP's stream URL).
+    client_key: Option<&'a str>,
+}
+
 async fn to_relay(
     env: &Env,
     config: &EdgeConfig,
-    method: Method,
-    path: &str,
-    query: &str,
-    body: &[u8],
+    request: &Forward<'_>,
     if_none_match: Option<&str>,
-    client_key: Option<&str>,
 ) -> worker::Result<Response> {
     let mut headers = vec![("content-type", "application/json".to_owned())];
     if let Some(inm) = if_none_match {
         headers.push(("if-none-match", inm.to_owned()));
     }
-    if let Some(key) = client_key {
+    if let Some(key) = request.client_key {
         headers.push((CLIENT_KEY_HEADER, key.to_owned()));
     }
-    let request = http::internal_request(method, &format!("{path}?{query}"), &headers, body)?;
+    let url = format!("{}?{}", request.path, request.query);
+    let request = http::internal_request(request.method.clone(), &url, &headers, request.body)?;
     env.durable_object("RELAY")?
         .id_from_name(&config.relay_name())?
         .get_stub()?
@@ -180,34 +189,23 @@ async fn to_relay(
 
 /// Polling: answered from the Workers cache when this location has the current snapshot's
 /// answer, else by the relay (and then cached).
-#[allow(
-    clippy::too_many_arguments,
-    reason = "one request's parts, passed through once"
-)]
 async fn poll(
     env: &Env,
     ctx: &Context,
     config: &EdgeConfig,
-    method: Method,
-    path: &str,
-    query: &str,
-    body: &[u8],
+    request: &Forward<'_>,
     if_none_match: Option<&str>,
-    client_key: Option<&str>,
 ) -> worker::Result<Response> {
     if config.cache_ttl.is_zero() {
-        return to_relay(
-            env,
-            config,
-            method,
-            path,
-            query,
-            body,
-            if_none_match,
-            client_key,
-        )
-        .await;
+        return to_relay(env, config, request, if_none_match).await;
     }
+    let Forward {
+        ref method,
+        path,
+        query,
+        body,
+        client_key,
+    } = *request;
     // Answers that carry the client key are cached per key, under a hash of it: keys never
     // reach a cache URL.
     let scope = |event_id: &str| match client_key {
@@ -248,7 +246,7 @@ async fn poll(
         }
     }
     // Miss: ask the relay for the full answer (no If-None-Match, so it can be cached).
-    let mut response = to_relay(env, config, method, path, query, body, None, client_key).await?;
+    let mut response = to_relay(env, config, request, None).await?;
     let Some(event_id) = response.headers().get(EVENT_ID_HEADER)? else {
         return Ok(response);
     };
