@@ -14,6 +14,7 @@ use subtle::ConstantTimeEq;
 use crate::model::{AttributeValue, Context, EvaluatedFlags, FlagKey, Reason, ReasonKind};
 use crate::render;
 use crate::snapshot::{CacheStats, Snapshot};
+use crate::stream::StreamKind;
 
 /// The public routes. Paths are matched exactly (no trailing-slash variants).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -53,7 +54,7 @@ pub enum Route {
     /// `GET /`: the live demo page.
     Demo,
     /// `GET /rollgate-proxy-client.js`, `/demo.js`, `/demo.css`: the demo page's static files,
-    /// by file name (see [`Route::asset_content_type`]).
+    /// by file name (see [`crate::assets::response`]).
     Asset(&'static str),
 }
 
@@ -117,16 +118,36 @@ impl Route {
         )
     }
 
-    /// The `Content-Type` of a static asset of the demo page, by file name.
-    pub fn asset_content_type(name: &str) -> &'static str {
-        if name.ends_with(".css") {
-            "text/css; charset=utf-8"
-        } else if name.ends_with(".html") {
-            "text/html; charset=utf-8"
-        } else {
-            // Module scripts must be served with a JavaScript type.
-            "text/javascript; charset=utf-8"
+    /// Whether the route is an SSE stream.
+    pub fn is_stream(&self) -> bool {
+        self.stream_kind().is_some()
+    }
+
+    /// The stream a route opens, if it is one.
+    pub fn stream_kind(&self) -> Option<StreamKind> {
+        match self {
+            Self::Stream => Some(StreamKind::Frontend),
+            Self::SdkStream => Some(StreamKind::Sdk),
+            Self::OfrepStream => Some(StreamKind::Ofrep),
+            _ => None,
         }
+    }
+
+    /// Whether the route answers flags from a snapshot (so an edge cache may keep its answer
+    /// per snapshot).
+    pub fn is_polling(&self) -> bool {
+        matches!(
+            self,
+            Self::Flags | Self::Flag(_) | Self::SdkFlags | Self::OfrepFlag(_) | Self::OfrepFlags
+        )
+    }
+
+    /// Whether the answer depends on no state at all (probes of the process, the demo page).
+    pub fn is_stateless(&self) -> bool {
+        matches!(
+            self,
+            Self::Live | Self::RootHealth | Self::Demo | Self::Asset(_)
+        )
     }
 
     /// A label for metrics (the route template, never the raw path: keys would explode label
@@ -155,68 +176,165 @@ impl Route {
     }
 }
 
+/// Every error code the API answers with, and its status: one list for both adapters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// 400: the request is malformed.
+    BadRequest,
+    /// 400: a flag key outside `[A-Za-z0-9._:-]{1,256}`.
+    InvalidFlagKey,
+    /// 400: the evaluation context is invalid or exceeds the limits.
+    InvalidContext,
+    /// 401: client keys are configured and none matched.
+    Unauthorized,
+    /// 404: no such route.
+    NotFound,
+    /// 405: the route exists with another method.
+    MethodNotAllowed,
+    /// 408: the request head or body did not arrive in time.
+    RequestTimeout,
+    /// 413: the request body is larger than the limit.
+    PayloadTooLarge,
+    /// 414: the request URI is longer than the limit.
+    UriTooLong,
+    /// 431: the request headers are larger than the limit.
+    HeadersTooLarge,
+    /// 500: the adapter failed.
+    Internal,
+    /// 502: a per-user answer needed upstream and upstream failed.
+    UpstreamUnavailable,
+    /// 503: no flag data yet.
+    NotReady,
+}
+
+impl ErrorCode {
+    /// The HTTP status.
+    pub const fn status(self) -> u16 {
+        match self {
+            Self::BadRequest | Self::InvalidFlagKey | Self::InvalidContext => 400,
+            Self::Unauthorized => 401,
+            Self::NotFound => 404,
+            Self::MethodNotAllowed => 405,
+            Self::RequestTimeout => 408,
+            Self::PayloadTooLarge => 413,
+            Self::UriTooLong => 414,
+            Self::HeadersTooLarge => 431,
+            Self::Internal => 500,
+            Self::UpstreamUnavailable => 502,
+            Self::NotReady => 503,
+        }
+    }
+
+    /// The stable machine-readable code of the body.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::BadRequest => "BAD_REQUEST",
+            Self::InvalidFlagKey => "INVALID_FLAG_KEY",
+            Self::InvalidContext => "INVALID_CONTEXT",
+            Self::Unauthorized => "UNAUTHORIZED",
+            Self::NotFound => "NOT_FOUND",
+            Self::MethodNotAllowed => "METHOD_NOT_ALLOWED",
+            Self::RequestTimeout => "REQUEST_TIMEOUT",
+            Self::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
+            Self::UriTooLong => "URI_TOO_LONG",
+            Self::HeadersTooLarge => "HEADERS_TOO_LARGE",
+            Self::Internal => "INTERNAL",
+            Self::UpstreamUnavailable => "UPSTREAM_UNAVAILABLE",
+            Self::NotReady => "NOT_READY",
+        }
+    }
+}
+
 /// An error answer: status plus `{"error":{"code","message"}}`.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{status} {code}: {message}")]
+#[error("{} {}: {message}", code.status(), code.as_str())]
 pub struct ApiError {
-    /// HTTP status.
-    pub status: u16,
-    /// Stable machine-readable code (`INVALID_FLAG_KEY`, `UNAUTHORIZED`, ...).
-    pub code: &'static str,
+    /// What went wrong (gives the status and the code string).
+    pub code: ErrorCode,
     /// Human-readable explanation; never contains secrets.
     pub message: String,
 }
 
 impl ApiError {
-    /// A custom error.
-    pub fn new(status: u16, code: &'static str, message: impl Into<String>) -> Self {
+    /// An error with `code`.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
-            status,
             code,
             message: message.into(),
         }
     }
 
+    /// The HTTP status.
+    pub fn status(&self) -> u16 {
+        self.code.status()
+    }
+
     /// 400 `BAD_REQUEST`.
     pub fn bad_request(message: impl Into<String>) -> Self {
-        Self::new(400, "BAD_REQUEST", message)
+        Self::new(ErrorCode::BadRequest, message)
     }
 
     /// 404 `NOT_FOUND`.
     pub fn not_found(path: &str) -> Self {
         let shown: String = path.chars().take(128).collect();
-        Self::new(404, "NOT_FOUND", format!("no route for {shown:?}"))
+        Self::new(ErrorCode::NotFound, format!("no route for {shown:?}"))
     }
 
     /// 405 `METHOD_NOT_ALLOWED`.
     pub fn method_not_allowed(method: &str) -> Self {
         let shown: String = method.chars().take(16).collect();
         Self::new(
-            405,
-            "METHOD_NOT_ALLOWED",
+            ErrorCode::MethodNotAllowed,
             format!("method {shown} is not allowed here"),
         )
     }
 
     /// 401 `UNAUTHORIZED`.
     pub fn unauthorized(message: impl Into<String>) -> Self {
-        Self::new(401, "UNAUTHORIZED", message)
+        Self::new(ErrorCode::Unauthorized, message)
     }
 
     /// 413 `PAYLOAD_TOO_LARGE`.
     pub fn payload_too_large(limit: usize) -> Self {
         Self::new(
-            413,
-            "PAYLOAD_TOO_LARGE",
+            ErrorCode::PayloadTooLarge,
             format!("request body is larger than {limit} bytes"),
         )
+    }
+
+    /// 414 `URI_TOO_LONG`.
+    pub fn uri_too_long(limit: usize) -> Self {
+        Self::new(
+            ErrorCode::UriTooLong,
+            format!("request URI is longer than {limit} bytes"),
+        )
+    }
+
+    /// 431 `HEADERS_TOO_LARGE`.
+    pub fn headers_too_large(limit: usize) -> Self {
+        Self::new(
+            ErrorCode::HeadersTooLarge,
+            format!("request headers are larger than {limit} bytes"),
+        )
+    }
+
+    /// 408 `REQUEST_TIMEOUT`.
+    pub fn request_timeout() -> Self {
+        Self::new(
+            ErrorCode::RequestTimeout,
+            "the request did not arrive in time",
+        )
+    }
+
+    /// 500 `INTERNAL`.
+    pub fn internal() -> Self {
+        Self::new(ErrorCode::Internal, "internal error")
     }
 
     /// 503 `NOT_READY`: no flag data yet (from upstream or disk).
     pub fn not_ready() -> Self {
         Self::new(
-            503,
-            "NOT_READY",
+            ErrorCode::NotReady,
             "no flag data yet: waiting for the first snapshot from upstream",
         )
     }
@@ -224,8 +342,7 @@ impl ApiError {
     /// 502 `UPSTREAM_UNAVAILABLE`: a per-user answer needed upstream and upstream failed.
     pub fn upstream_unavailable() -> Self {
         Self::new(
-            502,
-            "UPSTREAM_UNAVAILABLE",
+            ErrorCode::UpstreamUnavailable,
             "flags for this user need upstream, which is unavailable",
         )
     }
@@ -243,7 +360,7 @@ impl ApiError {
         }
         json_bytes(&Outer {
             error: Inner {
-                code: self.code,
+                code: self.code.as_str(),
                 message: &self.message,
             },
         })
@@ -300,8 +417,8 @@ impl ApiResponse {
     /// The error's status and JSON body.
     pub fn error(error: &ApiError) -> Self {
         let mut response = Self::json(error.body());
-        response.status = error.status;
-        if error.status == 503 {
+        response.status = error.status();
+        if error.code == ErrorCode::NotReady {
             response.headers.push(("Retry-After", "1".to_owned()));
         }
         response
@@ -433,6 +550,22 @@ pub fn context_from_query(query: &str) -> Result<Context, ApiError> {
     Ok(context)
 }
 
+/// `context` as the query [`context_from_query`] reads back (`user_id`, `email`, `attr.<name>`),
+/// for an internal request that must carry a context.
+pub fn context_to_query(context: &Context) -> String {
+    let mut query = form_urlencoded::Serializer::new(String::new());
+    if let Some(id) = &context.id {
+        query.append_pair("user_id", id);
+    }
+    if let Some(email) = &context.email {
+        query.append_pair("email", email);
+    }
+    for (name, value) in &context.attributes {
+        query.append_pair(&format!("attr.{name}"), &value.to_js_string());
+    }
+    query.finish()
+}
+
 /// The context of `POST /api/flags` and `POST /api/v1/sdk/identify`:
 /// `{"user":{"id","email","attributes"}}`. An empty body is the anonymous context.
 ///
@@ -499,7 +632,7 @@ pub fn flags_response(
 /// 400 `INVALID_FLAG_KEY` for a key outside `[A-Za-z0-9._:-]{1,256}`.
 pub fn flag_response(key: &str, flags: &EvaluatedFlags) -> Result<ApiResponse, ApiError> {
     let key = FlagKey::parse(key)
-        .map_err(|error| ApiError::new(400, "INVALID_FLAG_KEY", error.to_string()))?;
+        .map_err(|error| ApiError::new(ErrorCode::InvalidFlagKey, error.to_string()))?;
     let enabled = flags.is_enabled(key.as_str(), false);
     let mut response = ApiResponse::json(render::flag_body(key.as_str(), enabled));
     response
@@ -513,11 +646,9 @@ pub fn flag_response(key: &str, flags: &EvaluatedFlags) -> Result<ApiResponse, A
 pub fn sdk_flags_response(
     snapshot: &Snapshot,
     flags: Cow<'_, EvaluatedFlags>,
-    query: &str,
+    with_reasons: bool,
     if_none_match: Option<&str>,
 ) -> ApiResponse {
-    let with_reasons =
-        query_pairs(query).any(|(name, value)| name == "withReasons" && value == "true");
     match flags {
         Cow::Borrowed(_) => ApiResponse::json_with_etag(
             snapshot.sdk_body(with_reasons).clone(),
@@ -530,6 +661,11 @@ pub fn sdk_flags_response(
             if_none_match,
         ),
     }
+}
+
+/// Whether the query asks for reasons (`withReasons=true`, as the SDKs send it).
+pub fn with_reasons(query: &str) -> bool {
+    query_pairs(query).any(|(name, value)| name == "withReasons" && value == "true")
 }
 
 /// The ETag of a per-context answer: a hash of its values and reasons.
@@ -838,7 +974,7 @@ pub mod ofrep {
 }
 
 fn invalid_context(message: String) -> ApiError {
-    ApiError::new(400, "INVALID_CONTEXT", message)
+    ApiError::new(ErrorCode::InvalidContext, message)
 }
 
 fn checked_value(name: &str, value: &str) -> Result<String, ApiError> {
@@ -886,26 +1022,22 @@ fn query_pairs(query: &str) -> impl Iterator<Item = (Cow<'_, str>, Cow<'_, str>)
 }
 
 fn percent_decode(segment: &str) -> Result<String, ApiError> {
-    // Path segments use %XX escapes but not '+' for space, so decode them by hand here: only
-    // `%XX` sequences are special.
+    // Path segments use %XX escapes but not '+' for space: only `%XX` sequences are special.
+    // `percent_decode_str` passes a malformed `%` through, so check the escapes first.
     let bytes = segment.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = bytes
+    let malformed = bytes.iter().enumerate().any(|(i, b)| {
+        *b == b'%'
+            && !bytes
                 .get(i + 1..i + 3)
-                .and_then(|h| std::str::from_utf8(h).ok())
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| ApiError::bad_request("invalid percent-encoding in path"))?;
-            out.push(hex);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
+                .is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit))
+    });
+    if malformed {
+        return Err(ApiError::bad_request("invalid percent-encoding in path"));
     }
-    String::from_utf8(out).map_err(|_| ApiError::bad_request("path is not valid UTF-8"))
+    percent_encoding::percent_decode_str(segment)
+        .decode_utf8()
+        .map(Cow::into_owned)
+        .map_err(|_| ApiError::bad_request("path is not valid UTF-8"))
 }
 
 fn json_bytes<T: Serialize + ?Sized>(value: &T) -> Bytes {
@@ -958,25 +1090,17 @@ mod tests {
             Ok(Route::OfrepFlag("x".into()))
         );
         assert_eq!(
-            Route::parse("DELETE", "/api/flags").unwrap_err().status,
+            Route::parse("DELETE", "/api/flags").unwrap_err().status(),
             405
         );
-        assert_eq!(Route::parse("GET", "/nope").unwrap_err().status, 404);
+        assert_eq!(Route::parse("GET", "/nope").unwrap_err().status(), 404);
         assert_eq!(
-            Route::parse("GET", "/api/flags/%zz").unwrap_err().status,
+            Route::parse("GET", "/api/flags/%zz").unwrap_err().status(),
             400
         );
         assert_eq!(
             Route::parse("GET", "/demo.css"),
             Ok(Route::Asset("demo.css"))
-        );
-        assert_eq!(
-            Route::asset_content_type("demo.css"),
-            "text/css; charset=utf-8"
-        );
-        assert_eq!(
-            Route::asset_content_type("rollgate-proxy-client.js"),
-            "text/javascript; charset=utf-8"
         );
         assert!(!Route::Health.needs_client_key());
         assert!(Route::Stream.needs_client_key());
@@ -1001,7 +1125,7 @@ mod tests {
         assert!(keys.authorize(Some("bearer  k1 "), None, "").is_ok());
         assert!(keys.authorize(None, Some("k1"), "").is_ok());
         assert!(keys.authorize(None, None, "user_id=u&token=k1").is_ok());
-        assert_eq!(keys.authorize(None, None, "").unwrap_err().status, 401);
+        assert_eq!(keys.authorize(None, None, "").unwrap_err().status(), 401);
         let wrong = keys.authorize(Some("Bearer nope"), None, "").unwrap_err();
         assert!(!wrong.message.contains("k1"));
         assert!(ClientKeys::default().authorize(None, None, "").is_ok());
@@ -1025,20 +1149,23 @@ mod tests {
         let too_many: String = (0..65).map(|i| format!("attr.a{i}=v&")).collect();
         assert_eq!(
             context_from_query(&too_many).unwrap_err().code,
-            "INVALID_CONTEXT"
+            ErrorCode::InvalidContext
         );
         let long = format!("user_id={}", "x".repeat(2000));
-        assert_eq!(context_from_query(&long).unwrap_err().status, 400);
+        assert_eq!(context_from_query(&long).unwrap_err().status(), 400);
 
         let ctx = context_from_body(br#"{"user":{"id":"u1","attributes":{"age":30,"beta":true}}}"#)
             .unwrap();
         assert_eq!(ctx.id.as_deref(), Some("u1"));
         assert_eq!(ctx.attribute("age").as_deref(), Some("30"));
         assert!(context_from_body(b"").unwrap().is_anonymous());
-        assert_eq!(context_from_body(b"{").unwrap_err().code, "INVALID_CONTEXT");
+        assert_eq!(
+            context_from_body(b"{").unwrap_err().code,
+            ErrorCode::InvalidContext
+        );
         assert_eq!(
             context_from_body(br#"{"user":{"id":5}}"#).unwrap_err().code,
-            "INVALID_CONTEXT"
+            ErrorCode::InvalidContext
         );
     }
 
@@ -1061,7 +1188,7 @@ mod tests {
         let sdk = sdk_flags_response(
             &snapshot,
             defaults.clone(),
-            "withReasons=true&user_id=",
+            with_reasons("withReasons=true&user_id="),
             None,
         );
         assert!(
@@ -1069,7 +1196,7 @@ mod tests {
                 .unwrap()
                 .contains("\"reasons\"")
         );
-        let bare = sdk_flags_response(&snapshot, defaults, "", None);
+        let bare = sdk_flags_response(&snapshot, defaults, with_reasons(""), None);
         assert_eq!(&bare.body[..], br#"{"flags":{"a":true,"b":false}}"#);
 
         let owned: Cow<'_, EvaluatedFlags> = Cow::Owned(snapshot.defaults().clone());
@@ -1095,7 +1222,7 @@ mod tests {
             flag_response("bad key", snapshot.defaults())
                 .unwrap_err()
                 .code,
-            "INVALID_FLAG_KEY"
+            ErrorCode::InvalidFlagKey
         );
     }
 

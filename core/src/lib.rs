@@ -37,12 +37,20 @@
 #![warn(clippy::unwrap_used)]
 
 pub mod api;
+pub mod assets;
 pub mod backoff;
 pub mod breaker;
+pub mod cors;
+pub mod downstream;
 pub mod eval;
+pub mod metrics;
 pub mod model;
 pub mod render;
+pub mod secret;
+pub mod settings;
 pub mod snapshot;
 pub mod sse;
+pub mod stream;
 pub mod time;
 pub mod upstream;
+pub mod users;

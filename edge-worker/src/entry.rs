@@ -1,16 +1,22 @@
-//! The Worker's fetch handler: CORS, routing, client keys and limits, then the edge cache for
-//! polling, a shard object for streams, and the relay object for everything else.
+//! The Worker's fetch handler: CORS and the request id, core's admission (route, client key) and
+//! body limit, then the edge cache for polling, a shard object for streams, and the relay object
+//! for everything else. Stateless routes (probes, the demo page) are answered here by core.
+
+use std::cell::RefCell;
+use std::rc::Rc;
 
 use bytes::Bytes;
-use rollgate_proxy_core::api::{self, ApiResponse, Route};
+use rollgate_proxy_core::api::{ApiResponse, Route};
+use rollgate_proxy_core::cors::{CorsValue, PREFLIGHT_STATUS};
+use rollgate_proxy_core::downstream::{Answer, Downstream};
 use rollgate_proxy_core::render;
+use rollgate_proxy_core::settings::SettingsError;
+use rollgate_proxy_core::snapshot::Freshness;
 use worker::{Cache, Context, Env, Headers, Method, Request, Response, console_error, event};
 
 use crate::cache;
-use crate::config::{ConfigError, EdgeConfig};
-use crate::cors;
-use crate::http::{self, CLIENT_KEY_HEADER, EVENT_ID_HEADER, SHARD_HEADER};
-use crate::serve;
+use crate::config::EdgeConfig;
+use crate::http::{self, EVENT_ID_HEADER, Incoming, SHARD_HEADER, now};
 
 /// Header that carries a cached answer's original `Cache-Control` (the stored copy has the
 /// cache's own).
@@ -21,19 +27,53 @@ const CACHED_STATUS: &str = "x-rollgate-status";
 const REQUEST_ID: &str = "x-request-id";
 
 /// Reads the configuration from vars and secrets.
-pub(crate) fn load_config(env: &Env) -> Result<EdgeConfig, ConfigError> {
-    EdgeConfig::from_lookup(|name| {
-        env.secret(name)
-            .map(|s| s.to_string())
-            .ok()
-            .or_else(|| env.var(name).ok().map(|v| v.to_string()))
-    })
+pub(crate) fn load_config(env: &Env) -> Result<EdgeConfig, SettingsError> {
+    EdgeConfig::from_lookup(
+        |name| {
+            env.secret(name)
+                .map(|s| s.to_string())
+                .ok()
+                .or_else(|| env.var(name).ok().map(|v| v.to_string()))
+        },
+        // Replicas must not retry in lockstep: seed the jitter per instance.
+        (js_sys::Math::random() * 9.0e15) as u64,
+    )
+}
+
+/// What the stateless front needs, built once per isolate (vars do not change within one).
+struct Front {
+    config: EdgeConfig,
+    downstream: Downstream,
+}
+
+thread_local! {
+    static FRONT: RefCell<Option<Rc<Front>>> = const { RefCell::new(None) };
+}
+
+fn front(env: &Env) -> Result<Rc<Front>, SettingsError> {
+    if let Some(front) = FRONT.with(|f| f.borrow().clone()) {
+        return Ok(front);
+    }
+    let config = load_config(env)?;
+    let front = Rc::new(Front {
+        downstream: Downstream::new(config.core.clone()),
+        config,
+    });
+    FRONT.with(|f| *f.borrow_mut() = Some(Rc::clone(&front)));
+    Ok(front)
+}
+
+/// Core's CORS headers as `(name, value)` pairs.
+fn cors_pairs(cors: &[(&'static str, CorsValue<'_>)]) -> Vec<(&'static str, String)> {
+    cors.iter()
+        .map(|(name, value)| (*name, value.as_str().to_owned()))
+        .collect()
 }
 
 #[event(fetch)]
 async fn fetch(req: Request, env: Env, ctx: Context) -> worker::Result<Response> {
-    let config = match load_config(&env) {
-        Ok(config) => config,
+    let front = match front(&env) {
+        Ok(front) => front,
         Err(error) => {
             console_error!("configuration: {error}");
             return http::internal();
@@ -54,19 +94,21 @@ async fn fetch(req: Request, env: Env, ctx: Context) -> worker::Result<Response>
             let n = (js_sys::Math::random() * 9_007_199_254_740_992.0) as u64;
             format!("{n:016x}")
         });
+    let policy = &front.config.core.cors;
     if req.method() == Method::Options {
-        let mut headers = cors::preflight_headers(&config.cors, origin.as_deref());
+        let mut headers = cors_pairs(&policy.preflight(origin.as_deref()));
         headers.push((REQUEST_ID, request_id));
-        return http::with_headers(Response::empty()?, &headers, &[]);
+        let response = Response::empty()?.with_status(PREFLIGHT_STATUS);
+        return http::with_headers(response, &headers, &[]);
     }
-    let response = match handle(req, &env, &ctx, &config).await {
+    let response = match handle(req, &env, &ctx, &front).await {
         Ok(response) => response,
         Err(error) => {
             console_error!("request failed: {error}");
             http::internal()?
         }
     };
-    let mut headers = cors::response_headers(&config.cors, origin.as_deref());
+    let mut headers = cors_pairs(&policy.response_headers(origin.as_deref()));
     headers.push((REQUEST_ID, request_id));
     http::with_headers(
         response,
@@ -79,107 +121,66 @@ async fn handle(
     mut req: Request,
     env: &Env,
     ctx: &Context,
-    config: &EdgeConfig,
+    front: &Front,
 ) -> worker::Result<Response> {
-    let (path, query) = http::path_and_query(&req);
-    let method = req.method();
-    let route = match Route::parse(method.as_ref(), &path) {
-        Ok(route) => route,
+    let incoming = Incoming::read(&req)?;
+    let admitted = match front.downstream.admit(&incoming.request(&[])) {
+        Ok(admitted) => admitted,
         Err(error) => return http::error_response(&error),
     };
-    let mut client_key = None;
-    if route.needs_client_key() {
-        let authorization = req.headers().get("authorization")?;
-        let api_key = req.headers().get("x-api-key")?;
-        match config
-            .client_keys
-            .matching_key(authorization.as_deref(), api_key.as_deref(), &query)
-        {
-            Ok(key) => client_key = key.map(str::to_owned),
+    let body = if incoming.method == "POST" {
+        match http::read_limited(&mut req, front.config.core.body_limit).await? {
+            Ok(body) => body,
             Err(error) => return http::error_response(&error),
         }
-    }
-    // Only OFREP's bulk answer depends on the key (its eventStreams URL carries it).
-    let answer_key_of = |route: &Route| match route {
-        Route::OfrepFlags => client_key.clone(),
-        _ => None,
+    } else {
+        Bytes::new()
     };
-    let body = match http::read_limited(&mut req, config.body_limit).await? {
-        Ok(body) => body,
-        Err(error) => return http::error_response(&error),
-    };
-    match route {
-        Route::Live | Route::RootHealth => {
-            http::to_response(ApiResponse::json(Bytes::from_static(api::STATUS_OK_BODY)))
-        }
-        Route::Demo => http::static_text(serve::asset("index.html"), serve::DEMO_CONTENT_TYPE),
-        Route::Asset(name) => {
-            http::static_text(serve::asset(name), Route::asset_content_type(name))
-        }
-        ref stream if serve::is_stream(stream) => {
-            let index = config.pick_shard(js_sys::Math::random());
-            let mut headers = vec![(SHARD_HEADER, index.to_string())];
-            if let Some(last) = req.headers().get("last-event-id")? {
-                headers.push(("last-event-id", last));
-            }
-            let request =
-                http::internal_request(method, &format!("{path}?{query}"), &headers, &[])?;
-            env.durable_object("SSE_SHARD")?
-                .id_from_name(&config.shard_name(index))?
-                .get_stub()?
-                .fetch_with_request(request)
-                .await
-        }
-        ref polling if serve::is_polling(polling) => {
-            let inm = req.headers().get("if-none-match")?;
-            let client_key = answer_key_of(polling);
-            let request = Forward {
-                method,
-                path: &path,
-                query: &query,
-                body: &body,
-                client_key: client_key.as_deref(),
-            };
-            poll(env, ctx, config, &request, inm.as_deref()).await
-        }
-        _ => {
-            let request = Forward {
-                method,
-                path: &path,
-                query: &query,
-                body: &body,
-                client_key: None,
-            };
-            to_relay(env, config, &request, None).await
-        }
+    let config = &front.config;
+    let route = admitted.route.clone();
+    if route.is_stateless() {
+        let answer = front.downstream.dispatch(
+            now(),
+            &incoming.request(&body),
+            admitted,
+            None,
+            Freshness::Missing,
+            http::random_unit(),
+        );
+        return match answer {
+            Answer::Respond(response) => http::to_response(response),
+            _ => http::internal(),
+        };
     }
-}
-
-/// One request's parts, as the Worker hands them on to the relay.
-struct Forward<'a> {
-    method: Method,
-    path: &'a str,
-    query: &'a str,
-    body: &'a [u8],
-    /// The client key presented, for the one answer that carries it (OFREP's stream URL).
-    client_key: Option<&'a str>,
+    if route.is_stream() {
+        let index = config.pick_shard(js_sys::Math::random());
+        let request = incoming.to_object(&[(SHARD_HEADER, index.to_string())], true, &[])?;
+        return env
+            .durable_object("SSE_SHARD")?
+            .id_from_name(&config.shard_name(index))?
+            .get_stub()?
+            .fetch_with_request(request)
+            .await;
+    }
+    if route.is_polling() {
+        // Only OFREP's bulk answer depends on the key (its eventStreams URL carries it).
+        let key_scope = match route {
+            Route::OfrepFlags => admitted.client_key,
+            _ => None,
+        };
+        return poll(env, ctx, config, &incoming, &body, key_scope.as_deref()).await;
+    }
+    to_relay(env, config, &incoming, &body, true).await
 }
 
 async fn to_relay(
     env: &Env,
     config: &EdgeConfig,
-    request: &Forward<'_>,
-    if_none_match: Option<&str>,
+    incoming: &Incoming,
+    body: &[u8],
+    conditional: bool,
 ) -> worker::Result<Response> {
-    let mut headers = vec![("content-type", "application/json".to_owned())];
-    if let Some(inm) = if_none_match {
-        headers.push(("if-none-match", inm.to_owned()));
-    }
-    if let Some(key) = request.client_key {
-        headers.push((CLIENT_KEY_HEADER, key.to_owned()));
-    }
-    let url = format!("{}?{}", request.path, request.query);
-    let request = http::internal_request(request.method.clone(), &url, &headers, request.body)?;
+    let request = incoming.to_object(&[], conditional, body)?;
     env.durable_object("RELAY")?
         .id_from_name(&config.relay_name())?
         .get_stub()?
@@ -193,19 +194,16 @@ async fn poll(
     env: &Env,
     ctx: &Context,
     config: &EdgeConfig,
-    request: &Forward<'_>,
-    if_none_match: Option<&str>,
+    incoming: &Incoming,
+    body: &[u8],
+    client_key: Option<&str>,
 ) -> worker::Result<Response> {
+    let if_none_match = incoming.if_none_match.as_deref();
     if config.cache_ttl.is_zero() {
-        return to_relay(env, config, request, if_none_match).await;
+        return to_relay(env, config, incoming, body, true).await;
     }
-    let Forward {
-        ref method,
-        path,
-        query,
-        body,
-        client_key,
-    } = *request;
+    let path = incoming.path.as_str();
+    let query = incoming.query.as_str();
     // Answers that carry the client key are cached per key, under a hash of it: keys never
     // reach a cache URL.
     let scope = |event_id: &str| match client_key {
@@ -214,13 +212,13 @@ async fn poll(
     };
     let edge = Cache::default();
     let pointer = cache::pointer_key(&config.environment);
-    let method_name = method.to_string();
+    let method_name = incoming.method.as_str();
     if let Some(mut current) = edge.get(pointer.as_str(), true).await? {
         let event_id = current.text().await?;
         let key = cache::answer_key(
             &config.environment,
             &scope(&event_id),
-            &method_name,
+            method_name,
             path,
             query,
             body,
@@ -246,7 +244,7 @@ async fn poll(
         }
     }
     // Miss: ask the relay for the full answer (no If-None-Match, so it can be cached).
-    let mut response = to_relay(env, config, request, None).await?;
+    let mut response = to_relay(env, config, incoming, body, false).await?;
     let Some(event_id) = response.headers().get(EVENT_ID_HEADER)? else {
         return Ok(response);
     };
@@ -261,7 +259,7 @@ async fn poll(
         let key = cache::answer_key(
             &config.environment,
             &scope(&event_id),
-            &method_name,
+            method_name,
             path,
             query,
             body,

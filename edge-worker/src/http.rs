@@ -7,9 +7,6 @@ use worker::{Headers, Method, Request, RequestInit, Response, ResponseBody};
 
 /// Header carrying the snapshot event id from the relay to the Worker (stripped before clients).
 pub(crate) const EVENT_ID_HEADER: &str = "x-rollgate-event-id";
-/// Internal header (Worker → relay only): the client key an OFREP bulk request presented, so
-/// the relay can announce an event stream URL that carries it.
-pub(crate) const CLIENT_KEY_HEADER: &str = "x-rollgate-client-key";
 /// Header carrying the shard index from the Worker to a shard object.
 pub(crate) const SHARD_HEADER: &str = "x-rollgate-shard";
 /// Host of the internal URLs used for object requests (never resolved: stubs route by object).
@@ -43,14 +40,6 @@ pub(crate) fn to_response(api: ApiResponse) -> worker::Result<Response> {
     Ok(response.with_status(api.status).with_headers(headers))
 }
 
-/// A static text answer (demo page, its assets), `Cache-Control: no-cache` as the native server.
-pub(crate) fn static_text(body: &'static str, content_type: &str) -> worker::Result<Response> {
-    let headers = Headers::new();
-    headers.set("content-type", content_type)?;
-    headers.set("cache-control", rollgate_proxy_core::api::NO_CACHE)?;
-    Ok(Response::from_bytes(body.as_bytes().to_vec())?.with_headers(headers))
-}
-
 /// An error answer.
 pub(crate) fn error_response(error: &ApiError) -> worker::Result<Response> {
     to_response(ApiResponse::error(error))
@@ -58,7 +47,7 @@ pub(crate) fn error_response(error: &ApiError) -> worker::Result<Response> {
 
 /// 500 `INTERNAL`, without details (they go to the log).
 pub(crate) fn internal() -> worker::Result<Response> {
-    error_response(&ApiError::new(500, "INTERNAL", "internal error"))
+    error_response(&ApiError::internal())
 }
 
 /// A copy of `response` with `extra` headers set and `remove` headers dropped. Responses from
@@ -138,11 +127,102 @@ pub(crate) fn now() -> rollgate_proxy_core::time::Timestamp {
     rollgate_proxy_core::time::Timestamp::from_millis(worker::Date::now().as_millis())
 }
 
+/// The parts of a client request core's dispatcher reads, owned (a `worker::Request` hands out
+/// owned strings), and passed on to an object as the same headers.
+#[derive(Debug, Default)]
+pub(crate) struct Incoming {
+    pub(crate) method: String,
+    pub(crate) path: String,
+    pub(crate) query: String,
+    authorization: Option<String>,
+    api_key: Option<String>,
+    pub(crate) if_none_match: Option<String>,
+    last_event_id: Option<String>,
+}
+
+/// The request headers core reads, by name.
+const FORWARDED: [&str; 4] = [
+    "authorization",
+    "x-api-key",
+    "if-none-match",
+    "last-event-id",
+];
+
+impl Incoming {
+    /// Reads `req`'s method, path, query and the headers core reads.
+    pub(crate) fn read(req: &Request) -> worker::Result<Self> {
+        let (path, query) = path_and_query(req);
+        let headers = req.headers();
+        Ok(Self {
+            method: req.method().to_string(),
+            path,
+            query,
+            authorization: headers.get(FORWARDED[0])?,
+            api_key: headers.get(FORWARDED[1])?,
+            if_none_match: headers.get(FORWARDED[2])?,
+            last_event_id: headers.get(FORWARDED[3])?,
+        })
+    }
+
+    /// Core's view of the request, with `body`.
+    pub(crate) fn request<'a>(
+        &'a self,
+        body: &'a [u8],
+    ) -> rollgate_proxy_core::downstream::Request<'a> {
+        rollgate_proxy_core::downstream::Request {
+            method: &self.method,
+            path: &self.path,
+            query: &self.query,
+            authorization: self.authorization.as_deref(),
+            api_key: self.api_key.as_deref(),
+            if_none_match: self.if_none_match.as_deref(),
+            last_event_id: self.last_event_id.as_deref(),
+            body,
+        }
+    }
+
+    /// The same request for an object: path, query, the headers core reads (without
+    /// `If-None-Match` when `conditional` is false, so the answer can be cached), and `body`.
+    pub(crate) fn to_object(
+        &self,
+        extra: &[(&str, String)],
+        conditional: bool,
+        body: &[u8],
+    ) -> worker::Result<Request> {
+        let mut headers: Vec<(&str, String)> = extra.to_vec();
+        let values = [
+            &self.authorization,
+            &self.api_key,
+            &self.if_none_match,
+            &self.last_event_id,
+        ];
+        for (name, value) in FORWARDED.iter().zip(values) {
+            if *name == "if-none-match" && !conditional {
+                continue;
+            }
+            if let Some(value) = value {
+                headers.push((name, value.clone()));
+            }
+        }
+        if !body.is_empty() {
+            headers.push(("content-type", "application/json".to_owned()));
+        }
+        let method = Method::from(self.method.clone());
+        let url = if self.query.is_empty() {
+            self.path.clone()
+        } else {
+            format!("{}?{}", self.path, self.query)
+        };
+        internal_request(method, &url, &headers, body)
+    }
+}
+
+/// A uniform random sample in `[0, 1)` (core's jitter input).
+pub(crate) fn random_unit() -> f64 {
+    js_sys::Math::random()
+}
+
 /// Hides `secret` in a message that might contain it (a URL with `?token=`).
 pub(crate) fn redact(message: &str, secret: &str) -> String {
-    if secret.is_empty() {
-        message.to_owned()
-    } else {
-        message.replace(secret, "[redacted]")
-    }
+    rollgate_proxy_core::secret::Secret::new(secret).redact(message)
 }

@@ -1,7 +1,7 @@
-//! The relay Durable Object: one per environment, it owns core's `Upstream` machine, holds the
-//! single upstream stream, persists snapshots, answers polling misses and feeds the SSE shards.
+//! The relay Durable Object: one per environment, it owns core's `Upstream` machine (the single
+//! upstream stream, fetches, alarms, the persisted snapshot) and core's `Downstream` (dispatch,
+//! per-user cache, identities, metrics); it answers polling misses and feeds the SSE shards.
 
-use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
@@ -10,38 +10,31 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_channel::mpsc::{UnboundedSender, unbounded};
-use futures_util::FutureExt as _;
+use futures_channel::oneshot;
 use futures_util::StreamExt;
-use futures_util::future::{Either, LocalBoxFuture, Shared, select};
-use rollgate_proxy_core::api::{
-    self, ApiError, ApiResponse, HealthReport, Route, UpstreamHealth, ofrep,
-};
-use rollgate_proxy_core::breaker::{BreakerState, Outcome};
-use rollgate_proxy_core::model::{Context, EvaluatedFlags, RulesPayload};
-use rollgate_proxy_core::snapshot::{
-    CacheStats, FlagSource, Freshness, Revision, Snapshot, SnapshotStore,
-};
+use futures_util::future::{Either, select};
+use rollgate_proxy_core::api::{ApiError, ApiResponse, Route};
+use rollgate_proxy_core::breaker::Outcome;
+use rollgate_proxy_core::downstream::{Answer, Downstream, Forward, SourceReport};
+use rollgate_proxy_core::metrics::{SideOutcome, SideRequest};
+use rollgate_proxy_core::model::{EvaluatedFlags, RulesPayload};
+use rollgate_proxy_core::snapshot::{FlagSource, Freshness, Revision, Snapshot, SnapshotStore};
 use rollgate_proxy_core::sse::encode::{Event, KEEPALIVE};
+use rollgate_proxy_core::stream::StreamKind;
 use rollgate_proxy_core::upstream::{
     Action, FetchResult, RequestId, StreamEnd, StreamId, Upstream,
 };
+use rollgate_proxy_core::users::{FetchTicket, Lookup, UserFlags};
 use worker::{
     AbortController, Delay, Env, Fetch, Headers, Method, Request, RequestInit, Response, State,
     console_error, console_log, durable_object,
 };
 
 use crate::config::EdgeConfig;
-use crate::http::{self, CLIENT_KEY_HEADER, EVENT_ID_HEADER, now};
-use crate::serve::{self, Answer, MetricsInput};
+use crate::http::{self, EVENT_ID_HEADER, Incoming, now};
 
 /// Storage key of the persisted snapshot.
 const SNAPSHOT_KEY: &str = "snapshot";
-/// Most user contexts kept from `/identify`.
-const MAX_IDENTITIES: usize = 10_000;
-/// Most users whose upstream-evaluated flags are cached (as the native server's default).
-const MAX_USERS: usize = 10_000;
-/// Longest an upstream request may take.
-const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(10);
 /// SSE event name of the internal relay → shard stream.
 pub(crate) const SNAPSHOT_EVENT: &str = "snapshot";
 
@@ -71,27 +64,22 @@ struct Core {
     streams: HashMap<StreamId, AbortController>,
     /// The alarm currently set (unix ms).
     alarm_at: Option<u64>,
-    /// SSE clients per shard, as the shards last reported.
-    shard_clients: BTreeMap<u32, u64>,
-    cache: CacheStats,
-    identities: HashMap<String, Context>,
+    /// Core's downstream of this environment (set at start).
+    downstream: Option<Rc<Downstream>>,
+    /// SSE clients and frames sent per shard and stream kind, as the shards last reported.
+    shard_reports: BTreeMap<u32, ShardReport>,
     /// Bumped by every `/identify`: part of the edge cache key, so cached answers that did not
     /// see the new attributes are not served after one pointer TTL.
     identity_epoch: u64,
-    /// Evaluated mode: flags per user id, fresh for the refresh interval and the revision.
-    users: HashMap<String, CachedUser>,
-    /// Evaluated mode: the one upstream fetch per user and revision that callers share.
-    inflight_users: HashMap<(String, Revision), PendingUser>,
+    /// Evaluated mode: the requests waiting for a per-user fetch, by fetch.
+    user_waiters: HashMap<FetchTicket, Vec<oneshot::Sender<UserFlags>>>,
 }
 
-type PendingUser = Shared<LocalBoxFuture<'static, Option<Arc<EvaluatedFlags>>>>;
-
-struct CachedUser {
-    flags: Arc<EvaluatedFlags>,
-    /// Unix ms of the fetch.
-    fetched: u64,
-    /// The revision current at the fetch: any change upstream makes the entry out of date.
-    revision: Revision,
+/// What one shard last reported: clients and frames sent, per stream kind.
+#[derive(Clone, Copy, Debug, Default)]
+struct ShardReport {
+    clients: [u64; 3],
+    frames: [u64; 3],
 }
 
 impl Core {
@@ -150,7 +138,7 @@ async fn start(inner: &Rc<Inner>) -> worker::Result<()> {
     }
     let config = crate::entry::load_config(&inner.env)
         .map_err(|e| worker::Error::RustError(e.to_string()))?;
-    let persisted: Option<String> = if config.api_key.is_some() {
+    let persisted: Option<String> = if config.core.api_key.is_some() {
         inner
             .state
             .storage()
@@ -166,11 +154,8 @@ async fn start(inner: &Rc<Inner>) -> worker::Result<()> {
     }
     core.started = true;
     let at = now();
-    if config.api_key.is_some() {
-        let mut upstream_config = config.upstream.clone();
-        // Replicas must not retry in lockstep: seed the jitter per instance.
-        upstream_config.jitter_seed = (js_sys::Math::random() * 9.0e15) as u64;
-        let mut upstream = Upstream::new(upstream_config, at);
+    if config.core.api_key.is_some() {
+        let mut upstream = Upstream::new(config.core.upstream.clone(), at);
         if let Some(bytes) = persisted {
             match upstream.restore(bytes.as_bytes()) {
                 Ok(()) => console_log!("relay: restored the persisted snapshot"),
@@ -178,13 +163,14 @@ async fn start(inner: &Rc<Inner>) -> worker::Result<()> {
             }
         }
         core.upstream = Some(upstream);
-        console_log!("relay: upstream mode, {}", config.base_url);
+        console_log!("relay: upstream mode, {}", config.core.base_url);
     } else {
         let payload = RulesPayload::from_json(crate::LOCAL_FLAGS.as_bytes())
             .map_err(|e| worker::Error::RustError(e.to_string()))?;
         core.local = SnapshotStore::new().replace(at, FlagSource::rules(&payload));
-        console_log!("relay: local mode, serving the built-in rules (no ROLLGATE_API_KEY)");
+        console_log!("relay: local mode, serving examples/flags.json (no ROLLGATE_API_KEY)");
     }
+    core.downstream = Some(Rc::new(Downstream::new(config.core.clone())));
     core.config = Some(Rc::new(config));
     drop(core);
     drive(inner);
@@ -276,7 +262,7 @@ fn broadcast(inner: &Inner, frame: &[u8]) {
 /// Comments on the internal streams: they find shard streams that went away.
 async fn keepalive_loop(inner: Rc<Inner>) {
     loop {
-        let period = config_of(&inner).map_or(Duration::from_secs(4), |c| c.sdk_keepalive);
+        let period = config_of(&inner).map_or(Duration::from_secs(4), |c| c.core.sdk_keepalive);
         Delay::from(period).await;
         broadcast(&inner, KEEPALIVE);
     }
@@ -284,7 +270,7 @@ async fn keepalive_loop(inner: Rc<Inner>) {
 
 fn upstream_headers(config: &EdgeConfig, accept: &str) -> worker::Result<Headers> {
     let headers = Headers::new();
-    if let Some(key) = &config.api_key {
+    if let Some(key) = &config.core.api_key {
         headers.set("authorization", &format!("Bearer {}", key.expose()))?;
     }
     headers.set("accept", accept)?;
@@ -294,9 +280,10 @@ fn upstream_headers(config: &EdgeConfig, accept: &str) -> worker::Result<Headers
 async fn with_timeout<T>(
     future: impl Future<Output = T>,
     controller: AbortController,
+    timeout: Duration,
 ) -> Option<T> {
     let future = std::pin::pin!(future);
-    match select(future, Delay::from(UPSTREAM_TIMEOUT)).await {
+    match select(future, Delay::from(timeout)).await {
         Either::Left((value, _)) => Some(value),
         Either::Right(((), _)) => {
             controller.abort();
@@ -311,12 +298,12 @@ async fn get_flags(
     user_id: Option<&str>,
     if_none_match: Option<&str>,
 ) -> FetchResult {
-    let mut url = format!("{}/api/v1/sdk/flags?withReasons=true", config.base_url);
+    let mut url = format!("{}/api/v1/sdk/flags?withReasons=true", config.core.base_url);
     if let Some(user) = user_id {
         url.push_str("&user_id=");
         url.push_str(&String::from(js_sys::encode_uri_component(user)));
     }
-    let secret = config.api_key.as_ref().map_or("", |k| k.expose());
+    let secret = config.core.api_key.as_ref().map_or("", |k| k.expose());
     let request = (|| {
         let headers = upstream_headers(config, "application/json")?;
         if let Some(etag) = if_none_match {
@@ -339,14 +326,15 @@ async fn get_flags(
         let body = response.bytes().await?;
         Ok::<_, worker::Error>((status, etag, body))
     };
-    match with_timeout(call, controller).await {
+    let timeout = config.core.upstream_timeout;
+    match with_timeout(call, controller, timeout).await {
         Some(Ok((status, etag, body))) => FetchResult::Response {
             status,
             etag,
             body: Bytes::from(body),
         },
         Some(Err(error)) => FetchResult::Transport(http::redact(&error.to_string(), secret)),
-        None => FetchResult::Transport(format!("no answer within {UPSTREAM_TIMEOUT:?}")),
+        None => FetchResult::Transport(format!("no answer within {timeout:?}")),
     }
 }
 
@@ -368,6 +356,7 @@ async fn pump_stream(inner: Rc<Inner>, id: StreamId, signal: worker::AbortSignal
         return;
     };
     let secret = config
+        .core
         .api_key
         .as_ref()
         .map_or("", |k| k.expose())
@@ -381,7 +370,7 @@ async fn pump_stream(inner: Rc<Inner>, id: StreamId, signal: worker::AbortSignal
     };
     let url = format!(
         "{}/api/v1/sdk/stream?token={}",
-        config.base_url,
+        config.core.base_url,
         String::from(js_sys::encode_uri_component(&secret))
     );
     let request = upstream_headers(&config, "text/event-stream").and_then(|headers| {
@@ -450,135 +439,61 @@ async fn pump_stream(inner: Rc<Inner>, id: StreamId, signal: worker::AbortSignal
     }
 }
 
+fn downstream_of(inner: &Inner) -> Option<Rc<Downstream>> {
+    inner.core.borrow().downstream.clone()
+}
+
 async fn handle(inner: &Rc<Inner>, mut req: Request) -> worker::Result<Response> {
-    let (path, query) = http::path_and_query(&req);
-    let method = req.method().to_string();
-    match path.as_str() {
+    let incoming = Incoming::read(&req)?;
+    match incoming.path.as_str() {
         "/__rollgate/subscribe" => return subscribe(inner),
         "/__rollgate/shard-clients" => {
-            let mut shard = None;
-            let mut clients = None;
-            for (name, value) in form_urlencoded::parse(query.as_bytes()) {
-                match name.as_ref() {
-                    "shard" => shard = value.parse::<u32>().ok(),
-                    "clients" => clients = value.parse::<u64>().ok(),
-                    _ => {}
-                }
-            }
-            if let (Some(shard), Some(clients)) = (shard, clients) {
-                inner.core.borrow_mut().shard_clients.insert(shard, clients);
-            }
+            shard_report(inner, &incoming.query);
             return Response::ok("ok");
         }
         _ => {}
     }
-    let route = match Route::parse(&method, &path) {
-        Ok(route) => route,
-        Err(error) => return http::error_response(&error),
-    };
-    let body = Bytes::from(req.bytes().await.unwrap_or_default());
-    let inm = req.headers().get("if-none-match")?;
-    // The Worker hands on the client key the request presented, for OFREP's stream URL only.
-    let ofrep_stream = ofrep::stream_uri(req.headers().get(CLIENT_KEY_HEADER)?.as_deref());
-    let Some(config) = config_of(inner) else {
+    let (Some(config), Some(downstream)) = (config_of(inner), downstream_of(inner)) else {
         return http::internal();
     };
-    match route {
-        Route::Health => http::to_response(ApiResponse::json(health(inner, &config).body())),
-        Route::Metrics => {
-            let text = serve::metrics_text(&metrics(inner));
-            let headers = Headers::new();
-            headers.set("content-type", "text/plain; version=0.0.4; charset=utf-8")?;
-            Ok(Response::ok(text)?.with_headers(headers))
-        }
-        Route::Ready => match inner.core.borrow().snapshot() {
-            Some(_) => http::to_response(ApiResponse::json(Bytes::from_static(api::READY_BODY))),
-            None => http::error_response(&ApiError::not_ready()),
-        },
-        Route::SdkIdentify => identify(inner, &config, &body).await,
-        Route::SdkEvents => match api::count_events(&body) {
-            Ok(n) => {
-                forward(inner, &config, "/api/v1/sdk/events", body);
-                http::to_response(ApiResponse::json(api::received_body(n as u64)))
-            }
-            Err(error) => http::error_response(&error),
-        },
-        Route::SdkTelemetry => match api::count_telemetry(&body) {
-            Ok(n) => {
-                forward(inner, &config, "/api/v1/sdk/telemetry", body);
-                http::to_response(ApiResponse::json(api::received_body(n)))
-            }
-            Err(error) => http::error_response(&error),
-        },
-        ref data if serve::is_polling(data) => {
-            poll(
-                inner,
-                &config,
-                data,
-                &method,
-                &query,
-                &body,
-                inm.as_deref(),
-                &ofrep_stream,
-            )
-            .await
-        }
-        _ => http::error_response(&ApiError::not_found(&path)),
-    }
-}
-
-/// A polling answer, with the snapshot's event id for the Worker's cache.
-#[allow(
-    clippy::too_many_arguments,
-    reason = "one request's parts, passed through once"
-)]
-async fn poll(
-    inner: &Rc<Inner>,
-    config: &EdgeConfig,
-    route: &Route,
-    method: &str,
-    query: &str,
-    body: &[u8],
-    inm: Option<&str>,
-    ofrep_stream: &str,
-) -> worker::Result<Response> {
+    let body = Bytes::from(req.bytes().await.unwrap_or_default());
+    let request = incoming.request(&body);
+    let route = Route::parse(&incoming.method, &incoming.path).ok();
     let snapshot = inner.core.borrow().snapshot();
-    let freshness = freshness(inner);
-    inner.core.borrow_mut().cache.record(freshness);
-    let answer = serve::data_route_merged(
-        snapshot.as_deref(),
-        route,
-        method,
-        query,
-        body,
-        inm,
-        ofrep_stream,
-        |context| merge_identity(inner, context),
+    let answer = downstream.handle(
+        now(),
+        &request,
+        snapshot.as_ref(),
+        freshness(inner),
+        http::random_unit(),
     );
     let response = match answer {
-        Answer::Ready(response) => response,
-        Answer::NeedsUpstream(context) => {
-            let Some(snapshot) = snapshot.as_deref() else {
-                return http::error_response(&ApiError::not_ready());
-            };
-            match user_flags(inner, config, &context, snapshot.revision()).await {
-                Some(flags) => serve::respond(
-                    snapshot,
-                    route,
-                    &context,
-                    Cow::Owned(EvaluatedFlags::clone(&flags)),
-                    query,
-                    inm,
-                    ofrep_stream,
-                ),
-                None => ApiError::upstream_unavailable().into(),
-            }
+        Answer::Respond(response) => response,
+        Answer::NeedUserFlags(pending) => {
+            let flags = user_flags(inner, &config, pending.user_id(), pending.revision()).await;
+            downstream.finish(pending, &flags)
         }
+        Answer::Forward(forward) => forward_upstream(inner, &config, forward),
+        Answer::Health => downstream.health(
+            now(),
+            snapshot.as_deref(),
+            &report(inner),
+            config.core.api_key.as_ref(),
+        ),
+        Answer::Metrics => downstream.metrics(now(), snapshot.as_deref(), &report(inner)),
+        // The Worker sends streams to the shards, never here.
+        Answer::Stream { .. } => ApiError::not_found(&incoming.path).into(),
     };
+    if route == Some(Route::SdkIdentify) && response.status == 200 {
+        inner.core.borrow_mut().identity_epoch += 1;
+    }
+    let polling = route.as_ref().is_some_and(Route::is_polling);
     // The edge cache keys answers by this: the snapshot, and the `/identify` epoch, since
     // stored attributes change answers without a new snapshot.
     let epoch = inner.core.borrow().identity_epoch;
-    let event_id = snapshot.map(|s| format!("{}~{epoch}", s.event_id()));
+    let event_id = snapshot
+        .filter(|_| polling)
+        .map(|s| format!("{}~{epoch}", s.event_id()));
     let mut response = http::to_response(response)?;
     if let Some(event_id) = event_id {
         response.headers_mut().set(EVENT_ID_HEADER, &event_id)?;
@@ -586,66 +501,83 @@ async fn poll(
     Ok(response)
 }
 
-/// A user's flags in evaluated mode, as the native server: from the cache while younger than
-/// the refresh interval and fetched at `revision`; else one upstream fetch per user and
-/// revision, shared by every caller meanwhile; when that fails, an expired entry (stale).
+/// `?shard=N&frontend=..&sdk=..&ofrep=..&frames_frontend=..&frames_sdk=..&frames_ofrep=..`
+/// from a shard: its clients and frames sent, summed over shards into core's metrics.
+fn shard_report(inner: &Inner, query: &str) {
+    let mut shard = None;
+    let mut report = ShardReport::default();
+    for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+        let value = value.parse::<u64>().ok();
+        for kind in StreamKind::ALL {
+            if name == kind.label() {
+                report.clients[kind.index()] = value.unwrap_or(0);
+            } else if name.strip_prefix("frames_") == Some(kind.label()) {
+                report.frames[kind.index()] = value.unwrap_or(0);
+            }
+        }
+        if name == "shard" {
+            shard = value.and_then(|v| u32::try_from(v).ok());
+        }
+    }
+    let Some(shard) = shard else { return };
+    let mut core = inner.core.borrow_mut();
+    core.shard_reports.insert(shard, report);
+    if let Some(downstream) = &core.downstream {
+        for kind in StreamKind::ALL {
+            let i = kind.index();
+            let clients = core.shard_reports.values().map(|r| r.clients[i]).sum();
+            let frames = core.shard_reports.values().map(|r| r.frames[i]).sum();
+            downstream.metrics.set_stream_clients(kind, clients);
+            downstream.metrics.set_frames_sent(kind, frames);
+        }
+    }
+}
+
+/// A user's flags in evaluated mode, through core's per-user cache: one upstream fetch per user
+/// and revision (run as its own task, so it completes even if its requester goes away), the
+/// other requests waiting for it.
 async fn user_flags(
     inner: &Rc<Inner>,
-    config: &EdgeConfig,
-    context: &Context,
+    config: &Rc<EdgeConfig>,
+    user_id: &str,
     revision: Revision,
-) -> Option<Arc<EvaluatedFlags>> {
-    let id = context.id.clone()?;
-    let ttl = rollgate_proxy_core::time::duration_millis(config.upstream.refresh_interval);
-    let at = now().as_millis();
-    let stale = match inner.core.borrow().users.get(&id) {
-        Some(entry) if entry.revision == revision && at.saturating_sub(entry.fetched) < ttl => {
-            return Some(Arc::clone(&entry.flags));
-        }
-        Some(entry) => Some(Arc::clone(&entry.flags)),
-        None => None,
+) -> UserFlags {
+    let Some(downstream) = downstream_of(inner) else {
+        return UserFlags::Unavailable;
     };
-    let pending = {
-        let key = (id, revision);
-        let mut core = inner.core.borrow_mut();
-        core.inflight_users
-            .entry(key.clone())
-            .or_insert_with(|| {
-                let inner = Rc::clone(inner);
-                async move {
-                    let config = config_of(&inner)?;
-                    let flags = fetch_user(&inner, &config, &key.0).await.map(Arc::new);
-                    let mut core = inner.core.borrow_mut();
-                    core.inflight_users.remove(&key);
-                    if let Some(flags) = &flags {
-                        if core.users.len() >= MAX_USERS && !core.users.contains_key(&key.0) {
-                            // Bounded: drop the oldest entry.
-                            let oldest = core
-                                .users
-                                .iter()
-                                .min_by_key(|(_, e)| e.fetched)
-                                .map(|(k, _)| k.clone());
-                            if let Some(oldest) = oldest {
-                                core.users.remove(&oldest);
-                            }
-                        }
-                        core.users.insert(
-                            key.0.clone(),
-                            CachedUser {
-                                flags: Arc::clone(flags),
-                                fetched: now().as_millis(),
-                                revision: key.1,
-                            },
-                        );
-                    }
-                    flags
+    let ticket = match downstream.user_lookup(now(), user_id, revision) {
+        Lookup::Fresh(flags) => return UserFlags::Fresh(flags),
+        Lookup::Wait { ticket, .. } => ticket,
+        Lookup::Fetch { ticket, .. } => {
+            let inner = Rc::clone(inner);
+            let config = Rc::clone(config);
+            let user = user_id.to_owned();
+            let downstream = Rc::clone(&downstream);
+            wasm_bindgen_futures::spawn_local(async move {
+                let result = fetch_user(&inner, &config, &user).await;
+                let flags = downstream.user_fetched(now(), &user, ticket, result);
+                let waiters = inner.core.borrow_mut().user_waiters.remove(&ticket);
+                for waiter in waiters.unwrap_or_default() {
+                    let _ = waiter.send(flags.clone());
                 }
-                .boxed_local()
-                .shared()
-            })
-            .clone()
+            });
+            ticket
+        }
     };
-    pending.await.or(stale)
+    let (tx, rx) = oneshot::channel();
+    inner
+        .core
+        .borrow_mut()
+        .user_waiters
+        .entry(ticket)
+        .or_default()
+        .push(tx);
+    let bound = config.core.upstream_timeout + Duration::from_secs(1);
+    match select(rx, Delay::from(bound)).await {
+        Either::Left((Ok(flags), _)) => flags,
+        // The fetch went away or took too long: what core has for this user now.
+        _ => downstream.user_waited(now(), user_id, revision),
+    }
 }
 
 /// One upstream fetch of a user's flags, admitted and recorded by the breaker.
@@ -654,6 +586,7 @@ async fn fetch_user(
     config: &EdgeConfig,
     user_id: &str,
 ) -> Option<EvaluatedFlags> {
+    let downstream = downstream_of(inner)?;
     let admitted = inner
         .core
         .borrow_mut()
@@ -661,6 +594,9 @@ async fn fetch_user(
         .as_mut()
         .is_some_and(|u| u.admit_side_request(now()));
     if !admitted {
+        downstream
+            .metrics
+            .side_request(SideRequest::UserFlags, SideOutcome::Rejected);
         return None;
     }
     let result = get_flags(config, Some(user_id), None).await;
@@ -670,61 +606,31 @@ async fn fetch_user(
         } => EvaluatedFlags::from_json(&body).ok(),
         _ => None,
     };
-    let outcome = if flags.is_some() {
-        Outcome::Success
+    record_side_request(inner, &downstream, SideRequest::UserFlags, flags.is_some());
+    flags
+}
+
+fn record_side_request(inner: &Rc<Inner>, downstream: &Downstream, kind: SideRequest, ok: bool) {
+    let (outcome, side) = if ok {
+        (Outcome::Success, SideOutcome::Ok)
     } else {
-        Outcome::Failure
+        (Outcome::Failure, SideOutcome::Error)
     };
     if let Some(upstream) = inner.core.borrow_mut().upstream.as_mut() {
         upstream.record_side_request(now(), outcome);
     }
+    downstream.metrics.side_request(kind, side);
     drive(inner);
-    flags
 }
 
-fn merge_identity(inner: &Inner, context: &mut Context) {
-    let Some(id) = context.id.clone() else { return };
-    if let Some(stored) = inner.core.borrow().identities.get(&id) {
-        if context.email.is_none() {
-            context.email.clone_from(&stored.email);
-        }
-        for (name, value) in &stored.attributes {
-            context
-                .attributes
-                .entry(name.clone())
-                .or_insert_with(|| value.clone());
-        }
-    }
-}
-
-async fn identify(
-    inner: &Rc<Inner>,
-    config: &EdgeConfig,
-    body: &Bytes,
-) -> worker::Result<Response> {
-    let context = match api::context_from_body(body) {
-        Ok(context) => context,
-        Err(error) => return http::error_response(&error),
+/// Hands a client's body on to upstream in the background (breaker permitting; its outcome
+/// recorded) and returns the client's answer.
+fn forward_upstream(inner: &Rc<Inner>, config: &Rc<EdgeConfig>, forward: Forward) -> ApiResponse {
+    let Some(downstream) = downstream_of(inner) else {
+        return forward.response;
     };
-    if let Some(id) = context.id.clone() {
-        let mut core = inner.core.borrow_mut();
-        if core.identities.len() >= MAX_IDENTITIES && !core.identities.contains_key(&id) {
-            // Bounded: forget an arbitrary entry rather than grow without limit.
-            if let Some(victim) = core.identities.keys().next().cloned() {
-                core.identities.remove(&victim);
-            }
-        }
-        core.identities.insert(id, context);
-        core.identity_epoch += 1;
-    }
-    forward(inner, config, "/api/v1/sdk/identify", body.clone());
-    http::to_response(ApiResponse::json(Bytes::from_static(api::IDENTIFY_BODY)))
-}
-
-/// Sends a client's batch on to upstream in the background (upstream mode, breaker permitting).
-fn forward(inner: &Rc<Inner>, config: &EdgeConfig, path: &'static str, body: Bytes) {
-    let Some(key) = config.api_key.clone() else {
-        return;
+    let Some(key) = config.core.api_key.clone() else {
+        return forward.response;
     };
     let admitted = inner
         .core
@@ -733,9 +639,20 @@ fn forward(inner: &Rc<Inner>, config: &EdgeConfig, path: &'static str, body: Byt
         .as_mut()
         .is_some_and(|u| u.admit_side_request(now()));
     if !admitted {
-        return;
+        downstream
+            .metrics
+            .side_request(forward.kind, SideOutcome::Rejected);
+        return forward.response;
     }
-    let url = format!("{}{path}", config.base_url);
+    let url = format!("{}{}", config.core.base_url, forward.path());
+    let timeout = config.core.upstream_timeout;
+    let inner = Rc::clone(inner);
+    let Forward {
+        kind,
+        body,
+        response,
+        ..
+    } = forward;
     wasm_bindgen_futures::spawn_local(async move {
         let request = (|| {
             let headers = Headers::new();
@@ -747,15 +664,30 @@ fn forward(inner: &Rc<Inner>, config: &EdgeConfig, path: &'static str, body: Byt
                 .with_body(Some(js_sys::Uint8Array::from(&body[..]).into()));
             Request::new_with_init(&url, &init)
         })();
-        if let Ok(request) = request
-            && let Err(error) = Fetch::Request(request).send().await
-        {
-            console_error!(
-                "relay: forwarding {path} failed: {}",
-                http::redact(&error.to_string(), key.expose())
-            );
-        }
+        let ok = match request {
+            Ok(request) => {
+                let controller = AbortController::default();
+                let signal = controller.signal();
+                let fetch = Fetch::Request(request);
+                let send = fetch.send_with_signal(&signal);
+                match with_timeout(send, controller, timeout).await {
+                    Some(Ok(answer)) => (200..300).contains(&answer.status_code()),
+                    Some(Err(error)) => {
+                        console_error!(
+                            "relay: forwarding {} failed: {}",
+                            kind.label(),
+                            key.redact(&error.to_string())
+                        );
+                        false
+                    }
+                    None => false,
+                }
+            }
+            Err(_) => false,
+        };
+        record_side_request(&inner, &downstream, kind, ok);
     });
+    response
 }
 
 /// The internal stream of a shard: the current snapshot at once, then every new one.
@@ -766,8 +698,8 @@ fn subscribe(inner: &Rc<Inner>) -> worker::Result<Response> {
     }
     inner.core.borrow_mut().subscribers.push(tx);
     let headers = Headers::new();
-    headers.set("content-type", api::EVENT_STREAM)?;
-    headers.set("cache-control", api::NO_CACHE)?;
+    headers.set("content-type", rollgate_proxy_core::api::EVENT_STREAM)?;
+    headers.set("cache-control", rollgate_proxy_core::api::NO_CACHE)?;
     Ok(Response::from_stream(rx.map(Ok::<Vec<u8>, worker::Error>))?.with_headers(headers))
 }
 
@@ -780,81 +712,14 @@ fn freshness(inner: &Inner) -> Freshness {
     }
 }
 
-fn health(inner: &Inner, _config: &EdgeConfig) -> HealthReport {
-    let at = now();
+/// The source's state for health and metrics.
+fn report(inner: &Inner) -> SourceReport {
     let core = inner.core.borrow();
-    let snapshot = core.snapshot();
-    let sse_clients = core.shard_clients.values().sum();
-    let flags = snapshot.as_ref().map_or(0, |s| s.defaults().flags.len());
-    match &core.upstream {
-        Some(upstream) => {
-            let status = upstream.status(at);
-            let fresh = status.freshness == Freshness::Fresh;
-            let degraded = status.breaker.state == BreakerState::Open || !fresh;
-            HealthReport {
-                status: if degraded { "degraded" } else { "healthy" },
-                circuit: status.breaker.state.as_str(),
-                cache: core.cache,
-                source: "upstream",
-                upstream: UpstreamHealth {
-                    stream: status.stream.as_str(),
-                    mode: status.mode,
-                    fresh,
-                    last_error: status.last_error.map(|e| e.to_string()),
-                },
-                revision: snapshot.as_ref().map(|s| s.revision().get()),
-                etag: snapshot.as_ref().map(|s| s.etag().to_owned()),
-                data_age_ms: status
-                    .last_confirmed
-                    .map(|c| rollgate_proxy_core::time::duration_millis(at.saturating_since(c))),
-                flags,
-                sse_clients,
-            }
-        }
-        None => HealthReport {
-            status: "healthy",
-            circuit: BreakerState::Closed.as_str(),
-            cache: core.cache,
-            source: "local",
-            upstream: UpstreamHealth {
-                stream: "disabled",
-                mode: snapshot.as_ref().map(|s| s.source().mode()),
-                fresh: true,
-                last_error: None,
-            },
-            revision: snapshot.as_ref().map(|s| s.revision().get()),
-            etag: snapshot.as_ref().map(|s| s.etag().to_owned()),
-            data_age_ms: snapshot.as_ref().map(|s| {
-                rollgate_proxy_core::time::duration_millis(at.saturating_since(s.cached_at()))
-            }),
-            flags,
-            sse_clients,
+    match (&core.upstream, &core.local) {
+        (Some(upstream), _) => SourceReport::Upstream(upstream.status(now())),
+        (None, local) => SourceReport::Local {
+            last_error: None,
+            loaded_at: local.as_ref().map(|s| s.cached_at()),
         },
     }
-}
-
-fn metrics(inner: &Inner) -> MetricsInput {
-    let at = now();
-    let core = inner.core.borrow();
-    let snapshot = core.snapshot();
-    let mut m = MetricsInput {
-        upstream_mode: core.upstream.is_some(),
-        revision: snapshot.as_ref().map_or(0, |s| s.revision().get()),
-        flags: snapshot.as_ref().map_or(0, |s| s.defaults().flags.len()),
-        sse_clients: core.shard_clients.values().sum(),
-        shard_clients: core.shard_clients.iter().map(|(s, n)| (*s, *n)).collect(),
-        cache: core.cache,
-        ..MetricsInput::default()
-    };
-    if let Some(upstream) = &core.upstream {
-        let status = upstream.status(at);
-        m.breaker_state = status.breaker.state.gauge();
-        m.breaker_opens = status.breaker.opens_total;
-        m.upstream_connected = status.stream.as_str() == "connected";
-        m.counters = status.counters;
-        m.data_age_seconds = status
-            .last_confirmed
-            .map_or(0.0, |c| at.saturating_since(c).as_secs_f64());
-    }
-    m
 }

@@ -1,9 +1,11 @@
 //! An SSE shard Durable Object: holds one internal stream of snapshots from the relay and fans
-//! frames out to its share of the stream clients, with keepalives that prune dead clients.
+//! frames out to its share of the stream clients, each driven by core's `Subscriber`.
 //!
 //! One object can hold a limited number of concurrent connections and runs on one thread, so
-//! the clients of an environment are spread over `SSE_SHARDS` of these; the relay then serves
-//! `SSE_SHARDS` internal streams, however many clients there are.
+//! the clients of an environment are spread over `ROLLGATE_PROXY_SSE_SHARDS` of these; the relay
+//! then serves that many internal streams, however many clients there are. A per-user client's
+//! flags are asked of the relay (which merges `/identify` attributes, evaluates rules or uses
+//! its per-user cache), with the client's own key.
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -12,22 +14,20 @@ use std::time::Duration;
 
 use futures_channel::mpsc::{UnboundedSender, unbounded};
 use futures_util::StreamExt;
-use rollgate_proxy_core::api::{self, ApiError, Route};
+use rollgate_proxy_core::api::{self, ApiError};
+use rollgate_proxy_core::downstream::{Answer, Downstream};
 use rollgate_proxy_core::model::{Context, EvaluatedFlags};
-use rollgate_proxy_core::render;
-use rollgate_proxy_core::snapshot::{ContextFlags, Snapshot};
+use rollgate_proxy_core::snapshot::{Freshness, Snapshot};
 use rollgate_proxy_core::sse::decode::{Decoder, DecoderLimits};
-use rollgate_proxy_core::sse::encode::KEEPALIVE;
+use rollgate_proxy_core::stream::{self, Next, StreamKind, Subscriber};
 use worker::{
     Delay, Env, Headers, Method, Request, Response, State, console_error, durable_object,
 };
 
 use crate::config::EdgeConfig;
-use crate::http::{self, SHARD_HEADER, now};
+use crate::http::{self, Incoming, SHARD_HEADER, now};
 use crate::relay::SNAPSHOT_EVENT;
 
-/// `retry:` sent first on every stream, as the native server.
-const RETRY: Duration = Duration::from_millis(2000);
 /// Pause before re-subscribing to the relay after the internal stream ended.
 const RESUBSCRIBE_DELAY: Duration = Duration::from_millis(500);
 
@@ -45,28 +45,25 @@ struct Inner {
 #[derive(Default)]
 struct Core {
     config: Option<Rc<EdgeConfig>>,
+    downstream: Option<Rc<Downstream>>,
     index: u32,
     snapshot: Option<Arc<Snapshot>>,
     clients: Vec<Client>,
     subscribed: bool,
     ticking: bool,
     next_client: u64,
-    reported: Option<u64>,
+    frames_sent: [u64; 3],
+    reported: Option<([u64; 3], [u64; 3])>,
 }
 
 struct Client {
     id: u64,
-    route: Route,
-    /// `None`: anonymous (the snapshot's own frames).
-    context: Option<Context>,
+    subscriber: Subscriber,
+    /// The key the client presented, for the relay requests made on its behalf.
+    client_key: Option<String>,
     tx: UnboundedSender<Vec<u8>>,
     /// Unix ms of the last byte sent (keepalives are due after the interval).
     last_sent: u64,
-    /// Unix ms after which the connection is closed (`SSE_MAX_AGE_MS`, jittered).
-    close_at: Option<u64>,
-    /// The `Last-Event-ID` the client reconnected with, until its first snapshot is decided:
-    /// a client that already has the content is not sent it again.
-    last_event_id: Option<String>,
 }
 
 impl std::fmt::Debug for SseShard {
@@ -89,7 +86,11 @@ impl worker::DurableObject for SseShard {
         let inner = Rc::clone(&self.inner);
         if inner.core.borrow().config.is_none() {
             match crate::entry::load_config(&inner.env) {
-                Ok(config) => inner.core.borrow_mut().config = Some(Rc::new(config)),
+                Ok(config) => {
+                    let mut core = inner.core.borrow_mut();
+                    core.downstream = Some(Rc::new(Downstream::new(config.core.clone())));
+                    core.config = Some(Rc::new(config));
+                }
                 Err(error) => {
                     console_error!("shard: {error}");
                     return http::internal();
@@ -101,19 +102,7 @@ impl worker::DurableObject for SseShard {
 }
 
 fn connect(inner: &Rc<Inner>, req: &Request) -> worker::Result<Response> {
-    let (path, query) = http::path_and_query(req);
-    let method = req.method().to_string();
-    let route = match Route::parse(&method, &path) {
-        Ok(route) if crate::serve::is_stream(&route) => route,
-        Ok(_) => return http::error_response(&ApiError::not_found(&path)),
-        Err(error) => return http::error_response(&error),
-    };
-    let query = query.as_str();
-    let context = match api::context_from_query(query) {
-        Ok(context) => context,
-        Err(error) => return http::error_response(&error),
-    };
-    let last_event_id = req.headers().get("last-event-id")?;
+    let incoming = Incoming::read(req)?;
     if let Some(index) = req
         .headers()
         .get(SHARD_HEADER)?
@@ -121,106 +110,93 @@ fn connect(inner: &Rc<Inner>, req: &Request) -> worker::Result<Response> {
     {
         inner.core.borrow_mut().index = index;
     }
+    let Some(downstream) = inner.core.borrow().downstream.clone() else {
+        return http::internal();
+    };
+    let snapshot = inner.core.borrow().snapshot.clone();
+    let freshness = if snapshot.is_some() {
+        Freshness::Fresh
+    } else {
+        Freshness::Missing
+    };
+    let answer = downstream.handle(
+        now(),
+        &incoming.request(&[]),
+        snapshot.as_ref(),
+        freshness,
+        http::random_unit(),
+    );
+    let (subscriber, client_key) = match answer {
+        Answer::Stream {
+            subscriber,
+            client_key,
+        } => (subscriber, client_key),
+        Answer::Respond(response) => return http::to_response(response),
+        _ => return http::error_response(&ApiError::not_found(&incoming.path)),
+    };
     let (tx, rx) = unbounded::<Vec<u8>>();
-    let _ = tx.unbounded_send(render::retry_frame(RETRY).to_vec());
-    let context = (!context.is_anonymous() && route != Route::OfrepStream).then_some(context);
-    let opened = now();
-    let close_at = inner
-        .core
-        .borrow()
-        .config
-        .as_ref()
-        .and_then(|c| c.sse_max_age)
-        .map(|age| {
-            let age = crate::config::jittered_age(age, js_sys::Math::random());
-            opened.saturating_add(age).as_millis()
-        });
+    let _ = tx.unbounded_send(subscriber.preamble().to_vec());
     let id = {
         let mut core = inner.core.borrow_mut();
         core.next_client += 1;
         let id = core.next_client;
         core.clients.push(Client {
             id,
-            route,
-            context,
+            subscriber,
+            client_key,
             tx,
-            last_sent: opened.as_millis(),
-            close_at,
-            last_event_id,
+            last_sent: now().as_millis(),
         });
         id
     };
-    let snapshot = inner.core.borrow().snapshot.clone();
     if let Some(snapshot) = snapshot {
         send_snapshot(inner, id, &snapshot);
     }
     ensure_tasks(inner);
     let headers = Headers::new();
-    headers.set("content-type", api::EVENT_STREAM)?;
-    headers.set("cache-control", api::NO_CACHE)?;
-    headers.set("x-accel-buffering", "no")?;
+    for (name, value) in stream::HEADERS {
+        headers.set(name, value)?;
+    }
     Ok(Response::from_stream(rx.map(Ok::<Vec<u8>, worker::Error>))?.with_headers(headers))
 }
 
-/// Sends client `id` its frame of `snapshot` (asking the relay for a user's flags in
-/// evaluated mode).
+/// Sends client `id` what core's subscriber decides for `snapshot` (asking the relay for a
+/// per-user client's flags).
 fn send_snapshot(inner: &Rc<Inner>, id: u64, snapshot: &Arc<Snapshot>) {
-    let (route, context) = {
+    let (next, client_key) = {
         let mut core = inner.core.borrow_mut();
         let Some(client) = core.clients.iter_mut().find(|c| c.id == id) else {
             return;
         };
-        if client
-            .last_event_id
-            .take()
-            .is_some_and(|last| snapshot.is_current_event_id(&last))
-        {
-            return;
-        }
-        (client.route.clone(), client.context.clone())
+        (
+            client.subscriber.on_snapshot(snapshot),
+            client.client_key.clone(),
+        )
     };
-    match context.as_ref().map(|c| snapshot.flags_for(c)) {
-        // No context, or evaluated mode without a user id (upstream evaluates per id only):
-        // the snapshot's own frame.
-        None => send(
-            inner,
-            id,
-            &crate::serve::stream_frame(&route, snapshot, None),
-        ),
-        Some(ContextFlags::NeedsUpstream) if context.as_ref().is_some_and(|c| c.id.is_none()) => {
-            send(
-                inner,
-                id,
-                &crate::serve::stream_frame(&route, snapshot, None),
-            );
-        }
-        Some(ContextFlags::Ready(flags)) => {
-            send(
-                inner,
-                id,
-                &crate::serve::stream_frame(&route, snapshot, Some(&flags)),
-            );
-        }
-        Some(ContextFlags::NeedsUpstream) => {
+    match next {
+        Next::Frame(frame) => send(inner, id, &frame),
+        Next::Nothing => {}
+        Next::Resolve(context) => {
             let inner = Rc::clone(inner);
             let snapshot = Arc::clone(snapshot);
-            let Some(context) = context else { return };
             wasm_bindgen_futures::spawn_local(async move {
-                match relay_user_flags(&inner, &context).await {
+                match relay_flags(&inner, &context, client_key.as_deref()).await {
                     Ok(flags) => {
-                        // Only if no newer snapshot arrived meanwhile.
-                        let current = inner
-                            .core
-                            .borrow()
-                            .snapshot
-                            .as_ref()
-                            .is_some_and(|s| Arc::ptr_eq(s, &snapshot));
-                        if current {
-                            send(
-                                &inner,
-                                id,
-                                &crate::serve::stream_frame(&route, &snapshot, Some(&flags)),
-                            );
+                        let frame = {
+                            let mut core = inner.core.borrow_mut();
+                            // Only if no newer snapshot arrived meanwhile.
+                            let current = core
+                                .snapshot
+                                .as_ref()
+                                .is_some_and(|s| Arc::ptr_eq(s, &snapshot));
+                            core.clients
+                                .iter_mut()
+                                .find(|c| c.id == id)
+                                .filter(|_| current)
+                                .and_then(|c| c.subscriber.on_flags(&snapshot, &flags))
+                        };
+                        if let Some(frame) = frame {
+                            send(&inner, id, &frame);
                         }
                     }
                     Err(error) => console_error!("shard: user flags unavailable: {error}"),
@@ -232,24 +208,39 @@ fn send_snapshot(inner: &Rc<Inner>, id: u64, snapshot: &Arc<Snapshot>) {
 
 fn send(inner: &Inner, id: u64, frame: &[u8]) {
     let at = now().as_millis();
-    inner.core.borrow_mut().clients.retain_mut(|client| {
+    let mut core = inner.core.borrow_mut();
+    let mut sent = None;
+    core.clients.retain_mut(|client| {
         if client.id != id {
             return true;
         }
         client.last_sent = at;
-        client.tx.unbounded_send(frame.to_vec()).is_ok()
+        let ok = client.tx.unbounded_send(frame.to_vec()).is_ok();
+        if ok {
+            sent = Some(client.subscriber.kind());
+        }
+        ok
     });
+    if let Some(kind) = sent {
+        core.frames_sent[kind.index()] += 1;
+    }
 }
 
-async fn relay_user_flags(inner: &Inner, context: &Context) -> worker::Result<EvaluatedFlags> {
-    let Some(id) = context.id.as_deref() else {
-        return Err(worker::Error::RustError("no user id".into()));
-    };
-    let query = format!(
-        "/api/v1/sdk/flags?withReasons=true&user_id={}",
-        String::from(js_sys::encode_uri_component(id))
+/// A per-user client's flags, as the relay answers `/api/v1/sdk/flags` for its context.
+async fn relay_flags(
+    inner: &Inner,
+    context: &Context,
+    client_key: Option<&str>,
+) -> worker::Result<EvaluatedFlags> {
+    let path = format!(
+        "/api/v1/sdk/flags?withReasons=true&{}",
+        api::context_to_query(context)
     );
-    let request = http::internal_request(Method::Get, &query, &[], &[])?;
+    let headers: Vec<(&str, String)> = client_key
+        .map(|key| ("authorization", format!("Bearer {key}")))
+        .into_iter()
+        .collect();
+    let request = http::internal_request(Method::Get, &path, &headers, &[])?;
     let mut response = relay_stub(inner)?.fetch_with_request(request).await?;
     if response.status_code() != 200 {
         return Err(worker::Error::RustError(format!(
@@ -353,44 +344,56 @@ fn publish(inner: &Rc<Inner>, snapshot: Arc<Snapshot>) {
     }
 }
 
-/// Keepalive comments (the write to a gone client fails and drops it) and client-count reports
-/// to the relay for `/api/health`.
+/// Keepalive comments (the write to a gone client fails and drops it), the max-age close, and
+/// client/frame reports to the relay for `/api/health` and `/api/metrics`.
 async fn ticker(inner: Rc<Inner>) {
     loop {
         let Some(config) = inner.core.borrow().config.clone() else {
             return;
         };
-        let tick = (config.sdk_keepalive.min(config.keepalive) / 4).max(Duration::from_millis(50));
+        let tick = (config.core.sdk_keepalive.min(config.core.keepalive) / 4)
+            .max(Duration::from_millis(50));
         Delay::from(tick).await;
-        let at = now().as_millis();
-        let (count, changed, index) = {
+        let at = now();
+        let (report, index) = {
             let mut core = inner.core.borrow_mut();
             core.clients.retain_mut(|client| {
-                if client.close_at.is_some_and(|end| at >= end) {
+                if client.subscriber.close_at().is_some_and(|end| at >= end) {
                     // Dropping the sender ends the response body cleanly; the client
                     // reconnects after `retry:` and may land on another shard or location.
                     return false;
                 }
-                let interval = if client.route == Route::SdkStream {
-                    config.sdk_keepalive
-                } else {
-                    config.keepalive
-                };
+                let interval = client.subscriber.keepalive_interval();
                 let due = client.last_sent + rollgate_proxy_core::time::duration_millis(interval);
-                if at < due {
+                if at.as_millis() < due {
                     // Nothing due; a closed receiver still shows up as a failed write later.
                     return !client.tx.is_closed();
                 }
-                client.last_sent = at;
-                client.tx.unbounded_send(KEEPALIVE.to_vec()).is_ok()
+                client.last_sent = at.as_millis();
+                client
+                    .tx
+                    .unbounded_send(client.subscriber.keepalive().to_vec())
+                    .is_ok()
             });
-            let count = core.clients.len() as u64;
-            let changed = core.reported != Some(count);
-            core.reported = Some(count);
-            (count, changed, core.index)
+            let mut clients = [0u64; 3];
+            for client in &core.clients {
+                clients[client.subscriber.kind().index()] += 1;
+            }
+            let report = (clients, core.frames_sent);
+            let changed = core.reported != Some(report);
+            core.reported = Some(report);
+            (changed.then_some(report), core.index)
         };
-        if changed {
-            let path = format!("/__rollgate/shard-clients?shard={index}&clients={count}");
+        if let Some((clients, frames)) = report {
+            let mut path = format!("/__rollgate/shard-clients?shard={index}");
+            for kind in StreamKind::ALL {
+                let i = kind.index();
+                let label = kind.label();
+                path.push_str(&format!(
+                    "&{label}={}&frames_{label}={}",
+                    clients[i], frames[i]
+                ));
+            }
             if let Ok(request) = http::internal_request(Method::Get, &path, &[], &[])
                 && let Ok(stub) = relay_stub(&inner)
                 && let Err(error) = stub.fetch_with_request(request).await
@@ -399,7 +402,7 @@ async fn ticker(inner: Rc<Inner>) {
             }
         }
         let mut core = inner.core.borrow_mut();
-        if core.clients.is_empty() {
+        if core.clients.is_empty() && core.reported == Some(([0; 3], core.frames_sent)) {
             core.ticking = false;
             return;
         }

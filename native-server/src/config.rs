@@ -1,247 +1,136 @@
-//! Command-line and environment configuration, validated once into typed [`Settings`].
+//! The command line: core's settings schema plus the native-only settings, as flags with an
+//! environment variable each, validated once into typed [`Settings`].
 
-use std::fmt;
+use std::ffi::OsString;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
-use rollgate_proxy_core::api::ClientKeys;
-use rollgate_proxy_core::backoff::{ReconnectPolicy, RetryPolicy};
-use rollgate_proxy_core::breaker::BreakerConfig;
-use rollgate_proxy_core::sse::decode::DecoderLimits;
-use rollgate_proxy_core::upstream::UpstreamConfig;
+use clap::{Arg, ArgMatches, Command};
+use rollgate_proxy_core::secret::Secret;
+use rollgate_proxy_core::settings::{self, SCHEMA, SettingsError, Spec, Target, Values};
 
-/// A secret (the Rollgate server key): printed as `[redacted]` by `Debug` and `Display`, so no
-/// log line, error or panic message can carry it by accident.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    /// Wraps a secret value.
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-
-    /// The value, for the one place that must send it (the upstream request).
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-
-    /// Replaces every occurrence of the secret in `text` (for error strings from libraries
-    /// that might include a URL with `?token=`).
-    pub fn redact(&self, text: &str) -> String {
-        if self.0.is_empty() {
-            return text.to_owned();
+macro_rules! native {
+    ($flag:literal, $env:literal, $default:expr, $help:literal) => {
+        Spec {
+            flag: $flag,
+            env: $env,
+            default: $default,
+            help: $help,
+            target: Target::Native,
+            secret: false,
         }
-        text.replace(&self.0, "[redacted]")
-    }
+    };
 }
 
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("[redacted]")
-    }
-}
+/// TCP port.
+pub const PORT: Spec = native!(
+    "port",
+    "PORT",
+    Some("3001"),
+    "TCP port to listen on; 0 picks a free one (the bound address is logged)"
+);
+/// Bind address.
+pub const BIND: Spec = native!(
+    "bind",
+    "ROLLGATE_PROXY_BIND",
+    Some("0.0.0.0"),
+    "Address to bind"
+);
+/// Persisted snapshot path.
+pub const SNAPSHOT_FILE: Spec = native!(
+    "snapshot-file",
+    "ROLLGATE_PROXY_SNAPSHOT_FILE",
+    Some("./rollgate-proxy-snapshot.json"),
+    "Last good snapshot (upstream mode): written atomically, loaded at start; empty disables it"
+);
+/// Local mode's rules file.
+pub const FLAGS_FILE: Spec = native!(
+    "flags-file",
+    "ROLLGATE_PROXY_FLAGS_FILE",
+    Some("examples/flags.json"),
+    "Rules file of local mode (no API key); edits are pushed to clients"
+);
+/// Slow-client bound.
+pub const REQUEST_TIMEOUT: Spec = native!(
+    "request-timeout",
+    "ROLLGATE_PROXY_REQUEST_TIMEOUT",
+    Some("5s"),
+    "Time a client has to send its request head and body (SSE responses are not limited)"
+);
+/// Header size limit.
+pub const MAX_HEADER_BYTES: Spec = native!(
+    "max-header-bytes",
+    "ROLLGATE_PROXY_MAX_HEADER_BYTES",
+    Some("16384"),
+    "Largest total request header size in bytes (431 HEADERS_TOO_LARGE)"
+);
+/// URI length limit.
+pub const MAX_URI_LENGTH: Spec = native!(
+    "max-uri-length",
+    "ROLLGATE_PROXY_MAX_URI_LENGTH",
+    Some("8192"),
+    "Longest request URI in bytes (414 URI_TOO_LONG)"
+);
+/// Events flush interval.
+pub const EVENTS_FLUSH_INTERVAL: Spec = native!(
+    "events-flush-interval",
+    "ROLLGATE_PROXY_EVENTS_FLUSH_INTERVAL",
+    Some("30s"),
+    "How often buffered SDK events are forwarded upstream"
+);
+/// Telemetry flush interval.
+pub const TELEMETRY_FLUSH_INTERVAL: Spec = native!(
+    "telemetry-flush-interval",
+    "ROLLGATE_PROXY_TELEMETRY_FLUSH_INTERVAL",
+    Some("60s"),
+    "How often aggregated SDK telemetry is forwarded upstream"
+);
+/// Graceful shutdown bound.
+pub const SHUTDOWN_TIMEOUT: Spec = native!(
+    "shutdown-timeout",
+    "ROLLGATE_PROXY_SHUTDOWN_TIMEOUT",
+    Some("10s"),
+    "Upper bound of a graceful shutdown"
+);
+/// Log format.
+pub const LOG_FORMAT: Spec = native!(
+    "log-format",
+    "ROLLGATE_PROXY_LOG_FORMAT",
+    Some("text"),
+    "Log format: text or json (one object per line)"
+);
+/// Log filter.
+pub const LOG_LEVEL: Spec = native!(
+    "log-level",
+    "ROLLGATE_PROXY_LOG_LEVEL",
+    Some("info"),
+    "Log level or filter, e.g. debug or rollgate_proxy_server=debug,info"
+);
 
-impl fmt::Display for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("[redacted]")
-    }
-}
+/// The native server's own settings, after core's [`SCHEMA`] in `--help`.
+pub const NATIVE_SCHEMA: &[&Spec] = &[
+    &PORT,
+    &BIND,
+    &SNAPSHOT_FILE,
+    &FLAGS_FILE,
+    &REQUEST_TIMEOUT,
+    &MAX_HEADER_BYTES,
+    &MAX_URI_LENGTH,
+    &EVENTS_FLUSH_INTERVAL,
+    &TELEMETRY_FLUSH_INTERVAL,
+    &SHUTDOWN_TIMEOUT,
+    &LOG_FORMAT,
+    &LOG_LEVEL,
+];
 
 /// Log output format.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogFormat {
     /// Human-readable lines.
     Text,
     /// One JSON object per line (for log collectors).
     Json,
-}
-
-/// `rollgate-proxy`: a feature-flag relay for Rollgate. One upstream connection per process,
-/// every flag answer from memory.
-///
-/// Without ROLLGATE_API_KEY it runs in local mode on a rules file (default
-/// examples/flags.json) and pushes edits of that file to clients.
-#[derive(Clone, Parser)]
-#[command(name = "rollgate-proxy", version, about, long_about = None)]
-pub struct Config {
-    /// TCP port to listen on (0: any free port; the bound address is logged).
-    #[arg(long, env = "PORT", default_value_t = 3001)]
-    pub port: u16,
-
-    /// Address to bind.
-    #[arg(long, env = "ROLLGATE_PROXY_BIND", default_value = "0.0.0.0")]
-    pub bind: IpAddr,
-
-    /// Rollgate server API key. Without it the proxy runs in local mode.
-    #[arg(long, env = "ROLLGATE_API_KEY", hide_env_values = true)]
-    pub api_key: Option<String>,
-
-    /// Rollgate base URL.
-    #[arg(
-        long,
-        env = "ROLLGATE_BASE_URL",
-        default_value = "https://api.rollgate.io"
-    )]
-    pub base_url: String,
-
-    /// Hold one upstream SSE stream (true) or only poll (false).
-    #[arg(long, env = "ROLLGATE_PROXY_STREAMING", default_value_t = true, action = clap::ArgAction::Set)]
-    pub streaming: bool,
-
-    /// Poll interval while the stream is down or streaming is off; also the TTL of per-user
-    /// answers in evaluated mode.
-    #[arg(long, env = "ROLLGATE_PROXY_REFRESH_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
-    pub refresh_interval: Duration,
-
-    /// Reconnect an upstream stream that sent no byte for this long.
-    #[arg(long, env = "ROLLGATE_PROXY_STREAM_IDLE_TIMEOUT", default_value = "90s", value_parser = humantime::parse_duration)]
-    pub stream_idle_timeout: Duration,
-
-    /// Data not confirmed by upstream for this long is reported stale (still served).
-    #[arg(long, env = "ROLLGATE_PROXY_STALE_AFTER", default_value = "5m", value_parser = humantime::parse_duration)]
-    pub stale_after: Duration,
-
-    /// Timeout of one upstream HTTP request (flags fetch, per-user fetch, forwarding).
-    #[arg(long, env = "ROLLGATE_PROXY_UPSTREAM_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
-    pub upstream_timeout: Duration,
-
-    /// Circuit breaker: failures within the window that open the circuit.
-    #[arg(long, env = "ROLLGATE_PROXY_BREAKER_THRESHOLD", default_value_t = 5)]
-    pub breaker_threshold: u32,
-
-    /// Circuit breaker: how long a failure counts.
-    #[arg(long, env = "ROLLGATE_PROXY_BREAKER_WINDOW", default_value = "60s", value_parser = humantime::parse_duration)]
-    pub breaker_window: Duration,
-
-    /// Circuit breaker: how long the circuit stays open.
-    #[arg(long, env = "ROLLGATE_PROXY_BREAKER_OPEN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
-    pub breaker_open_timeout: Duration,
-
-    /// Circuit breaker: half-open successes that close it again.
-    #[arg(
-        long,
-        env = "ROLLGATE_PROXY_BREAKER_SUCCESS_THRESHOLD",
-        default_value_t = 3
-    )]
-    pub breaker_success_threshold: u32,
-
-    /// Where the last good snapshot is persisted (written atomically, loaded at start). Empty
-    /// disables persistence.
-    #[arg(
-        long,
-        env = "ROLLGATE_PROXY_SNAPSHOT_FILE",
-        default_value = "./rollgate-proxy-snapshot.json"
-    )]
-    pub snapshot_file: String,
-
-    /// Rules file served in local mode (no API key); edits are pushed to clients.
-    #[arg(
-        long,
-        env = "ROLLGATE_PROXY_FLAGS_FILE",
-        default_value = "examples/flags.json"
-    )]
-    pub flags_file: PathBuf,
-
-    /// Allowed CORS origins, comma-separated, or `*` for any.
-    #[arg(long, env = "ROLLGATE_PROXY_CORS_ORIGINS", default_value = "*")]
-    pub cors_origins: String,
-
-    /// Client keys, comma-separated. When set, every data route needs one (Bearer,
-    /// X-API-Key or ?token=).
-    #[arg(
-        long,
-        env = "ROLLGATE_PROXY_CLIENT_KEYS",
-        hide_env_values = true,
-        default_value = ""
-    )]
-    pub client_keys: String,
-
-    /// Keepalive comment interval of the frontend and OFREP streams.
-    #[arg(long, env = "ROLLGATE_PROXY_KEEPALIVE", default_value = "15s", value_parser = humantime::parse_duration)]
-    pub keepalive: Duration,
-
-    /// Keepalive comment interval of the SDK stream (at most 4s: the Python SDK's read
-    /// timeout is 5s).
-    #[arg(long, env = "ROLLGATE_PROXY_SDK_KEEPALIVE", default_value = "4s", value_parser = humantime::parse_duration)]
-    pub sdk_keepalive: Duration,
-
-    /// Close SSE connections after this age (±10 % jitter) so load rebalances across
-    /// replicas; clients reconnect without missing a change. 0 disables.
-    #[arg(long, env = "ROLLGATE_PROXY_SSE_MAX_AGE", default_value = "1h", value_parser = humantime::parse_duration)]
-    pub sse_max_age: Duration,
-
-    /// Time a client has to send its request head and body (not applied to SSE streams).
-    #[arg(long, env = "ROLLGATE_PROXY_REQUEST_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
-    pub request_timeout: Duration,
-
-    /// Largest request body in bytes (413 above).
-    #[arg(long, env = "ROLLGATE_PROXY_BODY_LIMIT", default_value_t = 65_536)]
-    pub body_limit: usize,
-
-    /// Largest total size of request headers in bytes (431 above).
-    #[arg(
-        long,
-        env = "ROLLGATE_PROXY_MAX_HEADER_BYTES",
-        default_value_t = 16_384
-    )]
-    pub max_header_bytes: usize,
-
-    /// Longest request URI in bytes (414 above).
-    #[arg(long, env = "ROLLGATE_PROXY_MAX_URI_LENGTH", default_value_t = 8_192)]
-    pub max_uri_length: usize,
-
-    /// Users whose upstream-evaluated flags are cached (evaluated mode).
-    #[arg(long, env = "ROLLGATE_PROXY_USER_CACHE_SIZE", default_value_t = 10_000)]
-    pub user_cache_size: usize,
-
-    /// Users whose `/identify` attributes are kept.
-    #[arg(
-        long,
-        env = "ROLLGATE_PROXY_IDENTIFY_STORE_SIZE",
-        default_value_t = 10_000
-    )]
-    pub identify_store_size: usize,
-
-    /// How often buffered SDK events are forwarded upstream.
-    #[arg(long, env = "ROLLGATE_PROXY_EVENTS_FLUSH_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
-    pub events_flush_interval: Duration,
-
-    /// How often aggregated SDK telemetry is forwarded upstream.
-    #[arg(long, env = "ROLLGATE_PROXY_TELEMETRY_FLUSH_INTERVAL", default_value = "60s", value_parser = humantime::parse_duration)]
-    pub telemetry_flush_interval: Duration,
-
-    /// Longest a graceful shutdown may take before remaining connections are dropped.
-    #[arg(long, env = "ROLLGATE_PROXY_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
-    pub shutdown_timeout: Duration,
-
-    /// Log format.
-    #[arg(
-        long,
-        env = "ROLLGATE_PROXY_LOG_FORMAT",
-        value_enum,
-        default_value = "text"
-    )]
-    pub log_format: LogFormat,
-
-    /// Log level or filter (`info`, `debug`, `rollgate_proxy_server=debug,info`).
-    #[arg(long, env = "ROLLGATE_PROXY_LOG_LEVEL", default_value = "info")]
-    pub log_level: String,
-}
-
-impl fmt::Debug for Config {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Never print the key or the client keys; the rest is useful at debug level.
-        f.debug_struct("Config")
-            .field("port", &self.port)
-            .field("bind", &self.bind)
-            .field("api_key", &self.api_key.as_ref().map(|_| "[redacted]"))
-            .field("base_url", &self.base_url)
-            .field("streaming", &self.streaming)
-            .finish_non_exhaustive()
-    }
 }
 
 /// Where the flags come from.
@@ -261,319 +150,169 @@ pub enum Mode {
     },
 }
 
-/// Allowed CORS origins.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum CorsOrigins {
-    /// `*`.
-    Any,
-    /// Exactly these origins.
-    List(Vec<String>),
-}
-
-/// Validated settings.
+/// Validated settings: core's shared ones and the native server's own.
 #[derive(Clone, Debug)]
 pub struct Settings {
+    /// The settings both adapters share (upstream, CORS, client keys, streams, caches).
+    pub core: settings::Settings,
     /// Address to bind.
     pub addr: SocketAddr,
     /// Local or upstream.
     pub mode: Mode,
-    /// Upstream machine settings (also used for per-user answers).
-    pub upstream: UpstreamConfig,
-    /// Timeout of one upstream request.
-    pub upstream_timeout: Duration,
     /// Persisted snapshot path; `None`: persistence off.
     pub snapshot_file: Option<PathBuf>,
-    /// CORS allow-list.
-    pub cors: CorsOrigins,
-    /// Client keys (empty: open).
-    pub client_keys: ClientKeys,
-    /// Frontend and OFREP stream keepalive.
-    pub keepalive: Duration,
-    /// SDK stream keepalive.
-    pub sdk_keepalive: Duration,
-    /// SSE max connection age; `None`: unlimited.
-    pub sse_max_age: Option<Duration>,
     /// Slow-client timeout for request heads and bodies.
     pub request_timeout: Duration,
-    /// Largest request body.
-    pub body_limit: usize,
     /// Largest total header size.
     pub max_header_bytes: usize,
     /// Longest URI.
     pub max_uri_length: usize,
-    /// Per-user cache capacity.
-    pub user_cache_size: usize,
-    /// Identify store capacity.
-    pub identify_store_size: usize,
     /// Events flush interval.
     pub events_flush_interval: Duration,
     /// Telemetry flush interval.
     pub telemetry_flush_interval: Duration,
     /// Graceful shutdown bound.
     pub shutdown_timeout: Duration,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Log level or filter.
+    pub log_level: String,
 }
 
-/// A setting that failed validation; the message names the flag and its env var.
-#[derive(Debug, thiserror::Error)]
-#[error("invalid {flag} ({env}): {message}")]
-pub struct ConfigError {
-    /// The flag, e.g. `--refresh-interval`.
-    pub flag: &'static str,
-    /// Its environment variable.
-    pub env: &'static str,
-    /// What is wrong.
-    pub message: String,
-}
-
-fn invalid(flag: &'static str, env: &'static str, message: impl Into<String>) -> ConfigError {
-    ConfigError {
-        flag,
-        env,
-        message: message.into(),
+/// The command line: every setting of core's schema and the native one.
+pub fn command() -> Command {
+    let mut command = Command::new("rollgate-proxy")
+        .version(env!("CARGO_PKG_VERSION"))
+        .about(
+            "rollgate-proxy: a feature-flag relay for Rollgate. One upstream connection per \
+             process, every flag answer from memory.",
+        )
+        .after_help(
+            "Without ROLLGATE_API_KEY it runs in local mode on a rules file (default \
+             examples/flags.json) and pushes edits of that file to clients. Durations take a \
+             unit: 500ms, 30s, 5m, 1h.",
+        );
+    for spec in SCHEMA.iter().chain(NATIVE_SCHEMA) {
+        let mut arg = Arg::new(spec.flag)
+            .long(spec.flag)
+            .env(spec.env)
+            .help(spec.help)
+            .num_args(1)
+            .hide_env_values(spec.secret);
+        if let Some(default) = spec.default {
+            arg = arg.default_value(default);
+        }
+        command = command.arg(arg);
     }
+    command
 }
 
-/// Longest SDK keepalive: the Python SDK reads with a 5 s timeout.
-const MAX_SDK_KEEPALIVE: Duration = Duration::from_secs(4);
+/// Parses and validates `args` (the first is the program name) and the environment.
+///
+/// # Errors
+/// `Err(clap::Error)` for `--help`, `--version` or unknown flags (print it and exit with its
+/// code); `Ok(Err(SettingsError))` for an invalid value.
+pub fn parse_from<I, T>(
+    args: I,
+    jitter_seed: u64,
+) -> Result<Result<Settings, SettingsError>, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let matches = command().try_get_matches_from(args)?;
+    Ok(Settings::from_matches(&matches, jitter_seed))
+}
 
-impl Config {
-    /// Validates every setting.
+impl Settings {
+    /// Validates parsed arguments.
     ///
     /// # Errors
-    /// [`ConfigError`] naming the first invalid setting.
-    pub fn validate(&self, jitter_seed: u64) -> Result<Settings, ConfigError> {
-        let mode = match self.api_key.as_deref().map(str::trim) {
-            None | Some("") => Mode::Local {
-                flags_file: self.flags_file.clone(),
-            },
-            Some(key) => {
-                if key.chars().any(|c| c.is_control() || c.is_whitespace()) {
-                    return Err(invalid(
-                        "--api-key",
-                        "ROLLGATE_API_KEY",
-                        "contains whitespace or control characters",
-                    ));
-                }
-                Mode::Upstream {
-                    api_key: Secret::new(key),
-                    base_url: validate_base_url(&self.base_url)?,
-                }
-            }
-        };
-        let upstream = UpstreamConfig {
-            streaming: self.streaming,
-            refresh_interval: self.refresh_interval,
-            stream_idle_timeout: self.stream_idle_timeout,
-            stale_after: self.stale_after,
-            breaker: BreakerConfig {
-                failure_threshold: self.breaker_threshold,
-                failure_window: self.breaker_window,
-                open_timeout: self.breaker_open_timeout,
-                success_threshold: self.breaker_success_threshold,
-            },
-            retry: RetryPolicy::default(),
-            reconnect: ReconnectPolicy::default(),
-            decoder_limits: DecoderLimits::default(),
-            jitter_seed,
-        };
-        upstream.validate().map_err(|error| {
-            use rollgate_proxy_core::upstream::ConfigError as Core;
-            let (flag, env) = match &error {
-                Core::TooShort {
-                    setting: "refresh_interval",
-                    ..
-                } => ("--refresh-interval", "ROLLGATE_PROXY_REFRESH_INTERVAL"),
-                Core::TooShort {
-                    setting: "stream_idle_timeout",
-                    ..
-                } => (
-                    "--stream-idle-timeout",
-                    "ROLLGATE_PROXY_STREAM_IDLE_TIMEOUT",
-                ),
-                Core::Breaker(_) => ("--breaker-*", "ROLLGATE_PROXY_BREAKER_*"),
-                _ => ("upstream settings", "ROLLGATE_PROXY_*"),
-            };
-            invalid(flag, env, error.to_string())
+    /// The first invalid setting, naming its flag and variable.
+    pub fn from_matches(matches: &ArgMatches, jitter_seed: u64) -> Result<Self, SettingsError> {
+        let lookup = |spec: &'static Spec| matches.get_one::<String>(spec.flag).cloned();
+        let core = settings::Settings::from_lookup(lookup, jitter_seed)?;
+        let values = Values::new(lookup);
+        let port = u16::try_from(values.number(&PORT, 0, u64::from(u16::MAX))?).unwrap_or(0);
+        let bind_text = values.text(&BIND).unwrap_or_default();
+        let bind: IpAddr = bind_text.parse().map_err(|_| {
+            SettingsError::new(&BIND, format!("{bind_text:?} is not an IP address"))
         })?;
-        let positive = |value: Duration, flag, env| {
-            if value.is_zero() {
-                Err(invalid(flag, env, "must be greater than 0"))
-            } else {
-                Ok(value)
+        let size = |spec: &'static Spec, min: u64| -> Result<usize, SettingsError> {
+            let n = values.number(spec, min, 1 << 30)?;
+            Ok(usize::try_from(n).unwrap_or(usize::MAX))
+        };
+        let log_format = match values.text(&LOG_FORMAT).as_deref() {
+            Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            other => {
+                return Err(SettingsError::new(
+                    &LOG_FORMAT,
+                    format!("{:?} is not text or json", other.unwrap_or_default()),
+                ));
             }
         };
-        positive(
-            self.upstream_timeout,
-            "--upstream-timeout",
-            "ROLLGATE_PROXY_UPSTREAM_TIMEOUT",
-        )?;
-        positive(self.keepalive, "--keepalive", "ROLLGATE_PROXY_KEEPALIVE")?;
-        positive(
-            self.sdk_keepalive,
-            "--sdk-keepalive",
-            "ROLLGATE_PROXY_SDK_KEEPALIVE",
-        )?;
-        if self.sdk_keepalive > MAX_SDK_KEEPALIVE {
-            return Err(invalid(
-                "--sdk-keepalive",
-                "ROLLGATE_PROXY_SDK_KEEPALIVE",
-                "must be at most 4s (the Python SDK reconnects after 5s of silence)",
-            ));
-        }
-        positive(
-            self.request_timeout,
-            "--request-timeout",
-            "ROLLGATE_PROXY_REQUEST_TIMEOUT",
-        )?;
-        positive(
-            self.events_flush_interval,
-            "--events-flush-interval",
-            "ROLLGATE_PROXY_EVENTS_FLUSH_INTERVAL",
-        )?;
-        positive(
-            self.telemetry_flush_interval,
-            "--telemetry-flush-interval",
-            "ROLLGATE_PROXY_TELEMETRY_FLUSH_INTERVAL",
-        )?;
-        positive(
-            self.shutdown_timeout,
-            "--shutdown-timeout",
-            "ROLLGATE_PROXY_SHUTDOWN_TIMEOUT",
-        )?;
-        let at_least = |value: usize, min: usize, flag, env| {
-            if value < min {
-                Err(invalid(flag, env, format!("must be at least {min}")))
-            } else {
-                Ok(value)
-            }
+        let mode = match &core.api_key {
+            None => Mode::Local {
+                flags_file: PathBuf::from(values.text(&FLAGS_FILE).unwrap_or_default()),
+            },
+            Some(api_key) => Mode::Upstream {
+                api_key: api_key.clone(),
+                base_url: core.base_url.clone(),
+            },
         };
-        at_least(
-            self.body_limit,
-            1024,
-            "--body-limit",
-            "ROLLGATE_PROXY_BODY_LIMIT",
-        )?;
-        at_least(
-            self.max_header_bytes,
-            1024,
-            "--max-header-bytes",
-            "ROLLGATE_PROXY_MAX_HEADER_BYTES",
-        )?;
-        at_least(
-            self.max_uri_length,
-            256,
-            "--max-uri-length",
-            "ROLLGATE_PROXY_MAX_URI_LENGTH",
-        )?;
-        at_least(
-            self.user_cache_size,
-            1,
-            "--user-cache-size",
-            "ROLLGATE_PROXY_USER_CACHE_SIZE",
-        )?;
-        at_least(
-            self.identify_store_size,
-            1,
-            "--identify-store-size",
-            "ROLLGATE_PROXY_IDENTIFY_STORE_SIZE",
-        )?;
-        let cors = parse_cors(&self.cors_origins)?;
-        let client_keys = ClientKeys::new(
-            self.client_keys
-                .split(',')
-                .map(|key| key.trim().to_owned())
-                .filter(|key| !key.is_empty()),
-        );
-        let snapshot_file = match self.snapshot_file.trim() {
-            "" => None,
-            path => Some(PathBuf::from(path)),
-        };
-        Ok(Settings {
-            addr: SocketAddr::new(self.bind, self.port),
+        Ok(Self {
+            addr: SocketAddr::new(bind, port),
             mode,
-            upstream,
-            upstream_timeout: self.upstream_timeout,
-            snapshot_file,
-            cors,
-            client_keys,
-            keepalive: self.keepalive,
-            sdk_keepalive: self.sdk_keepalive,
-            sse_max_age: (!self.sse_max_age.is_zero()).then_some(self.sse_max_age),
-            request_timeout: self.request_timeout,
-            body_limit: self.body_limit,
-            max_header_bytes: self.max_header_bytes,
-            max_uri_length: self.max_uri_length,
-            user_cache_size: self.user_cache_size,
-            identify_store_size: self.identify_store_size,
-            events_flush_interval: self.events_flush_interval,
-            telemetry_flush_interval: self.telemetry_flush_interval,
-            shutdown_timeout: self.shutdown_timeout,
+            // An explicitly empty value disables persistence.
+            snapshot_file: matches
+                .get_one::<String>(SNAPSHOT_FILE.flag)
+                .map(|path| path.trim().to_owned())
+                .filter(|path| !path.is_empty())
+                .map(PathBuf::from),
+            request_timeout: values.positive_duration(&REQUEST_TIMEOUT)?,
+            max_header_bytes: size(&MAX_HEADER_BYTES, 1024)?,
+            max_uri_length: size(&MAX_URI_LENGTH, 256)?,
+            events_flush_interval: values.positive_duration(&EVENTS_FLUSH_INTERVAL)?,
+            telemetry_flush_interval: values.positive_duration(&TELEMETRY_FLUSH_INTERVAL)?,
+            shutdown_timeout: values.positive_duration(&SHUTDOWN_TIMEOUT)?,
+            log_format,
+            log_level: values.text(&LOG_LEVEL).unwrap_or_default(),
+            core,
         })
     }
 }
 
-fn validate_base_url(raw: &str) -> Result<String, ConfigError> {
-    let flag = "--base-url";
-    let env = "ROLLGATE_BASE_URL";
-    let url = reqwest::Url::parse(raw.trim())
-        .map_err(|error| invalid(flag, env, format!("not a URL: {error}")))?;
-    if !matches!(url.scheme(), "http" | "https") {
-        return Err(invalid(flag, env, "must start with http:// or https://"));
-    }
-    if url.host_str().is_none() {
-        return Err(invalid(flag, env, "has no host"));
-    }
-    if url.query().is_some() || url.fragment().is_some() {
-        return Err(invalid(flag, env, "must not have a query or fragment"));
-    }
-    // Paths are appended verbatim (as the SDKs do), so drop a trailing slash.
-    Ok(url.as_str().trim_end_matches('/').to_owned())
-}
-
-fn parse_cors(raw: &str) -> Result<CorsOrigins, ConfigError> {
-    let origins: Vec<String> = raw
-        .split(',')
-        .map(|origin| origin.trim().trim_end_matches('/').to_owned())
-        .filter(|origin| !origin.is_empty())
-        .collect();
-    if origins.is_empty() || origins.iter().any(|origin| origin == "*") {
-        return Ok(CorsOrigins::Any);
-    }
-    for origin in &origins {
-        let ok = (origin.starts_with("http://") || origin.starts_with("https://"))
-            && http::HeaderValue::from_str(origin).is_ok();
-        if !ok {
-            return Err(invalid(
-                "--cors-origins",
-                "ROLLGATE_PROXY_CORS_ORIGINS",
-                format!("{origin:?} is not an origin like https://app.example.com"),
-            ));
-        }
-    }
-    Ok(CorsOrigins::List(origins))
-}
-
 #[cfg(test)]
 mod tests {
+    use rollgate_proxy_core::cors::CorsPolicy;
+
     use super::*;
 
     fn parse(args: &[&str]) -> Result<Settings, String> {
         let mut argv = vec!["rollgate-proxy"];
         argv.extend_from_slice(args);
-        let config = Config::try_parse_from(argv).map_err(|e| e.to_string())?;
-        config.validate(1).map_err(|e| e.to_string())
+        parse_from(argv, 1)
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
     }
 
     #[test]
     fn defaults_are_local_mode_on_port_3001() {
-        // Env vars could leak in from the test environment; clap reads them. The defaults
-        // below are only checked where no such variable is usually set.
         let settings = parse(&["--api-key", ""]).unwrap();
         assert!(matches!(settings.mode, Mode::Local { .. }));
-        assert_eq!(settings.upstream.refresh_interval, Duration::from_secs(30));
-        assert_eq!(settings.cors, CorsOrigins::Any);
-        assert!(!settings.client_keys.is_enabled());
-        assert_eq!(settings.sse_max_age, Some(Duration::from_secs(3600)));
+        assert_eq!(
+            settings.core.upstream.refresh_interval,
+            Duration::from_secs(30)
+        );
+        assert_eq!(settings.core.cors, CorsPolicy::Any);
+        assert_eq!(settings.request_timeout, Duration::from_secs(5));
+        assert!(
+            parse(&["--snapshot-file", ""])
+                .unwrap()
+                .snapshot_file
+                .is_none()
+        );
     }
 
     #[test]
@@ -593,16 +332,20 @@ mod tests {
     }
 
     #[test]
-    fn invalid_values_name_the_setting() {
+    fn invalid_values_name_the_flag_and_variable() {
         let cases: &[(&[&str], &str)] = &[
-            (&["--refresh-interval", "10ms"], "--refresh-interval"),
+            (
+                &["--refresh-interval", "10ms"],
+                "invalid --refresh-interval (ROLLGATE_PROXY_REFRESH_INTERVAL)",
+            ),
             (&["--refresh-interval", "soon"], "--refresh-interval"),
             (&["--sdk-keepalive", "10s"], "--sdk-keepalive"),
-            (&["--breaker-threshold", "0"], "--breaker"),
+            (&["--breaker-threshold", "0"], "--breaker-threshold"),
             (&["--cors-origins", "example.com"], "--cors-origins"),
             (&["--body-limit", "10"], "--body-limit"),
-            (&["--port", "70000"], "--port"),
+            (&["--port", "70000"], "invalid --port (PORT)"),
             (&["--log-format", "xml"], "--log-format"),
+            (&["--bind", "localhost"], "--bind"),
             (
                 &["--api-key", "k", "--base-url", "ftp://x"],
                 "ROLLGATE_BASE_URL",
@@ -615,39 +358,12 @@ mod tests {
     }
 
     #[test]
-    fn client_keys_and_cors_lists() {
-        let settings = parse(&[
-            "--client-keys",
-            "a, b,,",
-            "--cors-origins",
-            "https://a.example, http://localhost:5173/",
-        ])
-        .unwrap();
-        assert_eq!(
-            format!("{:?}", settings.client_keys),
-            "ClientKeys(2 configured)"
-        );
-        assert_eq!(
-            settings.cors,
-            CorsOrigins::List(vec![
-                "https://a.example".into(),
-                "http://localhost:5173".into()
-            ])
-        );
-    }
-
-    #[test]
-    fn secrets_are_redacted() {
-        let secret = Secret::new("rg_server_topsecret");
-        assert_eq!(format!("{secret}"), "[redacted]");
-        assert_eq!(format!("{secret:?}"), "[redacted]");
-        assert_eq!(
-            secret.redact("GET https://x/stream?token=rg_server_topsecret failed"),
-            "GET https://x/stream?token=[redacted] failed"
-        );
-        let config = Config::try_parse_from(["x", "--api-key", "rg_server_topsecret"]).unwrap();
-        assert!(!format!("{config:?}").contains("topsecret"));
-        let settings = config.validate(1).unwrap();
+    fn help_lists_every_variable_and_hides_secret_values() {
+        let help = command().render_long_help().to_string();
+        for spec in SCHEMA.iter().chain(NATIVE_SCHEMA) {
+            assert!(help.contains(spec.env), "{}", spec.env);
+        }
+        let settings = parse(&["--api-key", "rg_server_topsecret"]).unwrap();
         assert!(!format!("{settings:?}").contains("topsecret"));
     }
 }

@@ -1,4 +1,5 @@
-//! SDK events and telemetry: answered at once, buffered (bounded), forwarded upstream in batches.
+//! Forwarding to Rollgate: SDK events and telemetry buffered (bounded) and sent in batches, and
+//! single bodies (`/identify`) sent at once; every request admitted and recorded by the breaker.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -10,8 +11,14 @@ use rollgate_proxy_core::breaker::Outcome;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics as m;
-use crate::state::{App, UpstreamHandle, lock, now};
+use rollgate_proxy_core::metrics::{SideOutcome, SideRequest};
+
+use crate::runtime::{lock, now};
+use crate::upstream::UpstreamHandle;
+
+/// Records how a forwarded request ended (core's metrics, owned by the caller).
+pub trait Record: Fn(SideRequest, SideOutcome) + Send + Sync + 'static {}
+impl<F: Fn(SideRequest, SideOutcome) + Send + Sync + 'static> Record for F {}
 
 /// Most events held while upstream is unreachable; older ones are dropped first.
 pub const MAX_BUFFERED_EVENTS: usize = 10_000;
@@ -49,12 +56,12 @@ impl Default for Telemetry {
 
 /// The buffers.
 #[derive(Debug, Default)]
-pub struct Forwarder {
+pub struct Outbox {
     events: std::sync::Mutex<Vec<serde_json::Value>>,
     telemetry: std::sync::Mutex<Telemetry>,
 }
 
-impl Forwarder {
+impl Outbox {
     /// Buffers a batch `{"events":[..]}`; returns how many it held.
     ///
     /// # Errors
@@ -139,13 +146,25 @@ impl Forwarder {
     }
 }
 
+/// When the outbox is flushed.
+#[derive(Clone, Copy, Debug)]
+pub struct Intervals {
+    /// Events.
+    pub events: Duration,
+    /// Telemetry.
+    pub telemetry: Duration,
+}
+
 /// Flushes events and telemetry on their intervals and once more at shutdown.
-pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
-    let Some(upstream) = app.upstream.clone() else {
-        return;
-    };
-    let mut events_tick = tokio::time::interval(app.settings.events_flush_interval);
-    let mut telemetry_tick = tokio::time::interval(app.settings.telemetry_flush_interval);
+pub async fn run(
+    outbox: Arc<Outbox>,
+    upstream: Arc<UpstreamHandle>,
+    intervals: Intervals,
+    shutdown: CancellationToken,
+    record: impl Record,
+) {
+    let mut events_tick = tokio::time::interval(intervals.events);
+    let mut telemetry_tick = tokio::time::interval(intervals.telemetry);
     events_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     telemetry_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The first tick of an interval is immediate; skip it.
@@ -154,64 +173,70 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
-            _ = events_tick.tick() => flush_events(&app, &upstream).await,
-            _ = telemetry_tick.tick() => flush_telemetry(&app, &upstream).await,
+            _ = events_tick.tick() => flush_events(&outbox, &upstream, &record).await,
+            _ = telemetry_tick.tick() => flush_telemetry(&outbox, &upstream, &record).await,
         }
     }
-    flush_events(&app, &upstream).await;
-    flush_telemetry(&app, &upstream).await;
+    flush_events(&outbox, &upstream, &record).await;
+    flush_telemetry(&outbox, &upstream, &record).await;
 }
 
-async fn flush_events(app: &App, upstream: &UpstreamHandle) {
-    let events = app.forwarder.take_events();
+async fn flush_events(outbox: &Outbox, upstream: &UpstreamHandle, record: &impl Record) {
+    let events = outbox.take_events();
     if events.is_empty() {
         return;
     }
     let body = serde_json::json!({ "events": events });
-    if !post(upstream, "events", "/api/v1/sdk/events", &body).await {
+    if !post(upstream, SideRequest::Events, &body, record).await {
         let serde_json::Value::Object(mut body) = body else {
             return;
         };
         if let Some(serde_json::Value::Array(events)) = body.remove("events") {
-            app.forwarder.restore_events(events);
+            outbox.restore_events(events);
         }
     }
 }
 
-async fn flush_telemetry(app: &App, upstream: &UpstreamHandle) {
-    let Some((evaluations, period)) = app.forwarder.take_telemetry() else {
+async fn flush_telemetry(outbox: &Outbox, upstream: &UpstreamHandle, record: &impl Record) {
+    let Some((evaluations, period)) = outbox.take_telemetry() else {
         return;
     };
     let body = serde_json::json!({
         "evaluations": evaluations,
         "period_ms": u64::try_from(period.as_millis()).unwrap_or(u64::MAX),
     });
-    if !post(upstream, "telemetry", "/api/v1/sdk/telemetry", &body).await {
-        app.forwarder.restore_telemetry(evaluations);
+    if !post(upstream, SideRequest::Telemetry, &body, record).await {
+        outbox.restore_telemetry(evaluations);
     }
 }
 
-/// Forwards an identify upstream (fire and forget, through the breaker).
-pub fn identify(upstream: Arc<UpstreamHandle>, body: Bytes) {
+/// Forwards an identify upstream (in the background, through the breaker).
+pub fn identify(upstream: Arc<UpstreamHandle>, body: Bytes, record: impl Record) {
     tokio::spawn(async move {
         let Ok(value) = serde_json::from_slice::<serde_json::Value>(&body) else {
             return;
         };
-        post(&upstream, "identify", "/api/v1/sdk/identify", &value).await;
+        post(&upstream, SideRequest::Identify, &value, &record).await;
     });
 }
 
 /// POSTs JSON upstream if the breaker admits it; returns whether upstream accepted it.
 async fn post(
     upstream: &UpstreamHandle,
-    kind: &'static str,
-    path: &str,
+    kind: SideRequest,
     body: &serde_json::Value,
+    record: &impl Record,
 ) -> bool {
     if !upstream.with(|machine| machine.admit_side_request(now())) {
-        m::upstream_request(kind, "rejected");
+        record(kind, SideOutcome::Rejected);
         return false;
     }
+    let path = match kind {
+        SideRequest::Identify => "/api/v1/sdk/identify",
+        SideRequest::Events => "/api/v1/sdk/events",
+        SideRequest::Telemetry | SideRequest::UserFlags => "/api/v1/sdk/telemetry",
+    };
+    let kind_label = kind.label();
     let result = upstream
         .http
         .post(format!("{}{path}", upstream.base_url))
@@ -225,14 +250,14 @@ async fn post(
         Ok(response) if response.status().is_success() => true,
         Ok(response) => {
             tracing::warn!(
-                kind,
+                kind = kind_label,
                 status = response.status().as_u16(),
                 "upstream refused forwarded data"
             );
             false
         }
         Err(error) => {
-            tracing::warn!(kind, error = %upstream.describe(&error), "forwarding failed");
+            tracing::warn!(kind = kind_label, error = %upstream.describe(&error), "forwarding failed");
             false
         }
     };
@@ -242,7 +267,14 @@ async fn post(
         Outcome::Failure
     };
     upstream.with(|machine| machine.record_side_request(now(), outcome));
-    m::upstream_request(kind, if ok { "ok" } else { "error" });
+    record(
+        kind,
+        if ok {
+            SideOutcome::Ok
+        } else {
+            SideOutcome::Error
+        },
+    );
     ok
 }
 
@@ -252,7 +284,7 @@ mod tests {
 
     #[test]
     fn events_and_telemetry_are_counted_and_bounded() {
-        let forwarder = Forwarder::default();
+        let forwarder = Outbox::default();
         assert_eq!(forwarder.push_events(br#"{"events":[{},{}]}"#).unwrap(), 2);
         assert!(forwarder.push_events(b"[]").is_err());
         assert_eq!(

@@ -9,12 +9,13 @@ pub mod config;
 pub mod driver;
 pub mod forward;
 pub mod local;
-pub mod metrics;
 pub mod persist;
 pub mod routes;
+pub mod runtime;
 pub mod server;
 pub mod sse;
 pub mod state;
+pub mod upstream;
 pub mod users;
 
 #[cfg(test)]
@@ -30,9 +31,12 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Mode, Settings};
+use crate::forward::Intervals;
 use crate::local::LocalSource;
 use crate::persist::Persister;
-use crate::state::{App, LocalStatus, UpstreamHandle, now};
+use crate::runtime::now;
+use crate::state::{App, LocalStatus, Source};
+use crate::upstream::UpstreamHandle;
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -60,15 +64,13 @@ pub struct Started {
 /// # Errors
 /// [`StartError`] when the flags file (local mode) or the HTTP client cannot be used.
 pub fn start(settings: Settings, shutdown: CancellationToken) -> Result<Started, StartError> {
-    metrics::install();
     let mut tasks = Vec::new();
     match settings.mode.clone() {
         Mode::Local { flags_file } => {
             let status = Arc::new(LocalStatus::default());
             let app = Arc::new(App::new(
                 settings,
-                None,
-                Some(Arc::clone(&status)),
+                Source::Local(Arc::clone(&status)),
                 shutdown.clone(),
             ));
             let source = LocalSource::start(flags_file, app.snapshots.clone(), status)?;
@@ -81,13 +83,13 @@ pub fn start(settings: Settings, shutdown: CancellationToken) -> Result<Started,
                 .user_agent(concat!("rollgate-proxy/", env!("CARGO_PKG_VERSION")))
                 .build()
                 .map_err(|error| StartError::Client(api_key.redact(&error.to_string())))?;
-            let machine = Upstream::new(settings.upstream.clone(), now());
+            let machine = Upstream::new(settings.core.upstream.clone(), now());
             let upstream = Arc::new(UpstreamHandle::new(
                 machine,
                 http,
                 base_url,
                 api_key,
-                settings.upstream_timeout,
+                settings.core.upstream_timeout,
             ));
             let persister = settings.snapshot_file.clone().map(|path| {
                 driver::restore(&upstream, persist::load(&path));
@@ -95,19 +97,29 @@ pub fn start(settings: Settings, shutdown: CancellationToken) -> Result<Started,
                 tasks.push(task);
                 persister
             });
+            let intervals = Intervals {
+                events: settings.events_flush_interval,
+                telemetry: settings.telemetry_flush_interval,
+            };
             let app = Arc::new(App::new(
                 settings,
-                Some(Arc::clone(&upstream)),
-                None,
+                Source::Upstream(Arc::clone(&upstream)),
                 shutdown.clone(),
             ));
             tasks.push(tokio::spawn(driver::run(
-                upstream,
+                Arc::clone(&upstream),
                 app.snapshots.clone(),
                 persister,
                 shutdown.clone(),
             )));
-            tasks.push(tokio::spawn(forward::run(Arc::clone(&app), shutdown)));
+            let recorder = Arc::clone(&app);
+            tasks.push(tokio::spawn(forward::run(
+                Arc::clone(&app.outbox),
+                upstream,
+                intervals,
+                shutdown,
+                move |kind, outcome| recorder.downstream.metrics.side_request(kind, outcome),
+            )));
             Ok(Started { app, tasks })
         }
     }

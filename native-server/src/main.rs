@@ -3,21 +3,21 @@
 use std::io::IsTerminal;
 
 use anyhow::Context as _;
-use clap::Parser;
-use rollgate_proxy_server::config::{Config, LogFormat, Mode};
-use rollgate_proxy_server::state::random_u64;
+use rollgate_proxy_server::config::{self, LogFormat, Mode};
+use rollgate_proxy_server::runtime::random_u64;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
-    let config = Config::parse();
-    let settings = match config.validate(random_u64()) {
-        Ok(settings) => settings,
-        Err(error) => {
+    let settings = match config::parse_from(std::env::args_os(), random_u64()) {
+        Ok(Ok(settings)) => settings,
+        Ok(Err(error)) => {
             eprintln!("rollgate-proxy: {error}");
             std::process::exit(2);
         }
+        // --help, --version, or an unknown flag: clap prints and picks the exit code.
+        Err(error) => error.exit(),
     };
-    let filter = match EnvFilter::try_new(&config.log_level) {
+    let filter = match EnvFilter::try_new(&settings.log_level) {
         Ok(filter) => filter,
         Err(error) => {
             eprintln!("rollgate-proxy: invalid --log-level (ROLLGATE_PROXY_LOG_LEVEL): {error}");
@@ -28,7 +28,7 @@ fn main() -> anyhow::Result<()> {
         .with_env_filter(filter)
         .with_writer(std::io::stdout)
         .with_ansi(std::io::stdout().is_terminal());
-    match config.log_format {
+    match settings.log_format {
         LogFormat::Text => subscriber.init(),
         LogFormat::Json => subscriber.json().flatten_event(true).init(),
     }
@@ -44,7 +44,7 @@ fn main() -> anyhow::Result<()> {
             ),
             Mode::Upstream { base_url, .. } => tracing::info!(
                 "upstream mode: {base_url} (streaming {})",
-                if settings.upstream.streaming {
+                if settings.core.upstream.streaming {
                     "on"
                 } else {
                     "off"

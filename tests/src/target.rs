@@ -683,7 +683,8 @@ mod edge {
 
     /// `--var NAME:VALUE` pairs for `config` (secrets excluded: see [`secrets`]).
     pub(super) fn vars(config: &ProxyConfig) -> Vec<(&'static str, String)> {
-        let ms = |d: Duration| d.as_millis().to_string();
+        // Durations with a unit, as both targets read them.
+        let ms = |d: Duration| format!("{}ms", d.as_millis());
         let mut vars = Vec::new();
         let mut push = |name: &'static str, value: Option<String>| {
             if let Some(value) = value {
@@ -692,28 +693,40 @@ mod edge {
         };
         push("ROLLGATE_BASE_URL", config.base_url.clone());
         push(
-            "ROLLGATE_STREAMING",
+            "ROLLGATE_PROXY_STREAMING",
             config.streaming.map(|s| s.to_string()),
         );
-        push("REFRESH_INTERVAL_MS", config.refresh_interval.map(ms));
-        push("STREAM_IDLE_TIMEOUT_MS", config.stream_idle_timeout.map(ms));
         push(
-            "BREAKER_THRESHOLD",
+            "ROLLGATE_PROXY_REFRESH_INTERVAL",
+            config.refresh_interval.map(ms),
+        );
+        push(
+            "ROLLGATE_PROXY_STREAM_IDLE_TIMEOUT",
+            config.stream_idle_timeout.map(ms),
+        );
+        push(
+            "ROLLGATE_PROXY_BREAKER_THRESHOLD",
             config.breaker_threshold.map(|n| n.to_string()),
         );
-        push("BREAKER_WINDOW_MS", config.breaker_window.map(ms));
         push(
-            "BREAKER_OPEN_TIMEOUT_MS",
+            "ROLLGATE_PROXY_BREAKER_WINDOW",
+            config.breaker_window.map(ms),
+        );
+        push(
+            "ROLLGATE_PROXY_BREAKER_OPEN_TIMEOUT",
             config.breaker_open_timeout.map(ms),
         );
         push(
-            "BREAKER_SUCCESS_THRESHOLD",
+            "ROLLGATE_PROXY_BREAKER_SUCCESS_THRESHOLD",
             config.breaker_success_threshold.map(|n| n.to_string()),
         );
-        push("CORS_ORIGINS", config.cors_origins.clone());
-        push("KEEPALIVE_MS", config.keepalive.map(ms));
-        push("SDK_KEEPALIVE_MS", config.sdk_keepalive.map(ms));
-        push("BODY_LIMIT", config.body_limit.map(|n| n.to_string()));
+        push("ROLLGATE_PROXY_CORS_ORIGINS", config.cors_origins.clone());
+        push("ROLLGATE_PROXY_KEEPALIVE", config.keepalive.map(ms));
+        push("ROLLGATE_PROXY_SDK_KEEPALIVE", config.sdk_keepalive.map(ms));
+        push(
+            "ROLLGATE_PROXY_BODY_LIMIT",
+            config.body_limit.map(|n| n.to_string()),
+        );
         vars
     }
 
@@ -724,7 +737,10 @@ mod edge {
             out.push_str(&format!("ROLLGATE_API_KEY={key}\n"));
         }
         if !config.client_keys.is_empty() {
-            out.push_str(&format!("CLIENT_KEYS={}\n", config.client_keys.join(",")));
+            out.push_str(&format!(
+                "ROLLGATE_PROXY_CLIENT_KEYS={}\n",
+                config.client_keys.join(",")
+            ));
         }
         out
     }
@@ -928,17 +944,20 @@ mod tests {
         let vars = edge::vars(&config);
         let find = |n: &str| vars.iter().find(|(k, _)| *k == n).map(|(_, v)| v.as_str());
         assert_eq!(find("ROLLGATE_BASE_URL"), Some("http://127.0.0.1:9"));
-        assert_eq!(find("REFRESH_INTERVAL_MS"), Some("250"));
-        assert_eq!(find("ROLLGATE_STREAMING"), Some("false"));
-        assert_eq!(find("BREAKER_THRESHOLD"), Some("2"));
-        assert_eq!(find("CORS_ORIGINS"), Some("https://a.example"));
+        assert_eq!(find("ROLLGATE_PROXY_REFRESH_INTERVAL"), Some("250ms"));
+        assert_eq!(find("ROLLGATE_PROXY_STREAMING"), Some("false"));
+        assert_eq!(find("ROLLGATE_PROXY_BREAKER_THRESHOLD"), Some("2"));
+        assert_eq!(
+            find("ROLLGATE_PROXY_CORS_ORIGINS"),
+            Some("https://a.example")
+        );
         assert!(
             vars.iter()
                 .all(|(_, v)| !v.contains("secret-key") && v != "k1,k2")
         );
         assert_eq!(
             edge::secrets(&config),
-            "ROLLGATE_API_KEY=secret-key\nCLIENT_KEYS=k1,k2\n"
+            "ROLLGATE_API_KEY=secret-key\nROLLGATE_PROXY_CLIENT_KEYS=k1,k2\n"
         );
     }
 }

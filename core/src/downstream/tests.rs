@@ -1,0 +1,451 @@
+//! Table-driven tests of the dispatcher: every route, and the per-user path on a simulated clock.
+
+use std::time::Duration;
+
+use super::*;
+use crate::model::RulesPayload;
+use crate::snapshot::FlagSource;
+use crate::stream::{Next, StreamKind};
+use crate::users::Lookup;
+
+const FLAGS_FILE: &[u8] = include_bytes!("../../../examples/flags.json");
+
+fn settings(pairs: &[(&str, &str)]) -> Settings {
+    let pairs: Vec<(String, String)> = pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    Settings::from_lookup(
+        |spec| {
+            pairs
+                .iter()
+                .find(|(k, _)| k == spec.env)
+                .map(|(_, v)| v.clone())
+        },
+        1,
+    )
+    .unwrap()
+}
+
+fn local() -> Downstream {
+    Downstream::new(settings(&[]))
+}
+
+fn upstream(extra: &[(&str, &str)]) -> Downstream {
+    let mut pairs = vec![("ROLLGATE_API_KEY", "rg_server_test")];
+    pairs.extend_from_slice(extra);
+    Downstream::new(settings(&pairs))
+}
+
+fn rules() -> Arc<Snapshot> {
+    let payload = RulesPayload::from_json(FLAGS_FILE).unwrap();
+    Arc::new(Snapshot::build(
+        Revision::new(1),
+        Timestamp::from_millis(1_000),
+        FlagSource::rules(&payload),
+    ))
+}
+
+fn evaluated() -> Arc<Snapshot> {
+    let flags = EvaluatedFlags::from_json(br#"{"flags":{"a":true,"b":false}}"#).unwrap();
+    Arc::new(Snapshot::build(
+        Revision::new(2),
+        Timestamp::ZERO,
+        FlagSource::Evaluated(flags),
+    ))
+}
+
+fn get<'a>(path: &'a str, query: &'a str) -> Request<'a> {
+    Request {
+        method: "GET",
+        path,
+        query,
+        ..Request::default()
+    }
+}
+
+fn post<'a>(path: &'a str, body: &'a [u8]) -> Request<'a> {
+    Request {
+        method: "POST",
+        path,
+        body,
+        ..Request::default()
+    }
+}
+
+fn answer(d: &Downstream, request: &Request<'_>, snapshot: Option<&Arc<Snapshot>>) -> Answer {
+    d.handle(
+        Timestamp::from_millis(5_000),
+        request,
+        snapshot,
+        Freshness::Fresh,
+        0.5,
+    )
+}
+
+fn respond(answer: Answer) -> ApiResponse {
+    match answer {
+        Answer::Respond(response) => response,
+        other => panic!("expected a response, got {other:?}"),
+    }
+}
+
+fn text(response: &ApiResponse) -> &str {
+    std::str::from_utf8(&response.body).unwrap()
+}
+
+#[test]
+fn every_route_answers_as_documented() {
+    let d = local();
+    let s = rules();
+    // (method, path, query, body, status, a substring of the body)
+    type Case<'a> = (&'a str, &'a str, &'a str, &'a [u8], u16, &'a str);
+    let table: &[Case<'_>] = &[
+        ("GET", "/api/flags", "", b"", 200, r#""dark-mode":true"#),
+        (
+            "POST",
+            "/api/flags",
+            "",
+            br#"{"user":{"id":"u1"}}"#,
+            200,
+            r#""flags":{"#,
+        ),
+        ("POST", "/api/flags", "", b"{", 400, "INVALID_CONTEXT"),
+        (
+            "GET",
+            "/api/flags/dark-mode",
+            "",
+            b"",
+            200,
+            r#"{"key":"dark-mode","enabled":true}"#,
+        ),
+        ("GET", "/api/flags/nope", "", b"", 200, r#""enabled":false"#),
+        (
+            "GET",
+            "/api/flags/bad%20key",
+            "",
+            b"",
+            400,
+            "INVALID_FLAG_KEY",
+        ),
+        (
+            "GET",
+            "/api/v1/sdk/flags",
+            "withReasons=true",
+            b"",
+            200,
+            r#""reasons""#,
+        ),
+        (
+            "POST",
+            "/ofrep/v1/evaluate/flags/dark-mode",
+            "",
+            b"{}",
+            200,
+            r#""value":true"#,
+        ),
+        (
+            "POST",
+            "/ofrep/v1/evaluate/flags/zz",
+            "",
+            b"{}",
+            404,
+            "FLAG_NOT_FOUND",
+        ),
+        (
+            "POST",
+            "/ofrep/v1/evaluate/flags",
+            "",
+            b"{",
+            400,
+            "PARSE_ERROR",
+        ),
+        (
+            "POST",
+            "/ofrep/v1/evaluate/flags",
+            "",
+            b"{}",
+            200,
+            r#""requestUri":"/ofrep/v1/sse""#,
+        ),
+        (
+            "POST",
+            "/api/v1/sdk/identify",
+            "",
+            br#"{"user":{"id":"u1"}}"#,
+            200,
+            r#"{"success":true}"#,
+        ),
+        (
+            "POST",
+            "/api/v1/sdk/identify",
+            "",
+            br#"{"user":{"email":"a@x"}}"#,
+            400,
+            "INVALID_CONTEXT",
+        ),
+        (
+            "POST",
+            "/api/v1/sdk/identify",
+            "",
+            b"",
+            400,
+            "INVALID_CONTEXT",
+        ),
+        (
+            "POST",
+            "/api/v1/sdk/events",
+            "",
+            br#"{"events":[{},{}]}"#,
+            200,
+            r#"{"received":2}"#,
+        ),
+        ("POST", "/api/v1/sdk/events", "", b"[]", 400, "BAD_REQUEST"),
+        (
+            "POST",
+            "/api/v1/sdk/telemetry",
+            "",
+            br#"{"evaluations":{"a":{"total":3}}}"#,
+            200,
+            r#"{"received":3}"#,
+        ),
+        ("GET", "/health", "", b"", 200, r#"{"status":"ok"}"#),
+        ("GET", "/live", "", b"", 200, r#"{"status":"ok"}"#),
+        ("GET", "/ready", "", b"", 200, r#"{"status":"ready"}"#),
+        ("GET", "/", "", b"", 200, "<html"),
+        ("GET", "/demo.css", "", b"", 200, ""),
+        ("GET", "/nope", "", b"", 404, "NOT_FOUND"),
+        ("DELETE", "/api/flags", "", b"", 405, "METHOD_NOT_ALLOWED"),
+    ];
+    for (method, path, query, body, status, needle) in table {
+        let request = Request {
+            method,
+            path,
+            query,
+            body,
+            ..Request::default()
+        };
+        let response = respond(answer(&d, &request, Some(&s)));
+        assert_eq!(
+            response.status,
+            *status,
+            "{method} {path}: {}",
+            text(&response)
+        );
+        assert!(
+            text(&response).contains(needle),
+            "{method} {path}: {}",
+            text(&response)
+        );
+    }
+}
+
+#[test]
+fn no_data_is_503_for_data_routes_but_streams_open() {
+    let d = local();
+    for path in ["/api/flags", "/api/v1/sdk/flags", "/ready"] {
+        let response = respond(answer(&d, &get(path, ""), None));
+        assert_eq!(response.status, 503, "{path}");
+        assert!(response.headers.contains(&("Retry-After", "1".to_owned())));
+    }
+    assert!(matches!(
+        answer(&d, &get("/api/stream", ""), None),
+        Answer::Stream { .. }
+    ));
+    assert!(matches!(
+        answer(&d, &get("/api/health", ""), None),
+        Answer::Health
+    ));
+    assert!(matches!(
+        answer(&d, &get("/api/metrics", ""), None),
+        Answer::Metrics
+    ));
+}
+
+#[test]
+fn client_keys_guard_data_routes_only() {
+    let d = Downstream::new(settings(&[("ROLLGATE_PROXY_CLIENT_KEYS", "k1,k 2")]));
+    let s = rules();
+    assert_eq!(
+        respond(answer(&d, &get("/api/flags", ""), Some(&s))).status,
+        401
+    );
+    assert_eq!(
+        respond(answer(&d, &get("/api/flags", "token=k1"), Some(&s))).status,
+        200
+    );
+    assert_eq!(respond(answer(&d, &get("/live", ""), Some(&s))).status, 200);
+    assert!(matches!(
+        answer(&d, &get("/api/health", ""), Some(&s)),
+        Answer::Health
+    ));
+    // OFREP's bulk answer hands the caller's key on in its event stream URL.
+    let request = Request {
+        api_key: Some("k 2"),
+        ..post("/ofrep/v1/evaluate/flags", b"{}")
+    };
+    let bulk = respond(answer(&d, &request, Some(&s)));
+    assert!(
+        text(&bulk).contains("/ofrep/v1/sse?token=k+2"),
+        "{}",
+        text(&bulk)
+    );
+    let Answer::Stream { client_key, .. } = answer(&d, &get("/api/stream", "token=k1"), Some(&s))
+    else {
+        panic!("a stream");
+    };
+    assert_eq!(client_key.as_deref(), Some("k1"));
+}
+
+#[test]
+fn identify_merges_attributes_capped_and_is_forwarded_upstream() {
+    let d = upstream(&[]);
+    let s = rules();
+    let identify = post(
+        "/api/v1/sdk/identify",
+        br#"{"user":{"id":"u1","attributes":{"plan":"enterprise","seats":80}}}"#,
+    );
+    let Answer::Forward(forward) = answer(&d, &identify, Some(&s)) else {
+        panic!("identify is forwarded in upstream mode");
+    };
+    assert_eq!(forward.path(), "/api/v1/sdk/identify");
+    assert_eq!(forward.user_id.as_deref(), Some("u1"));
+    assert_eq!(text(&forward.response), r#"{"success":true}"#);
+    let merged = d.merge_identity(Context::with_id("u1"));
+    assert_eq!(merged.attribute("plan").as_deref(), Some("enterprise"));
+    // 64 attributes of the request's own leave no room for the stored ones.
+    let query: String = (0..64)
+        .map(|i| format!("attr.a{i:02}=x&"))
+        .collect::<String>()
+        + "user_id=u1";
+    let Resolved::Flags(flags) = d.resolve(&s, api::context_from_query(&query).unwrap()) else {
+        panic!("rules mode evaluates locally");
+    };
+    let Resolved::Flags(with_plan) = d.resolve(&s, Context::with_id("u1")) else {
+        panic!("rules mode evaluates locally");
+    };
+    assert!(
+        with_plan.flags["ai-assistant"],
+        "the stored attributes are merged"
+    );
+    assert!(
+        !flags.flags["ai-assistant"],
+        "the cap dropped the stored attributes"
+    );
+    // Local mode answers without forwarding.
+    assert!(matches!(
+        answer(&local(), &identify, Some(&s)),
+        Answer::Respond(_)
+    ));
+    // No user id: 400 and nothing to forward.
+    let bad = post("/api/v1/sdk/identify", br#"{"user":{}}"#);
+    assert_eq!(respond(answer(&d, &bad, Some(&s))).status, 400);
+}
+
+#[test]
+fn evaluated_mode_asks_for_user_flags_through_the_cache() {
+    let d = upstream(&[("ROLLGATE_PROXY_REFRESH_INTERVAL", "30s")]);
+    let s = evaluated();
+    let now = Timestamp::from_millis(10_000);
+    // No user id: the snapshot's own answer.
+    let response = respond(answer(&d, &get("/api/flags", "attr.plan=pro"), Some(&s)));
+    assert_eq!(&response.body, s.flags_body());
+    let Answer::NeedUserFlags(pending) = answer(&d, &get("/api/flags/a", "user_id=u1"), Some(&s))
+    else {
+        panic!("evaluated mode needs the user's flags");
+    };
+    assert_eq!(pending.user_id(), "u1");
+    let Lookup::Fetch { ticket, .. } = d.user_lookup(now, "u1", pending.revision()) else {
+        panic!("first lookup fetches");
+    };
+    assert!(matches!(
+        d.user_lookup(now, "u1", pending.revision()),
+        Lookup::Wait { .. }
+    ));
+    let user = EvaluatedFlags::from_json(br#"{"flags":{"a":false}}"#).unwrap();
+    let flags = d.user_fetched(now, "u1", ticket, Some(user));
+    let response = d.finish(pending, &flags);
+    assert_eq!(text(&response), r#"{"key":"a","enabled":false}"#);
+    assert!(matches!(
+        d.user_lookup(
+            now.saturating_add(Duration::from_secs(29)),
+            "u1",
+            s.revision()
+        ),
+        Lookup::Fresh(_)
+    ));
+    // After the TTL a failing upstream serves the stale answer; for an unknown user, 502.
+    let later = now.saturating_add(Duration::from_secs(31));
+    let Lookup::Fetch { ticket, .. } = d.user_lookup(later, "u1", s.revision()) else {
+        panic!("expired: fetch again");
+    };
+    assert!(matches!(
+        d.user_fetched(later, "u1", ticket, None),
+        UserFlags::Stale(_)
+    ));
+    let Answer::NeedUserFlags(pending) = answer(&d, &get("/api/flags", "user_id=u2"), Some(&s))
+    else {
+        panic!("needs u2");
+    };
+    let Lookup::Fetch { ticket, .. } = d.user_lookup(later, "u2", s.revision()) else {
+        panic!("fetch u2");
+    };
+    let unavailable = d.user_fetched(later, "u2", ticket, None);
+    assert_eq!(d.finish(pending, &unavailable).status, 502);
+    // An identify drops the user's cached answer.
+    let _ = answer(
+        &d,
+        &post("/api/v1/sdk/identify", br#"{"user":{"id":"u1"}}"#),
+        Some(&s),
+    );
+    assert!(matches!(
+        d.user_lookup(later, "u1", s.revision()),
+        Lookup::Fetch { .. }
+    ));
+}
+
+#[test]
+fn streams_get_a_subscriber_with_the_requests_context() {
+    let d = local();
+    let s = rules();
+    let request = Request {
+        last_event_id: Some(s.event_id()),
+        ..get("/api/v1/sdk/stream", "user_id=u1&attr.plan=pro")
+    };
+    let Answer::Stream { mut subscriber, .. } = answer(&d, &request, Some(&s)) else {
+        panic!("a stream");
+    };
+    assert_eq!(subscriber.kind(), StreamKind::Sdk);
+    assert!(subscriber.is_per_user());
+    assert_eq!(subscriber.on_snapshot(&s), Next::Nothing);
+    let Next::Resolve(context) = subscriber.on_snapshot(&s) else {
+        panic!("per-user frames are resolved");
+    };
+    assert_eq!(context.attribute("plan").as_deref(), Some("pro"));
+    let bad = respond(answer(&d, &get("/api/stream", "attr.=x"), Some(&s)));
+    assert_eq!(bad.status, 400);
+}
+
+#[test]
+fn health_and_metrics_render_the_adapters_state() {
+    let d = local();
+    let s = rules();
+    let now = Timestamp::from_millis(3_000);
+    let source = SourceReport::Local {
+        last_error: None,
+        loaded_at: Some(Timestamp::from_millis(1_000)),
+    };
+    let health = d.health(now, Some(&s), &source, None);
+    let value: serde_json::Value = serde_json::from_slice(&health.body).unwrap();
+    assert_eq!(value["status"], "healthy");
+    assert_eq!(value["source"], "local");
+    assert_eq!(value["dataAgeMs"], 2000);
+    assert_eq!(value["upstream"]["stream"], "disabled");
+    let missing = d.health(now, None, &source, None);
+    assert!(text(&missing).contains(r#""status":"degraded""#));
+    let _ = answer(&d, &get("/api/flags", ""), Some(&s));
+    let metrics = d.metrics(now, Some(&s), &source);
+    assert_eq!(metrics.content_type, Some(METRICS_CONTENT_TYPE));
+    assert!(text(&metrics).contains("rollgate_proxy_cache_requests_total{result=\"hit\"} 1\n"));
+    assert!(text(&metrics).contains("rollgate_proxy_snapshot_age_seconds 2\n"));
+}

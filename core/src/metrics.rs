@@ -1,0 +1,724 @@
+//! The metrics both adapters publish: plain atomic counters, and one Prometheus text renderer.
+//!
+//! [`Metrics`] is recorded into on the hot paths (an atomic add on a fixed slot: no label keys
+//! built, no registry lookup, no per-sample storage) and rendered at scrape time with
+//! [`Metrics::render`], together with the gauges read from state ([`Scrape`]). Every family is
+//! always rendered with its `# HELP` and `# TYPE` lines, so both targets expose the same names,
+//! types and labels even where one has no samples (the Worker's isolates do not aggregate
+//! per-request latency). Labels are route templates and fixed words, never raw paths, user ids
+//! or keys.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::snapshot::CacheStats;
+use crate::snapshot::Freshness;
+use crate::stream::StreamKind;
+use crate::upstream::{StreamState, UpstreamStatus};
+
+/// Prefix of every metric.
+pub const PREFIX: &str = "rollgate_proxy_";
+
+/// Every label `Route::label` gives, plus `preflight` (CORS `OPTIONS`) and `unmatched`; the
+/// index is the slot in the table.
+pub const ROUTE_LABELS: [&str; 20] = [
+    "/api/flags",
+    "/api/flags/:key",
+    "/api/stream",
+    "/api/health",
+    "/api/metrics",
+    "/api/v1/sdk/flags",
+    "/api/v1/sdk/stream",
+    "/api/v1/sdk/identify",
+    "/api/v1/sdk/events",
+    "/api/v1/sdk/telemetry",
+    "/health",
+    "/ofrep/v1/evaluate/flags/:key",
+    "/ofrep/v1/evaluate/flags",
+    "/ofrep/v1/sse",
+    "/live",
+    "/ready",
+    "/",
+    "/asset",
+    "preflight",
+    "unmatched",
+];
+
+/// The status labels, in [`status_slot`] order.
+const STATUS_LABELS: [&str; 19] = [
+    "200", "204", "304", "400", "401", "404", "405", "408", "413", "414", "431", "500", "502",
+    "503", "1xx", "2xx", "3xx", "4xx", "5xx",
+];
+
+/// Upper bounds of the latency buckets in nanoseconds, and as rendered in `le`.
+const BUCKETS: [(u64, &str); 15] = [
+    (100_000, "0.0001"),
+    (250_000, "0.00025"),
+    (500_000, "0.0005"),
+    (1_000_000, "0.001"),
+    (2_500_000, "0.0025"),
+    (5_000_000, "0.005"),
+    (10_000_000, "0.01"),
+    (25_000_000, "0.025"),
+    (50_000_000, "0.05"),
+    (100_000_000, "0.1"),
+    (250_000_000, "0.25"),
+    (500_000_000, "0.5"),
+    (1_000_000_000, "1"),
+    (2_500_000_000, "2.5"),
+    (5_000_000_000, "5"),
+];
+
+/// Kinds of upstream requests made outside the protocol machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SideRequest {
+    /// A per-user flags fetch (evaluated mode).
+    UserFlags,
+    /// A forwarded `/identify`.
+    Identify,
+    /// A forwarded events batch.
+    Events,
+    /// A forwarded telemetry report.
+    Telemetry,
+}
+
+impl SideRequest {
+    const ALL: [Self; 4] = [
+        Self::UserFlags,
+        Self::Identify,
+        Self::Events,
+        Self::Telemetry,
+    ];
+
+    /// The `kind` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::UserFlags => "user_flags",
+            Self::Identify => "identify",
+            Self::Events => "events",
+            Self::Telemetry => "telemetry",
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            Self::UserFlags => 0,
+            Self::Identify => 1,
+            Self::Events => 2,
+            Self::Telemetry => 3,
+        }
+    }
+}
+
+/// How a side request ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SideOutcome {
+    /// Upstream accepted it.
+    Ok,
+    /// It failed (status, transport, timeout).
+    Error,
+    /// The breaker did not admit it.
+    Rejected,
+}
+
+impl SideOutcome {
+    const LABELS: [&'static str; 3] = ["ok", "error", "rejected"];
+
+    fn index(self) -> usize {
+        match self {
+            Self::Ok => 0,
+            Self::Error => 1,
+            Self::Rejected => 2,
+        }
+    }
+}
+
+const USER_CACHE_RESULTS: [&str; 4] = ["hit", "miss", "stale", "error"];
+
+/// Counts and latency of one route: per-status counts, per-bucket (not cumulative) counts,
+/// the sum in nanoseconds.
+#[derive(Debug)]
+struct RouteStats {
+    statuses: [AtomicU64; STATUS_LABELS.len()],
+    buckets: [AtomicU64; BUCKETS.len() + 1],
+    sum_nanos: AtomicU64,
+}
+
+impl RouteStats {
+    const fn new() -> Self {
+        Self {
+            statuses: [const { AtomicU64::new(0) }; STATUS_LABELS.len()],
+            buckets: [const { AtomicU64::new(0) }; BUCKETS.len() + 1],
+            sum_nanos: AtomicU64::new(0),
+        }
+    }
+
+    fn record(&self, status: usize, nanos: Option<u64>) {
+        self.statuses[status].fetch_add(1, Ordering::Relaxed);
+        if let Some(nanos) = nanos {
+            let bucket = BUCKETS
+                .iter()
+                .position(|(bound, _)| nanos <= *bound)
+                .unwrap_or(BUCKETS.len());
+            self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+            self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The counters of one environment. Cheap to record into from any thread.
+#[derive(Debug)]
+pub struct Metrics {
+    requests: [RouteStats; ROUTE_LABELS.len()],
+    sse_clients: [AtomicU64; 3],
+    frames_sent: [AtomicU64; 3],
+    cache: [AtomicU64; 3],
+    user_cache: [AtomicU64; 4],
+    evaluations: AtomicU64,
+    side: [[AtomicU64; 3]; 4],
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The gauges read from state at scrape time.
+#[derive(Clone, Debug, Default)]
+pub struct Scrape {
+    /// The upstream machine's status (`None` in local mode).
+    pub upstream: Option<UpstreamStatus>,
+    /// Served revision (0 before any data).
+    pub revision: u64,
+    /// Time since upstream (or the local file) last confirmed the data.
+    pub data_age: Option<Duration>,
+    /// Flags in the served snapshot.
+    pub flags: usize,
+    /// Users in the per-user cache.
+    pub user_cache_entries: usize,
+}
+
+impl Metrics {
+    /// All zero.
+    pub const fn new() -> Self {
+        Self {
+            requests: [const { RouteStats::new() }; ROUTE_LABELS.len()],
+            sse_clients: [const { AtomicU64::new(0) }; 3],
+            frames_sent: [const { AtomicU64::new(0) }; 3],
+            cache: [const { AtomicU64::new(0) }; 3],
+            user_cache: [const { AtomicU64::new(0) }; 4],
+            evaluations: AtomicU64::new(0),
+            side: [const { [const { AtomicU64::new(0) }; 3] }; 4],
+        }
+    }
+
+    /// One answered request: its route label (`Route::label` or `unmatched`), status and, where
+    /// the adapter measures it, latency.
+    pub fn request(&self, route: &str, status: u16, elapsed: Option<Duration>) {
+        let slot = ROUTE_LABELS
+            .iter()
+            .position(|label| *label == route)
+            .unwrap_or(ROUTE_LABELS.len() - 1);
+        let nanos = elapsed.map(|e| u64::try_from(e.as_nanos()).unwrap_or(u64::MAX));
+        self.requests[slot].record(status_slot(status), nanos);
+    }
+
+    /// An SSE connection of `kind` opened.
+    pub fn stream_opened(&self, kind: StreamKind) {
+        self.sse_clients[kind.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// An SSE connection of `kind` closed.
+    pub fn stream_closed(&self, kind: StreamKind) {
+        let _ = self.sse_clients[kind.index()].fetch_update(
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+            |n| Some(n.saturating_sub(1)),
+        );
+    }
+
+    /// Sets the open connections of `kind` (an adapter that counts them elsewhere, such as the
+    /// Worker's shard objects).
+    pub fn set_stream_clients(&self, kind: StreamKind, clients: u64) {
+        self.sse_clients[kind.index()].store(clients, Ordering::Relaxed);
+    }
+
+    /// Open SSE connections, all kinds.
+    pub fn stream_clients(&self) -> u64 {
+        self.sse_clients
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Open SSE connections of `kind`.
+    pub fn stream_clients_of(&self, kind: StreamKind) -> u64 {
+        self.sse_clients[kind.index()].load(Ordering::Relaxed)
+    }
+
+    /// `n` data frames of `kind` written.
+    pub fn frames_sent(&self, kind: StreamKind, n: u64) {
+        self.frames_sent[kind.index()].fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Sets the frames of `kind` written so far (an adapter that counts them elsewhere).
+    pub fn set_frames_sent(&self, kind: StreamKind, total: u64) {
+        self.frames_sent[kind.index()].store(total, Ordering::Relaxed);
+    }
+
+    /// Frames of `kind` written so far.
+    pub fn frames_sent_of(&self, kind: StreamKind) -> u64 {
+        self.frames_sent[kind.index()].load(Ordering::Relaxed)
+    }
+
+    /// One answer served from data of this freshness.
+    pub fn cache(&self, freshness: Freshness) {
+        let slot = match freshness {
+            Freshness::Fresh => 0,
+            Freshness::Missing => 1,
+            Freshness::Stale => 2,
+        };
+        self.cache[slot].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Answers by freshness (`/api/health`'s `cache`).
+    pub fn cache_stats(&self) -> CacheStats {
+        CacheStats {
+            hits: self.cache[0].load(Ordering::Relaxed),
+            misses: self.cache[1].load(Ordering::Relaxed),
+            stale_hits: self.cache[2].load(Ordering::Relaxed),
+        }
+    }
+
+    /// One per-user cache result: `hit`, `miss`, `stale` or `error`.
+    pub fn user_cache(&self, result: &str) {
+        let slot = USER_CACHE_RESULTS
+            .iter()
+            .position(|r| *r == result)
+            .unwrap_or(USER_CACHE_RESULTS.len() - 1);
+        self.user_cache[slot].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One local rules evaluation for a context.
+    pub fn evaluation(&self) {
+        self.evaluations.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One upstream request outside the machine.
+    pub fn side_request(&self, kind: SideRequest, outcome: SideOutcome) {
+        self.side[kind.index()][outcome.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The Prometheus text exposition (format 0.0.4).
+    pub fn render(&self, scrape: &Scrape) -> String {
+        let mut out = String::with_capacity(8 * 1024);
+        let load = |n: &AtomicU64| n.load(Ordering::Relaxed);
+        family(
+            &mut out,
+            "http_requests_total",
+            "counter",
+            "Answered HTTP requests by route template and status.",
+        );
+        for (route, stats) in ROUTE_LABELS.iter().zip(&self.requests) {
+            for (status, n) in STATUS_LABELS.iter().zip(&stats.statuses) {
+                let n = load(n);
+                if n > 0 {
+                    sample(
+                        &mut out,
+                        "http_requests_total",
+                        &[("route", route), ("status", status)],
+                        n,
+                    );
+                }
+            }
+        }
+        family(
+            &mut out,
+            "http_request_duration_seconds",
+            "histogram",
+            "Time to answer (to the start of the body for streams), by route template.",
+        );
+        for (route, stats) in ROUTE_LABELS.iter().zip(&self.requests) {
+            render_histogram(&mut out, route, stats);
+        }
+        family(
+            &mut out,
+            "sse_clients",
+            "gauge",
+            "Open SSE client connections by stream.",
+        );
+        for kind in StreamKind::ALL {
+            sample(
+                &mut out,
+                "sse_clients",
+                &[("stream", kind.label())],
+                load(&self.sse_clients[kind.index()]),
+            );
+        }
+        family(
+            &mut out,
+            "sse_frames_sent_total",
+            "counter",
+            "SSE data frames written to clients, by stream.",
+        );
+        for kind in StreamKind::ALL {
+            sample(
+                &mut out,
+                "sse_frames_sent_total",
+                &[("stream", kind.label())],
+                load(&self.frames_sent[kind.index()]),
+            );
+        }
+        let stats = self.cache_stats();
+        family(
+            &mut out,
+            "cache_requests_total",
+            "counter",
+            "Flag answers by the freshness of the data they came from.",
+        );
+        for (result, n) in [
+            ("hit", stats.hits),
+            ("miss", stats.misses),
+            ("stale", stats.stale_hits),
+        ] {
+            sample(&mut out, "cache_requests_total", &[("result", result)], n);
+        }
+        family(
+            &mut out,
+            "user_cache_total",
+            "counter",
+            "Per-user answer lookups in evaluated mode, by result.",
+        );
+        for (result, n) in USER_CACHE_RESULTS.iter().zip(&self.user_cache) {
+            sample(&mut out, "user_cache_total", &[("result", result)], load(n));
+        }
+        gauge(
+            &mut out,
+            "user_cache_entries",
+            "Users in the per-user answer cache.",
+            scrape.user_cache_entries as f64,
+        );
+        family(
+            &mut out,
+            "evaluations_total",
+            "counter",
+            "Local rules evaluations for a context.",
+        );
+        sample(&mut out, "evaluations_total", &[], load(&self.evaluations));
+        self.render_upstream(&mut out, scrape);
+        gauge(
+            &mut out,
+            "snapshot_revision",
+            "Revision of the served snapshot (0 before any data).",
+            scrape.revision as f64,
+        );
+        gauge(
+            &mut out,
+            "snapshot_age_seconds",
+            "Seconds since upstream (or the local file) last confirmed the data.",
+            scrape.data_age.map_or(0.0, |age| age.as_secs_f64()),
+        );
+        gauge(
+            &mut out,
+            "flags",
+            "Flags in the served snapshot.",
+            scrape.flags as f64,
+        );
+        out
+    }
+
+    fn render_upstream(&self, out: &mut String, scrape: &Scrape) {
+        let status = scrape.upstream.as_ref();
+        let counters = status.map(|s| s.counters).unwrap_or_default();
+        gauge(
+            out,
+            "upstream_connected",
+            "1 while the upstream stream is open.",
+            f64::from(u8::from(
+                status.is_some_and(|s| s.stream == StreamState::Connected),
+            )),
+        );
+        family(
+            out,
+            "upstream_requests_total",
+            "counter",
+            "Upstream requests by kind and outcome.",
+        );
+        for (outcome, n) in [
+            ("ok", counters.fetch_ok),
+            ("not_modified", counters.fetch_not_modified),
+            ("error", counters.fetch_errors),
+            ("rejected", counters.breaker_rejections),
+        ] {
+            sample(
+                out,
+                "upstream_requests_total",
+                &[("kind", "flags"), ("outcome", outcome)],
+                n,
+            );
+        }
+        for kind in SideRequest::ALL {
+            for (outcome, n) in SideOutcome::LABELS.iter().zip(&self.side[kind.index()]) {
+                sample(
+                    out,
+                    "upstream_requests_total",
+                    &[("kind", kind.label()), ("outcome", outcome)],
+                    n.load(Ordering::Relaxed),
+                );
+            }
+        }
+        let counter = |out: &mut String, name: &str, help: &str, n: u64| {
+            family(out, name, "counter", help);
+            sample(out, name, &[], n);
+        };
+        counter(
+            out,
+            "upstream_stream_connects_total",
+            "Upstream streams opened.",
+            counters.stream_connects,
+        );
+        counter(
+            out,
+            "upstream_reconnects_total",
+            "Upstream streams opened after the first (connects - 1).",
+            counters.stream_connects.saturating_sub(1),
+        );
+        counter(
+            out,
+            "upstream_stream_errors_total",
+            "Upstream streams that ended in an error or an idle timeout.",
+            counters.stream_errors,
+        );
+        counter(
+            out,
+            "upstream_events_total",
+            "Upstream SSE events received.",
+            counters.events,
+        );
+        counter(
+            out,
+            "upstream_malformed_total",
+            "Upstream bodies or events rejected as invalid.",
+            counters.malformed,
+        );
+        gauge(
+            out,
+            "breaker_state",
+            "Circuit breaker: 0 closed, 0.5 half-open, 1 open.",
+            status.map_or(0.0, |s| s.breaker.state.gauge()),
+        );
+        counter(
+            out,
+            "breaker_opens_total",
+            "Times the circuit breaker opened.",
+            status.map_or(0, |s| s.breaker.opens_total),
+        );
+    }
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {PREFIX}{name} {help}");
+    let _ = writeln!(out, "# TYPE {PREFIX}{name} {kind}");
+}
+
+fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: u64) {
+    out.push_str(PREFIX);
+    out.push_str(name);
+    if !labels.is_empty() {
+        out.push('{');
+        for (i, (label, value)) in labels.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            let _ = write!(out, "{label}=\"{value}\"");
+        }
+        out.push('}');
+    }
+    let _ = writeln!(out, " {value}");
+}
+
+fn gauge(out: &mut String, name: &str, help: &str, value: f64) {
+    family(out, name, "gauge", help);
+    let _ = writeln!(out, "{PREFIX}{name} {value}");
+}
+
+fn render_histogram(out: &mut String, route: &str, stats: &RouteStats) {
+    let counts: Vec<u64> = stats
+        .buckets
+        .iter()
+        .map(|b| b.load(Ordering::Relaxed))
+        .collect();
+    let count: u64 = counts.iter().sum();
+    if count == 0 {
+        return;
+    }
+    let name = "http_request_duration_seconds";
+    let mut cumulative = 0;
+    for ((_, le), n) in BUCKETS.iter().zip(&counts) {
+        cumulative += n;
+        let _ = writeln!(
+            out,
+            "{PREFIX}{name}_bucket{{route=\"{route}\",le=\"{le}\"}} {cumulative}"
+        );
+    }
+    let sum = stats.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+    let _ = writeln!(
+        out,
+        "{PREFIX}{name}_bucket{{route=\"{route}\",le=\"+Inf\"}} {count}"
+    );
+    let _ = writeln!(out, "{PREFIX}{name}_sum{{route=\"{route}\"}} {sum}");
+    let _ = writeln!(out, "{PREFIX}{name}_count{{route=\"{route}\"}} {count}");
+}
+
+fn status_slot(status: u16) -> usize {
+    match status {
+        200 => 0,
+        204 => 1,
+        304 => 2,
+        400 => 3,
+        401 => 4,
+        404 => 5,
+        405 => 6,
+        408 => 7,
+        413 => 8,
+        414 => 9,
+        431 => 10,
+        500 => 11,
+        502 => 12,
+        503 => 13,
+        _ => match status / 100 {
+            1 => 14,
+            2 => 15,
+            3 => 16,
+            4 => 17,
+            _ => 18,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::Route;
+
+    #[test]
+    fn every_route_label_has_a_slot() {
+        let routes = [
+            ("GET", "/api/flags"),
+            ("GET", "/api/flags/some-key"),
+            ("GET", "/api/stream"),
+            ("GET", "/api/health"),
+            ("GET", "/api/metrics"),
+            ("GET", "/api/v1/sdk/flags"),
+            ("GET", "/api/v1/sdk/stream"),
+            ("POST", "/api/v1/sdk/identify"),
+            ("POST", "/api/v1/sdk/events"),
+            ("POST", "/api/v1/sdk/telemetry"),
+            ("GET", "/health"),
+            ("POST", "/ofrep/v1/evaluate/flags/some-key"),
+            ("POST", "/ofrep/v1/evaluate/flags"),
+            ("GET", "/ofrep/v1/sse"),
+            ("GET", "/live"),
+            ("GET", "/ready"),
+            ("GET", "/"),
+            ("GET", "/demo.js"),
+        ];
+        for (method, path) in routes {
+            let label = Route::parse(method, path).map_or("unmatched", |r| r.label());
+            assert!(
+                ROUTE_LABELS[..ROUTE_LABELS.len() - 2].contains(&label),
+                "{method} {path}"
+            );
+        }
+    }
+
+    #[test]
+    fn status_slots_name_the_status() {
+        for status in [
+            200, 204, 304, 400, 401, 404, 405, 408, 413, 414, 431, 500, 502, 503,
+        ] {
+            assert_eq!(STATUS_LABELS[status_slot(status)], status.to_string());
+        }
+        for (status, label) in [
+            (101, "1xx"),
+            (201, "2xx"),
+            (302, "3xx"),
+            (418, "4xx"),
+            (504, "5xx"),
+        ] {
+            assert_eq!(STATUS_LABELS[status_slot(status)], label);
+        }
+    }
+
+    #[test]
+    fn histogram_buckets_are_cumulative_with_le_inclusive() {
+        let metrics = Metrics::new();
+        metrics.request("/x-unknown", 200, Some(Duration::from_nanos(100_000)));
+        metrics.request("/api/flags", 200, Some(Duration::from_nanos(100_000)));
+        metrics.request("/api/flags", 200, Some(Duration::from_nanos(100_001)));
+        metrics.request("/api/flags", 503, Some(Duration::from_secs(6)));
+        metrics.request("/api/flags", 200, None);
+        let out = metrics.render(&Scrape::default());
+        let bucket = |le: &str| {
+            format!(
+                "rollgate_proxy_http_request_duration_seconds_bucket{{route=\"/api/flags\",le=\"{le}\"}} "
+            )
+        };
+        assert!(out.contains(&format!("{}1\n", bucket("0.0001"))), "{out}");
+        assert!(out.contains(&format!("{}2\n", bucket("0.00025"))), "{out}");
+        assert!(out.contains(&format!("{}2\n", bucket("5"))), "{out}");
+        assert!(out.contains(&format!("{}3\n", bucket("+Inf"))), "{out}");
+        assert!(out.contains(
+            "rollgate_proxy_http_request_duration_seconds_sum{route=\"/api/flags\"} 6.000200001\n"
+        ));
+        assert!(out.contains(
+            "rollgate_proxy_http_requests_total{route=\"/api/flags\",status=\"200\"} 3\n"
+        ));
+        assert!(out.contains(
+            "rollgate_proxy_http_requests_total{route=\"unmatched\",status=\"200\"} 1\n"
+        ));
+    }
+
+    #[test]
+    fn every_family_is_always_rendered_with_help_and_type() {
+        let out = Metrics::new().render(&Scrape::default());
+        for name in [
+            "http_requests_total counter",
+            "http_request_duration_seconds histogram",
+            "sse_clients gauge",
+            "sse_frames_sent_total counter",
+            "cache_requests_total counter",
+            "user_cache_total counter",
+            "upstream_connected gauge",
+            "upstream_requests_total counter",
+            "upstream_reconnects_total counter",
+            "breaker_state gauge",
+            "snapshot_age_seconds gauge",
+        ] {
+            assert!(
+                out.contains(&format!("# TYPE rollgate_proxy_{name}\n")),
+                "{name}"
+            );
+        }
+        assert!(out.contains("rollgate_proxy_sse_clients{stream=\"ofrep\"} 0\n"));
+        assert!(
+            out.lines().all(|l| l.starts_with("# HELP rollgate_proxy_")
+                || l.starts_with("# TYPE rollgate_proxy_")
+                || l.starts_with("rollgate_proxy_")),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn stream_gauges_never_go_negative() {
+        let metrics = Metrics::new();
+        metrics.stream_opened(StreamKind::Sdk);
+        metrics.stream_closed(StreamKind::Sdk);
+        metrics.stream_closed(StreamKind::Sdk);
+        assert_eq!(metrics.stream_clients(), 0);
+        metrics.set_stream_clients(StreamKind::Frontend, 7);
+        assert_eq!(metrics.stream_clients_of(StreamKind::Frontend), 7);
+    }
+}

@@ -1,0 +1,354 @@
+//! One SSE connection's decisions, sans-IO: which frame (if any) a client gets for a snapshot.
+//!
+//! A [`Subscriber`] is created by the dispatcher for `/api/stream`, `/api/v1/sdk/stream` and
+//! `/ofrep/v1/sse`. The adapter writes [`Subscriber::preamble`] first, then hands it every
+//! snapshot the connection sees (the current one at connect, then each publish; a slow client
+//! may skip to the newest). The rules live here once:
+//! - anonymous and OFREP clients get the snapshot's pre-built frame (shared bytes, no per-client
+//!   work);
+//! - a client that reconnected with `Last-Event-ID` equal to the snapshot's id is not sent it again;
+//! - a per-user client gets its own frame, and none when a new snapshot leaves its flags
+//!   unchanged;
+//! - keepalive period and the jittered maximum age.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::model::{Context, EvaluatedFlags};
+use crate::render;
+use crate::snapshot::Snapshot;
+use crate::sse::encode::KEEPALIVE;
+use crate::time::Timestamp;
+
+/// How long clients wait before reconnecting (the `retry:` sent first), before jitter.
+pub const RETRY: Duration = Duration::from_millis(2000);
+
+/// Which stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum StreamKind {
+    /// `GET /api/stream`: `event: flags` with the bare map.
+    Frontend,
+    /// `GET /api/v1/sdk/stream`: `event: init` with `{"flags":..}`.
+    Sdk,
+    /// `GET /ofrep/v1/sse`: `refetchEvaluation` notifications.
+    Ofrep,
+}
+
+impl StreamKind {
+    /// Every kind, in metric order.
+    pub const ALL: [Self; 3] = [Self::Frontend, Self::Sdk, Self::Ofrep];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Frontend => "frontend",
+            Self::Sdk => "sdk",
+            Self::Ofrep => "ofrep",
+        }
+    }
+
+    /// Index in [`StreamKind::ALL`].
+    pub fn index(self) -> usize {
+        match self {
+            Self::Frontend => 0,
+            Self::Sdk => 1,
+            Self::Ofrep => 2,
+        }
+    }
+}
+
+/// The headers of every SSE answer (status 200; the body is the frames).
+pub const HEADERS: [(&str, &str); 3] = [
+    ("content-type", crate::api::EVENT_STREAM),
+    ("cache-control", crate::api::NO_CACHE),
+    // nginx and friends must not buffer the stream.
+    ("x-accel-buffering", "no"),
+];
+
+/// What a snapshot means for one client.
+#[derive(Debug, PartialEq)]
+pub enum Next {
+    /// Write this frame.
+    Frame(Bytes),
+    /// Nothing new for this client.
+    Nothing,
+    /// A per-user client: resolve this context's flags for the snapshot (local evaluation, the
+    /// per-user cache, or another object), then call [`Subscriber::on_flags`].
+    Resolve(Context),
+}
+
+/// One SSE connection. See the module docs.
+#[derive(Debug)]
+pub struct Subscriber {
+    kind: StreamKind,
+    /// `None`: anonymous (the snapshot's own frames).
+    context: Option<Context>,
+    /// The id the client reconnected with, until the first snapshot is decided.
+    last_event_id: Option<String>,
+    /// Hash of the flag map last sent to a per-user client.
+    last_sent: Option<u64>,
+    keepalive: Duration,
+    retry: Duration,
+    close_at: Option<Timestamp>,
+}
+
+/// How a stream behaves: from the settings, plus the adapter's random inputs.
+#[derive(Clone, Copy, Debug)]
+pub struct StreamTiming {
+    /// Keepalive of the frontend and OFREP streams.
+    pub keepalive: Duration,
+    /// Keepalive of the SDK stream.
+    pub sdk_keepalive: Duration,
+    /// Maximum connection age before jitter; `None`: unlimited.
+    pub max_age: Option<Duration>,
+}
+
+impl Subscriber {
+    /// A new connection of `kind` opened at `now`. `context` is the request's (ignored for
+    /// OFREP, which is never per user); `jitter` is a uniform random sample in `[0, 1)` that
+    /// spreads the `retry:` delay and the max age by ±10 %, so a deploy or a lost replica does
+    /// not bring every client back at one instant.
+    pub fn new(
+        now: Timestamp,
+        kind: StreamKind,
+        context: Context,
+        last_event_id: Option<&str>,
+        timing: StreamTiming,
+        jitter: f64,
+    ) -> Self {
+        let spread = 0.9 + 0.2 * jitter.clamp(0.0, 1.0);
+        let context = (kind != StreamKind::Ofrep && !context.is_anonymous()).then_some(context);
+        Self {
+            kind,
+            context,
+            last_event_id: last_event_id.map(|id| id.chars().take(256).collect()),
+            last_sent: None,
+            keepalive: match kind {
+                StreamKind::Sdk => timing.sdk_keepalive,
+                StreamKind::Frontend | StreamKind::Ofrep => timing.keepalive,
+            },
+            retry: RETRY.mul_f64(spread),
+            close_at: timing
+                .max_age
+                .map(|age| now.saturating_add(age.mul_f64(spread))),
+        }
+    }
+
+    /// Which stream this is.
+    pub fn kind(&self) -> StreamKind {
+        self.kind
+    }
+
+    /// The first bytes of the body: `retry: <ms>`.
+    pub fn preamble(&self) -> Bytes {
+        render::retry_frame(Duration::from_millis(
+            u64::try_from(self.retry.as_millis()).unwrap_or(u64::MAX),
+        ))
+    }
+
+    /// How often to send [`Subscriber::keepalive`] when nothing else was sent.
+    pub fn keepalive_interval(&self) -> Duration {
+        self.keepalive
+    }
+
+    /// The keepalive comment.
+    pub fn keepalive(&self) -> Bytes {
+        Bytes::from_static(KEEPALIVE)
+    }
+
+    /// When to end the connection cleanly (the client reconnects, maybe elsewhere).
+    pub fn close_at(&self) -> Option<Timestamp> {
+        self.close_at
+    }
+
+    /// Whether the client is per user (its frames are its own).
+    pub fn is_per_user(&self) -> bool {
+        self.context.is_some()
+    }
+
+    /// What `snapshot` means for this client.
+    pub fn on_snapshot(&mut self, snapshot: &Snapshot) -> Next {
+        if self
+            .last_event_id
+            .take()
+            .is_some_and(|id| snapshot.is_current_event_id(&id))
+        {
+            return Next::Nothing;
+        }
+        match &self.context {
+            None => Next::Frame(
+                match self.kind {
+                    StreamKind::Frontend => snapshot.flags_frame(),
+                    StreamKind::Sdk => snapshot.init_frame(),
+                    StreamKind::Ofrep => snapshot.ofrep_frame(),
+                }
+                .clone(),
+            ),
+            Some(context) => Next::Resolve(context.clone()),
+        }
+    }
+
+    /// The frame for this per-user client given its `flags` for `snapshot`, or `None` when
+    /// they are what it was last sent.
+    pub fn on_flags(&mut self, snapshot: &Snapshot, flags: &EvaluatedFlags) -> Option<Bytes> {
+        let mut hasher = DefaultHasher::new();
+        flags.flags.hash(&mut hasher);
+        let hash = hasher.finish();
+        if self.last_sent == Some(hash) {
+            return None;
+        }
+        self.last_sent = Some(hash);
+        Some(match self.kind {
+            StreamKind::Sdk => render::init_frame(flags, snapshot.event_id()),
+            StreamKind::Frontend | StreamKind::Ofrep => {
+                render::flags_frame(flags, snapshot.event_id())
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::RulesPayload;
+    use crate::snapshot::{FlagSource, Revision};
+
+    const TIMING: StreamTiming = StreamTiming {
+        keepalive: Duration::from_secs(15),
+        sdk_keepalive: Duration::from_secs(4),
+        max_age: Some(Duration::from_secs(3600)),
+    };
+
+    fn snapshot(revision: u64, json: &str) -> Snapshot {
+        let flags = EvaluatedFlags::from_json(json.as_bytes()).unwrap();
+        Snapshot::build(
+            Revision::new(revision),
+            Timestamp::ZERO,
+            FlagSource::Evaluated(flags),
+        )
+    }
+
+    #[test]
+    fn anonymous_clients_get_the_shared_frames() {
+        let s = snapshot(1, r#"{"flags":{"a":true}}"#);
+        for (kind, frame) in [
+            (StreamKind::Frontend, s.flags_frame()),
+            (StreamKind::Sdk, s.init_frame()),
+            (StreamKind::Ofrep, s.ofrep_frame()),
+        ] {
+            let mut sub = Subscriber::new(
+                Timestamp::ZERO,
+                kind,
+                Context::anonymous(),
+                None,
+                TIMING,
+                0.5,
+            );
+            assert_eq!(sub.on_snapshot(&s), Next::Frame(frame.clone()));
+        }
+        // OFREP is never per user.
+        let sub = Subscriber::new(
+            Timestamp::ZERO,
+            StreamKind::Ofrep,
+            Context::with_id("u1"),
+            None,
+            TIMING,
+            0.5,
+        );
+        assert!(!sub.is_per_user());
+    }
+
+    #[test]
+    fn last_event_id_skips_only_the_current_snapshot() {
+        let s1 = snapshot(1, r#"{"flags":{"a":true}}"#);
+        let s2 = snapshot(2, r#"{"flags":{"a":false}}"#);
+        let mut sub = Subscriber::new(
+            Timestamp::ZERO,
+            StreamKind::Frontend,
+            Context::anonymous(),
+            Some(s1.event_id()),
+            TIMING,
+            0.0,
+        );
+        assert_eq!(sub.on_snapshot(&s1), Next::Nothing);
+        assert!(matches!(sub.on_snapshot(&s1), Next::Frame(_)));
+        let mut stale = Subscriber::new(
+            Timestamp::ZERO,
+            StreamKind::Frontend,
+            Context::anonymous(),
+            Some(s1.event_id()),
+            TIMING,
+            0.0,
+        );
+        assert_eq!(
+            stale.on_snapshot(&s2),
+            Next::Frame(s2.flags_frame().clone())
+        );
+    }
+
+    #[test]
+    fn per_user_frames_skip_unchanged_flags() {
+        let payload = RulesPayload::from_json(
+            br#"{"version":"1","flags":{"a":{"enabled":true,"rollout":100}}}"#,
+        )
+        .unwrap();
+        let s1 = Snapshot::build(
+            Revision::new(1),
+            Timestamp::ZERO,
+            FlagSource::rules(&payload),
+        );
+        let s2 = Snapshot::build(
+            Revision::new(2),
+            Timestamp::ZERO,
+            FlagSource::rules(&payload),
+        );
+        let mut sub = Subscriber::new(
+            Timestamp::ZERO,
+            StreamKind::Sdk,
+            Context::with_id("u1"),
+            None,
+            TIMING,
+            0.5,
+        );
+        let Next::Resolve(context) = sub.on_snapshot(&s1) else {
+            panic!("per-user clients resolve their flags");
+        };
+        assert_eq!(context.id.as_deref(), Some("u1"));
+        let flags = s1.rules().unwrap().evaluate_all(&context);
+        let frame = sub.on_flags(&s1, &flags).unwrap();
+        assert!(frame.starts_with(b"event: init\nid: 1-"));
+        assert_eq!(sub.on_flags(&s2, &flags), None);
+        let mut changed = flags.clone();
+        changed.flags.insert("a".into(), false);
+        assert!(sub.on_flags(&s2, &changed).is_some());
+    }
+
+    #[test]
+    fn retry_and_max_age_are_jittered_and_keepalives_per_kind() {
+        let low = Subscriber::new(
+            Timestamp::ZERO,
+            StreamKind::Sdk,
+            Context::anonymous(),
+            None,
+            TIMING,
+            0.0,
+        );
+        let high = Subscriber::new(
+            Timestamp::ZERO,
+            StreamKind::Frontend,
+            Context::anonymous(),
+            None,
+            TIMING,
+            1.0,
+        );
+        assert_eq!(&low.preamble()[..], b"retry: 1800\n\n");
+        assert_eq!(&high.preamble()[..], b"retry: 2200\n\n");
+        assert_eq!(low.close_at(), Some(Timestamp::from_millis(3_240_000)));
+        assert_eq!(high.close_at(), Some(Timestamp::from_millis(3_960_000)));
+        assert_eq!(low.keepalive_interval(), Duration::from_secs(4));
+        assert_eq!(high.keepalive_interval(), Duration::from_secs(15));
+    }
+}
