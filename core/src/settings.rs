@@ -52,16 +52,29 @@ pub struct Spec {
     pub secret: bool,
 }
 
-macro_rules! spec {
-    ($flag:literal, $env:literal, $default:expr, $target:ident, $help:literal) => {
-        Spec {
-            flag: $flag,
-            env: $env,
-            default: $default,
-            help: $help,
-            target: Target::$target,
+impl Spec {
+    /// A setting that is not a secret.
+    pub const fn new(
+        flag: &'static str,
+        env: &'static str,
+        default: Option<&'static str>,
+        target: Target,
+        help: &'static str,
+    ) -> Self {
+        Self {
+            flag,
+            env,
+            default,
+            help,
+            target,
             secret: false,
         }
+    }
+}
+
+macro_rules! spec {
+    ($flag:literal, $env:literal, $default:expr, $target:ident, $help:literal) => {
+        Spec::new($flag, $env, $default, Target::$target, $help)
     };
 }
 

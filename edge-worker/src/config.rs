@@ -8,39 +8,29 @@ use std::time::Duration;
 
 use rollgate_proxy_core::settings::{self, SettingsError, Spec, Target, Values};
 
-macro_rules! edge {
-    ($flag:literal, $env:literal, $default:expr, $help:literal) => {
-        Spec {
-            flag: $flag,
-            env: $env,
-            default: $default,
-            help: $help,
-            target: Target::Edge,
-            secret: false,
-        }
-    };
-}
-
 /// Names the relay object (one upstream connection per environment).
-pub const ENVIRONMENT: Spec = edge!(
+pub const ENVIRONMENT: Spec = Spec::new(
     "environment",
     "ROLLGATE_PROXY_ENVIRONMENT",
     Some("default"),
-    "Names the relay Durable Object of this environment (one upstream connection each)"
+    Target::Edge,
+    "Names the relay Durable Object of this environment (one upstream connection each)",
 );
 /// How many SSE shard objects share the stream clients.
-pub const SSE_SHARDS: Spec = edge!(
+pub const SSE_SHARDS: Spec = Spec::new(
     "sse-shards",
     "ROLLGATE_PROXY_SSE_SHARDS",
     Some("4"),
-    "SSE shard objects that share the stream clients (1 to 1024)"
+    Target::Edge,
+    "SSE shard objects that share the stream clients (1 to 1024)",
 );
 /// Edge cache TTL of the current-snapshot pointer.
-pub const EDGE_CACHE_TTL: Spec = edge!(
+pub const EDGE_CACHE_TTL: Spec = Spec::new(
     "edge-cache-ttl",
     "ROLLGATE_PROXY_EDGE_CACHE_TTL",
     Some("1s"),
-    "How long an edge location trusts its cached pointer to the current snapshot; 0 disables the edge cache"
+    Target::Edge,
+    "How long an edge location trusts its cached pointer to the current snapshot; 0 disables the edge cache",
 );
 
 /// The Worker's own settings, after core's schema.

@@ -10,102 +10,101 @@ use clap::{Arg, ArgMatches, Command};
 use rollgate_proxy_core::secret::Secret;
 use rollgate_proxy_core::settings::{self, SCHEMA, SettingsError, Spec, Target, Values};
 
-macro_rules! native {
-    ($flag:literal, $env:literal, $default:expr, $help:literal) => {
-        Spec {
-            flag: $flag,
-            env: $env,
-            default: $default,
-            help: $help,
-            target: Target::Native,
-            secret: false,
-        }
-    };
-}
-
 /// TCP port.
-pub const PORT: Spec = native!(
+pub const PORT: Spec = Spec::new(
     "port",
     "PORT",
     Some("3001"),
-    "TCP port to listen on; 0 picks a free one (the bound address is logged)"
+    Target::Native,
+    "TCP port to listen on; 0 picks a free one (the bound address is logged)",
 );
 /// Bind address.
-pub const BIND: Spec = native!(
+pub const BIND: Spec = Spec::new(
     "bind",
     "ROLLGATE_PROXY_BIND",
     Some("0.0.0.0"),
-    "Address to bind"
+    Target::Native,
+    "Address to bind",
 );
 /// Persisted snapshot path.
-pub const SNAPSHOT_FILE: Spec = native!(
+pub const SNAPSHOT_FILE: Spec = Spec::new(
     "snapshot-file",
     "ROLLGATE_PROXY_SNAPSHOT_FILE",
     Some("./rollgate-proxy-snapshot.json"),
-    "Last good snapshot (upstream mode): written atomically, loaded at start; empty disables it"
+    Target::Native,
+    "Last good snapshot (upstream mode): written atomically, loaded at start; empty disables it",
 );
 /// Local mode's rules file.
-pub const FLAGS_FILE: Spec = native!(
+pub const FLAGS_FILE: Spec = Spec::new(
     "flags-file",
     "ROLLGATE_PROXY_FLAGS_FILE",
     Some("examples/flags.json"),
-    "Rules file of local mode (no API key); edits are pushed to clients"
+    Target::Native,
+    "Rules file of local mode (no API key); edits are pushed to clients",
 );
 /// Slow-client bound.
-pub const REQUEST_TIMEOUT: Spec = native!(
+pub const REQUEST_TIMEOUT: Spec = Spec::new(
     "request-timeout",
     "ROLLGATE_PROXY_REQUEST_TIMEOUT",
     Some("5s"),
-    "Time a client has to send its request head and body (SSE responses are not limited)"
+    Target::Native,
+    "Time a client has to send its request head and body (SSE responses are not limited)",
 );
 /// Header size limit.
-pub const MAX_HEADER_BYTES: Spec = native!(
+pub const MAX_HEADER_BYTES: Spec = Spec::new(
     "max-header-bytes",
     "ROLLGATE_PROXY_MAX_HEADER_BYTES",
     Some("16384"),
-    "Largest total request header size in bytes (431 HEADERS_TOO_LARGE)"
+    Target::Native,
+    "Largest total request header size in bytes (431 HEADERS_TOO_LARGE)",
 );
 /// URI length limit.
-pub const MAX_URI_LENGTH: Spec = native!(
+pub const MAX_URI_LENGTH: Spec = Spec::new(
     "max-uri-length",
     "ROLLGATE_PROXY_MAX_URI_LENGTH",
     Some("8192"),
-    "Longest request URI in bytes (414 URI_TOO_LONG)"
+    Target::Native,
+    "Longest request URI in bytes (414 URI_TOO_LONG)",
 );
 /// Events flush interval.
-pub const EVENTS_FLUSH_INTERVAL: Spec = native!(
+pub const EVENTS_FLUSH_INTERVAL: Spec = Spec::new(
     "events-flush-interval",
     "ROLLGATE_PROXY_EVENTS_FLUSH_INTERVAL",
     Some("30s"),
-    "How often buffered SDK events are forwarded upstream"
+    Target::Native,
+    "How often buffered SDK events are forwarded upstream",
 );
 /// Telemetry flush interval.
-pub const TELEMETRY_FLUSH_INTERVAL: Spec = native!(
+pub const TELEMETRY_FLUSH_INTERVAL: Spec = Spec::new(
     "telemetry-flush-interval",
     "ROLLGATE_PROXY_TELEMETRY_FLUSH_INTERVAL",
     Some("60s"),
-    "How often aggregated SDK telemetry is forwarded upstream"
+    Target::Native,
+    "How often aggregated SDK telemetry is forwarded upstream",
 );
 /// Graceful shutdown bound.
-pub const SHUTDOWN_TIMEOUT: Spec = native!(
+pub const SHUTDOWN_TIMEOUT: Spec = Spec::new(
     "shutdown-timeout",
     "ROLLGATE_PROXY_SHUTDOWN_TIMEOUT",
     Some("10s"),
-    "Upper bound of a graceful shutdown"
+    Target::Native,
+    "Upper bound of a graceful shutdown",
 );
 /// Log format.
-pub const LOG_FORMAT: Spec = native!(
+pub const LOG_FORMAT: Spec = Spec::new(
     "log-format",
     "ROLLGATE_PROXY_LOG_FORMAT",
     Some("text"),
-    "Log format: text or json (one object per line)"
+    Target::Native,
+    "Log format: text or json (one object per line)",
 );
 /// Log filter.
-pub const LOG_LEVEL: Spec = native!(
+pub const LOG_LEVEL: Spec = Spec::new(
     "log-level",
     "ROLLGATE_PROXY_LOG_LEVEL",
     Some("info"),
-    "Log level or filter, e.g. debug or rollgate_proxy_server=debug,info"
+    Target::Native,
+    "Log level or filter, e.g. debug or rollgate_proxy_server=debug,info",
 );
 
 /// The native server's own settings, after core's [`SCHEMA`] in `--help`.
