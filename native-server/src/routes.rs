@@ -15,9 +15,9 @@ use bytes::Bytes;
 use http::request::Parts;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use rollgate_proxy_core::api::{ApiError, ApiResponse, Route};
+use rollgate_proxy_core::api::{ApiError, ApiResponse};
 use rollgate_proxy_core::cors::{CorsValue, PREFLIGHT_STATUS};
-use rollgate_proxy_core::downstream::{self, Answer, Forward};
+use rollgate_proxy_core::downstream::{self, Admitted, Answer, Forward};
 use rollgate_proxy_core::metrics::SideRequest;
 use tracing::Instrument;
 
@@ -62,16 +62,24 @@ async fn handle(State(app): State<Arc<App>>, request: Request) -> Response {
         set_cors(response.headers_mut(), &cors, origin.as_ref());
         label = "preflight";
     } else {
-        label = Route::parse(parts.method.as_str(), parts.uri.path())
-            .as_ref()
-            .map_or("unmatched", Route::label);
+        let head = head_of(&parts);
+        // The head's limits first (414/431 whatever the route), then core's routing and keys.
+        let admitted = check_limits(&app, &parts).and_then(|()| app.downstream.admit(&head));
+        label = admitted.as_ref().map_or("unmatched", |a| a.route.label());
         let span = tracing::debug_span!(
             "request",
             id = request_id.to_str().unwrap_or_default(),
             method = %parts.method,
             route = label
         );
-        response = answer(&app, &parts, body).instrument(span.clone()).await;
+        response = match admitted {
+            Ok(admitted) => {
+                answer(&app, &parts, body, admitted)
+                    .instrument(span.clone())
+                    .await
+            }
+            Err(error) => from_api(error.into()),
+        };
         let cors = app
             .settings
             .core
@@ -120,11 +128,23 @@ pub(crate) fn sequence_id(seq: u64) -> HeaderValue {
     HeaderValue::from_bytes(&digits).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
-/// The answer to one (non-preflight) request.
-async fn answer(app: &Arc<App>, parts: &Parts, body: Body) -> Response {
-    if let Err(error) = check_limits(app, parts) {
-        return from_api(error.into());
+/// Core's view of a request head (the body is added once read).
+fn head_of(parts: &Parts) -> downstream::Request<'_> {
+    let header = |name: &HeaderName| parts.headers.get(name).and_then(|v| v.to_str().ok());
+    downstream::Request {
+        method: parts.method.as_str(),
+        path: parts.uri.path(),
+        query: parts.uri.query().unwrap_or(""),
+        authorization: header(&header::AUTHORIZATION),
+        api_key: header(&X_API_KEY),
+        if_none_match: header(&header::IF_NONE_MATCH),
+        last_event_id: header(&LAST_EVENT_ID),
+        body: &[],
     }
+}
+
+/// The answer to one admitted (non-preflight) request.
+async fn answer(app: &Arc<App>, parts: &Parts, body: Body, admitted: Admitted) -> Response {
     let body = if parts.method == Method::POST {
         match read_body(app, parts, body).await {
             Ok(body) => body,
@@ -133,22 +153,26 @@ async fn answer(app: &Arc<App>, parts: &Parts, body: Body) -> Response {
     } else {
         Bytes::new()
     };
-    let header = |name: &HeaderName| parts.headers.get(name).and_then(|v| v.to_str().ok());
     let request = downstream::Request {
-        method: parts.method.as_str(),
-        path: parts.uri.path(),
-        query: parts.uri.query().unwrap_or(""),
-        authorization: header(&header::AUTHORIZATION),
-        api_key: header(&X_API_KEY),
-        if_none_match: header(&header::IF_NONE_MATCH),
-        last_event_id: header(&LAST_EVENT_ID),
         body: &body,
+        ..head_of(parts)
     };
     let snapshot = app.current();
     let freshness = app.freshness(snapshot.is_some());
-    let answer =
-        app.downstream
-            .handle(now(), &request, snapshot.as_ref(), freshness, random_unit());
+    // Only streams use the jitter (their retry and max age): no random draw per poll.
+    let jitter = if admitted.route.is_stream() {
+        random_unit()
+    } else {
+        0.5
+    };
+    let answer = app.downstream.dispatch(
+        now(),
+        &request,
+        admitted,
+        snapshot.as_ref(),
+        freshness,
+        jitter,
+    );
     match answer {
         Answer::Respond(response) => from_api(response),
         Answer::Stream { subscriber, .. } => sse::response(app, subscriber),
