@@ -25,6 +25,7 @@ use crate::assets;
 use crate::breaker::BreakerState;
 use crate::metrics::{Metrics, Scrape, SideRequest};
 use crate::model::{Context, EvaluatedFlags};
+use crate::outbox::Dropped;
 use crate::secret::Secret;
 use crate::settings::Settings;
 use crate::snapshot::{ContextFlags, Freshness, Revision, Snapshot};
@@ -540,12 +541,13 @@ impl Downstream {
         ApiResponse::json(report.body())
     }
 
-    /// `/api/metrics` for the adapter's current state.
+    /// `/api/metrics` for the adapter's current state (`dropped`: what its outbox dropped).
     pub fn metrics(
         &self,
         now: Timestamp,
         snapshot: Option<&Snapshot>,
         source: &SourceReport,
+        dropped: Dropped,
     ) -> ApiResponse {
         let (upstream, confirmed) = match source {
             SourceReport::Upstream(status) => (Some(status.clone()), status.last_confirmed),
@@ -557,6 +559,7 @@ impl Downstream {
             data_age: confirmed.map(|at| now.saturating_since(at)),
             flags: snapshot.map_or(0, |s| s.defaults().flags.len()),
             user_cache_entries: lock(&self.users).len(),
+            dropped,
         };
         ApiResponse {
             status: 200,

@@ -45,6 +45,7 @@ pub mod downstream;
 pub mod eval;
 pub mod metrics;
 pub mod model;
+pub mod outbox;
 pub mod render;
 pub mod secret;
 pub mod settings;

@@ -198,6 +198,8 @@ pub struct Scrape {
     pub flags: usize,
     /// Users in the per-user cache.
     pub user_cache_entries: usize,
+    /// What the bounded buffers dropped (the adapter's outbox).
+    pub dropped: crate::outbox::Dropped,
 }
 
 impl Metrics {
@@ -399,6 +401,24 @@ impl Metrics {
             "user_cache_entries",
             "Users in the per-user answer cache.",
             scrape.user_cache_entries as f64,
+        );
+        family(
+            &mut out,
+            "dropped_total",
+            "counter",
+            "Items dropped to keep buffers within their byte bounds, by what.",
+        );
+        sample(
+            &mut out,
+            "dropped_total",
+            &[("what", "events")],
+            scrape.dropped.events,
+        );
+        sample(
+            &mut out,
+            "dropped_total",
+            &[("what", "telemetry_flags")],
+            scrape.dropped.telemetry_flags,
         );
         family(
             &mut out,

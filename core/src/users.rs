@@ -287,6 +287,27 @@ impl UserCache {
     }
 }
 
+/// An estimate of a context's heap size.
+fn context_bytes(context: &Context) -> usize {
+    const PER_ENTRY: usize = 48;
+    let text = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+    PER_ENTRY
+        + text(&context.id)
+        + text(&context.email)
+        + context
+            .attributes
+            .iter()
+            .map(|(name, value)| {
+                PER_ENTRY
+                    + name.len()
+                    + match value {
+                        AttributeValue::String(s) => s.len(),
+                        AttributeValue::Bool(_) | AttributeValue::Number(_) => 8,
+                    }
+            })
+            .sum::<usize>()
+}
+
 /// An estimate of an answer's heap size: keys, reasons, map overhead.
 pub fn flags_bytes(flags: &EvaluatedFlags) -> usize {
     const PER_ENTRY: usize = 64;
@@ -302,17 +323,33 @@ pub fn flags_bytes(flags: &EvaluatedFlags) -> usize {
             .sum::<usize>()
 }
 
-/// Attributes per user id from `POST /api/v1/sdk/identify` (least recently used evicted).
+/// Bytes of stored `/identify` contexts at most: 16 MiB (a context can reach ~75 KB at the
+/// request limits, so the entry count alone would not bound memory).
+pub const IDENTITY_STORE_MAX_BYTES: usize = 16 << 20;
+
+/// Attributes per user id from `POST /api/v1/sdk/identify` (least recently used evicted),
+/// bounded by users and by bytes.
 #[derive(Debug)]
 pub struct IdentityStore {
-    users: LruCache<String, Context>,
+    users: LruCache<String, (Context, usize)>,
+    bytes: usize,
+    max_bytes: usize,
+    evicted: u64,
 }
 
 impl IdentityStore {
-    /// A store of at most `capacity` users.
+    /// A store of at most `capacity` users and [`IDENTITY_STORE_MAX_BYTES`].
     pub fn new(capacity: usize) -> Self {
+        Self::with_max_bytes(capacity, IDENTITY_STORE_MAX_BYTES)
+    }
+
+    /// A store of at most `capacity` users and `max_bytes`.
+    pub fn with_max_bytes(capacity: usize, max_bytes: usize) -> Self {
         Self {
             users: LruCache::new(NonZeroUsize::new(capacity).unwrap_or(NonZeroUsize::MIN)),
+            bytes: 0,
+            max_bytes,
+            evicted: 0,
         }
     }
 
@@ -320,7 +357,24 @@ impl IdentityStore {
     /// `reset()` intends). Contexts without an id are ignored.
     pub fn remember(&mut self, context: &Context) {
         let Some(id) = &context.id else { return };
-        self.users.put(id.clone(), context.clone());
+        let bytes = context_bytes(context);
+        if let Some((_, (_, old))) = self.users.push(id.clone(), (context.clone(), bytes)) {
+            // The same user replaced, or the least recent one evicted by the entry bound.
+            self.bytes = self.bytes.saturating_sub(old);
+        }
+        self.bytes += bytes;
+        while self.bytes > self.max_bytes && self.users.len() > 1 {
+            let Some((_, (_, old))) = self.users.pop_lru() else {
+                break;
+            };
+            self.bytes = self.bytes.saturating_sub(old);
+            self.evicted += 1;
+        }
+    }
+
+    /// Bytes held (estimated).
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 
     /// Whether any user identified.
@@ -335,7 +389,7 @@ impl IdentityStore {
         let Some(id) = &context.id else {
             return context;
         };
-        let Some(stored) = self.users.get(id) else {
+        let Some((stored, _)) = self.users.get(id) else {
             return context;
         };
         if context.email.is_none() {
@@ -517,5 +571,17 @@ mod tests {
         store.remember(&Context::with_id("u3"));
         assert_eq!(store.merge(Context::with_id("u1")).email, None);
         assert!(store.merge(Context::anonymous()).is_anonymous());
+
+        // Bounded in bytes too: big contexts evict the least recently used.
+        let mut small = IdentityStore::with_max_bytes(100, 600);
+        for user in ["a", "b", "c"] {
+            let mut ctx = Context::with_id(user);
+            ctx.attributes
+                .insert("x".into(), AttributeValue::String("v".repeat(200)));
+            small.remember(&ctx);
+        }
+        assert!(small.bytes() <= 600);
+        assert_eq!(small.merge(Context::with_id("a")).attribute("x"), None);
+        assert!(small.merge(Context::with_id("c")).attribute("x").is_some());
     }
 }

@@ -18,6 +18,7 @@ use rollgate_proxy_core::breaker::Outcome;
 use rollgate_proxy_core::downstream::{Answer, Downstream, Forward, SourceReport};
 use rollgate_proxy_core::metrics::{SideOutcome, SideRequest};
 use rollgate_proxy_core::model::{EvaluatedFlags, RulesPayload};
+use rollgate_proxy_core::outbox::Dropped;
 use rollgate_proxy_core::snapshot::{FlagSource, Freshness, Revision, Snapshot, SnapshotStore};
 use rollgate_proxy_core::sse::encode::{Event, KEEPALIVE};
 use rollgate_proxy_core::stream::StreamKind;
@@ -480,7 +481,13 @@ async fn handle(inner: &Rc<Inner>, mut req: Request) -> worker::Result<Response>
             &report(inner),
             config.core.api_key.as_ref(),
         ),
-        Answer::Metrics => downstream.metrics(now(), snapshot.as_deref(), &report(inner)),
+        // Nothing is buffered here: forwards go out at once.
+        Answer::Metrics => downstream.metrics(
+            now(),
+            snapshot.as_deref(),
+            &report(inner),
+            Dropped::default(),
+        ),
         // The Worker sends streams to the shards, never here.
         Answer::Stream { .. } => ApiError::not_found(&incoming.path).into(),
     };

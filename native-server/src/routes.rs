@@ -22,7 +22,7 @@ use rollgate_proxy_core::metrics::SideRequest;
 use tracing::Instrument;
 
 use crate::forward;
-use crate::runtime::{now, random_unit};
+use crate::runtime::{lock, now, random_unit};
 use crate::sse;
 use crate::state::App;
 use crate::users::user_flags;
@@ -192,6 +192,7 @@ async fn answer(app: &Arc<App>, parts: &Parts, body: Body, admitted: Admitted) -
             now(),
             snapshot.as_deref(),
             &app.report(),
+            lock(&app.outbox).dropped(),
         )),
     }
 }
@@ -216,9 +217,9 @@ fn forward_upstream(app: &Arc<App>, forward: Forward) -> ApiResponse {
             });
             Ok(())
         }
-        SideRequest::Events => app.outbox.push_events(&body).map(drop),
+        SideRequest::Events => lock(&app.outbox).push_events(&body).map(drop),
         SideRequest::Telemetry | SideRequest::UserFlags => {
-            app.outbox.push_telemetry(&body).map(drop)
+            lock(&app.outbox).push_telemetry(now(), &body).map(drop)
         }
     };
     match result {

@@ -4,13 +4,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rollgate_proxy_core::downstream::{Downstream, SourceReport};
+use rollgate_proxy_core::outbox::Outbox;
 use rollgate_proxy_core::snapshot::{Freshness, Snapshot};
 use rollgate_proxy_core::time::Timestamp;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
-use crate::forward::Outbox;
 pub use crate::runtime::{lock, now, random_u64};
 pub use crate::upstream::UpstreamHandle;
 
@@ -50,7 +50,7 @@ pub struct App {
     /// Cancelled when the process shuts down (SSE streams end, tasks flush).
     pub shutdown: CancellationToken,
     /// Events and telemetry waiting to be forwarded.
-    pub outbox: Arc<Outbox>,
+    pub outbox: Arc<Mutex<Outbox>>,
     /// Woken whenever a per-user fetch completes (waiters re-check the cache).
     pub user_fetches: Notify,
     /// Sequence for generated request ids.

@@ -444,7 +444,7 @@ fn health_and_metrics_render_the_adapters_state() {
     let missing = d.health(now, None, &source, None);
     assert!(text(&missing).contains(r#""status":"degraded""#));
     let _ = answer(&d, &get("/api/flags", ""), Some(&s));
-    let metrics = d.metrics(now, Some(&s), &source);
+    let metrics = d.metrics(now, Some(&s), &source, Dropped::default());
     assert_eq!(metrics.content_type, Some(METRICS_CONTENT_TYPE));
     assert!(text(&metrics).contains("rollgate_proxy_cache_requests_total{result=\"hit\"} 1\n"));
     assert!(text(&metrics).contains("rollgate_proxy_snapshot_age_seconds 2\n"));
