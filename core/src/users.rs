@@ -241,11 +241,13 @@ impl UserCache {
         }
     }
 
-    /// Forgets `user_id`'s answer (its `/identify` attributes changed).
+    /// Forgets `user_id`'s answer (its `/identify` attributes changed), and any fetch in flight
+    /// for it: that fetch started before the identify, so its late answer must not be stored.
     pub fn forget(&mut self, user_id: &str) {
         if let Some(entry) = self.entries.pop(user_id) {
             self.bytes = self.bytes.saturating_sub(entry.bytes);
         }
+        self.inflight.remove(user_id);
     }
 
     fn fallback(&mut self, user_id: &str) -> UserFlags {

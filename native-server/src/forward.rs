@@ -11,6 +11,7 @@ use rollgate_proxy_core::metrics::{SideOutcome, SideRequest};
 use rollgate_proxy_core::outbox::Outbox;
 use tokio_util::sync::CancellationToken;
 
+use crate::identify::IdentifyGates;
 use crate::runtime::{lock, now};
 use crate::upstream::UpstreamHandle;
 
@@ -91,12 +92,21 @@ async fn flush_telemetry(outbox: &Mutex<Outbox>, upstream: &UpstreamHandle, reco
     }
 }
 
-/// Forwards an identify upstream (in the background, through the breaker).
-pub fn identify(upstream: Arc<UpstreamHandle>, body: Bytes, record: impl Record) {
+/// Forwards `user`'s identify upstream in the background, through the breaker; the user's
+/// fetches wait for it (`gates`), so Rollgate sees the attributes before evaluating for them.
+pub fn identify(
+    upstream: Arc<UpstreamHandle>,
+    gates: Arc<IdentifyGates>,
+    user: String,
+    body: Bytes,
+    record: impl Record,
+) {
+    gates.begin(&user);
     tokio::spawn(async move {
         if admit(&upstream, SideRequest::Identify, &record) {
             post(&upstream, SideRequest::Identify, body, &record).await;
         }
+        gates.end(&user);
     });
 }
 

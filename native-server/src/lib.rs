@@ -8,6 +8,7 @@
 pub mod config;
 pub mod driver;
 pub mod forward;
+pub mod identify;
 pub mod local;
 pub mod persist;
 pub mod routes;

@@ -204,6 +204,7 @@ fn forward_upstream(app: &Arc<App>, forward: Forward) -> ApiResponse {
         kind,
         body,
         response,
+        user_id,
         ..
     } = forward;
     let Some(upstream) = app.upstream() else {
@@ -212,9 +213,13 @@ fn forward_upstream(app: &Arc<App>, forward: Forward) -> ApiResponse {
     let result = match kind {
         SideRequest::Identify => {
             let recorder = Arc::clone(app);
-            forward::identify(Arc::clone(upstream), body, move |kind, outcome| {
-                recorder.downstream.metrics.side_request(kind, outcome);
-            });
+            forward::identify(
+                Arc::clone(upstream),
+                Arc::clone(&app.identifies),
+                user_id.unwrap_or_default(),
+                body,
+                move |kind, outcome| recorder.downstream.metrics.side_request(kind, outcome),
+            );
             Ok(())
         }
         SideRequest::Events => lock(&app.outbox).push_events(&body).map(drop),

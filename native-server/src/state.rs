@@ -11,6 +11,7 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
+use crate::identify::IdentifyGates;
 pub use crate::runtime::{lock, now, random_u64};
 pub use crate::upstream::UpstreamHandle;
 
@@ -53,6 +54,8 @@ pub struct App {
     pub outbox: Arc<Mutex<Outbox>>,
     /// Woken whenever a per-user fetch completes (waiters re-check the cache).
     pub user_fetches: Notify,
+    /// `/identify` forwards in flight, per user: that user's fetches wait for them.
+    pub identifies: Arc<IdentifyGates>,
     /// Sequence for generated request ids.
     pub request_seq: AtomicU64,
 }
@@ -69,6 +72,7 @@ impl App {
             source,
             shutdown,
             user_fetches: Notify::new(),
+            identifies: Arc::default(),
             request_seq: AtomicU64::new(0),
         }
     }

@@ -29,6 +29,9 @@ pub async fn user_flags(app: &Arc<App>, user_id: &str, revision: Revision) -> Us
             let task_app = Arc::clone(app);
             let user = user_id.to_owned();
             let fetch = tokio::spawn(async move {
+                // The user's identify reaches Rollgate before this fetch does.
+                let bound = task_app.settings.core.upstream_timeout;
+                task_app.identifies.wait(&user, bound).await;
                 let result = fetch_user(&task_app, &user).await;
                 let flags = task_app
                     .downstream
