@@ -118,6 +118,15 @@ impl Route {
         )
     }
 
+    /// Whether the route may be shed under overload: everything but the probes, health and
+    /// metrics, which must keep answering exactly when the proxy is busiest.
+    pub fn is_sheddable(&self) -> bool {
+        !matches!(
+            self,
+            Self::Live | Self::Ready | Self::RootHealth | Self::Health | Self::Metrics
+        )
+    }
+
     /// Whether the route is an SSE stream.
     pub fn is_stream(&self) -> bool {
         self.stream_kind().is_some()
@@ -205,6 +214,8 @@ pub enum ErrorCode {
     UpstreamUnavailable,
     /// 503: no flag data yet.
     NotReady,
+    /// 503: too many requests in flight; retry after the `Retry-After` delay.
+    Overloaded,
 }
 
 impl ErrorCode {
@@ -221,7 +232,7 @@ impl ErrorCode {
             Self::HeadersTooLarge => 431,
             Self::Internal => 500,
             Self::UpstreamUnavailable => 502,
-            Self::NotReady => 503,
+            Self::NotReady | Self::Overloaded => 503,
         }
     }
 
@@ -241,6 +252,7 @@ impl ErrorCode {
             Self::Internal => "INTERNAL",
             Self::UpstreamUnavailable => "UPSTREAM_UNAVAILABLE",
             Self::NotReady => "NOT_READY",
+            Self::Overloaded => "OVERLOADED",
         }
     }
 }

@@ -569,6 +569,29 @@ impl Downstream {
         }
     }
 
+    /// The answer to a request shed under overload: 503 `OVERLOADED` with a `Retry-After` of 1
+    /// to 5 seconds drawn from `jitter` (uniform in `[0, 1)`), so a shed herd does not come
+    /// back in lockstep. Counted in the metrics.
+    pub fn overloaded(&self, jitter: f64) -> ApiResponse {
+        self.metrics.shed();
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "jitter is in [0, 1), so the product is in [0, 5)"
+        )]
+        let seconds = 1 + (jitter.clamp(0.0, 0.999) * 5.0) as u64;
+        let mut response = ApiResponse::json(
+            ApiError::new(
+                ErrorCode::Overloaded,
+                "too many requests in flight; retry after the Retry-After delay",
+            )
+            .body(),
+        );
+        response.status = ErrorCode::Overloaded.status();
+        response.headers.push(("Retry-After", seconds.to_string()));
+        response
+    }
+
     /// Bytes the per-user cache holds (estimated), for tests and diagnostics.
     pub fn user_cache_bytes(&self) -> usize {
         lock(&self.users).bytes()

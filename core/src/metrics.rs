@@ -177,6 +177,7 @@ pub struct Metrics {
     user_cache: [AtomicU64; 4],
     evaluations: AtomicU64,
     side: [[AtomicU64; 3]; 4],
+    shed: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -213,6 +214,7 @@ impl Metrics {
             user_cache: [const { AtomicU64::new(0) }; 4],
             evaluations: AtomicU64::new(0),
             side: [const { [const { AtomicU64::new(0) }; 3] }; 4],
+            shed: AtomicU64::new(0),
         }
     }
 
@@ -301,6 +303,11 @@ impl Metrics {
             .position(|r| *r == result)
             .unwrap_or(USER_CACHE_RESULTS.len() - 1);
         self.user_cache[slot].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One request shed under overload.
+    pub fn shed(&self) {
+        self.shed.fetch_add(1, Ordering::Relaxed);
     }
 
     /// One local rules evaluation for a context.
@@ -402,6 +409,13 @@ impl Metrics {
             "Users in the per-user answer cache.",
             scrape.user_cache_entries as f64,
         );
+        family(
+            &mut out,
+            "shed_total",
+            "counter",
+            "Requests answered 503 OVERLOADED because too many were in flight.",
+        );
+        sample(&mut out, "shed_total", &[], load(&self.shed));
         family(
             &mut out,
             "dropped_total",

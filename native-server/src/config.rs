@@ -66,6 +66,14 @@ pub const MAX_URI_LENGTH: Spec = Spec::new(
     Target::Native,
     "Longest request URI in bytes (414 URI_TOO_LONG)",
 );
+/// Overload bound.
+pub const MAX_CONCURRENT_REQUESTS: Spec = Spec::new(
+    "max-concurrent-requests",
+    "ROLLGATE_PROXY_MAX_CONCURRENT_REQUESTS",
+    Some("4096"),
+    Target::Native,
+    "Requests handled at once before new ones are shed with 503 OVERLOADED and a jittered Retry-After (probes, health and metrics never are; open SSE streams do not count); 0 disables",
+);
 /// Events flush interval.
 pub const EVENTS_FLUSH_INTERVAL: Spec = Spec::new(
     "events-flush-interval",
@@ -116,6 +124,7 @@ pub const NATIVE_SCHEMA: &[&Spec] = &[
     &REQUEST_TIMEOUT,
     &MAX_HEADER_BYTES,
     &MAX_URI_LENGTH,
+    &MAX_CONCURRENT_REQUESTS,
     &EVENTS_FLUSH_INTERVAL,
     &TELEMETRY_FLUSH_INTERVAL,
     &SHUTDOWN_TIMEOUT,
@@ -166,6 +175,8 @@ pub struct Settings {
     pub max_header_bytes: usize,
     /// Longest URI.
     pub max_uri_length: usize,
+    /// Requests handled at once before shedding; `None`: unlimited.
+    pub max_concurrent_requests: Option<usize>,
     /// Events flush interval.
     pub events_flush_interval: Duration,
     /// Telemetry flush interval.
@@ -272,6 +283,7 @@ impl Settings {
             request_timeout: values.positive_duration(&REQUEST_TIMEOUT)?,
             max_header_bytes: size(&MAX_HEADER_BYTES, 1024)?,
             max_uri_length: size(&MAX_URI_LENGTH, 256)?,
+            max_concurrent_requests: Some(size(&MAX_CONCURRENT_REQUESTS, 0)?).filter(|n| *n > 0),
             events_flush_interval: values.positive_duration(&EVENTS_FLUSH_INTERVAL)?,
             telemetry_flush_interval: values.positive_duration(&TELEMETRY_FLUSH_INTERVAL)?,
             shutdown_timeout: values.positive_duration(&SHUTDOWN_TIMEOUT)?,

@@ -4,7 +4,7 @@
 //! core's policy, latency metrics.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use axum::Router;
@@ -72,7 +72,17 @@ async fn handle(State(app): State<Arc<App>>, request: Request) -> Response {
             method = %parts.method,
             route = label
         );
+        let _in_flight = InFlight::enter(&app.in_flight);
         response = match admitted {
+            Ok(admitted)
+                if admitted.route.is_sheddable()
+                    && app
+                        .settings
+                        .max_concurrent_requests
+                        .is_some_and(|max| _in_flight.count > max) =>
+            {
+                from_api(app.downstream.overloaded(random_unit()))
+            }
             Ok(admitted) => {
                 answer(&app, &parts, body, admitted)
                     .instrument(span.clone())
@@ -95,6 +105,26 @@ async fn handle(State(app): State<Arc<App>>, request: Request) -> Response {
         .metrics
         .request(label, response.status().as_u16(), Some(started.elapsed()));
     response
+}
+
+/// Counts one request as being handled until dropped.
+struct InFlight<'a> {
+    counter: &'a AtomicUsize,
+    /// Requests in flight including this one, when it entered.
+    count: usize,
+}
+
+impl<'a> InFlight<'a> {
+    fn enter(counter: &'a AtomicUsize) -> Self {
+        let count = counter.fetch_add(1, Ordering::Relaxed) + 1;
+        Self { counter, count }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 fn origin_str(origin: Option<&HeaderValue>) -> Option<&str> {

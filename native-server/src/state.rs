@@ -1,6 +1,6 @@
 //! Shared state of one proxy process: the current snapshot, the flag source, core's downstream.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rollgate_proxy_core::downstream::{Downstream, SourceReport};
@@ -58,6 +58,8 @@ pub struct App {
     pub identifies: Arc<IdentifyGates>,
     /// Sequence for generated request ids.
     pub request_seq: AtomicU64,
+    /// Requests being handled now (for overload shedding).
+    pub in_flight: AtomicUsize,
 }
 
 impl App {
@@ -74,6 +76,7 @@ impl App {
             user_fetches: Notify::new(),
             identifies: Arc::default(),
             request_seq: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
         }
     }
 

@@ -706,3 +706,28 @@ async fn evaluated_mode_per_user_answers_are_cached_coalesced_and_served_stale()
     assert!(body.contains("UPSTREAM_UNAVAILABLE"));
     shutdown.cancel();
 }
+
+#[tokio::test]
+async fn overload_sheds_data_routes_with_a_jittered_retry_after_but_never_probes() {
+    let app = app(&["--max-concurrent-requests", "1"], true);
+    // Pretend one request is already being handled: the next data request is over the bound.
+    app.in_flight
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let (status, headers, body) = call(&app, get("/api/flags")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body.contains("OVERLOADED"), "{body}");
+    let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=5).contains(&retry), "{retry}");
+    for probe in ["/live", "/ready", "/api/health", "/api/metrics", "/health"] {
+        assert_eq!(call(&app, get(probe)).await.0, StatusCode::OK, "{probe}");
+    }
+    app.in_flight
+        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(call(&app, get("/api/flags")).await.0, StatusCode::OK);
+    assert!(
+        call(&app, get("/api/metrics"))
+            .await
+            .2
+            .contains("rollgate_proxy_shed_total 1\n")
+    );
+}

@@ -82,8 +82,8 @@ async fn sigterm_ends_streams_cleanly_and_exits_zero() {
 async fn local_mode_serves_and_pushes_file_edits() {
     if !target().is_process() {
         println!(
-            "(skipped on this target: a Worker has no file system; local mode serves the rules \
-             built into the Worker, edge-worker/src/local-flags.json)"
+            "(skipped on this target: a Worker has no file system; local mode serves \
+             examples/flags.json, built into the Worker)"
         );
         return;
     }

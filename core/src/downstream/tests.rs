@@ -449,3 +449,34 @@ fn health_and_metrics_render_the_adapters_state() {
     assert!(text(&metrics).contains("rollgate_proxy_cache_requests_total{result=\"hit\"} 1\n"));
     assert!(text(&metrics).contains("rollgate_proxy_snapshot_age_seconds 2\n"));
 }
+
+#[test]
+fn overload_answers_are_jittered_and_spare_probes() {
+    let d = local();
+    let low = d.overloaded(0.0);
+    let high = d.overloaded(0.999);
+    assert_eq!(low.status, 503);
+    assert!(text(&low).contains("OVERLOADED"));
+    assert!(low.headers.contains(&("Retry-After", "1".to_owned())));
+    assert!(high.headers.contains(&("Retry-After", "5".to_owned())));
+    for probe in [
+        Route::Live,
+        Route::Ready,
+        Route::Health,
+        Route::Metrics,
+        Route::RootHealth,
+    ] {
+        assert!(!probe.is_sheddable(), "{probe:?}");
+    }
+    assert!(Route::Flags.is_sheddable());
+    let metrics = d.metrics(
+        Timestamp::ZERO,
+        None,
+        &SourceReport::Local {
+            last_error: None,
+            loaded_at: None,
+        },
+        Dropped::default(),
+    );
+    assert!(text(&metrics).contains("rollgate_proxy_shed_total 2\n"));
+}
