@@ -291,11 +291,34 @@ async fn forwarded_request_failures_open_the_breaker() {
         json!({"evaluations":{"enabled-flag":{"total":1,"true":1,"false":0}},"period_ms":1000})
             .to_string(),
     );
-    tokio::join!(
-        breaker_opens_on(identify),
-        breaker_opens_on(events),
-        breaker_opens_on(telemetry),
-    );
+    all_hold(vec![
+        ("identify", tokio::spawn(breaker_opens_on(identify))),
+        ("events", tokio::spawn(breaker_opens_on(events))),
+        ("telemetry", tokio::spawn(breaker_opens_on(telemetry))),
+    ])
+    .await;
+}
+
+/// Awaits every part (spawned, so they run at once and a failing part does not hide the
+/// others) and fails with every part's failure message.
+async fn all_hold(parts: Vec<(&str, tokio::task::JoinHandle<()>)>) {
+    let mut failed = Vec::new();
+    for (name, part) in parts {
+        if let Err(e) = part.await {
+            let msg = if e.is_panic() {
+                let payload = e.into_panic();
+                payload
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| payload.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                    .unwrap_or_else(|| "panic".to_owned())
+            } else {
+                e.to_string()
+            };
+            failed.push(format!("[{name}] {msg}"));
+        }
+    }
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
 }
 
 async fn breaker_opens_on((route, path, body): (Route, &str, String)) {
@@ -517,11 +540,15 @@ async fn metrics_have_the_shared_names_types_labels_and_meanings() {
 /// interval polls, a 1s SSE max age closes streams, a 300ms upstream timeout fails a stalled
 /// fetch, and the user-cache and identify-store sizes bound what is kept.
 async fn settings_use_the_shared_names_and_units() {
-    tokio::join!(
-        polling_max_age_and_upstream_timeout(),
-        user_cache_size(),
-        identify_store_size()
-    );
+    all_hold(vec![
+        (
+            "streaming, refresh interval, SSE max age, upstream timeout",
+            tokio::spawn(polling_max_age_and_upstream_timeout()),
+        ),
+        ("user cache size", tokio::spawn(user_cache_size())),
+        ("identify store size", tokio::spawn(identify_store_size())),
+    ])
+    .await;
 }
 
 async fn polling_max_age_and_upstream_timeout() {
