@@ -749,11 +749,16 @@ fn list(value: &str) -> BTreeSet<String> {
         .collect()
 }
 
-/// What one answer must carry: `Some(v)` that header (as a comma set), `None` none of it.
+/// The CORS headers one answer must carry (header values compared as comma sets, so case,
+/// spaces and order do not matter); every `access-control-*` header not wanted must be absent.
 struct Want {
+    /// `access-control-allow-origin`.
     allow_origin: Option<&'static str>,
+    /// `access-control-expose-headers: etag,retry-after,x-request-id`.
     expose: bool,
+    /// `origin` among the `vary` values.
     vary_origin: bool,
+    /// The preflight trio: allow-methods, allow-headers, `max-age: 600`.
     preflight_allowed: bool,
 }
 
