@@ -271,3 +271,163 @@ pub(crate) fn bools(pairs: &[(&str, bool)]) -> Value {
             .collect(),
     )
 }
+
+/// One metric family of a Prometheus text exposition.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub(crate) struct Family {
+    /// `# TYPE` (`counter`, `gauge`, `histogram`, ...); empty when the family has none.
+    pub(crate) kind: String,
+    /// The `# HELP` text, if any.
+    pub(crate) help: Option<String>,
+    /// Every sample: its full name (`_bucket`, `_sum` ... for histograms), labels, value.
+    pub(crate) samples: Vec<(String, std::collections::BTreeMap<String, String>, f64)>,
+}
+
+impl Family {
+    /// The label names used by any sample (`le` and `quantile` excluded).
+    pub(crate) fn label_names(&self) -> std::collections::BTreeSet<String> {
+        self.samples
+            .iter()
+            .flat_map(|(_, labels, _)| labels.keys())
+            .filter(|k| *k != "le" && *k != "quantile")
+            .cloned()
+            .collect()
+    }
+
+    /// The value of the sample named like the family with exactly `labels`.
+    pub(crate) fn value(&self, labels: &[(&str, &str)]) -> Option<f64> {
+        self.samples.iter().find_map(|(_, l, v)| {
+            (l.len() == labels.len()
+                && labels
+                    .iter()
+                    .all(|(k, w)| l.get(*k).map(String::as_str) == Some(*w)))
+            .then_some(*v)
+        })
+    }
+}
+
+/// Parses Prometheus text format into families by name (panics on a malformed line, naming it).
+pub(crate) fn parse_metrics(text: &str) -> std::collections::BTreeMap<String, Family> {
+    use std::collections::BTreeMap;
+    let mut families: BTreeMap<String, Family> = BTreeMap::new();
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest
+                .split_once(' ')
+                .unwrap_or_else(|| panic!("bad TYPE line {line:?}"));
+            families.entry(name.to_owned()).or_default().kind = kind.trim().to_owned();
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, text) = rest.split_once(' ').unwrap_or((rest, ""));
+            families.entry(name.to_owned()).or_default().help = Some(text.trim().to_owned());
+            continue;
+        }
+        if line.starts_with('#') {
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("bad sample line {line:?}"));
+        let value: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            v => v
+                .parse()
+                .unwrap_or_else(|_| panic!("bad value in sample line {line:?}")),
+        };
+        let (name, labels) = match series.split_once('{') {
+            None => (series.to_owned(), BTreeMap::new()),
+            Some((name, rest)) => {
+                let body = rest
+                    .strip_suffix('}')
+                    .unwrap_or_else(|| panic!("bad labels in {line:?}"));
+                (name.to_owned(), parse_labels(body, line))
+            }
+        };
+        // A histogram's or summary's samples belong to the family without the suffix.
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| {
+                let base = name.strip_suffix(suffix)?;
+                families
+                    .get(base)
+                    .is_some_and(|f| matches!(f.kind.as_str(), "histogram" | "summary"))
+                    .then(|| base.to_owned())
+            })
+            .unwrap_or_else(|| name.clone());
+        families
+            .entry(family)
+            .or_default()
+            .samples
+            .push((name, labels, value));
+    }
+    families
+}
+
+fn parse_labels(body: &str, line: &str) -> std::collections::BTreeMap<String, String> {
+    let mut labels = std::collections::BTreeMap::new();
+    let mut rest = body.trim();
+    while !rest.is_empty() {
+        let (name, after) = rest
+            .split_once("=\"")
+            .unwrap_or_else(|| panic!("bad label in {line:?}"));
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let mut end = None;
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' => {
+                    if let Some((_, n)) = chars.next() {
+                        value.push(if n == 'n' { '\n' } else { n });
+                    }
+                }
+                '"' => {
+                    end = Some(i);
+                    break;
+                }
+                c => value.push(c),
+            }
+        }
+        let end = end.unwrap_or_else(|| panic!("unterminated label value in {line:?}"));
+        labels.insert(name.trim().trim_start_matches(',').trim().to_owned(), value);
+        rest = after[end + 1..].trim_start_matches(',').trim();
+    }
+    labels
+}
+
+/// `GET /api/metrics`, parsed.
+pub(crate) async fn metrics(proxy: &ProxyHandle) -> std::collections::BTreeMap<String, Family> {
+    let resp = must_get(&proxy.url("/api/metrics")).await;
+    assert_eq!(resp.status, 200, "/api/metrics: {}", resp.text());
+    parse_metrics(&resp.text())
+}
+
+/// Every key path of a JSON value (`a`, `a.b`, `list[].c`): objects recursively, arrays by
+/// their elements' keys.
+pub(crate) fn key_paths(value: &Value) -> std::collections::BTreeSet<String> {
+    fn walk(value: &Value, prefix: &str, out: &mut std::collections::BTreeSet<String>) {
+        match value {
+            Value::Object(map) => {
+                for (k, v) in map {
+                    let path = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    out.insert(path.clone());
+                    walk(v, &path, out);
+                }
+            }
+            Value::Array(items) => {
+                for item in items {
+                    walk(item, &format!("{prefix}[]"), out);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut out = std::collections::BTreeSet::new();
+    walk(value, "", &mut out);
+    out
+}

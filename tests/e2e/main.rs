@@ -11,6 +11,7 @@
 //! where every scenario starts a workerd). `E2E_TARGET=parity` runs only `parity::`.
 
 mod common;
+mod drift;
 mod flags;
 mod ofrep;
 mod ops;
@@ -63,6 +64,7 @@ fn all() -> Vec<Scenario> {
     all.extend(resilience::scenarios());
     all.extend(security::scenarios());
     all.extend(ops::scenarios());
+    all.extend(drift::scenarios());
     all.extend(parity::scenarios());
     all
 }

@@ -8,8 +8,10 @@
 //! `/api/health`: it counts the changes *this* replica saw, which depends on timing (a replica
 //! whose upstream stream `init` lands before its first fetch sees one more change, reasons
 //! arriving second). The content hash, so every ETag, must match. `/api/health` is compared
-//! without its per-replica counters and ages; `/api/metrics` differs by design
-//! (edge-worker/README.md).
+//! without its per-replica counters and ages, and its key set (recursively) must match in
+//! full. `/api/metrics` values are per replica, but the families must match: the same names,
+//! `# TYPE`s and `# HELP` lines, and the same label names wherever both targets have samples
+//! (a target may have none for a family it cannot measure).
 
 use std::time::Duration;
 
@@ -213,6 +215,19 @@ async fn native_and_worker_serve_identical_bytes() {
     if a != b {
         diffs.push(format!("GET /api/health\n  native {a}\n  worker {b}"));
     }
+    let health_keys = |p: &ProxyHandle| {
+        let url = p.url("/api/health");
+        async move { key_paths(&must_get(&url).await.expect_json(200)) }
+    };
+    let (a, b) = (health_keys(&native).await, health_keys(&edge).await);
+    if a != b {
+        diffs.push(format!(
+            "GET /api/health keys\n  native only {:?}\n  worker only {:?}",
+            a.difference(&b).collect::<Vec<_>>(),
+            b.difference(&a).collect::<Vec<_>>()
+        ));
+    }
+    diffs.extend(metric_diffs(&metrics(&native).await, &metrics(&edge).await));
 
     // Streams: the same first frames, then the same frames for a change.
     let paths = [
@@ -252,4 +267,42 @@ async fn native_and_worker_serve_identical_bytes() {
         diffs.len(),
         diffs.join("\n")
     );
+}
+
+/// The differences between two `/api/metrics` in family names, TYPE, HELP and label names.
+fn metric_diffs(
+    native: &std::collections::BTreeMap<String, Family>,
+    worker: &std::collections::BTreeMap<String, Family>,
+) -> Vec<String> {
+    let mut diffs = Vec::new();
+    let only = |a: &std::collections::BTreeMap<String, Family>,
+                b: &std::collections::BTreeMap<String, Family>| {
+        a.keys()
+            .filter(|k| !b.contains_key(*k))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let (n, w) = (only(native, worker), only(worker, native));
+    if !n.is_empty() || !w.is_empty() {
+        diffs.push(format!(
+            "/api/metrics families\n  native only {n:?}\n  worker only {w:?}"
+        ));
+    }
+    for (name, a) in native {
+        let Some(b) = worker.get(name) else { continue };
+        if (&a.kind, &a.help) != (&b.kind, &b.help) {
+            diffs.push(format!(
+                "/api/metrics {name}: TYPE/HELP native {:?}/{:?} worker {:?}/{:?}",
+                a.kind, a.help, b.kind, b.help
+            ));
+        }
+        if !a.samples.is_empty() && !b.samples.is_empty() && a.label_names() != b.label_names() {
+            diffs.push(format!(
+                "/api/metrics {name}: labels native {:?} worker {:?}",
+                a.label_names(),
+                b.label_names()
+            ));
+        }
+    }
+    diffs
 }

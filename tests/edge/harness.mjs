@@ -1,37 +1,66 @@
-// Shared helpers of the edge specs: the mock upstream, `wrangler dev` on the built Worker, an SSE
-// reader, and bounded waits. Every process started here is killed by its own process group id.
-import { spawn } from "node:child_process";
+// Shared helpers of the edge specs: the Rust mock upstream (`mock-upstream`, the same one the
+// e2e suite uses), `wrangler dev` on the built Worker, an SSE reader, and bounded waits. Every
+// process started here is killed by its own process group id.
+import { spawn, spawnSync } from "node:child_process";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import net from "node:net";
 import { fileURLToPath } from "node:url";
-import { startMock } from "./mock-upstream.mjs";
 
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
 
-/** The Rust mock when MOCK_UPSTREAM_BIN names its binary, else the in-process Node mock. */
-export async function mockUpstream() {
-  const bin = process.env.MOCK_UPSTREAM_BIN;
-  if (!bin) return startMock();
-  const child = spawn(bin, ["--port", "0"], { stdio: ["ignore", "pipe", "inherit"], detached: true });
-  const url = await new Promise((resolve, reject) => {
+/** The key the mock requires (its default, `mock::DEFAULT_API_KEY`). */
+export const DEFAULT_API_KEY = "test-api-key";
+
+/**
+ * The `mock-upstream` binary: MOCK_UPSTREAM_BIN when set, else built once with
+ * `cargo build -p rollgate-proxy-tests --bin mock-upstream` (a no-op when fresh) in the
+ * workspace target dir (CARGO_TARGET_DIR when set).
+ */
+function mockBinary() {
+  if (process.env.MOCK_UPSTREAM_BIN) return process.env.MOCK_UPSTREAM_BIN;
+  const build = spawnSync("cargo", ["build", "-p", "rollgate-proxy-tests", "--bin", "mock-upstream"], {
+    cwd: ROOT,
+    stdio: ["ignore", "ignore", "pipe"],
+    encoding: "utf8",
+  });
+  if (build.status !== 0) throw new Error(`building mock-upstream failed:\n${build.stderr}`);
+  const targetDir = process.env.CARGO_TARGET_DIR ? path.resolve(ROOT, process.env.CARGO_TARGET_DIR) : path.join(ROOT, "target");
+  return path.join(targetDir, "debug", "mock-upstream");
+}
+
+/**
+ * Starts the Rust mock upstream (tests/src/mock) on a free port with `flags` as its default
+ * map. Resolves to { url, controlUrl, close }: `url` is the protocol port (give it to the
+ * Worker), `controlUrl` its own /control/* port, which `down` and `stop` never touch; drive it
+ * with `control(mock, ...)`.
+ */
+export async function mockUpstream({ flags = { "new-checkout": true, "dark-mode": false } } = {}) {
+  const args = ["--port", "0", "--control-port", "0", "--scenario", "empty", "--api-key", DEFAULT_API_KEY];
+  const child = spawn(mockBinary(), args, { stdio: ["ignore", "pipe", "inherit"], detached: true });
+  const [url, controlUrl] = await new Promise((resolve, reject) => {
     let out = "";
-    const timer = setTimeout(() => reject(new Error("mock-upstream did not start")), 10_000);
+    const timer = setTimeout(() => reject(new Error(`mock-upstream did not start: ${out}`)), 10_000);
+    child.once("exit", (code) => reject(new Error(`mock-upstream exited with ${code}`)));
     child.stdout.on("data", (d) => {
       out += d;
-      const m = out.match(/listening on (http:\/\/\S+)/);
-      if (m) {
+      const proto = out.match(/listening on (http:\/\/\S+)/);
+      const ctl = out.match(/control on (http:\/\/\S+)/);
+      if (proto && ctl) {
         clearTimeout(timer);
-        resolve(m[1]);
+        resolve([proto[1], ctl[1]]);
       }
     });
   });
-  return { url, close: async () => killGroup(child) };
+  const mock = { url, controlUrl, close: async () => killGroup(child) };
+  await control(mock, "PUT", "/control/flags", { flags });
+  return mock;
 }
 
+/** A /control/* request to the mock's control port; resolves to the JSON answer. */
 export async function control(mock, method, p, body) {
-  const res = await fetch(mock.url + p, {
+  const res = await fetch(mock.controlUrl + p, {
     method,
     headers: { "content-type": "application/json" },
     body: body === undefined ? undefined : JSON.stringify(body),

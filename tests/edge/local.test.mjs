@@ -1,20 +1,38 @@
-// Local mode (no ROLLGATE_API_KEY): every route's bytes, CORS, client keys, limits, bad input.
+// Local mode (no ROLLGATE_API_KEY): the rules of examples/flags.json (embedded in the Worker at
+// build time); every route's bytes, CORS, client keys, limits, bad input.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { startWorker, openStream, parseFrame, waitFor } from "./harness.mjs";
+import fs from "node:fs";
+import path from "node:path";
+import { startWorker, openStream, parseFrame, waitFor, ROOT } from "./harness.mjs";
 
 let worker;
 const KEY = "client-key-1";
 
 before(async () => {
   worker = await startWorker({
-    vars: { CLIENT_KEYS: `${KEY},other-key`, CORS_ORIGINS: "https://app.example", SSE_SHARDS: "2" },
+    vars: {
+      ROLLGATE_PROXY_CLIENT_KEYS: `${KEY},other-key`,
+      ROLLGATE_PROXY_CORS_ORIGINS: "https://app.example",
+      ROLLGATE_PROXY_SSE_SHARDS: "2",
+    },
   });
 });
 after(async () => worker?.stop());
 
 const auth = { authorization: `Bearer ${KEY}` };
-const FLAGS = { "beta-banner": false, "dark-mode": false, "new-checkout": true, "pro-dashboard": false };
+// examples/flags.json evaluated for an anonymous context: what the native server serves in
+// local mode from the same file (sorted keys, as served).
+const FLAGS = {
+  "ai-assistant": false, "dark-mode": true, "experimental-editor": false, "free-shipping-banner": false,
+  "holiday-theme": false, "legacy-dashboard": true, "maintenance-banner": false, "mobile-app-upsell": false,
+  "new-checkout": false, "onboarding-checklist": false, "search-v2": false,
+};
+const EXAMPLE = JSON.parse(fs.readFileSync(path.join(ROOT, "examples/flags.json"), "utf8"));
+
+test("the flags are examples/flags.json's", () => {
+  assert.deepEqual(Object.keys(FLAGS), Object.keys(EXAMPLE.flags).sort(), "FLAGS above is stale: re-derive it from examples/flags.json");
+});
 
 test("GET /api/flags: bytes, ETag, Cache-Control, 304", async () => {
   const res = await fetch(worker.url + "/api/flags", { headers: auth });
@@ -24,7 +42,9 @@ test("GET /api/flags: bytes, ETag, Cache-Control, 304", async () => {
   const etag = res.headers.get("etag");
   assert.match(etag, /^"[0-9a-f]{16}"$/);
   const text = await res.text();
-  assert.match(text, /^\{"flags":\{"beta-banner":false,"dark-mode":false,"new-checkout":true,"pro-dashboard":false\},"_meta":\{"cachedAt":"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"\}\}$/);
+  const prefix = `{"flags":${JSON.stringify(FLAGS)},"_meta":{"cachedAt":"`;
+  assert.ok(text.startsWith(prefix), text);
+  assert.match(text.slice(prefix.length), /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"\}\}$/);
   // Twice more: the edge cache answers with the same bytes.
   for (let i = 0; i < 2; i++) {
     const again = await fetch(worker.url + "/api/flags", { headers: auth });
@@ -38,34 +58,34 @@ test("GET /api/flags: bytes, ETag, Cache-Control, 304", async () => {
 });
 
 test("per-user evaluation, single flags, SDK and OFREP routes", async () => {
-  const one = await fetch(worker.url + "/api/flags/pro-dashboard?user_id=u1&attr.plan=pro", { headers: auth });
-  assert.equal(await one.text(), '{"key":"pro-dashboard","enabled":true}');
+  const one = await fetch(worker.url + "/api/flags/ai-assistant?user_id=u1&attr.plan=enterprise&attr.seats=60", { headers: auth });
+  assert.equal(await one.text(), '{"key":"ai-assistant","enabled":true}');
   const unknown = await fetch(worker.url + "/api/flags/nope", { headers: auth });
   assert.equal(await unknown.text(), '{"key":"nope","enabled":false}');
   const post = await fetch(worker.url + "/api/flags", {
-    method: "POST", headers: auth, body: JSON.stringify({ user: { id: "u-admin" } }),
+    method: "POST", headers: auth, body: JSON.stringify({ user: { id: "u-123" } }),
   });
-  assert.equal((await post.json()).flags["pro-dashboard"], true);
+  assert.equal((await post.json()).flags["ai-assistant"], true, "u-123 is a target user");
 
   const sdk = await fetch(worker.url + "/api/v1/sdk/flags", { headers: auth });
   assert.equal(await sdk.text(), JSON.stringify({ flags: FLAGS }));
   const reasons = await (await fetch(worker.url + "/api/v1/sdk/flags?withReasons=true", { headers: auth })).json();
   assert.deepEqual(Object.keys(reasons), ["flags", "reasons"]);
 
-  const single = await fetch(worker.url + "/ofrep/v1/evaluate/flags/new-checkout", {
+  const single = await fetch(worker.url + "/ofrep/v1/evaluate/flags/dark-mode", {
     method: "POST", headers: { "x-api-key": KEY }, body: "{}",
   });
-  assert.equal(await single.text(), '{"key":"new-checkout","value":true,"reason":"SPLIT","variant":"on","metadata":{}}');
+  assert.equal(await single.text(), '{"key":"dark-mode","value":true,"reason":"SPLIT","variant":"on","metadata":{}}');
   const missing = await fetch(worker.url + "/ofrep/v1/evaluate/flags/zz", { method: "POST", headers: auth, body: "{}" });
   assert.equal(missing.status, 404);
   assert.equal(await missing.text(), '{"key":"zz","errorCode":"FLAG_NOT_FOUND","errorDetails":"flag \\"zz\\" was not found"}');
-  const bulk = await fetch(worker.url + "/ofrep/v1/evaluate/flags", { method: "POST", headers: auth, body: '{"context":{"targetingKey":"u-admin"}}' });
+  const bulk = await fetch(worker.url + "/ofrep/v1/evaluate/flags", { method: "POST", headers: auth, body: '{"context":{"targetingKey":"u-123"}}' });
   const bulkBody = await bulk.json();
-  assert.equal(bulkBody.flags.find((f) => f.key === "pro-dashboard").value, true);
+  assert.equal(bulkBody.flags.find((f) => f.key === "ai-assistant").value, true);
   // With client keys the advertised stream carries the caller's key (EventSource sends no headers).
   assert.deepEqual(bulkBody.eventStreams, [{ type: "sse", endpoint: { requestUri: `/ofrep/v1/sse?token=${KEY}` } }]);
   const bulk304 = await fetch(worker.url + "/ofrep/v1/evaluate/flags", {
-    method: "POST", headers: { ...auth, "if-none-match": bulk.headers.get("etag") }, body: '{"context":{"targetingKey":"u-admin"}}',
+    method: "POST", headers: { ...auth, "if-none-match": bulk.headers.get("etag") }, body: '{"context":{"targetingKey":"u-123"}}',
   });
   assert.equal(bulk304.status, 304);
 });
@@ -75,7 +95,7 @@ test("operations routes need no key: health shape, live, ready, metrics, /health
   assert.deepEqual(Object.keys(health), ["status", "circuit", "cache", "source", "upstream", "revision", "etag", "dataAgeMs", "flags", "sseClients"]);
   assert.equal(health.status, "healthy");
   assert.equal(health.source, "local");
-  assert.equal(health.flags, 4);
+  assert.equal(health.flags, Object.keys(EXAMPLE.flags).length);
   assert.deepEqual(Object.keys(health.cache), ["hits", "misses", "staleHits"]);
   assert.equal((await fetch(worker.url + "/live")).status, 200);
   assert.equal((await fetch(worker.url + "/ready")).status, 200);
@@ -96,18 +116,29 @@ test("client keys: 401 without or with a wrong key; bearer, X-API-Key and ?token
   assert.equal(stream.status, 401);
 });
 
-test("CORS: preflight needs no key, allow-list echoes allowed origins only, ETag exposed", async () => {
+test("CORS: preflight needs no key (204), allow-list echoes allowed origins only, ETag exposed", async () => {
   const pre = await fetch(worker.url + "/api/flags", {
     method: "OPTIONS",
     headers: { origin: "https://app.example", "access-control-request-method": "GET", "access-control-request-headers": "authorization" },
   });
-  assert.equal(pre.status, 200);
+  assert.equal(pre.status, 204);
+  assert.equal(await pre.text(), "");
   assert.equal(pre.headers.get("access-control-allow-origin"), "https://app.example");
   assert.match(pre.headers.get("access-control-allow-headers"), /authorization/);
+  assert.equal(pre.headers.get("access-control-max-age"), "600");
+  const refused = await fetch(worker.url + "/api/flags", {
+    method: "OPTIONS",
+    headers: { origin: "https://evil.example", "access-control-request-method": "GET" },
+  });
+  assert.equal(refused.status, 204);
+  assert.equal(refused.headers.get("access-control-allow-origin"), null);
+  assert.equal(refused.headers.get("access-control-allow-methods"), null);
+  assert.equal(refused.headers.get("vary"), "origin");
   const ok = await fetch(worker.url + "/api/flags", { headers: { ...auth, origin: "https://app.example" } });
   assert.equal(ok.headers.get("access-control-allow-origin"), "https://app.example");
   // The same exposed headers as the native server.
   assert.equal(ok.headers.get("access-control-expose-headers"), "etag,retry-after,x-request-id");
+  assert.match(ok.headers.get("vary") ?? "", /(^|,\s*)origin(\s*,|$)/i);
   const denied = await fetch(worker.url + "/api/flags", { headers: { ...auth, origin: "https://evil.example" } });
   assert.equal(denied.headers.get("access-control-allow-origin"), null);
   // Internal headers never leak.
@@ -155,11 +186,11 @@ test("streams: retry first, then the snapshot frame; Last-Event-ID suppresses a 
   assert.deepEqual(again.frames, ["retry: 2000\n\n"]);
   again.close();
 
-  const sdk = await openStream(worker.url + "/api/v1/sdk/stream?user_id=u-admin", auth);
+  const sdk = await openStream(worker.url + "/api/v1/sdk/stream?user_id=u-123", auth);
   await waitFor(() => sdk.frames.length >= 2, 5000);
   const init = parseFrame(sdk.frames[1]);
   assert.equal(init.event, "init");
-  assert.equal(JSON.parse(init.data).flags["pro-dashboard"], true);
+  assert.equal(JSON.parse(init.data).flags["ai-assistant"], true);
   sdk.close();
 
   const ofrep = await openStream(worker.url + "/ofrep/v1/sse", auth);

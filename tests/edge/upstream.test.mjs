@@ -2,8 +2,7 @@
 // shards, updates within 1 s, poll fallback, breaker, and recovery from storage after a restart.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { mockUpstream, control, startWorker, openStream, parseFrame, waitFor, sleep, getJson } from "./harness.mjs";
-import { DEFAULT_API_KEY } from "./mock-upstream.mjs";
+import { mockUpstream, control, startWorker, openStream, parseFrame, waitFor, sleep, getJson, DEFAULT_API_KEY } from "./harness.mjs";
 
 let mock;
 let worker;
@@ -14,13 +13,13 @@ before(async () => {
   vars = {
     ROLLGATE_API_KEY: DEFAULT_API_KEY,
     ROLLGATE_BASE_URL: mock.url,
-    SSE_SHARDS: "2",
-    REFRESH_INTERVAL_MS: "500",
-    BREAKER_THRESHOLD: "3",
-    BREAKER_OPEN_TIMEOUT_MS: "1500",
-    BREAKER_SUCCESS_THRESHOLD: "1",
-    SDK_KEEPALIVE_MS: "500",
-    KEEPALIVE_MS: "500",
+    ROLLGATE_PROXY_SSE_SHARDS: "2",
+    ROLLGATE_PROXY_REFRESH_INTERVAL: "500ms",
+    ROLLGATE_PROXY_BREAKER_THRESHOLD: "3",
+    ROLLGATE_PROXY_BREAKER_OPEN_TIMEOUT: "1500ms",
+    ROLLGATE_PROXY_BREAKER_SUCCESS_THRESHOLD: "1",
+    ROLLGATE_PROXY_SDK_KEEPALIVE: "500ms",
+    ROLLGATE_PROXY_KEEPALIVE: "500ms",
   };
   worker = await startWorker({ vars });
 });

@@ -15,7 +15,6 @@
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -108,6 +107,17 @@ pub struct ProxyConfig {
     pub body_limit: Option<usize>,
     /// Log level / filter.
     pub log_level: Option<String>,
+    /// Timeout of one upstream HTTP request.
+    pub upstream_timeout: Option<Duration>,
+    /// Users whose upstream-evaluated answers are cached (evaluated mode).
+    pub user_cache_size: Option<usize>,
+    /// Users whose `/identify` attributes are kept.
+    pub identify_store_size: Option<usize>,
+    /// Age after which SSE connections are closed (`Some(ZERO)`: off).
+    pub sse_max_age: Option<Duration>,
+    /// Settings by name (`ROLLGATE_PROXY_STALE_AFTER` = `2s`), passed verbatim to either target
+    /// after the mapped fields, so they win: env on native, `--var` on the Worker.
+    pub settings: Vec<(String, String)>,
     /// Extra target-specific arguments, appended verbatim.
     pub extra_args: Vec<String>,
 }
@@ -120,6 +130,95 @@ impl ProxyConfig {
             api_key: Some(api_key.into()),
             ..Self::default()
         }
+    }
+
+    /// Adds one setting by name (see [`Self::settings`]).
+    #[must_use]
+    pub fn setting(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.settings.push((name.into(), value.into()));
+        self
+    }
+
+    /// The settings both targets read, by their shared names (durations with a unit), then
+    /// [`Self::settings`]. Secrets (the server key, client keys) are not in here: see
+    /// [`Self::secrets`].
+    pub fn shared_settings(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        let mut push = |name: &str, value: Option<String>| {
+            if let Some(value) = value {
+                out.push((name.to_owned(), value));
+            }
+        };
+        push("ROLLGATE_BASE_URL", self.base_url.clone());
+        push(
+            "ROLLGATE_PROXY_STREAMING",
+            self.streaming.map(|s| s.to_string()),
+        );
+        push(
+            "ROLLGATE_PROXY_REFRESH_INTERVAL",
+            self.refresh_interval.map(duration),
+        );
+        push(
+            "ROLLGATE_PROXY_STREAM_IDLE_TIMEOUT",
+            self.stream_idle_timeout.map(duration),
+        );
+        push(
+            "ROLLGATE_PROXY_UPSTREAM_TIMEOUT",
+            self.upstream_timeout.map(duration),
+        );
+        push(
+            "ROLLGATE_PROXY_BREAKER_THRESHOLD",
+            self.breaker_threshold.map(|n| n.to_string()),
+        );
+        push(
+            "ROLLGATE_PROXY_BREAKER_WINDOW",
+            self.breaker_window.map(duration),
+        );
+        push(
+            "ROLLGATE_PROXY_BREAKER_OPEN_TIMEOUT",
+            self.breaker_open_timeout.map(duration),
+        );
+        push(
+            "ROLLGATE_PROXY_BREAKER_SUCCESS_THRESHOLD",
+            self.breaker_success_threshold.map(|n| n.to_string()),
+        );
+        push("ROLLGATE_PROXY_CORS_ORIGINS", self.cors_origins.clone());
+        push("ROLLGATE_PROXY_KEEPALIVE", self.keepalive.map(duration));
+        push(
+            "ROLLGATE_PROXY_SDK_KEEPALIVE",
+            self.sdk_keepalive.map(duration),
+        );
+        push("ROLLGATE_PROXY_SSE_MAX_AGE", self.sse_max_age.map(duration));
+        push(
+            "ROLLGATE_PROXY_BODY_LIMIT",
+            self.body_limit.map(|n| n.to_string()),
+        );
+        push(
+            "ROLLGATE_PROXY_USER_CACHE_SIZE",
+            self.user_cache_size.map(|n| n.to_string()),
+        );
+        push(
+            "ROLLGATE_PROXY_IDENTIFY_STORE_SIZE",
+            self.identify_store_size.map(|n| n.to_string()),
+        );
+        out.extend(self.settings.iter().cloned());
+        out
+    }
+
+    /// The server key and client keys, by their shared names: env on native, an env file on
+    /// the Worker (never a command line).
+    pub fn secrets(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        if let Some(key) = &self.api_key {
+            out.push(("ROLLGATE_API_KEY".to_owned(), key.clone()));
+        }
+        if !self.client_keys.is_empty() {
+            out.push((
+                "ROLLGATE_PROXY_CLIENT_KEYS".to_owned(),
+                self.client_keys.join(","),
+            ));
+        }
+        out
     }
 }
 
@@ -366,9 +465,9 @@ fn signal_group(pgid: u32, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A directory under the system temp dir, removed on drop.
+/// A fresh directory under the system temp dir (`rollgate-e2e-<label>-…`), removed on drop.
 #[derive(Debug)]
-pub struct TempDir(PathBuf);
+pub struct TempDir(tempfile::TempDir);
 
 impl TempDir {
     /// Creates a fresh directory.
@@ -376,33 +475,31 @@ impl TempDir {
     /// # Errors
     /// The directory cannot be created.
     pub fn new(label: &str) -> anyhow::Result<Self> {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let dir =
-            std::env::temp_dir().join(format!("rollgate-e2e-{}-{label}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir)?;
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("rollgate-e2e-{label}-"))
+            .tempdir()
+            .context("creating a temp dir")?;
         Ok(Self(dir))
     }
 
     /// The directory.
     pub fn path(&self) -> &Path {
-        &self.0
+        self.0.path()
     }
 
     /// A path inside it.
     pub fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
+        self.0.path().join(name)
     }
 }
 
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+/// A duration as both targets read it: `0` or whole milliseconds with their unit (`250ms`).
+pub fn duration(d: Duration) -> String {
+    if d.is_zero() {
+        "0".to_owned()
+    } else {
+        format!("{}ms", d.as_millis())
     }
-}
-
-fn millis(d: Duration) -> String {
-    format!("{}ms", d.as_millis())
 }
 
 /// The native target: the `rollgate-proxy` binary, built on first use.
@@ -492,12 +589,15 @@ mod native {
         Ok(bin)
     }
 
+    /// Command-line flags: only the native-only listener and persistence settings, then
+    /// `extra_args`. Every other setting travels in [`env`] under the shared names.
     pub(super) fn args(config: &ProxyConfig, port: Option<u16>) -> Vec<String> {
         let mut args: Vec<String> = vec![
             "--bind".into(),
             "127.0.0.1".into(),
             "--port".into(),
             port.unwrap_or(0).to_string(),
+            // A flag, not env: an empty value (persistence off) must count as given.
             "--snapshot-file".into(),
             config
                 .snapshot_file
@@ -505,52 +605,39 @@ mod native {
                 .map(|p| p.display().to_string())
                 .unwrap_or_default(),
         ];
-        let mut push = |flag: &str, value: Option<String>| {
-            if let Some(value) = value {
-                args.push(flag.to_owned());
-                args.push(value);
-            }
-        };
-        push("--base-url", config.base_url.clone());
-        push("--streaming", config.streaming.map(|s| s.to_string()));
-        push("--refresh-interval", config.refresh_interval.map(millis));
-        push(
-            "--stream-idle-timeout",
-            config.stream_idle_timeout.map(millis),
-        );
-        push(
-            "--breaker-threshold",
-            config.breaker_threshold.map(|n| n.to_string()),
-        );
-        push("--breaker-window", config.breaker_window.map(millis));
-        push(
-            "--breaker-open-timeout",
-            config.breaker_open_timeout.map(millis),
-        );
-        push(
-            "--breaker-success-threshold",
-            config.breaker_success_threshold.map(|n| n.to_string()),
-        );
-        push(
-            "--flags-file",
-            config.flags_file.as_ref().map(|p| p.display().to_string()),
-        );
-        push("--cors-origins", config.cors_origins.clone());
-        push("--keepalive", config.keepalive.map(millis));
-        push("--sdk-keepalive", config.sdk_keepalive.map(millis));
-        push(
-            "--events-flush-interval",
-            config.events_flush_interval.map(millis),
-        );
-        push(
-            "--telemetry-flush-interval",
-            config.telemetry_flush_interval.map(millis),
-        );
-        push("--shutdown-timeout", config.shutdown_timeout.map(millis));
-        push("--body-limit", config.body_limit.map(|n| n.to_string()));
-        push("--log-level", config.log_level.clone());
         args.extend(config.extra_args.iter().cloned());
         args
+    }
+
+    /// Environment: the native-only settings, the shared ones (names of the spec), then the
+    /// secrets.
+    pub(super) fn env(config: &ProxyConfig) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        let mut push = |name: &str, value: Option<String>| {
+            if let Some(value) = value {
+                out.push((name.to_owned(), value));
+            }
+        };
+        push(
+            "ROLLGATE_PROXY_FLAGS_FILE",
+            config.flags_file.as_ref().map(|p| p.display().to_string()),
+        );
+        push(
+            "ROLLGATE_PROXY_EVENTS_FLUSH_INTERVAL",
+            config.events_flush_interval.map(duration),
+        );
+        push(
+            "ROLLGATE_PROXY_TELEMETRY_FLUSH_INTERVAL",
+            config.telemetry_flush_interval.map(duration),
+        );
+        push(
+            "ROLLGATE_PROXY_SHUTDOWN_TIMEOUT",
+            config.shutdown_timeout.map(duration),
+        );
+        push("ROLLGATE_PROXY_LOG_LEVEL", config.log_level.clone());
+        out.extend(config.shared_settings());
+        out.extend(config.secrets());
+        out
     }
 
     pub(super) async fn start(
@@ -569,12 +656,10 @@ mod native {
         }
         command.env("NO_COLOR", "1");
         command.env("RUST_BACKTRACE", "1");
-        if let Some(key) = &config.api_key {
-            command.env("ROLLGATE_API_KEY", key);
-        }
-        if !config.client_keys.is_empty() {
-            command.env("ROLLGATE_PROXY_CLIENT_KEYS", config.client_keys.join(","));
-        }
+        command.envs(env(&config));
+        // The repository root, like the Worker's: relative defaults (examples/flags.json)
+        // resolve as they do for `cargo run` there.
+        command.current_dir(edge::workspace()?);
         command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -660,8 +745,8 @@ mod native {
 /// The edge target: the prebuilt Worker (`edge-worker/build/`, from `scripts/build-edge.sh`)
 /// under `wrangler dev -c wrangler.nobuild.toml` (workerd from npm) on 127.0.0.1.
 ///
-/// [`ProxyConfig`] maps onto the Worker's vars (`edge-worker/README.md`). The server key and
-/// client keys are secrets there; here they go in a per-instance `--env-file` (mode 0600) so
+/// [`ProxyConfig`] maps onto the Worker's vars under the names both targets share
+/// ([`ProxyConfig::shared_settings`]). The server key and client keys are secrets there; here they go in a per-instance `--env-file` (mode 0600) so
 /// they are not on a command line. Every instance has its own directory: `state/` is
 /// `--persist-to` (Durable Object storage, so a restart — stop, then start with the same
 /// directory and port — reloads the relay's persisted snapshot), `secrets.env` the env file.
@@ -681,68 +766,19 @@ mod edge {
             .to_path_buf())
     }
 
-    /// `--var NAME:VALUE` pairs for `config` (secrets excluded: see [`secrets`]).
-    pub(super) fn vars(config: &ProxyConfig) -> Vec<(&'static str, String)> {
-        // Durations with a unit, as both targets read them.
-        let ms = |d: Duration| format!("{}ms", d.as_millis());
-        let mut vars = Vec::new();
-        let mut push = |name: &'static str, value: Option<String>| {
-            if let Some(value) = value {
-                vars.push((name, value));
-            }
-        };
-        push("ROLLGATE_BASE_URL", config.base_url.clone());
-        push(
-            "ROLLGATE_PROXY_STREAMING",
-            config.streaming.map(|s| s.to_string()),
-        );
-        push(
-            "ROLLGATE_PROXY_REFRESH_INTERVAL",
-            config.refresh_interval.map(ms),
-        );
-        push(
-            "ROLLGATE_PROXY_STREAM_IDLE_TIMEOUT",
-            config.stream_idle_timeout.map(ms),
-        );
-        push(
-            "ROLLGATE_PROXY_BREAKER_THRESHOLD",
-            config.breaker_threshold.map(|n| n.to_string()),
-        );
-        push(
-            "ROLLGATE_PROXY_BREAKER_WINDOW",
-            config.breaker_window.map(ms),
-        );
-        push(
-            "ROLLGATE_PROXY_BREAKER_OPEN_TIMEOUT",
-            config.breaker_open_timeout.map(ms),
-        );
-        push(
-            "ROLLGATE_PROXY_BREAKER_SUCCESS_THRESHOLD",
-            config.breaker_success_threshold.map(|n| n.to_string()),
-        );
-        push("ROLLGATE_PROXY_CORS_ORIGINS", config.cors_origins.clone());
-        push("ROLLGATE_PROXY_KEEPALIVE", config.keepalive.map(ms));
-        push("ROLLGATE_PROXY_SDK_KEEPALIVE", config.sdk_keepalive.map(ms));
-        push(
-            "ROLLGATE_PROXY_BODY_LIMIT",
-            config.body_limit.map(|n| n.to_string()),
-        );
-        vars
+    /// `--var NAME:VALUE` pairs for `config`: the shared settings under their shared names
+    /// (secrets excluded: see [`secrets`]). The native-only ones do not exist on a Worker.
+    pub(super) fn vars(config: &ProxyConfig) -> Vec<(String, String)> {
+        config.shared_settings()
     }
 
     /// The env file's lines: the server key and client keys.
     pub(super) fn secrets(config: &ProxyConfig) -> String {
-        let mut out = String::new();
-        if let Some(key) = &config.api_key {
-            out.push_str(&format!("ROLLGATE_API_KEY={key}\n"));
-        }
-        if !config.client_keys.is_empty() {
-            out.push_str(&format!(
-                "ROLLGATE_PROXY_CLIENT_KEYS={}\n",
-                config.client_keys.join(",")
-            ));
-        }
-        out
+        config
+            .secrets()
+            .iter()
+            .map(|(name, value)| format!("{name}={value}\n"))
+            .collect()
     }
 
     fn free_port() -> anyhow::Result<u16> {
@@ -903,21 +939,33 @@ mod tests {
     }
 
     #[test]
-    fn native_args_map_every_setting() {
+    fn native_env_uses_the_shared_names() {
         let config = ProxyConfig {
             refresh_interval: Some(Duration::from_millis(250)),
             client_keys: vec!["k".into()],
             streaming: Some(false),
+            sse_max_age: Some(Duration::ZERO),
+            upstream_timeout: Some(Duration::from_secs(3)),
+            flags_file: Some(PathBuf::from("f.json")),
+            settings: vec![("ROLLGATE_PROXY_STALE_AFTER".into(), "2s".into())],
             ..ProxyConfig::upstream("http://127.0.0.1:9", "secret-key")
         };
         let args = native::args(&config, Some(7)).join(" ");
         assert!(args.contains("--port 7"), "{args}");
-        assert!(args.contains("--refresh-interval 250ms"), "{args}");
-        assert!(args.contains("--streaming false"), "{args}");
         assert!(args.contains("--snapshot-file "), "{args}");
-        // Secrets travel through the environment only.
+        // Settings and secrets travel through the environment only.
         assert!(!args.contains("secret-key"), "{args}");
-        assert!(!args.contains(" k"), "{args}");
+        assert!(!args.contains("250ms"), "{args}");
+        let env = native::env(&config);
+        let find = |n: &str| env.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
+        assert_eq!(find("ROLLGATE_PROXY_REFRESH_INTERVAL"), Some("250ms"));
+        assert_eq!(find("ROLLGATE_PROXY_STREAMING"), Some("false"));
+        assert_eq!(find("ROLLGATE_PROXY_SSE_MAX_AGE"), Some("0"));
+        assert_eq!(find("ROLLGATE_PROXY_UPSTREAM_TIMEOUT"), Some("3000ms"));
+        assert_eq!(find("ROLLGATE_PROXY_FLAGS_FILE"), Some("f.json"));
+        assert_eq!(find("ROLLGATE_PROXY_STALE_AFTER"), Some("2s"));
+        assert_eq!(find("ROLLGATE_API_KEY"), Some("secret-key"));
+        assert_eq!(find("ROLLGATE_PROXY_CLIENT_KEYS"), Some("k"));
     }
 
     #[test]
@@ -939,10 +987,13 @@ mod tests {
             streaming: Some(false),
             breaker_threshold: Some(2),
             cors_origins: Some("https://a.example".into()),
+            identify_store_size: Some(3),
+            flags_file: Some(PathBuf::from("native-only.json")),
             ..ProxyConfig::upstream("http://127.0.0.1:9", "secret-key")
-        };
+        }
+        .setting("ROLLGATE_PROXY_SSE_SHARDS", "2");
         let vars = edge::vars(&config);
-        let find = |n: &str| vars.iter().find(|(k, _)| *k == n).map(|(_, v)| v.as_str());
+        let find = |n: &str| vars.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
         assert_eq!(find("ROLLGATE_BASE_URL"), Some("http://127.0.0.1:9"));
         assert_eq!(find("ROLLGATE_PROXY_REFRESH_INTERVAL"), Some("250ms"));
         assert_eq!(find("ROLLGATE_PROXY_STREAMING"), Some("false"));
@@ -951,6 +1002,9 @@ mod tests {
             find("ROLLGATE_PROXY_CORS_ORIGINS"),
             Some("https://a.example")
         );
+        assert_eq!(find("ROLLGATE_PROXY_IDENTIFY_STORE_SIZE"), Some("3"));
+        assert_eq!(find("ROLLGATE_PROXY_SSE_SHARDS"), Some("2"));
+        assert_eq!(find("ROLLGATE_PROXY_FLAGS_FILE"), None);
         assert!(
             vars.iter()
                 .all(|(_, v)| !v.contains("secret-key") && v != "k1,k2")
@@ -959,5 +1013,12 @@ mod tests {
             edge::secrets(&config),
             "ROLLGATE_API_KEY=secret-key\nROLLGATE_PROXY_CLIENT_KEYS=k1,k2\n"
         );
+    }
+
+    #[test]
+    fn durations_carry_a_unit() {
+        assert_eq!(duration(Duration::ZERO), "0");
+        assert_eq!(duration(Duration::from_millis(250)), "250ms");
+        assert_eq!(duration(Duration::from_secs(30)), "30000ms");
     }
 }
