@@ -173,6 +173,15 @@ pub enum SourceReport {
     },
 }
 
+/// What only the adapter knows, for `/api/metrics`.
+#[derive(Clone, Debug, Default)]
+pub struct MetricsExtra {
+    /// What its outbox dropped.
+    pub dropped: Dropped,
+    /// Open SSE clients per shard object (the Worker).
+    pub shard_clients: Vec<(u32, u64)>,
+}
+
 /// One environment's downstream state. See the module docs.
 #[derive(Debug)]
 pub struct Downstream {
@@ -541,13 +550,14 @@ impl Downstream {
         ApiResponse::json(report.body())
     }
 
-    /// `/api/metrics` for the adapter's current state (`dropped`: what its outbox dropped).
+    /// `/api/metrics` for the adapter's current state: `extra` carries what only the adapter
+    /// knows (what its outbox dropped, its shards' clients).
     pub fn metrics(
         &self,
         now: Timestamp,
         snapshot: Option<&Snapshot>,
         source: &SourceReport,
-        dropped: Dropped,
+        extra: MetricsExtra,
     ) -> ApiResponse {
         let (upstream, confirmed) = match source {
             SourceReport::Upstream(status) => (Some(status.clone()), status.last_confirmed),
@@ -559,7 +569,8 @@ impl Downstream {
             data_age: confirmed.map(|at| now.saturating_since(at)),
             flags: snapshot.map_or(0, |s| s.defaults().flags.len()),
             user_cache_entries: lock(&self.users).len(),
-            dropped,
+            dropped: extra.dropped,
+            shard_clients: extra.shard_clients,
         };
         ApiResponse {
             status: 200,

@@ -201,6 +201,9 @@ pub struct Scrape {
     pub user_cache_entries: usize,
     /// What the bounded buffers dropped (the adapter's outbox).
     pub dropped: crate::outbox::Dropped,
+    /// Open SSE clients per shard object (the Worker only; empty elsewhere, and then the
+    /// family is not rendered).
+    pub shard_clients: Vec<(u32, u64)>,
 }
 
 impl Metrics {
@@ -365,6 +368,22 @@ impl Metrics {
                 &[("stream", kind.label())],
                 load(&self.sse_clients[kind.index()]),
             );
+        }
+        if !scrape.shard_clients.is_empty() {
+            family(
+                &mut out,
+                "sse_shard_clients",
+                "gauge",
+                "Open SSE client connections per shard object (Cloudflare Worker only).",
+            );
+            for (shard, clients) in &scrape.shard_clients {
+                sample(
+                    &mut out,
+                    "sse_shard_clients",
+                    &[("shard", &shard.to_string())],
+                    *clients,
+                );
+            }
         }
         family(
             &mut out,

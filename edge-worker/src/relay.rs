@@ -15,10 +15,9 @@ use futures_util::StreamExt;
 use futures_util::future::{Either, select};
 use rollgate_proxy_core::api::{ApiError, ApiResponse, Route};
 use rollgate_proxy_core::breaker::Outcome;
-use rollgate_proxy_core::downstream::{Answer, Downstream, Forward, SourceReport};
+use rollgate_proxy_core::downstream::{Answer, Downstream, Forward, MetricsExtra, SourceReport};
 use rollgate_proxy_core::metrics::{SideOutcome, SideRequest};
 use rollgate_proxy_core::model::{EvaluatedFlags, RulesPayload};
-use rollgate_proxy_core::outbox::Dropped;
 use rollgate_proxy_core::snapshot::{FlagSource, Freshness, Revision, Snapshot, SnapshotStore};
 use rollgate_proxy_core::sse::encode::{Event, KEEPALIVE};
 use rollgate_proxy_core::stream::StreamKind;
@@ -481,13 +480,25 @@ async fn handle(inner: &Rc<Inner>, mut req: Request) -> worker::Result<Response>
             &report(inner),
             config.core.api_key.as_ref(),
         ),
-        // Nothing is buffered here: forwards go out at once.
-        Answer::Metrics => downstream.metrics(
-            now(),
-            snapshot.as_deref(),
-            &report(inner),
-            Dropped::default(),
-        ),
+        // Nothing is buffered here (forwards go out at once): nothing dropped.
+        Answer::Metrics => {
+            let shard_clients = inner
+                .core
+                .borrow()
+                .shard_reports
+                .iter()
+                .map(|(shard, report)| (*shard, report.clients.iter().sum()))
+                .collect();
+            downstream.metrics(
+                now(),
+                snapshot.as_deref(),
+                &report(inner),
+                MetricsExtra {
+                    shard_clients,
+                    ..MetricsExtra::default()
+                },
+            )
+        }
         // The Worker sends streams to the shards, never here.
         Answer::Stream { .. } => ApiError::not_found(&incoming.path).into(),
     };

@@ -17,7 +17,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use rollgate_proxy_core::api::{ApiError, ApiResponse};
 use rollgate_proxy_core::cors::{CorsValue, PREFLIGHT_STATUS};
-use rollgate_proxy_core::downstream::{self, Admitted, Answer, Forward};
+use rollgate_proxy_core::downstream::{self, Admitted, Answer, Forward, MetricsExtra};
 use rollgate_proxy_core::metrics::SideRequest;
 use tracing::Instrument;
 
@@ -222,7 +222,10 @@ async fn answer(app: &Arc<App>, parts: &Parts, body: Body, admitted: Admitted) -
             now(),
             snapshot.as_deref(),
             &app.report(),
-            lock(&app.outbox).dropped(),
+            MetricsExtra {
+                dropped: lock(&app.outbox).dropped(),
+                ..MetricsExtra::default()
+            },
         )),
     }
 }

@@ -444,7 +444,7 @@ fn health_and_metrics_render_the_adapters_state() {
     let missing = d.health(now, None, &source, None);
     assert!(text(&missing).contains(r#""status":"degraded""#));
     let _ = answer(&d, &get("/api/flags", ""), Some(&s));
-    let metrics = d.metrics(now, Some(&s), &source, Dropped::default());
+    let metrics = d.metrics(now, Some(&s), &source, MetricsExtra::default());
     assert_eq!(metrics.content_type, Some(METRICS_CONTENT_TYPE));
     assert!(text(&metrics).contains("rollgate_proxy_cache_requests_total{result=\"hit\"} 1\n"));
     assert!(text(&metrics).contains("rollgate_proxy_snapshot_age_seconds 2\n"));
@@ -476,7 +476,11 @@ fn overload_answers_are_jittered_and_spare_probes() {
             last_error: None,
             loaded_at: None,
         },
-        Dropped::default(),
+        MetricsExtra {
+            shard_clients: vec![(1, 3)],
+            ..MetricsExtra::default()
+        },
     );
     assert!(text(&metrics).contains("rollgate_proxy_shed_total 2\n"));
+    assert!(text(&metrics).contains("rollgate_proxy_sse_shard_clients{shard=\"1\"} 3\n"));
 }
