@@ -173,7 +173,9 @@ test("streams: retry first, then the snapshot frame; Last-Event-ID suppresses a 
   assert.equal(s.res.headers.get("cache-control"), "no-cache");
   assert.equal(s.res.headers.get("x-accel-buffering"), "no");
   await waitFor(() => s.frames.length >= 2, 5000);
-  assert.equal(s.frames[0], "retry: 2000\n\n");
+  // `retry:` is 2000 ms ±10 %, drawn per connection so reconnects spread out.
+  const isRetry = (f) => /^retry: (\d+)\n\n$/.test(f) && Math.abs(Number(f.match(/\d+/)[0]) - 2000) <= 200;
+  assert.ok(isRetry(s.frames[0]), s.frames[0]);
   const frame = parseFrame(s.frames[1]);
   assert.equal(frame.event, "flags");
   assert.match(frame.id, /^1-[0-9a-f]{16}$/);
@@ -183,7 +185,8 @@ test("streams: retry first, then the snapshot frame; Last-Event-ID suppresses a 
   const again = await openStream(worker.url + "/api/stream?token=" + KEY, { "last-event-id": frame.id });
   await waitFor(() => again.frames.length >= 1, 5000);
   await new Promise((r) => setTimeout(r, 300));
-  assert.deepEqual(again.frames, ["retry: 2000\n\n"]);
+  assert.equal(again.frames.length, 1, String(again.frames));
+  assert.ok(isRetry(again.frames[0]), again.frames[0]);
   again.close();
 
   const sdk = await openStream(worker.url + "/api/v1/sdk/stream?user_id=u-123", auth);
