@@ -363,17 +363,49 @@ impl<F: Fn(&'static Spec) -> Option<String>> Values<F> {
     }
 }
 
-/// Parses `500ms`, `30s`, `5m`, `1h`, `1h30m`, or `0`.
+/// Parses `500ms`, `30s`, `5m`, `1h`, `1d`, sums such as `1h30m`, or `0`.
+///
+/// Hand-written rather than `humantime` so the Worker's wasm stays small: only these units,
+/// whole numbers, no spaces inside a term.
 ///
 /// # Errors
-/// A message for a value without a unit or with an unknown one.
+/// A message for a value without a unit, with an unknown unit, or too large.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     if text == "0" {
         return Ok(Duration::ZERO);
     }
-    humantime::parse_duration(text)
-        .map_err(|error| format!("{text:?} is not a duration like 500ms, 30s, 5m or 1h ({error})"))
+    let invalid = || format!("{text:?} is not a duration like 500ms, 30s, 5m or 1h");
+    let mut rest = text;
+    let mut total = Duration::ZERO;
+    if rest.is_empty() {
+        return Err(invalid());
+    }
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        let units = rest[digits..]
+            .bytes()
+            .take_while(u8::is_ascii_alphabetic)
+            .count();
+        if digits == 0 || units == 0 {
+            return Err(invalid());
+        }
+        let number: u64 = rest[..digits].parse().map_err(|_| invalid())?;
+        let unit_ms: u64 = match &rest[digits..digits + units] {
+            "ms" => 1,
+            "s" | "sec" | "secs" => 1_000,
+            "m" | "min" | "mins" => 60_000,
+            "h" | "hr" | "hrs" => 3_600_000,
+            "d" => 86_400_000,
+            _ => return Err(invalid()),
+        };
+        let term = number.checked_mul(unit_ms).ok_or_else(invalid)?;
+        total = total
+            .checked_add(Duration::from_millis(term))
+            .ok_or_else(invalid)?;
+        rest = &rest[digits + units..];
+    }
+    Ok(total)
 }
 
 /// The settings both adapters share, validated.
@@ -636,6 +668,39 @@ mod tests {
         assert_eq!(s.base_url, "http://127.0.0.1:9");
         assert!(s.client_keys.authorize(Some("Bearer k2"), None, "").is_ok());
         assert!(matches!(s.cors, CorsPolicy::List(ref l) if l.len() == 2));
+    }
+
+    #[test]
+    fn durations_parse_like_the_readme_says() {
+        let ok = [
+            ("0", 0),
+            ("500ms", 500),
+            ("30s", 30_000),
+            ("5m", 300_000),
+            ("1h", 3_600_000),
+            ("1h30m", 5_400_000),
+            ("2d", 172_800_000),
+            (" 15s ", 15_000),
+        ];
+        for (text, ms) in ok {
+            assert_eq!(
+                parse_duration(text),
+                Ok(Duration::from_millis(ms)),
+                "{text}"
+            );
+        }
+        for bad in [
+            "",
+            "30",
+            "s",
+            "1.5s",
+            "10 s",
+            "5x",
+            "-1s",
+            "99999999999999999999h",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
