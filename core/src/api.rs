@@ -1057,6 +1057,12 @@ fn json_bytes<T: Serialize + ?Sized>(value: &T) -> Bytes {
     Bytes::from(serde_json::to_vec(value).unwrap_or_default())
 }
 
+/// Whether a caller's `X-Request-ID` may be kept and echoed: 1 to 128 visible ASCII bytes
+/// (anything else is replaced by the adapter's own id, so logs never carry control bytes).
+pub fn is_usable_request_id(value: &[u8]) -> bool {
+    !value.is_empty() && value.len() <= 128 && value.iter().all(u8::is_ascii_graphic)
+}
+
 /// `{"status":"ok"}`: `GET /health` (what the Rollgate SDK harness checks) and `GET /live`.
 pub const STATUS_OK_BODY: &[u8] = br#"{"status":"ok"}"#;
 /// `{"status":"ready"}`: `GET /ready` once a snapshot exists.
@@ -1116,6 +1122,14 @@ mod tests {
         );
         assert!(!Route::Health.needs_client_key());
         assert!(Route::Stream.needs_client_key());
+    }
+
+    #[test]
+    fn request_ids() {
+        assert!(is_usable_request_id(b"caller-7f"));
+        assert!(!is_usable_request_id(b""));
+        assert!(!is_usable_request_id(b"has space"));
+        assert!(!is_usable_request_id(&[b'x'; 129]));
     }
 
     #[test]

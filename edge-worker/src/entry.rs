@@ -6,7 +6,7 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use bytes::Bytes;
-use rollgate_proxy_core::api::{ApiResponse, Route};
+use rollgate_proxy_core::api::{ApiResponse, Route, is_usable_request_id};
 use rollgate_proxy_core::cors::{CorsValue, PREFLIGHT_STATUS};
 use rollgate_proxy_core::downstream::{Answer, Downstream};
 use rollgate_proxy_core::render;
@@ -83,7 +83,7 @@ async fn fetch(req: Request, env: Env, ctx: Context) -> worker::Result<Response>
     let request_id = req
         .headers()
         .get(REQUEST_ID)?
-        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .filter(|v| is_usable_request_id(v.as_bytes()))
         .unwrap_or_else(|| {
             // Random, not a counter: isolates share no state.
             #[allow(

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use http::request::Parts;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use rollgate_proxy_core::api::{ApiError, ApiResponse};
+use rollgate_proxy_core::api::{ApiError, ApiResponse, is_usable_request_id};
 use rollgate_proxy_core::cors::{CorsValue, PREFLIGHT_STATUS};
 use rollgate_proxy_core::downstream::{self, Admitted, Answer, Forward, MetricsExtra};
 use rollgate_proxy_core::metrics::SideRequest;
@@ -42,10 +42,11 @@ async fn handle(State(app): State<Arc<App>>, request: Request) -> Response {
     let origin = parts.headers.get(header::ORIGIN).cloned();
     // The caller's id when it is usable, else a sequence number as 16 hex digits; kept as a
     // `HeaderValue` (a cheap clone of the caller's bytes) so it is formatted at most once.
-    let request_id = match parts.headers.get(&X_REQUEST_ID).filter(|v| {
-        let v = v.as_bytes();
-        !v.is_empty() && v.len() <= 128 && v.iter().all(u8::is_ascii_graphic)
-    }) {
+    let request_id = match parts
+        .headers
+        .get(&X_REQUEST_ID)
+        .filter(|v| is_usable_request_id(v.as_bytes()))
+    {
         Some(value) => value.clone(),
         None => sequence_id(app.request_seq.fetch_add(1, Ordering::Relaxed)),
     };
