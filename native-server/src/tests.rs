@@ -380,6 +380,19 @@ async fn next_chunk(body: &mut Body, wait: Duration) -> Option<Bytes> {
     }
 }
 
+/// The first chunk is `retry:` with 2000 ms ±10 %, drawn per connection (core's `Subscriber`).
+async fn assert_retry_first(body: &mut Body, wait: Duration) {
+    let retry = next_chunk(body, wait).await.unwrap();
+    let retry: u64 = std::str::from_utf8(&retry)
+        .unwrap()
+        .trim()
+        .strip_prefix("retry: ")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1800..=2200).contains(&retry), "{retry}");
+}
+
 #[tokio::test]
 async fn sse_initial_frames_changes_and_last_event_id() {
     let app = app(&[], true);
@@ -392,16 +405,7 @@ async fn sse_initial_frames_changes_and_last_event_id() {
     assert_eq!(response.headers()["x-accel-buffering"], "no");
     let mut body = response.into_body();
     let wait = Duration::from_secs(2);
-    // `retry:` is 2000 ms ±10 %, per connection (core's `Subscriber`).
-    let retry = next_chunk(&mut body, wait).await.unwrap();
-    let retry: u64 = std::str::from_utf8(&retry)
-        .unwrap()
-        .trim()
-        .strip_prefix("retry: ")
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert!((1800..=2200).contains(&retry), "{retry}");
+    assert_retry_first(&mut body, wait).await;
     assert_eq!(
         &next_chunk(&mut body, wait).await.unwrap(),
         current.flags_frame()
@@ -423,16 +427,7 @@ async fn sse_initial_frames_changes_and_last_event_id() {
         .await
         .unwrap()
         .into_body();
-    // `retry:` is 2000 ms ±10 %, per connection (core's `Subscriber`).
-    let retry = next_chunk(&mut body, wait).await.unwrap();
-    let retry: u64 = std::str::from_utf8(&retry)
-        .unwrap()
-        .trim()
-        .strip_prefix("retry: ")
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert!((1800..=2200).contains(&retry), "{retry}");
+    assert_retry_first(&mut body, wait).await;
     assert!(
         next_chunk(&mut body, Duration::from_millis(300))
             .await
