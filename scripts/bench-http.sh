@@ -3,14 +3,20 @@
 # release `rollgate-proxy` in local mode on 127.0.0.1, for the default-context body, its 304, and
 # a per-user evaluation (rules mode, 11 flags). Needs `wrk` (Debian package).
 # Usage: ./scripts/bench-http.sh [seconds=10] [connections=64]
+#        ROLLGATE_PROXY_BIN=path/to/rollgate-proxy ./scripts/bench-http.sh   (another build, e.g.
+#        an older commit's, for a side-by-side comparison in one sitting)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-10}
 conns=${2:-64}
 port=39181
 command -v wrk >/dev/null || { echo "wrk is missing: apt-get install wrk" >&2; exit 1; }
-cargo build --release -p rollgate-proxy-server --locked --quiet
-./target/release/rollgate-proxy --bind 127.0.0.1 --port "$port" --snapshot-file "" \
+bin=${ROLLGATE_PROXY_BIN:-}
+if [ -z "$bin" ]; then
+  cargo build --release -p rollgate-proxy-server --locked --quiet
+  bin=./target/release/rollgate-proxy
+fi
+"$bin" --bind 127.0.0.1 --port "$port" --snapshot-file "" \
   --log-level warn >/dev/null 2>&1 &
 pid=$!
 trap 'kill "$pid" 2>/dev/null || true' EXIT
