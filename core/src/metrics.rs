@@ -84,7 +84,8 @@ pub enum SideRequest {
 }
 
 impl SideRequest {
-    const ALL: [Self; 4] = [
+    /// Every kind.
+    pub const ALL: [Self; 4] = [
         Self::UserFlags,
         Self::Identify,
         Self::Events,
@@ -101,7 +102,8 @@ impl SideRequest {
         }
     }
 
-    fn index(self) -> usize {
+    /// Index in [`SideRequest::ALL`].
+    pub fn index(self) -> usize {
         match self {
             Self::UserFlags => 0,
             Self::Identify => 1,
@@ -110,6 +112,11 @@ impl SideRequest {
         }
     }
 }
+
+/// Most upstream requests of one [`SideRequest`] kind in flight at once, per process or
+/// object: past it a request is not sent (counted as `busy`), so a flood of clients or a hanging
+/// upstream can never open thousands of upstream connections.
+pub const MAX_SIDE_REQUESTS_IN_FLIGHT: usize = 32;
 
 /// How a side request ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -120,16 +127,19 @@ pub enum SideOutcome {
     Error,
     /// The breaker did not admit it.
     Rejected,
+    /// Too many of its kind were in flight ([`MAX_SIDE_REQUESTS_IN_FLIGHT`]): not sent.
+    Busy,
 }
 
 impl SideOutcome {
-    const LABELS: [&'static str; 3] = ["ok", "error", "rejected"];
+    const LABELS: [&'static str; 4] = ["ok", "error", "rejected", "busy"];
 
     fn index(self) -> usize {
         match self {
             Self::Ok => 0,
             Self::Error => 1,
             Self::Rejected => 2,
+            Self::Busy => 3,
         }
     }
 }
@@ -176,7 +186,7 @@ pub struct Metrics {
     cache: [AtomicU64; 3],
     user_cache: [AtomicU64; 4],
     evaluations: AtomicU64,
-    side: [[AtomicU64; 3]; 4],
+    side: [[AtomicU64; 4]; 4],
     shed: AtomicU64,
 }
 
@@ -216,7 +226,7 @@ impl Metrics {
             cache: [const { AtomicU64::new(0) }; 3],
             user_cache: [const { AtomicU64::new(0) }; 4],
             evaluations: AtomicU64::new(0),
-            side: [const { [const { AtomicU64::new(0) }; 3] }; 4],
+            side: [const { [const { AtomicU64::new(0) }; 4] }; 4],
             shed: AtomicU64::new(0),
         }
     }

@@ -16,7 +16,7 @@ use futures_util::future::{Either, select};
 use rollgate_proxy_core::api::{ApiError, ApiResponse, Route};
 use rollgate_proxy_core::breaker::Outcome;
 use rollgate_proxy_core::downstream::{Answer, Downstream, Forward, MetricsExtra, SourceReport};
-use rollgate_proxy_core::metrics::{SideOutcome, SideRequest};
+use rollgate_proxy_core::metrics::{MAX_SIDE_REQUESTS_IN_FLIGHT, SideOutcome, SideRequest};
 use rollgate_proxy_core::model::{EvaluatedFlags, RulesPayload};
 use rollgate_proxy_core::snapshot::{FlagSource, Freshness, Revision, Snapshot, SnapshotStore};
 use rollgate_proxy_core::sse::encode::{Event, KEEPALIVE};
@@ -73,6 +73,8 @@ struct Core {
     identity_epoch: u64,
     /// Evaluated mode: the requests waiting for a per-user fetch, by fetch.
     user_waiters: HashMap<FetchTicket, Vec<oneshot::Sender<UserFlags>>>,
+    /// Requests outside the machine in flight, per kind (bounded by core).
+    side_in_flight: [usize; 4],
 }
 
 /// What one shard last reported: clients and frames sent, per stream kind.
@@ -598,6 +600,25 @@ async fn user_flags(
     }
 }
 
+/// Takes a slot for a request of `kind` outside the machine (`false`: core's bound is reached,
+/// the request is not sent and counts as busy). Release it with [`release_side_slot`].
+fn take_side_slot(inner: &Inner, downstream: &Downstream, kind: SideRequest) -> bool {
+    let mut core = inner.core.borrow_mut();
+    let in_flight = &mut core.side_in_flight[kind.index()];
+    if *in_flight >= MAX_SIDE_REQUESTS_IN_FLIGHT {
+        downstream.metrics.side_request(kind, SideOutcome::Busy);
+        return false;
+    }
+    *in_flight += 1;
+    true
+}
+
+fn release_side_slot(inner: &Inner, kind: SideRequest) {
+    let mut core = inner.core.borrow_mut();
+    let in_flight = &mut core.side_in_flight[kind.index()];
+    *in_flight = in_flight.saturating_sub(1);
+}
+
 /// One upstream fetch of a user's flags, admitted and recorded by the breaker.
 async fn fetch_user(
     inner: &Rc<Inner>,
@@ -605,6 +626,20 @@ async fn fetch_user(
     user_id: &str,
 ) -> Option<EvaluatedFlags> {
     let downstream = downstream_of(inner)?;
+    if !take_side_slot(inner, &downstream, SideRequest::UserFlags) {
+        return None;
+    }
+    let flags = fetch_user_admitted(inner, config, &downstream, user_id).await;
+    release_side_slot(inner, SideRequest::UserFlags);
+    flags
+}
+
+async fn fetch_user_admitted(
+    inner: &Rc<Inner>,
+    config: &EdgeConfig,
+    downstream: &Downstream,
+    user_id: &str,
+) -> Option<EvaluatedFlags> {
     let admitted = inner
         .core
         .borrow_mut()
@@ -624,7 +659,7 @@ async fn fetch_user(
         } => EvaluatedFlags::from_json(&body).ok(),
         _ => None,
     };
-    record_side_request(inner, &downstream, SideRequest::UserFlags, flags.is_some());
+    record_side_request(inner, downstream, SideRequest::UserFlags, flags.is_some());
     flags
 }
 
@@ -650,6 +685,9 @@ fn forward_upstream(inner: &Rc<Inner>, config: &Rc<EdgeConfig>, forward: Forward
     let Some(key) = config.core.api_key.clone() else {
         return forward.response;
     };
+    if !take_side_slot(inner, &downstream, forward.kind) {
+        return forward.response;
+    }
     let admitted = inner
         .core
         .borrow_mut()
@@ -657,6 +695,7 @@ fn forward_upstream(inner: &Rc<Inner>, config: &Rc<EdgeConfig>, forward: Forward
         .as_mut()
         .is_some_and(|u| u.admit_side_request(now()));
     if !admitted {
+        release_side_slot(inner, forward.kind);
         downstream
             .metrics
             .side_request(forward.kind, SideOutcome::Rejected);
@@ -703,6 +742,7 @@ fn forward_upstream(inner: &Rc<Inner>, config: &Rc<EdgeConfig>, forward: Forward
             }
             Err(_) => false,
         };
+        release_side_slot(&inner, kind);
         record_side_request(&inner, &downstream, kind, ok);
     });
     response

@@ -101,11 +101,17 @@ pub fn identify(
     body: Bytes,
     record: impl Record,
 ) {
+    // Taken now, so a flood of identifies is refused at once instead of queueing tasks.
+    let Some(slot) = upstream.side_slot(SideRequest::Identify) else {
+        record(SideRequest::Identify, SideOutcome::Busy);
+        return;
+    };
     gates.begin(&user);
     tokio::spawn(async move {
         if admit(&upstream, SideRequest::Identify, &record) {
             post(&upstream, SideRequest::Identify, body, &record).await;
         }
+        drop(slot);
         gates.end(&user);
     });
 }

@@ -4,9 +4,10 @@ use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
+use rollgate_proxy_core::metrics::{MAX_SIDE_REQUESTS_IN_FLIGHT, SideRequest};
 use rollgate_proxy_core::secret::Secret;
 use rollgate_proxy_core::upstream::{Upstream, UpstreamStatus};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::runtime::{lock, now};
 
@@ -26,6 +27,8 @@ pub struct UpstreamHandle {
     /// When upstream last confirmed the data (unix ms, 0 = never), mirrored from the machine
     /// by the driver so requests classify freshness without taking the lock.
     pub last_confirmed: AtomicU64,
+    /// Slots for requests outside the machine, one pool per kind (core's bound).
+    side_slots: [std::sync::Arc<Semaphore>; 4],
 }
 
 impl UpstreamHandle {
@@ -45,7 +48,18 @@ impl UpstreamHandle {
             api_key,
             timeout,
             last_confirmed: AtomicU64::new(0),
+            side_slots: std::array::from_fn(|_| {
+                std::sync::Arc::new(Semaphore::new(MAX_SIDE_REQUESTS_IN_FLIGHT))
+            }),
         }
+    }
+
+    /// A slot for one request of `kind` outside the machine, if fewer than core's bound are in
+    /// flight (`None`: do not send it; it counts as busy).
+    pub fn side_slot(&self, kind: SideRequest) -> Option<OwnedSemaphorePermit> {
+        std::sync::Arc::clone(&self.side_slots[kind.index()])
+            .try_acquire_owned()
+            .ok()
     }
 
     /// Runs `f` on the machine under the lock, then wakes the driver so it drains actions.
@@ -105,5 +119,32 @@ impl UpstreamHandle {
             }
         }
         self.api_key.redact(&text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rollgate_proxy_core::time::Timestamp;
+    use rollgate_proxy_core::upstream::UpstreamConfig;
+
+    use super::*;
+
+    #[test]
+    fn side_requests_are_bounded_per_kind() {
+        let handle = UpstreamHandle::new(
+            Upstream::new(UpstreamConfig::default(), Timestamp::ZERO),
+            reqwest::Client::new(),
+            "http://127.0.0.1:9".to_owned(),
+            Secret::new("k"),
+            Duration::from_secs(1),
+        );
+        let mut held: Vec<_> = (0..MAX_SIDE_REQUESTS_IN_FLIGHT)
+            .map(|_| handle.side_slot(SideRequest::Identify).unwrap())
+            .collect();
+        assert!(handle.side_slot(SideRequest::Identify).is_none());
+        // Other kinds have their own slots.
+        assert!(handle.side_slot(SideRequest::UserFlags).is_some());
+        held.pop();
+        assert!(handle.side_slot(SideRequest::Identify).is_some());
     }
 }

@@ -54,6 +54,10 @@ pub async fn user_flags(app: &Arc<App>, user_id: &str, revision: Revision) -> Us
 async fn fetch_user(app: &App, user_id: &str) -> Option<EvaluatedFlags> {
     let upstream = app.upstream()?;
     let metrics = &app.downstream.metrics;
+    let Some(_slot) = upstream.side_slot(SideRequest::UserFlags) else {
+        metrics.side_request(SideRequest::UserFlags, SideOutcome::Busy);
+        return None;
+    };
     if !upstream.with(|machine| machine.admit_side_request(now())) {
         metrics.side_request(SideRequest::UserFlags, SideOutcome::Rejected);
         return None;
