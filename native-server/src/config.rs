@@ -108,6 +108,15 @@ pub struct Config {
     #[arg(long, env = "ROLLGATE_PROXY_UPSTREAM_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub upstream_timeout: Duration,
 
+    /// Largest upstream response body in bytes (flags fetch, per-user fetch): reading stops
+    /// there and the answer counts as invalid.
+    #[arg(
+        long,
+        env = "ROLLGATE_PROXY_UPSTREAM_BODY_LIMIT",
+        default_value_t = rollgate_proxy_core::upstream::DEFAULT_MAX_BODY_BYTES
+    )]
+    pub upstream_body_limit: usize,
+
     /// Circuit breaker: failures within the window that open the circuit.
     #[arg(long, env = "ROLLGATE_PROXY_BREAKER_THRESHOLD", default_value_t = 5)]
     pub breaker_threshold: u32,
@@ -374,6 +383,7 @@ impl Config {
             retry: RetryPolicy::default(),
             reconnect: ReconnectPolicy::default(),
             decoder_limits: DecoderLimits::default(),
+            max_body_bytes: self.upstream_body_limit,
             jitter_seed,
         };
         upstream.validate().map_err(|error| {
@@ -391,6 +401,10 @@ impl Config {
                     "ROLLGATE_PROXY_STREAM_IDLE_TIMEOUT",
                 ),
                 Core::Breaker(_) => ("--breaker-*", "ROLLGATE_PROXY_BREAKER_*"),
+                Core::BodyLimit { .. } => (
+                    "--upstream-body-limit",
+                    "ROLLGATE_PROXY_UPSTREAM_BODY_LIMIT",
+                ),
                 _ => ("upstream settings", "ROLLGATE_PROXY_*"),
             };
             invalid(flag, env, error.to_string())

@@ -296,6 +296,8 @@ pub fn render(app: &App, handle: &PrometheusHandle) -> String {
             },
         );
         gauge!("rollgate_proxy_breaker_state").set(status.breaker.state.gauge());
+        gauge!("rollgate_proxy_upstream_key_rejected")
+            .set(f64::from(u8::from(status.key_rejected)));
         counter!("rollgate_proxy_breaker_opens_total").absolute(status.breaker.opens_total);
         counter!("rollgate_proxy_upstream_stream_connects_total").absolute(c.stream_connects);
         // Every successful open after the first is a reconnect.
