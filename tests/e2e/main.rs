@@ -19,6 +19,7 @@ mod resilience;
 mod sdk;
 mod security;
 mod sse;
+mod upstream_faults;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -65,6 +66,7 @@ fn all() -> Vec<Scenario> {
     all.extend(security::scenarios());
     all.extend(ops::scenarios());
     all.extend(parity::scenarios());
+    all.extend(upstream_faults::scenarios());
     all
 }
 
