@@ -15,6 +15,7 @@ mod flags;
 mod ofrep;
 mod ops;
 mod parity;
+mod request_limits;
 mod resilience;
 mod sdk;
 mod security;
@@ -67,6 +68,7 @@ fn all() -> Vec<Scenario> {
     all.extend(ops::scenarios());
     all.extend(parity::scenarios());
     all.extend(upstream_faults::scenarios());
+    all.extend(request_limits::scenarios());
     all
 }
 
