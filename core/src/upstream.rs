@@ -677,9 +677,11 @@ impl Upstream {
         match result {
             FetchResult::Response { status: 304, .. } => {
                 self.counters.fetch_not_modified += 1;
-                // Upstream's data is what we last fetched: nothing brings other reasons for a
-                // held change, so it goes out as it is.
-                self.release_held(now);
+                // Upstream's data is what we last fetched. Unless a refetch queued behind this
+                // one may still bring a held change's reasons, the change goes out as it is.
+                if !self.refetch_pending {
+                    self.release_held(now);
+                }
                 self.fetch_succeeded(now);
             }
             FetchResult::Response {

@@ -1187,3 +1187,38 @@ fn invalid_utf8_or_bad_keys_on_the_stream_are_rejected_like_in_a_fetch() {
     assert!(machine.snapshot().is_none());
     assert_eq!(machine.status(now).counters.malformed, 1);
 }
+
+#[test]
+fn a_304_to_an_earlier_fetch_does_not_release_a_change_whose_refetch_is_queued() {
+    let now = Timestamp::from_millis(T0);
+    let mut machine = Upstream::new(UpstreamConfig::default(), now);
+    let (fetch, stream, _) = drain(&mut machine);
+    machine.handle_fetch(
+        now,
+        fetch.unwrap(),
+        ok(br#"{"flags":{"a":true},"reasons":{"a":{"kind":"OFF"}}}"#),
+    );
+    let _ = drain(&mut machine);
+    let stream = stream.unwrap();
+    machine.handle_stream_opened(now, stream, 200, true, None);
+    // A notification starts a fetch; the change itself arrives while it is in flight.
+    machine.handle_stream_bytes(now, stream, &frame("flag-changed", r#"{"key":"a"}"#));
+    let (early, _, _) = drain(&mut machine);
+    machine.handle_stream_bytes(now, stream, &frame("init", r#"{"flags":{"a":false}}"#));
+    let (none, _, published) = drain(&mut machine);
+    assert!(none.is_none() && published.is_empty());
+    machine.handle_fetch(now, early.unwrap(), answer(304, None));
+    let (queued, _, published) = drain(&mut machine);
+    assert!(published.is_empty(), "still waiting for the queued refetch");
+    machine.handle_fetch(
+        now,
+        queued.expect("the queued refetch"),
+        ok(br#"{"flags":{"a":false},"reasons":{"a":{"kind":"TARGET_MATCH"}}}"#),
+    );
+    let (_, _, published) = drain(&mut machine);
+    assert_eq!(published.len(), 1);
+    assert_eq!(
+        published[0].defaults().reasons["a"].kind,
+        crate::model::ReasonKind::TargetMatch
+    );
+}
