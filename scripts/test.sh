@@ -33,6 +33,10 @@ if [ -n "$forbidden" ]; then
 fi
 echo "ok: no tokio, hyper, reqwest, axum or worker under rollgate-proxy-core"
 
+step "build the binaries the e2e suite starts (the same command as its one-time setup, so no scenario waits on a build)"
+cargo build --locked -p rollgate-proxy-server --bin rollgate-proxy
+cargo build --locked -p rollgate-proxy-tests --bin mock-upstream
+
 step "Rust tests: core unit/property/golden/simulation, server, mock upstream, e2e black-box"
 cargo test --workspace --locked
 suites=$((suites + 1))

@@ -763,6 +763,8 @@ pub struct UpstreamHealth {
     pub fresh: bool,
     /// The last error, if the last interaction failed.
     pub last_error: Option<String>,
+    /// Whether Rollgate rejects the server key (401): nothing will work until it is fixed.
+    pub key_rejected: bool,
 }
 
 impl HealthReport {

@@ -502,6 +502,7 @@ impl Downstream {
         source: &SourceReport,
         server_key: Option<&Secret>,
     ) -> ApiResponse {
+        let key_rejected = matches!(source, SourceReport::Upstream(s) if s.key_rejected);
         let (circuit, stream, fresh, last_error, confirmed, kind) = match source {
             SourceReport::Upstream(status) => (
                 status.breaker.state,
@@ -529,7 +530,8 @@ impl Downstream {
                 "local",
             ),
         };
-        let degraded = circuit == BreakerState::Open || !fresh || snapshot.is_none();
+        let degraded =
+            circuit == BreakerState::Open || !fresh || snapshot.is_none() || key_rejected;
         let report = HealthReport {
             status: if degraded { "degraded" } else { "healthy" },
             circuit: circuit.as_str(),
@@ -540,6 +542,7 @@ impl Downstream {
                 mode: snapshot.map(|s| s.source().mode()),
                 fresh,
                 last_error,
+                key_rejected,
             },
             revision: snapshot.map(|s| s.revision().get()),
             etag: snapshot.map(|s| s.etag().to_owned()),

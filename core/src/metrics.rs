@@ -568,6 +568,12 @@ impl Metrics {
         );
         gauge(
             out,
+            "upstream_key_rejected",
+            "1 while Rollgate rejects the server API key (401): check ROLLGATE_API_KEY.",
+            f64::from(u8::from(status.is_some_and(|s| s.key_rejected))),
+        );
+        gauge(
+            out,
             "breaker_state",
             "Circuit breaker: 0 closed, 0.5 half-open, 1 open.",
             status.map_or(0.0, |s| s.breaker.state.gauge()),

@@ -33,6 +33,25 @@ pub enum ModelError {
     /// The payload has no `flags` object at all.
     #[error("flag data has no \"flags\" object")]
     MissingFlags,
+    /// A flag key that no client could ask for ([`FlagKey`]'s rule): upstream data is held to
+    /// the same rule as the downstream API, whether it came in a fetch or on the stream.
+    #[error("flag key {key:?} is invalid: {reason}")]
+    InvalidKey {
+        /// The offending key (as received, possibly lossily decoded).
+        key: String,
+        /// Why.
+        reason: FlagKeyError,
+    },
+}
+
+/// Checks an upstream flag key with [`FlagKey::parse`].
+fn check_key(key: &str) -> Result<(), ModelError> {
+    FlagKey::parse(key)
+        .map(|_| ())
+        .map_err(|reason| ModelError::InvalidKey {
+            key: key.chars().take(64).collect(),
+            reason,
+        })
 }
 
 /// Why a flag key given by a client was rejected.
@@ -223,6 +242,7 @@ impl EvaluatedFlags {
         let raw_flags = wire.flags.ok_or(ModelError::MissingFlags)?;
         let mut flags = BTreeMap::new();
         for (key, value) in raw_flags {
+            check_key(&key)?;
             let serde_json::Value::Bool(value) = value else {
                 return Err(ModelError::NonBooleanFlag { key });
             };
@@ -263,8 +283,11 @@ impl RulesPayload {
     /// [`ModelError::MissingFlags`] when there is no `flags` object.
     pub fn from_json(bytes: &[u8]) -> Result<Self, ModelError> {
         let value: serde_json::Value = serde_json::from_slice(bytes)?;
-        if !value.get("flags").is_some_and(serde_json::Value::is_object) {
+        let Some(flags) = value.get("flags").and_then(serde_json::Value::as_object) else {
             return Err(ModelError::MissingFlags);
+        };
+        for key in flags.keys() {
+            check_key(key)?;
         }
         Ok(serde_json::from_value(value)?)
     }
@@ -605,5 +628,40 @@ mod tests {
         assert_eq!(FlagKey::parse(""), Err(FlagKeyError::Empty));
         assert_eq!(FlagKey::parse("a b"), Err(FlagKeyError::InvalidChar(' ')));
         assert_eq!(FlagKey::parse(&"k".repeat(257)), Err(FlagKeyError::TooLong));
+    }
+}
+
+#[cfg(test)]
+mod upstream_key_tests {
+    use super::*;
+
+    #[test]
+    fn upstream_keys_follow_the_downstream_rule_in_both_shapes() {
+        for bad in [
+            r#""\ufffd\ufffd-bad""#,
+            r#""a\r\nb""#,
+            r#""with space""#,
+            r#""""#,
+        ] {
+            let evaluated = format!(r#"{{"flags":{{{bad}:true}}}}"#);
+            assert!(
+                matches!(
+                    EvaluatedFlags::from_json(evaluated.as_bytes()),
+                    Err(ModelError::InvalidKey { .. })
+                ),
+                "{evaluated}"
+            );
+            let rules = format!(r#"{{"flags":{{{bad}:{{"enabled":true}}}}}}"#);
+            assert!(
+                matches!(
+                    RulesPayload::from_json(rules.as_bytes()),
+                    Err(ModelError::InvalidKey { .. })
+                ),
+                "{rules}"
+            );
+        }
+        let long = format!(r#"{{"flags":{{"{}":true}}}}"#, "k".repeat(257));
+        assert!(EvaluatedFlags::from_json(long.as_bytes()).is_err());
+        assert!(EvaluatedFlags::from_json(br#"{"flags":{"ok-key_1.a:b":true}}"#).is_ok());
     }
 }

@@ -135,6 +135,14 @@ pub const UPSTREAM_TIMEOUT: Spec = spec!(
     Both,
     "Timeout of one upstream request (fetch, per-user fetch, forwarding)"
 );
+/// Upstream body limit.
+pub const UPSTREAM_BODY_LIMIT: Spec = spec!(
+    "upstream-body-limit",
+    "ROLLGATE_PROXY_UPSTREAM_BODY_LIMIT",
+    Some("16777216"),
+    Both,
+    "Largest upstream response body in bytes (flags fetch, per-user fetch): reading stops there and the answer counts as invalid"
+);
 /// Breaker failure threshold.
 pub const BREAKER_THRESHOLD: Spec = spec!(
     "breaker-threshold",
@@ -243,6 +251,7 @@ pub const SCHEMA: &[&Spec] = &[
     &STREAM_IDLE_TIMEOUT,
     &STALE_AFTER,
     &UPSTREAM_TIMEOUT,
+    &UPSTREAM_BODY_LIMIT,
     &BREAKER_THRESHOLD,
     &BREAKER_WINDOW,
     &BREAKER_OPEN_TIMEOUT,
@@ -488,6 +497,8 @@ impl Settings {
             retry: RetryPolicy::default(),
             reconnect: ReconnectPolicy::default(),
             decoder_limits: DecoderLimits::default(),
+            max_body_bytes: usize::try_from(values.number(&UPSTREAM_BODY_LIMIT, 1024, 1 << 32)?)
+                .unwrap_or(usize::MAX),
             jitter_seed,
         };
         upstream.validate().map_err(|error| {
@@ -498,6 +509,7 @@ impl Settings {
                     ..
                 } => &STREAM_IDLE_TIMEOUT,
                 Upstream::TooShort { .. } => &REFRESH_INTERVAL,
+                Upstream::BodyLimit { .. } => &UPSTREAM_BODY_LIMIT,
                 _ => &BREAKER_THRESHOLD,
             };
             SettingsError::new(spec, error.to_string())
@@ -606,6 +618,10 @@ mod tests {
         assert_eq!(settings.cors, CorsPolicy::Any);
         assert!(!settings.client_keys.is_enabled());
         assert_eq!(settings.body_limit, 65_536);
+        assert_eq!(
+            settings.upstream.max_body_bytes,
+            crate::upstream::DEFAULT_MAX_BODY_BYTES
+        );
     }
 
     #[test]

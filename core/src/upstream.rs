@@ -18,7 +18,16 @@
 //!   stream sent before it went down; while the stream delivers rules, fetched values do not
 //!   replace them.
 //! - Stream events carry values, not reasons: unchanged flags keep Rollgate's reasons, and a
-//!   change triggers a conditional refetch that brings the new reasons.
+//!   change triggers a conditional refetch that brings the new reasons. The change is held
+//!   (at most [`REASONS_WAIT`]) until that refetch answers and then published **once**, with
+//!   its reasons: one upstream change, one revision, one frame per client.
+//! - A `Retry-After` on a 429 or 503 (delta-seconds or HTTP-date, [`parse_retry_after`]) is
+//!   honoured by every request to upstream: fetches, the stream and the adapter's own per-user
+//!   requests ([`Upstream::admit_side_request`]) wait until it has passed (at most
+//!   [`MAX_RETRY_AFTER`]).
+//! - A 401 means the server key was rejected: health says so plainly
+//!   ([`UpstreamError::KeyRejected`], [`UpstreamStatus::key_rejected`]) and upstream is probed
+//!   again only every `refresh_interval`, not on the fast retry and reconnect schedules.
 //! - Every request goes through the circuit breaker; a fetch is retried (100 ms·2ⁿ ±10 %, 3
 //!   retries) before it counts as **one** breaker failure, as in the SDKs. A failed stream open
 //!   counts as one failure too. While the breaker is open nothing reaches upstream; once it is
@@ -65,6 +74,10 @@ pub struct UpstreamConfig {
     pub reconnect: ReconnectPolicy,
     /// Limits that keep a hostile stream from growing memory.
     pub decoder_limits: DecoderLimits,
+    /// The largest upstream response body (a flags fetch, per-user or not) an adapter reads;
+    /// a longer one is abandoned and reported as [`FetchResult::TooLarge`]. Both adapters take
+    /// the limit from here.
+    pub max_body_bytes: usize,
     /// Seed of the jitter source; the adapter passes a random value so replicas do not retry in
     /// lockstep, tests pass a constant so transcripts are reproducible.
     pub jitter_seed: u64,
@@ -81,6 +94,7 @@ impl Default for UpstreamConfig {
             retry: RetryPolicy::default(),
             reconnect: ReconnectPolicy::default(),
             decoder_limits: DecoderLimits::default(),
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             jitter_seed: 0x5eed,
         }
     }
@@ -104,6 +118,11 @@ impl UpstreamConfig {
                 min: MIN_INTERVAL,
             });
         }
+        if self.max_body_bytes < MIN_BODY_BYTES {
+            return Err(ConfigError::BodyLimit {
+                min: MIN_BODY_BYTES,
+            });
+        }
         self.breaker.validate()?;
         self.retry.validate()?;
         self.reconnect.validate()?;
@@ -122,6 +141,12 @@ pub enum ConfigError {
         setting: &'static str,
         /// The minimum.
         min: Duration,
+    },
+    /// The upstream body limit is too small for any real flag set.
+    #[error("max_body_bytes must be at least {min}")]
+    BodyLimit {
+        /// The minimum.
+        min: usize,
     },
     /// Invalid breaker settings.
     #[error(transparent)]
@@ -186,9 +211,30 @@ pub enum FetchResult {
         etag: Option<String>,
         /// The body (empty for 304).
         body: Bytes,
+        /// The `Retry-After` header, verbatim (honoured on 429 and 503).
+        retry_after: Option<String>,
+    },
+    /// The body grew past [`UpstreamConfig::max_body_bytes`]; the adapter stopped reading.
+    TooLarge {
+        /// HTTP status of the answer.
+        status: u16,
+        /// The limit that was exceeded.
+        limit: usize,
     },
     /// No answer: connect error, timeout, reset.
     Transport(String),
+}
+
+impl FetchResult {
+    /// A response without `ETag` or `Retry-After` (tests and simple adapters).
+    pub fn response(status: u16, body: impl Into<Bytes>) -> Self {
+        Self::Response {
+            status,
+            etag: None,
+            body: body.into(),
+            retry_after: None,
+        }
+    }
 }
 
 /// How a stream ended.
@@ -250,6 +296,37 @@ pub struct UpstreamCounters {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum UpstreamError {
+    /// Upstream answered 401: the server API key is wrong, revoked, or for another project.
+    #[error(
+        "Rollgate rejected the server API key (401 to {what}): check ROLLGATE_API_KEY; probing again every {probe:?}"
+    )]
+    KeyRejected {
+        /// The request.
+        what: &'static str,
+        /// How often upstream is probed until the key works.
+        probe: Duration,
+    },
+    /// Upstream answered 429 or 503 with a `Retry-After`.
+    #[error("upstream answered {status} to {what}; waiting {wait:?} as its Retry-After asks")]
+    Throttled {
+        /// The request.
+        what: &'static str,
+        /// The status.
+        status: u16,
+        /// How long nothing is sent upstream.
+        wait: Duration,
+    },
+    /// Upstream answered with a redirect, which is never followed (it would carry the key
+    /// to another host).
+    #[error(
+        "upstream answered {status} (a redirect, not followed) to {what}: check ROLLGATE_BASE_URL"
+    )]
+    Redirected {
+        /// The request.
+        what: &'static str,
+        /// The status.
+        status: u16,
+    },
     /// Upstream answered with an unexpected status.
     #[error("upstream answered {status} to {what}")]
     Status {
@@ -297,6 +374,10 @@ pub struct UpstreamStatus {
     pub freshness: Freshness,
     /// The last failure, cleared by the next success.
     pub last_error: Option<UpstreamError>,
+    /// Upstream rejected the server key (401) and has not accepted it since.
+    pub key_rejected: bool,
+    /// Until when nothing is sent upstream, as a `Retry-After` (or a rejected key) asks.
+    pub hold_until: Option<Timestamp>,
     /// Counters since start.
     pub counters: UpstreamCounters,
 }
@@ -324,7 +405,23 @@ pub struct Upstream {
     rules_active: bool,
     last_confirmed: Option<Timestamp>,
     last_error: Option<UpstreamError>,
+    /// No request goes upstream before this (a `Retry-After`, or the slow probe of a rejected
+    /// key).
+    hold_until: Option<Timestamp>,
+    /// The last answer was a 401 and nothing succeeded since.
+    key_rejected: bool,
+    /// Streamed values waiting for the refetch that brings their reasons (see
+    /// [`Upstream::apply_streamed`]).
+    held: Option<HeldChange>,
     counters: UpstreamCounters,
+}
+
+/// A streamed change not yet published: it waits (until `until` at most) for the refetch
+/// that brings its reasons, so the change becomes one revision instead of two.
+#[derive(Debug)]
+struct HeldChange {
+    flags: EvaluatedFlags,
+    until: Timestamp,
 }
 
 #[derive(Debug)]
@@ -384,6 +481,9 @@ impl Upstream {
             rules_active: false,
             last_confirmed: None,
             last_error: None,
+            hold_until: None,
+            key_rejected: false,
+            held: None,
             counters: UpstreamCounters::default(),
         };
         machine.request_fetch(now);
@@ -427,8 +527,15 @@ impl Upstream {
             last_confirmed: self.last_confirmed,
             freshness: self.freshness(now),
             last_error: self.last_error.clone(),
+            key_rejected: self.key_rejected,
+            hold_until: self.held_until(now),
             counters: self.counters,
         }
+    }
+
+    /// The largest upstream body to read ([`UpstreamConfig::max_body_bytes`]).
+    pub fn max_body_bytes(&self) -> usize {
+        self.config.max_body_bytes
     }
 
     /// Freshness of the data now (see [`UpstreamConfig::stale_after`]).
@@ -451,11 +558,23 @@ impl Upstream {
         }
     }
 
-    /// Asks the breaker whether a request the adapter makes on its own (a per-user fetch in
-    /// evaluated mode) may go to upstream now. Report its outcome with
-    /// [`Upstream::record_side_request`].
+    /// Asks whether a request the adapter makes on its own (a per-user fetch in evaluated
+    /// mode, a forwarded POST) may go to upstream now: not while a `Retry-After` (or the slow
+    /// probe of a rejected key) holds requests back, nor while the breaker is open. Report its
+    /// outcome with [`Upstream::record_side_request`] and, when upstream answered, its status
+    /// and `Retry-After` with [`Upstream::record_side_response`].
     pub fn admit_side_request(&mut self, now: Timestamp) -> bool {
-        !matches!(self.breaker.check(now), Admission::Reject { .. })
+        self.held_until(now).is_none()
+            && !matches!(self.breaker.check(now), Admission::Reject { .. })
+    }
+
+    /// Tells the machine what upstream answered to a side request: a 429/503 `Retry-After`
+    /// then holds back every request (the machine's too), and a 401 marks the key rejected.
+    pub fn record_side_response(&mut self, now: Timestamp, status: u16, retry_after: Option<&str>) {
+        let what = "per-user flags request";
+        if let Some(error) = self.note_refusal(now, what, status, retry_after) {
+            self.last_error = Some(error);
+        }
     }
 
     /// Records the outcome of a request admitted by [`Upstream::admit_side_request`].
@@ -485,7 +604,8 @@ impl Upstream {
                     .saturating_add(self.config.stream_idle_timeout),
             ),
         };
-        [fetch_at, self.poll_at, stream_at]
+        let held_at = self.held.as_ref().map(|held| held.until);
+        [fetch_at, self.poll_at, stream_at, held_at]
             .into_iter()
             .flatten()
             .min()
@@ -493,6 +613,10 @@ impl Upstream {
 
     /// Advances timers: retries, polls, reconnects and idle checks that are due at `now`.
     pub fn handle_timeout(&mut self, now: Timestamp) {
+        if self.held.as_ref().is_some_and(|held| held.until <= now) {
+            // The refetch did not answer in time: the values must not wait any longer.
+            self.release_held(now);
+        }
         if let FetchSlot::Waiting { at, retry } = self.fetch
             && at <= now
         {
@@ -553,52 +677,85 @@ impl Upstream {
         match result {
             FetchResult::Response { status: 304, .. } => {
                 self.counters.fetch_not_modified += 1;
+                // Upstream's data is what we last fetched. Unless a refetch queued behind this
+                // one may still bring a held change's reasons, the change goes out as it is.
+                if !self.refetch_pending {
+                    self.release_held(now);
+                }
                 self.fetch_succeeded(now);
             }
             FetchResult::Response {
                 status: 200,
                 etag,
                 body,
-            } => match EvaluatedFlags::from_json(&body) {
-                Ok(flags) => {
-                    self.counters.fetch_ok += 1;
-                    self.upstream_etag = etag;
-                    if self.rules_active && self.stream_delivering() {
-                        // The live stream's rules are newer and richer than these values (the
-                        // fetch may have been sent before `rules-full` arrived): keep them.
-                    } else {
-                        // With the stream silent, fresh values are the newest information there
-                        // is, also over rules the stream sent before it went down.
-                        self.rules_active = false;
-                        self.apply(now, FlagSource::Evaluated(flags));
+                ..
+            } => {
+                match EvaluatedFlags::from_json(&body) {
+                    Ok(flags) => {
+                        self.counters.fetch_ok += 1;
+                        self.upstream_etag = etag;
+                        if self.rules_active && self.stream_delivering() {
+                            // The live stream's rules are newer and richer than these values (the
+                            // fetch may have been sent before `rules-full` arrived): keep them.
+                        } else if self.held.as_ref().is_some_and(|held| {
+                            held.flags.flags != flags.flags && self.refetch_pending
+                        }) {
+                            // This answer left before the held change happened; the refetch queued
+                            // behind it brings the change's reasons.
+                        } else {
+                            // The answer to a held change (same values, with reasons) publishes it
+                            // once. Otherwise, with the stream silent, fresh values are the newest
+                            // information there is, also over rules the stream sent before it went
+                            // down.
+                            self.held = None;
+                            self.rules_active = false;
+                            self.apply(now, FlagSource::Evaluated(flags));
+                        }
+                        self.fetch_succeeded(now);
                     }
-                    self.fetch_succeeded(now);
+                    Err(error) => {
+                        self.counters.malformed += 1;
+                        // Retrying cannot fix bad content: one breaker failure, no retries.
+                        self.fetch_failed(
+                            now,
+                            UpstreamError::Malformed {
+                                what: "flags response",
+                                reason: error.to_string(),
+                            },
+                            retry,
+                            false,
+                        );
+                    }
                 }
-                Err(error) => {
-                    self.counters.malformed += 1;
-                    // Retrying cannot fix bad content: one breaker failure, no retries.
-                    self.fetch_failed(
-                        now,
-                        UpstreamError::Malformed {
-                            what: "flags response",
-                            reason: error.to_string(),
-                        },
-                        retry,
-                        false,
-                    );
+            }
+            FetchResult::Response {
+                status,
+                retry_after,
+                ..
+            } => {
+                let what = "flags request";
+                match self.note_refusal(now, what, status, retry_after.as_deref()) {
+                    // Upstream said when to come back (or the key is wrong): no quick retries.
+                    Some(error) => self.fetch_failed(now, error, retry, false),
+                    None => {
+                        // 5xx and 429 are worth retrying; other statuses (403, 404, ...) are
+                        // not.
+                        let retryable = status >= 500 || status == 429;
+                        self.fetch_failed(now, status_error(what, status), retry, retryable);
+                    }
                 }
-            },
-            FetchResult::Response { status, .. } => {
-                // 5xx and 429 are worth retrying; other statuses (401, 403, 404, ...) are not.
-                let retryable = status >= 500 || status == 429;
+            }
+            FetchResult::TooLarge { status, limit } => {
+                self.counters.malformed += 1;
+                // The next attempt would be just as large: one breaker failure, no retries.
                 self.fetch_failed(
                     now,
-                    UpstreamError::Status {
-                        what: "flags request",
-                        status,
+                    UpstreamError::Malformed {
+                        what: "flags response",
+                        reason: format!("{status} body larger than {limit} bytes"),
                     },
                     retry,
-                    retryable,
+                    false,
                 );
             }
             FetchResult::Transport(reason) => self.fetch_failed(
@@ -615,12 +772,14 @@ impl Upstream {
     }
 
     /// Reports the response head of [`Action::OpenStream`] `id`.
+    /// `retry_after` is the response's `Retry-After` header, verbatim.
     pub fn handle_stream_opened(
         &mut self,
         now: Timestamp,
         id: StreamId,
         status: u16,
         is_event_stream: bool,
+        retry_after: Option<&str>,
     ) {
         let StreamSlot::Connecting { id: connecting, .. } = self.stream else {
             return;
@@ -630,14 +789,11 @@ impl Upstream {
         }
         if status != 200 || !is_event_stream {
             self.actions.push_back(Action::CloseStream(id));
-            self.stream_failed(
-                now,
-                UpstreamError::Status {
-                    what: "stream request",
-                    status,
-                },
-                true,
-            );
+            let what = "stream request";
+            let error = self
+                .note_refusal(now, what, status, retry_after)
+                .unwrap_or_else(|| status_error(what, status));
+            self.stream_failed(now, error, true);
         } else {
             self.counters.stream_connects += 1;
             self.stream = StreamSlot::Open(Box::new(OpenStream {
@@ -678,6 +834,7 @@ impl Upstream {
             self.breaker.record(now, Outcome::Success);
             self.poll_at = None;
             self.last_error = None;
+            self.key_rejected = false;
         }
         for event in events {
             self.counters.events += 1;
@@ -716,6 +873,15 @@ impl Upstream {
     }
 
     fn handle_event(&mut self, now: Timestamp, event: &SseEvent) {
+        let carries_data = matches!(
+            event.event.as_str(),
+            "init" | "flags" | "flag-update" | "rules-full"
+        );
+        if carries_data && event.lossy {
+            // The same bytes in a fetch body are rejected as invalid JSON: so are they here,
+            // instead of acting on U+FFFD replacements.
+            return self.malformed(event, "data is not valid UTF-8".to_owned());
+        }
         match event.event.as_str() {
             "init" | "flags" => {
                 if self.rules_active {
@@ -740,6 +906,15 @@ impl Upstream {
                     Ok(update) => update,
                     Err(error) => return self.malformed(event, error.to_string()),
                 };
+                if let Err(error) = crate::model::FlagKey::parse(&update.key) {
+                    return self.malformed(event, error.to_string());
+                }
+                if let Some(held) = self.held.as_mut() {
+                    // Merge into the change still waiting for its reasons: still one publish.
+                    held.flags.flags.insert(update.key.clone(), update.enabled);
+                    held.flags.reasons.remove(&update.key);
+                    return;
+                }
                 let Some(current) = self.store.current() else {
                     // Nothing to merge into yet: the full snapshot is on its way.
                     return self.request_fetch(now);
@@ -754,6 +929,8 @@ impl Upstream {
             "rules-full" => match RulesPayload::from_json(event.data.as_bytes()) {
                 Ok(rules) => {
                     self.rules_active = true;
+                    // Rules replace evaluated values, held ones too.
+                    self.held = None;
                     self.apply(now, FlagSource::rules(&rules));
                 }
                 Err(error) => self.malformed(event, error.to_string()),
@@ -778,25 +955,86 @@ impl Upstream {
 
     /// Applies evaluated flags that came over the stream. Stream events carry values only, no
     /// reasons (`init`/`flags` are `{"flags":{..}}`), yet SDKs asking with `withReasons=true`
-    /// must get Rollgate's reasons: flags whose value did not change keep their reason, and when
-    /// a changed flag is left without one, a conditional refetch brings the reasons (the values
-    /// are served at once; the reasons follow one request later).
+    /// must get Rollgate's reasons: flags whose value did not change keep their reason. When
+    /// values changed and reasons are missing, a conditional refetch brings them, and the
+    /// change is **held** until it answers (at most [`REASONS_WAIT`]), then published once with
+    /// its reasons. Publishing at once and again with the reasons made every change two
+    /// revisions, and every SSE client got two frames for it (and two full snapshots after a
+    /// resync); the wait costs one request's latency, bounded, and a failed or refused refetch
+    /// releases the values at once.
     fn apply_streamed(&mut self, now: Timestamp, mut flags: EvaluatedFlags) {
-        if flags.reasons.is_empty()
-            && let Some(current) = self.store.current()
-            && let FlagSource::Evaluated(previous) = current.source()
-        {
-            flags.reasons = flags
-                .flags
-                .iter()
-                .filter(|(key, value)| previous.flags.get(*key) == Some(*value))
-                .filter_map(|(key, _)| Some((key.clone(), previous.reasons.get(key)?.clone())))
-                .collect();
+        if flags.reasons.is_empty() {
+            let previous = match (&self.held, self.store.current().map(|c| c.source())) {
+                (Some(held), _) => Some(&held.flags),
+                (None, Some(FlagSource::Evaluated(previous))) => Some(previous),
+                (None, _) => None,
+            };
+            if let Some(previous) = previous {
+                flags.reasons = flags
+                    .flags
+                    .iter()
+                    .filter(|(key, value)| previous.flags.get(*key) == Some(*value))
+                    .filter_map(|(key, _)| Some((key.clone(), previous.reasons.get(key)?.clone())))
+                    .collect();
+            }
         }
         let missing_reasons = flags.flags.len() != flags.reasons.len();
-        if self.apply(now, FlagSource::Evaluated(flags)) && missing_reasons {
-            self.request_fetch(now);
+        let values_changed = !matches!(
+            self.store.current().map(|c| c.source()),
+            Some(FlagSource::Evaluated(current)) if current.flags == flags.flags
+        );
+        if !(missing_reasons && values_changed) {
+            self.held = None;
+            self.apply(now, FlagSource::Evaluated(flags));
+            return;
         }
+        self.last_confirmed = Some(now);
+        let until = self
+            .held
+            .as_ref()
+            .map_or_else(|| now.saturating_add(REASONS_WAIT), |held| held.until);
+        self.held = Some(HeldChange { flags, until });
+        self.request_fetch(now);
+    }
+
+    /// Publishes a held change as it is (its reasons did not come).
+    fn release_held(&mut self, now: Timestamp) {
+        if let Some(held) = self.held.take() {
+            self.apply(now, FlagSource::Evaluated(held.flags));
+        }
+    }
+
+    /// What a refusal with `status` means beyond a failure: a 429/503 `Retry-After` holds
+    /// every request back until it has passed, and a 401 marks the key rejected and holds
+    /// requests back for `refresh_interval` (a slow probe). Returns the error to report, or
+    /// `None` for an ordinary failure.
+    fn note_refusal(
+        &mut self,
+        now: Timestamp,
+        what: &'static str,
+        status: u16,
+        retry_after: Option<&str>,
+    ) -> Option<UpstreamError> {
+        let (wait, error) = match status {
+            401 => {
+                self.key_rejected = true;
+                let probe = self.config.refresh_interval;
+                (probe, UpstreamError::KeyRejected { what, probe })
+            }
+            429 | 503 => {
+                let wait = parse_retry_after(retry_after?, now)?.min(MAX_RETRY_AFTER);
+                (wait, UpstreamError::Throttled { what, status, wait })
+            }
+            _ => return None,
+        };
+        let until = now.saturating_add(wait);
+        self.hold_until = Some(self.hold_until.map_or(until, |at| at.max(until)));
+        Some(error)
+    }
+
+    /// When requests may go upstream again, if that is later than `now`.
+    fn held_until(&self, now: Timestamp) -> Option<Timestamp> {
+        self.hold_until.filter(|&at| at > now)
     }
 
     /// Publishes `source` if it changes the content, and persists it. Returns whether it did.
@@ -824,6 +1062,14 @@ impl Upstream {
 
     /// Issues attempt `retry` of a fetch, through the breaker on the first attempt.
     fn start_fetch(&mut self, now: Timestamp, retry: u32) {
+        if let Some(until) = self.held_until(now) {
+            // Upstream asked for quiet (Retry-After, or a rejected key's slow probe).
+            self.fetch = FetchSlot::Waiting {
+                at: until,
+                retry: 0,
+            };
+            return;
+        }
         if retry == 0
             && let Admission::Reject { until } = self.breaker.check(now)
         {
@@ -847,6 +1093,7 @@ impl Upstream {
     fn fetch_succeeded(&mut self, now: Timestamp) {
         self.last_confirmed = Some(now);
         self.last_error = None;
+        self.key_rejected = false;
         self.breaker.record(now, Outcome::Success);
         if self.refetch_pending {
             self.refetch_pending = false;
@@ -857,6 +1104,8 @@ impl Upstream {
     fn fetch_failed(&mut self, now: Timestamp, error: UpstreamError, retry: u32, retryable: bool) {
         self.counters.fetch_errors += 1;
         self.last_error = Some(error);
+        // A held change does not wait for retries: its values go out now.
+        self.release_held(now);
         if retryable && retry < self.config.retry.max_retries {
             let delay = self.config.retry.delay(retry, self.jitter.next_sample());
             self.fetch = FetchSlot::Waiting {
@@ -879,8 +1128,9 @@ impl Upstream {
         }
         self.last_error = Some(error);
         let delay = self.reconnect.next_delay(self.jitter.next_sample());
+        let at = now.saturating_add(delay);
         self.stream = StreamSlot::Down {
-            reconnect_at: Some(now.saturating_add(delay)),
+            reconnect_at: Some(self.held_until(now).map_or(at, |until| until.max(at))),
         };
     }
 
@@ -891,19 +1141,36 @@ impl Upstream {
         } = self.stream
             && at <= now
         {
-            match self.breaker.check(now) {
-                Admission::Reject { until } => {
-                    self.stream = StreamSlot::Down {
-                        reconnect_at: Some(until.max(now)),
-                    };
-                }
-                Admission::Allow | Admission::Probe => {
-                    let id = StreamId(self.next_id());
-                    self.stream = StreamSlot::Connecting { id, since: now };
-                    self.actions.push_back(Action::OpenStream(id));
-                }
+            if let Some(until) = self.held_until(now) {
+                self.stream = StreamSlot::Down {
+                    reconnect_at: Some(until),
+                };
+            } else {
+                self.open_stream_if_admitted(now);
             }
         }
+        self.schedule_polls(now);
+    }
+
+    /// Opens the due stream unless the breaker refuses (then waits for it).
+    fn open_stream_if_admitted(&mut self, now: Timestamp) {
+        match self.breaker.check(now) {
+            Admission::Reject { until } => {
+                self.stream = StreamSlot::Down {
+                    reconnect_at: Some(until.max(now)),
+                };
+            }
+            Admission::Allow | Admission::Probe => {
+                let id = StreamId(self.next_id());
+                self.stream = StreamSlot::Connecting { id, since: now };
+                self.actions.push_back(Action::OpenStream(id));
+            }
+        }
+    }
+
+    /// (Re)arms polling: quick probes while half-open, none while the stream delivers, else
+    /// every `refresh_interval`.
+    fn schedule_polls(&mut self, now: Timestamp) {
         let stream_delivering = self.stream_delivering();
         if self.breaker.state() == BreakerState::HalfOpen {
             // Recovering: confirm with quick conditional polls (cheap 304s) so the breaker
@@ -926,6 +1193,78 @@ impl Upstream {
         self.next_id += 1;
         self.next_id
     }
+}
+
+/// The error for an answer with an unexpected `status`.
+fn status_error(what: &'static str, status: u16) -> UpstreamError {
+    if (300..400).contains(&status) {
+        UpstreamError::Redirected { what, status }
+    } else {
+        UpstreamError::Status { what, status }
+    }
+}
+
+/// How long a streamed change waits for the refetch that brings its reasons before it is
+/// published without them.
+pub const REASONS_WAIT: Duration = Duration::from_secs(2);
+
+/// The longest `Retry-After` honoured: a larger (or far-future) value is cut to this, so a
+/// wrong header cannot silence the proxy for days.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// [`UpstreamConfig::max_body_bytes`] by default: far above any real flag set, far below what
+/// would hurt the process.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+
+/// The smallest accepted [`UpstreamConfig::max_body_bytes`].
+const MIN_BODY_BYTES: usize = 1024;
+
+/// Parses a `Retry-After` value (RFC 9110 §10.2.3): delta-seconds (`120`) or an HTTP-date
+/// (`Wed, 21 Oct 2015 07:28:00 GMT`, IMF-fixdate) taken relative to `now`. A date in the past
+/// is zero. `None` when the value is neither.
+pub fn parse_retry_after(value: &str, now: Timestamp) -> Option<Duration> {
+    let value = value.trim();
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        // Too many digits to fit is "very long", which MAX_RETRY_AFTER cuts anyway.
+        return Some(Duration::from_secs(value.parse().unwrap_or(u64::MAX)));
+    }
+    let at_ms = parse_imf_fixdate(value)?;
+    Some(Duration::from_millis(at_ms.saturating_sub(now.as_millis())))
+}
+
+/// `Sun, 06 Nov 1994 08:49:37 GMT` → Unix milliseconds.
+fn parse_imf_fixdate(value: &str) -> Option<u64> {
+    let mut parts = value.split(' ');
+    let weekday = parts.next()?;
+    let day: u64 = parts.next()?.parse().ok()?;
+    let month = parts.next()?;
+    let year: u64 = parts.next()?.parse().ok()?;
+    let time = parts.next()?;
+    if parts.next()? != "GMT" || parts.next().is_some() || !weekday.ends_with(',') {
+        return None;
+    }
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let month = MONTHS.iter().position(|m| *m == month)? as u64 + 1;
+    let mut hms = time.split(':').map(|p| p.parse::<u64>().ok());
+    let (h, m, sec) = (hms.next()??, hms.next()??, hms.next()??);
+    if hms.next().is_some() || !(1..=31).contains(&day) || h > 23 || m > 59 || sec > 60 {
+        return None;
+    }
+    if year < 1970 {
+        return Some(0);
+    }
+    // Days from the civil date (Howard Hinnant's algorithm), for years since 1970.
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y / 400;
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = (era * 146_097 + doe).checked_sub(719_468)?;
+    let secs = days * 86_400 + h * 3600 + m * 60 + sec;
+    secs.checked_mul(1000)
 }
 
 /// Poll interval while the breaker is half-open and recovery is being confirmed.

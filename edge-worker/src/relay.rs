@@ -26,8 +26,8 @@ use rollgate_proxy_core::upstream::{
 };
 use rollgate_proxy_core::users::{FetchTicket, Lookup, UserFlags};
 use worker::{
-    AbortController, Delay, Env, Fetch, Headers, Method, Request, RequestInit, Response, State,
-    console_error, console_log, durable_object,
+    AbortController, Delay, Env, Fetch, Headers, Method, Request, RequestInit, RequestRedirect,
+    Response, State, console_error, console_log, durable_object,
 };
 
 use crate::config::EdgeConfig;
@@ -279,18 +279,36 @@ fn upstream_headers(config: &EdgeConfig, accept: &str) -> worker::Result<Headers
     Ok(headers)
 }
 
-async fn with_timeout<T>(
-    future: impl Future<Output = T>,
+/// Runs `future` for at most `timeout`; on timeout, or when it returns `Err` (a
+/// request given up on, e.g. an oversize body), aborts the request through `controller`.
+async fn with_timeout<T, E>(
+    future: impl Future<Output = Result<T, E>>,
     controller: AbortController,
     timeout: Duration,
-) -> Option<T> {
+) -> Option<Result<T, E>> {
     let future = std::pin::pin!(future);
     match select(future, Delay::from(timeout)).await {
-        Either::Left((value, _)) => Some(value),
+        Either::Left((Ok(value), _)) => Some(Ok(value)),
+        Either::Left((Err(error), _)) => {
+            controller.abort();
+            Some(Err(error))
+        }
         Either::Right(((), _)) => {
             controller.abort();
             None
         }
+    }
+}
+
+/// Why a flags request gave no usable answer.
+enum GetError {
+    Worker(worker::Error),
+    TooLarge(u16),
+}
+
+impl From<worker::Error> for GetError {
+    fn from(error: worker::Error) -> Self {
+        Self::Worker(error)
     }
 }
 
@@ -312,7 +330,10 @@ async fn get_flags(
             headers.set("if-none-match", etag)?;
         }
         let mut init = RequestInit::new();
-        init.with_method(Method::Get).with_headers(headers);
+        // A 3xx is a failed request: following it would send the key wherever it points.
+        init.with_method(Method::Get)
+            .with_headers(headers)
+            .with_redirect(RequestRedirect::Manual);
         Request::new_with_init(&url, &init)
     })();
     let request = match request {
@@ -321,23 +342,57 @@ async fn get_flags(
     };
     let controller = AbortController::default();
     let signal = controller.signal();
+    let limit = config.core.upstream.max_body_bytes;
     let call = async {
         let mut response = Fetch::Request(request).send_with_signal(&signal).await?;
         let status = response.status_code();
         let etag = response.headers().get("etag")?;
-        let body = response.bytes().await?;
-        Ok::<_, worker::Error>((status, etag, body))
+        let retry_after = response.headers().get("retry-after")?;
+        let body = read_capped(&mut response, limit)
+            .await?
+            .ok_or(GetError::TooLarge(status))?;
+        Ok::<_, GetError>((status, etag, retry_after, body))
     };
     let timeout = config.core.upstream_timeout;
     match with_timeout(call, controller, timeout).await {
-        Some(Ok((status, etag, body))) => FetchResult::Response {
+        Some(Ok((status, etag, retry_after, body))) => FetchResult::Response {
             status,
             etag,
-            body: Bytes::from(body),
+            body,
+            retry_after,
         },
-        Some(Err(error)) => FetchResult::Transport(http::redact(&error.to_string(), secret)),
+        Some(Err(GetError::TooLarge(status))) => FetchResult::TooLarge { status, limit },
+        Some(Err(GetError::Worker(error))) => {
+            FetchResult::Transport(http::redact(&error.to_string(), secret))
+        }
         None => FetchResult::Transport(format!("no answer within {timeout:?}")),
     }
+}
+
+/// Reads `response`'s body chunk by chunk; `None` as soon as it would pass `limit` bytes (a
+/// declared `Content-Length` over it is refused before any byte is read).
+async fn read_capped(response: &mut Response, limit: usize) -> worker::Result<Option<Bytes>> {
+    let declared = response
+        .headers()
+        .get("content-length")?
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Ok(None);
+    }
+    if response.status_code() == 304 || (300..400).contains(&response.status_code()) {
+        // No body worth reading (and a manual redirect's may not be readable).
+        return Ok(Some(Bytes::new()));
+    }
+    let mut body = Vec::new();
+    let mut stream = response.stream()?;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        if body.len() + chunk.len() > limit {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(Bytes::from(body)))
 }
 
 async fn fetch_flags(inner: Rc<Inner>, id: RequestId, if_none_match: Option<String>) {
@@ -377,7 +432,9 @@ async fn pump_stream(inner: Rc<Inner>, id: StreamId, signal: worker::AbortSignal
     );
     let request = upstream_headers(&config, "text/event-stream").and_then(|headers| {
         let mut init = RequestInit::new();
-        init.with_method(Method::Get).with_headers(headers);
+        init.with_method(Method::Get)
+            .with_headers(headers)
+            .with_redirect(RequestRedirect::Manual);
         Request::new_with_init(&url, &init)
     });
     let response = match request {
@@ -404,8 +461,9 @@ async fn pump_stream(inner: Rc<Inner>, id: StreamId, signal: worker::AbortSignal
                 .to_ascii_lowercase()
                 .starts_with("text/event-stream")
         });
+    let retry_after = response.headers().get("retry-after").ok().flatten();
     if let Some(upstream) = inner.core.borrow_mut().upstream.as_mut() {
-        upstream.handle_stream_opened(now(), id, status, is_event_stream);
+        upstream.handle_stream_opened(now(), id, status, is_event_stream, retry_after.as_deref());
     }
     drive(&inner);
     if status != 200 || !is_event_stream {
@@ -653,6 +711,17 @@ async fn fetch_user_admitted(
         return None;
     }
     let result = get_flags(config, Some(user_id), None).await;
+    if let (
+        FetchResult::Response {
+            status,
+            retry_after,
+            ..
+        },
+        Some(upstream),
+    ) = (&result, inner.core.borrow_mut().upstream.as_mut())
+    {
+        upstream.record_side_response(now(), *status, retry_after.as_deref());
+    }
     let flags = match result {
         FetchResult::Response {
             status: 200, body, ..

@@ -33,6 +33,7 @@ pub async fn run(
     let mut streams: HashMap<StreamId, AbortHandle> = HashMap::new();
     let mut last_stream = None;
     let mut last_breaker = BreakerState::Closed;
+    let mut key_rejected = false;
     loop {
         let actions: Vec<Action> = upstream.drain();
         for action in actions {
@@ -88,6 +89,19 @@ pub async fn run(
             }
             last_stream = Some(status.stream);
         }
+        if key_rejected != status.key_rejected {
+            // Not one more transient failure: nothing works until someone fixes the key.
+            if status.key_rejected {
+                let error = status.last_error.as_ref().map(ToString::to_string);
+                tracing::error!(
+                    last_error = ?error,
+                    "Rollgate rejected the server API key (401); check ROLLGATE_API_KEY. Serving the last good flags and probing slowly"
+                );
+            } else {
+                tracing::info!("Rollgate accepts the server API key again");
+            }
+            key_rejected = status.key_rejected;
+        }
         if last_breaker != status.breaker.state {
             let error = status.last_error.as_ref().map(ToString::to_string);
             tracing::warn!(
@@ -117,6 +131,7 @@ pub async fn run(
 
 /// `GET {base}/api/v1/sdk/flags?withReasons=true` with Bearer and `If-None-Match`.
 async fn fetch(upstream: Arc<UpstreamHandle>, id: RequestId, if_none_match: Option<String>) {
+    let limit = upstream.peek(|m| m.max_body_bytes());
     let mut request = upstream
         .http
         .get(format!(
@@ -136,17 +151,67 @@ async fn fetch(upstream: Arc<UpstreamHandle>, id: RequestId, if_none_match: Opti
                 .get(header::ETAG)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned);
-            match response.bytes().await {
-                Ok(body) => FetchResult::Response { status, etag, body },
+            let retry_after = retry_after(&response);
+            match read_capped(response, limit).await {
+                Ok(Ok(body)) => FetchResult::Response {
+                    status,
+                    etag,
+                    body,
+                    retry_after,
+                },
+                Ok(Err(TooLarge)) => FetchResult::TooLarge { status, limit },
                 Err(error) => FetchResult::Transport(upstream.describe(&error)),
             }
         }
         Err(error) => FetchResult::Transport(upstream.describe(&error)),
     };
-    if let FetchResult::Transport(reason) = &result {
-        tracing::debug!(%id, reason, "flags request failed");
+    match &result {
+        FetchResult::Transport(reason) => tracing::debug!(%id, reason, "flags request failed"),
+        FetchResult::TooLarge { limit, .. } => {
+            tracing::warn!(%id, limit, "upstream flags body over the limit; not read further");
+        }
+        FetchResult::Response { .. } => {}
     }
     upstream.with(|m| m.handle_fetch(now(), id, result));
+}
+
+/// A body longer than the limit: reading stopped there.
+#[derive(Debug)]
+pub struct TooLarge;
+
+/// Reads `response`'s body chunk by chunk, giving up as soon as it would pass `limit` bytes
+/// (a declared `Content-Length` over it is refused before any byte is read), so a huge or
+/// endless answer costs at most `limit` bytes of memory.
+///
+/// # Errors
+/// The transport failed while reading.
+pub async fn read_capped(
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<Result<Bytes, TooLarge>, reqwest::Error> {
+    if response
+        .content_length()
+        .is_some_and(|len| len > limit as u64)
+    {
+        return Ok(Err(TooLarge));
+    }
+    let mut body = bytes::BytesMut::new();
+    while let Some(chunk) = response.chunk().await? {
+        if body.len() + chunk.len() > limit {
+            return Ok(Err(TooLarge));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Ok(body.freeze()))
+}
+
+/// The response's `Retry-After` header, verbatim (core parses it).
+pub fn retry_after(response: &reqwest::Response) -> Option<String> {
+    response
+        .headers()
+        .get(header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
 }
 
 /// `GET {base}/api/v1/sdk/stream?token=<key>` (and Bearer, for servers that want the header).
@@ -176,7 +241,10 @@ async fn stream(upstream: Arc<UpstreamHandle>, id: StreamId) {
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
-    upstream.with(|m| m.handle_stream_opened(now(), id, status, is_event_stream));
+    let retry_after = retry_after(&response);
+    upstream.with(|m| {
+        m.handle_stream_opened(now(), id, status, is_event_stream, retry_after.as_deref());
+    });
     if status != 200 || !is_event_stream {
         return;
     }

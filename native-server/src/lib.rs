@@ -82,6 +82,9 @@ pub fn start(settings: Settings, shutdown: CancellationToken) -> Result<Started,
             let http = reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(5))
                 .user_agent(concat!("rollgate-proxy/", env!("CARGO_PKG_VERSION")))
+                // A 3xx from Rollgate is a failed request: following it would send the key
+                // to wherever the redirect points.
+                .redirect(reqwest::redirect::Policy::none())
                 .build()
                 .map_err(|error| StartError::Client(api_key.redact(&error.to_string())))?;
             let machine = Upstream::new(settings.core.upstream.clone(), now());

@@ -76,12 +76,18 @@ async fn fetch_user(app: &App, user_id: &str) -> Option<EvaluatedFlags> {
         .await;
     let flags = match response {
         Ok(response) if response.status() == reqwest::StatusCode::OK => {
-            match response.bytes().await {
-                Ok(body) => EvaluatedFlags::from_json(&body).ok(),
-                Err(_) => None,
+            let limit = upstream.peek(|m| m.max_body_bytes());
+            match crate::driver::read_capped(response, limit).await {
+                Ok(Ok(body)) => EvaluatedFlags::from_json(&body).ok(),
+                Ok(Err(_)) | Err(_) => None,
             }
         }
         Ok(response) => {
+            let (status, retry_after) = (
+                response.status().as_u16(),
+                crate::driver::retry_after(&response),
+            );
+            upstream.with(|m| m.record_side_response(now(), status, retry_after.as_deref()));
             tracing::warn!(
                 status = response.status().as_u16(),
                 "upstream refused a per-user flags request"

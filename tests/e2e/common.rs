@@ -431,3 +431,35 @@ pub(crate) fn key_paths(value: &Value) -> std::collections::BTreeSet<String> {
     walk(value, "", &mut out);
     out
 }
+
+/// The sum of a Prometheus metric's samples in `/api/metrics` whose labels contain `labels`
+/// (`""` for all), or `None` when the proxy does not answer or has no such metric.
+pub(crate) async fn metric_sum(proxy: &ProxyHandle, name: &str, labels: &str) -> Option<f64> {
+    let text = get(&proxy.url("/api/metrics")).await.ok()?.text();
+    let mut found = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        if !(rest.starts_with(' ') || rest.starts_with('{')) || !rest.contains(labels) {
+            continue;
+        }
+        let value: f64 = rest.rsplit(' ').next()?.parse().ok()?;
+        *found.get_or_insert(0.0) += value;
+    }
+    found
+}
+
+/// Waits until [`metric_sum`] of `name` with `labels` reaches `min`.
+pub(crate) async fn wait_metric_at_least(
+    proxy: &ProxyHandle,
+    name: &str,
+    labels: &str,
+    min: f64,
+    timeout: Duration,
+) {
+    eventually(&format!("{name}{{{labels}}} >= {min}"), timeout, || async {
+        (metric_sum(proxy, name, labels).await? >= min).then_some(())
+    })
+    .await;
+}

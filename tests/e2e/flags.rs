@@ -39,7 +39,15 @@ async fn reasons_survive_the_stream_init() {
     mock.wait_for_open_streams(1, Duration::from_secs(5))
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The stream's `init` has been taken in once the proxy counts an upstream event.
+    wait_metric_at_least(
+        &proxy,
+        "rollgate_proxy_upstream_events_total",
+        "",
+        1.0,
+        Duration::from_secs(10),
+    )
+    .await;
     let after = must_get(&proxy.url("/api/v1/sdk/flags?withReasons=true")).await;
     let body = after.expect_json(200);
     assert_eq!(

@@ -16,10 +16,12 @@ mod flags;
 mod ofrep;
 mod ops;
 mod parity;
+mod request_limits;
 mod resilience;
 mod sdk;
 mod security;
 mod sse;
+mod upstream_faults;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -52,7 +54,8 @@ macro_rules! scenario {
     };
 }
 
-/// Hard bound per scenario; every wait inside is bounded far below it.
+/// Hard bound per scenario; every wait inside is bounded far below it. Builds are never inside
+/// it: `target::prepare` runs once before the first scenario starts.
 const SCENARIO_TIMEOUT: Duration = Duration::from_secs(90);
 
 fn all() -> Vec<Scenario> {
@@ -66,6 +69,8 @@ fn all() -> Vec<Scenario> {
     all.extend(ops::scenarios());
     all.extend(drift::scenarios());
     all.extend(parity::scenarios());
+    all.extend(upstream_faults::scenarios());
+    all.extend(request_limits::scenarios());
     all
 }
 
@@ -155,6 +160,23 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Builds (and the Worker's cold start) happen here, outside every scenario's time limit.
+    if !scenarios.is_empty() {
+        let t0 = Instant::now();
+        if let Err(e) = runtime.block_on(rollgate_proxy_tests::target::prepare(common::target())) {
+            eprintln!("e2e: preparing the target failed: {e:#}");
+            println!(
+                "\ne2e result: FAILED. could not prepare the target\ne2e: 0 passed, {} failed",
+                scenarios.len()
+            );
+            return ExitCode::from(101);
+        }
+        println!(
+            "e2e: target {:?} prepared in {:.1}s",
+            common::target(),
+            t0.elapsed().as_secs_f64()
+        );
+    }
     println!(
         "\nrunning {} e2e scenarios (target {:?}, {jobs} at a time)",
         scenarios.len(),

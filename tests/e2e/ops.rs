@@ -125,7 +125,16 @@ async fn local_mode_serves_and_pushes_file_edits() {
     assert_eq!(ev.event, "flags");
     // A broken edit keeps the last good flags.
     std::fs::write(&file, "{ not json").unwrap();
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    let url = proxy.url("/api/health");
+    eventually(
+        "the broken edit reported",
+        Duration::from_secs(10),
+        || async {
+            let h = get(&url).await.ok()?.json();
+            h["upstream"]["lastError"].is_string().then_some(())
+        },
+    )
+    .await;
     assert_eq!(served_flags(&proxy, "").await["beta"], true);
     assert_eq!(must_get(&proxy.url("/ready")).await.status, 200);
 }

@@ -102,12 +102,24 @@ async fn server_key_never_leaks() {
         .fail(Route::Flags, Fault::status(500).body("upstream exploded"));
     env.mock
         .drop_streams(rollgate_proxy_tests::mock::DropKind::Abort);
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    let health = env.url("/api/health");
+    eventually(
+        "the proxy noticed the broken stream",
+        Duration::from_secs(10),
+        || async {
+            let h = get(&health).await.ok()?.json();
+            h["upstream"]["lastError"].is_string().then_some(())
+        },
+    )
+    .await;
     env.mock.clear_faults();
     env.mock.set_api_key("a-different-key");
     env.mock
         .drop_streams(rollgate_proxy_tests::mock::DropKind::Abort);
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    env.mock
+        .wait_until(Duration::from_secs(10), |s| s.auth_failures >= 1)
+        .await
+        .expect("the proxy met the 401");
     env.mock.stop().await;
     let url = env.url("/api/health");
     eventually(

@@ -305,10 +305,28 @@ pub(crate) async fn rules_env(rules: &Value) -> Env {
         .await
         .unwrap();
     env.mock.set_rules(rules);
-    eventually("rules mode", Duration::from_secs(5), || async {
+    eventually("rules mode", Duration::from_secs(10), || async {
         let h = must_get(&env.url("/api/health")).await.json();
         (h["upstream"]["mode"] == "rules").then_some(())
     })
+    .await;
+    // The health mode is the upstream machine's; the served snapshot is published after it.
+    // Wait until `/api/flags` serves exactly the rules' flag keys.
+    let mut want: Vec<String> = rules["flags"]
+        .as_object()
+        .map(|flags| flags.keys().cloned().collect())
+        .unwrap_or_default();
+    want.sort();
+    eventually(
+        "the rules' flags served",
+        Duration::from_secs(10),
+        || async {
+            let flags = served_flags(&env.proxy, "").await;
+            let mut keys: Vec<String> = flags.as_object()?.keys().cloned().collect();
+            keys.sort();
+            (keys == want).then_some(())
+        },
+    )
     .await;
     env
 }
@@ -445,8 +463,15 @@ async fn rules_survive_a_slow_startup_fetch() {
     })
     .await
     .unwrap();
-    // Let the delayed start-up answer land, then check the mode holds.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Wait until the proxy has taken in the delayed start-up answer, then check the mode holds.
+    wait_metric_at_least(
+        &proxy,
+        "rollgate_proxy_upstream_requests_total",
+        "outcome=\"ok\"",
+        1.0,
+        Duration::from_secs(10),
+    )
+    .await;
     let h = must_get(&proxy.url("/api/health")).await.expect_json(200);
     assert_eq!(h["upstream"]["mode"], "rules", "{h}");
     let flags = served_flags(&proxy, "?user_id=user-1").await;

@@ -7,9 +7,10 @@
 //! `E2E_TARGET=native|edge|parity` (default native; `parity` runs only the scenario that
 //! compares a native proxy and a Worker on one mock, see [`parity_from_env`]).
 //!
-//! Native binary: `ROLLGATE_PROXY_BIN=<path>` uses that file as is; otherwise the first start
-//! runs `cargo build -p rollgate-proxy-server --bin rollgate-proxy` (a no-op when up to date)
-//! and uses `$CARGO_TARGET_DIR/debug/rollgate-proxy`. `E2E_DEBUG_BUILD_LOG=<file>` saves that
+//! Native binary: `ROLLGATE_PROXY_BIN=<path>` uses that file as is; otherwise [`prepare`] (or,
+//! failing that, the first start) runs `cargo build -p rollgate-proxy-server --bin
+//! rollgate-proxy` (a no-op when up to date) and uses `$CARGO_TARGET_DIR/debug/rollgate-proxy`.
+//! A suite calls [`prepare`] once before any scenario's time limit starts. `E2E_DEBUG_BUILD_LOG=<file>` saves that
 //! build's stderr (to see why it rebuilt).
 
 use std::io::{BufRead, BufReader, Read};
@@ -276,7 +277,8 @@ impl ProxyHandle {
         Ok(())
     }
 
-    /// `http://127.0.0.1:PORT` (the same across [`Self::restart`]).
+    /// `http://127.0.0.1:PORT` (the same across [`Self::restart`], unless a Worker restart
+    /// found its old port taken by another process several times and took a new one).
     pub fn base_url(&self) -> &str {
         &self.base_url
     }
@@ -385,7 +387,23 @@ impl ProxyHandle {
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.stop(Duration::from_secs(15)).await?;
         let next = match self.kind {
-            TargetKind::Native => native::start(self.config.clone(), Some(self.port)).await?,
+            TargetKind::Native => {
+                // Another process may have taken the port meanwhile: a few bounded tries.
+                let mut attempt = 0;
+                loop {
+                    attempt += 1;
+                    match native::start(self.config.clone(), Some(self.port)).await {
+                        Ok(next) => break next,
+                        Err(e)
+                            if attempt < 5
+                                && format!("{e:#}").contains("Address already in use") =>
+                        {
+                            tokio::time::sleep(Duration::from_millis(250 * attempt)).await;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
             TargetKind::Edge => {
                 // wrangler has exited; make sure workerd (same group) is gone too before the
                 // next one opens the same state directory and port.
@@ -509,7 +527,7 @@ mod native {
     /// `ROLLGATE_PROXY_BIN` if set; otherwise `cargo build -p rollgate-proxy-server --bin
     /// rollgate-proxy` once per test process (a no-op when fresh, so a stale binary is never
     /// tested) and the path in the workspace target dir.
-    fn binary() -> anyhow::Result<PathBuf> {
+    pub(super) fn binary() -> anyhow::Result<PathBuf> {
         static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
         BIN.get_or_init(|| locate().map_err(|e| format!("{e:#}")))
             .clone()
@@ -726,8 +744,13 @@ mod native {
 
     /// The first `http://127.0.0.1:PORT` after "listening on" (text or JSON logs).
     pub(super) fn listening_url(logs: &str) -> Option<String> {
+        url_after(logs, "listening on")
+    }
+
+    /// The first `http://HOST:PORT` after `marker` on a line, with a numeric port.
+    pub(super) fn url_after(logs: &str, marker: &str) -> Option<String> {
         logs.lines().find_map(|line| {
-            let rest = &line[line.find("listening on")?..];
+            let rest = &line[line.find(marker)?..];
             let start = rest.find("http://")?;
             let url: String = rest[start..]
                 .chars()
@@ -781,18 +804,58 @@ mod edge {
             .collect()
     }
 
-    fn free_port() -> anyhow::Result<u16> {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding port 0")?;
-        Ok(listener.local_addr()?.port())
+    /// Whether wrangler's output says a socket it wanted was taken.
+    pub(super) fn address_in_use(logs: &str) -> bool {
+        logs.contains("Address already in use") || logs.contains("EADDRINUSE")
     }
 
-    /// Starts wrangler in `dir` (fresh when `None`) on `port` (free when `None`).
+    /// How many times a start that lost a port race is retried.
+    const START_ATTEMPTS: u32 = 5;
+
+    /// Starts wrangler in `dir` (fresh when `None`) on `port`, or on a port the server binds
+    /// itself and reports (`--port 0`, read back from its "Ready on" line) when `None`: a port
+    /// picked free here and bound later by wrangler could be taken in between by another
+    /// process. A start that still loses a port race (a restart asks for its old port, and the
+    /// internal sockets of workerd are wrangler's) is retried a bounded number of times; a
+    /// restart that cannot have its old port back after that takes a new one.
     pub(super) async fn start(
         config: ProxyConfig,
         dir: Option<Arc<TempDir>>,
         port: Option<u16>,
     ) -> anyhow::Result<ProxyHandle> {
         let root = workspace()?;
+        check_prepared(&root)?;
+        let dir = match dir {
+            Some(dir) => dir,
+            None => Arc::new(TempDir::new("edge")?),
+        };
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            // The last try of a restart gives up on the old port rather than fail.
+            let want = if attempt == START_ATTEMPTS {
+                None
+            } else {
+                port
+            };
+            match start_once(&root, config.clone(), Arc::clone(&dir), want).await? {
+                Ok(handle) => return Ok(handle),
+                Err(logs) if attempt < START_ATTEMPTS => {
+                    let tail: Vec<&str> = logs.lines().rev().take(3).collect();
+                    eprintln!(
+                        "e2e: wrangler dev lost a port race (attempt {attempt}/{START_ATTEMPTS}), retrying: {tail:?}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(250 * u64::from(attempt))).await;
+                }
+                Err(logs) => {
+                    bail!("wrangler dev found its ports in use {START_ATTEMPTS} times:\n{logs}")
+                }
+            }
+        }
+    }
+
+    /// Fails unless the Worker bundle and wrangler are there (`scripts/build-edge.sh`).
+    pub(super) fn check_prepared(root: &Path) -> anyhow::Result<()> {
         let bundle = root.join("edge-worker/build/index.js");
         if !bundle.is_file() {
             bail!(
@@ -807,10 +870,18 @@ mod edge {
                 wrangler.display()
             );
         }
-        let dir = match dir {
-            Some(dir) => dir,
-            None => Arc::new(TempDir::new("edge")?),
-        };
+        Ok(())
+    }
+
+    /// One wrangler start. `Ok(Err(logs))`: it exited because an address was in use (worth
+    /// another try); `Err`: any other failure.
+    async fn start_once(
+        root: &Path,
+        config: ProxyConfig,
+        dir: Arc<TempDir>,
+        port: Option<u16>,
+    ) -> anyhow::Result<Result<ProxyHandle, String>> {
+        let wrangler = root.join("node_modules/.bin/wrangler");
         let env_file = dir.join("secrets.env");
         {
             use std::io::Write as _;
@@ -824,22 +895,17 @@ mod edge {
                 .context("writing the env file")?;
             file.write_all(secrets(&config).as_bytes())?;
         }
-        let port = match port {
-            Some(port) => port,
-            None => free_port()?,
-        };
-        let inspector = free_port()?;
         let mut command = Command::new(&wrangler);
-        command.current_dir(&root).args([
+        command.current_dir(root).args([
             "dev",
             "-c",
             "wrangler.nobuild.toml",
             "--ip",
             "127.0.0.1",
             "--port",
-            &port.to_string(),
+            &port.unwrap_or(0).to_string(),
             "--inspector-port",
-            &inspector.to_string(),
+            "0",
             "--persist-to",
         ]);
         command.arg(dir.join("state"));
@@ -878,12 +944,11 @@ mod edge {
         if let Some(err) = child.stderr.take() {
             native::capture(err, Arc::clone(&logs));
         }
-        let base_url = format!("http://127.0.0.1:{port}");
         let mut handle = ProxyHandle {
             kind: TargetKind::Edge,
             config,
-            base_url: base_url.clone(),
-            port,
+            base_url: String::new(),
+            port: 0,
             child: Some(child),
             logs,
             exit: None,
@@ -894,21 +959,74 @@ mod edge {
             .build()?;
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Ok(resp) = client.get(format!("{base_url}/live")).send().await
+            // Only our wrangler's own "Ready on" line names the port: a /live answer alone
+            // could come from another process that holds the port we asked for.
+            if handle.base_url.is_empty()
+                && let Some(url) = native::url_after(&handle.logs(), "Ready on")
+            {
+                handle.port = url
+                    .rsplit(':')
+                    .next()
+                    .and_then(|p| p.parse().ok())
+                    .ok_or_else(|| anyhow!("no port in {url}"))?;
+                handle.base_url = url;
+            }
+            if !handle.base_url.is_empty()
+                && let Ok(resp) = client.get(handle.url("/live")).send().await
                 && resp.status().is_success()
             {
-                return Ok(handle);
+                return Ok(Ok(handle));
             }
-            handle
+            if let Err(e) = handle
                 .still_starting(
                     "wrangler dev",
-                    &format!("answer /live on {base_url}"),
+                    "report `Ready on http://...` and answer /live",
                     deadline,
                     Duration::from_millis(100),
                 )
-                .await?;
+                .await
+            {
+                let logs = handle.logs();
+                if handle.exit.is_some() && address_in_use(&logs) {
+                    // Take down workerd too before the next try.
+                    if let Some(child) = handle.child.as_ref() {
+                        let _ = signal_group(child.id(), "KILL");
+                    }
+                    return Ok(Err(logs));
+                }
+                return Err(e);
+            }
         }
     }
+}
+
+/// Prepares `kind` once, before any scenario's clock starts: builds the native binary (the
+/// parity scenario starts it with the Worker too) and, for the Worker, checks the bundle and
+/// wrangler and starts one throwaway `wrangler dev` (against a throwaway mock) so the first
+/// scenarios do not pay for a cold node/workerd start inside their time limits. Call it before
+/// any scenario's deadline starts: no scenario may time a build.
+///
+/// # Errors
+/// The build failed, the Worker is not built, or the throwaway Worker did not start.
+pub async fn prepare(kind: TargetKind) -> anyhow::Result<()> {
+    tokio::task::spawn_blocking(native::binary).await??;
+    if kind == TargetKind::Edge {
+        edge::check_prepared(&edge::workspace()?)?;
+        let mock =
+            crate::mock::MockUpstream::start(crate::mock::MockConfig::basic().api_key("warm-up"))
+                .await
+                .context("warm-up mock")?;
+        let mut warm = edge::start(
+            ProxyConfig::upstream(mock.base_url(), "warm-up"),
+            None,
+            None,
+        )
+        .await
+        .context("warm-up start of wrangler dev")?;
+        warm.kill().await?;
+        mock.stop().await;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -67,6 +67,10 @@ pub struct SseEvent {
     /// The stream's last event ID when this event was dispatched: ids are sticky, so an event
     /// without an `id` field carries the previous one (empty if none was ever set).
     pub id: String,
+    /// Whether the event's type or data had bytes that are not UTF-8 (decoded lossily, as
+    /// WHATWG says, into U+FFFD). A consumer that rejects invalid UTF-8 elsewhere (a JSON
+    /// fetch body) must reject such an event too, not act on the replaced text.
+    pub lossy: bool,
 }
 
 /// The stream broke a [`DecoderLimits`] bound. The decoder refuses further input until
@@ -120,6 +124,8 @@ pub struct Decoder {
     event_type: String,
     /// Every `data` value seen in this event, each followed by `\n` (WHATWG's data buffer).
     data: String,
+    /// The current event's type or data had invalid UTF-8.
+    lossy: bool,
     /// The id set by the current event's fields, committed at its blank line.
     id_buffer: String,
     /// The stream's committed last event ID (what a reconnect sends as `Last-Event-ID`).
@@ -146,6 +152,7 @@ impl Decoder {
             after_cr: false,
             event_type: String::new(),
             data: String::new(),
+            lossy: false,
             id_buffer: String::new(),
             last_event_id: String::new(),
             retry: None,
@@ -191,6 +198,7 @@ impl Decoder {
         self.after_cr = false;
         self.event_type.clear();
         self.data = String::new();
+        self.lossy = false;
         self.id_buffer.clone_from(&self.last_event_id);
         self.failed = None;
     }
@@ -300,10 +308,12 @@ impl Decoder {
         };
         match name {
             b"event" => {
+                self.lossy |= std::str::from_utf8(value).is_err();
                 self.event_type.clear();
                 self.event_type.push_str(&String::from_utf8_lossy(value));
             }
             b"data" => {
+                self.lossy |= std::str::from_utf8(value).is_err();
                 let value = String::from_utf8_lossy(value);
                 // The buffer minus its final "\n" is what would be dispatched.
                 if self.data.len() + value.len() > self.limits.max_event_bytes {
@@ -337,6 +347,7 @@ impl Decoder {
     /// A blank line: commit the id, then dispatch unless no data line was seen.
     fn dispatch(&mut self) {
         self.last_event_id.clone_from(&self.id_buffer);
+        let lossy = mem::take(&mut self.lossy);
         if self.data.is_empty() {
             self.event_type.clear();
             return;
@@ -354,6 +365,7 @@ impl Decoder {
             event,
             data,
             id: self.last_event_id.clone(),
+            lossy,
         });
     }
 }
@@ -384,11 +396,30 @@ mod tests {
             event: event.into(),
             data: data.into(),
             id: id.into(),
+            lossy: false,
         }
     }
 
+    /// The events, with `lossy` cleared: the reference parser and the fixtures know only
+    /// event, data and id (`lossy` has its own test).
     fn drain(decoder: &mut Decoder) -> Vec<SseEvent> {
-        std::iter::from_fn(|| decoder.next_event()).collect()
+        std::iter::from_fn(|| decoder.next_event())
+            .map(|e| SseEvent { lossy: false, ..e })
+            .collect()
+    }
+
+    #[test]
+    fn invalid_utf8_marks_the_event_lossy() {
+        let mut decoder = Decoder::default();
+        decoder
+            .push(b"event: init\ndata: {\"flags\":{\"\xff\xfe-bad\":true}}\n\ndata: ok\n\nevent: e\xffv\ndata: x\n\n")
+            .unwrap();
+        let events: Vec<SseEvent> = std::iter::from_fn(|| decoder.next_event()).collect();
+        assert_eq!(events.len(), 3);
+        assert!(events[0].lossy, "{:?}", events[0]);
+        assert!(events[0].data.contains('\u{fffd}'));
+        assert!(!events[1].lossy, "the next event starts clean");
+        assert!(events[2].lossy, "an invalid event type counts too");
     }
 
     fn outcome(decoder: &mut Decoder, events: Vec<SseEvent>) -> Outcome {
@@ -833,6 +864,7 @@ mod tests {
                         event: text(&e["event"]),
                         data: text(&e["data"]),
                         id: text(&e["id"]),
+                        lossy: false,
                     })
                     .collect(),
                 last_event_id: text(&json["last_event_id"]),

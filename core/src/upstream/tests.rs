@@ -118,6 +118,7 @@ impl Sim {
                                 status: 304,
                                 etag: None,
                                 body: Bytes::new(),
+                                retry_after: None,
                             }
                         }
                         Health::Up => {
@@ -131,6 +132,7 @@ impl Sim {
                                 status: 200,
                                 etag: Some(self.rollgate.etag()),
                                 body: self.rollgate.body(),
+                                retry_after: None,
                             }
                         }
                         Health::Status(status) => {
@@ -139,6 +141,7 @@ impl Sim {
                                 status,
                                 etag: None,
                                 body: Bytes::from_static(b"{\"error\":{}}"),
+                                retry_after: None,
                             }
                         }
                         Health::Unreachable => {
@@ -151,7 +154,8 @@ impl Sim {
                 Action::OpenStream(id) => match self.rollgate.health {
                     Health::Up => {
                         self.log("stream open -> 200, init");
-                        self.machine.handle_stream_opened(self.now, id, 200, true);
+                        self.machine
+                            .handle_stream_opened(self.now, id, 200, true, None);
                         self.open_stream = Some(id);
                         self.last_keepalive = self.now;
                         let init = self.rollgate.init_frame();
@@ -160,7 +164,7 @@ impl Sim {
                     Health::Status(status) => {
                         self.log(&format!("stream open -> {status}"));
                         self.machine
-                            .handle_stream_opened(self.now, id, status, false);
+                            .handle_stream_opened(self.now, id, status, false, None);
                     }
                     Health::Unreachable => {
                         self.log("stream open -> connection refused");
@@ -429,6 +433,7 @@ fn ok(body: &'static [u8]) -> FetchResult {
         status: 200,
         etag: Some("\"e1\"".into()),
         body: Bytes::from_static(body),
+        retry_after: None,
     }
 }
 
@@ -438,7 +443,7 @@ fn a_late_fetch_does_not_undo_rules_from_a_live_stream() {
     let mut machine = Upstream::new(UpstreamConfig::default(), now);
     let (fetch, stream, _) = drain(&mut machine);
     let stream = stream.unwrap();
-    machine.handle_stream_opened(now, stream, 200, true);
+    machine.handle_stream_opened(now, stream, 200, true, None);
     machine.handle_stream_bytes(
         now,
         stream,
@@ -475,7 +480,7 @@ fn stream_snapshots_keep_reasons_and_refetch_them_for_changes() {
     let (_, _, published) = drain(&mut machine);
     assert_eq!(published.len(), 1);
     let stream = stream.unwrap();
-    machine.handle_stream_opened(now, stream, 200, true);
+    machine.handle_stream_opened(now, stream, 200, true, None);
 
     // The same values without reasons: nothing changes, nothing is fetched.
     machine.handle_stream_bytes(
@@ -487,25 +492,99 @@ fn stream_snapshots_keep_reasons_and_refetch_them_for_changes() {
     assert!(published.is_empty() && fetch.is_none());
     assert_eq!(machine.snapshot().unwrap().defaults().reasons.len(), 2);
 
-    // `b` changes: the value is served at once with `a`'s reason kept, and the reasons are
-    // fetched.
+    // `b` changes: the change waits for the refetch of its reasons, then is published once,
+    // with them (one change, one revision).
+    let revision = machine.snapshot().unwrap().revision();
     machine.handle_stream_bytes(
         now,
         stream,
         &frame("init", r#"{"flags":{"a":true,"b":true}}"#),
     );
     let (fetch, _, published) = drain(&mut machine);
-    assert_eq!(published.len(), 1);
-    let reasons = &published[0].defaults().reasons;
-    assert_eq!(reasons["a"].kind, crate::model::ReasonKind::Fallthrough);
-    assert!(!reasons.contains_key("b"));
+    assert!(published.is_empty(), "held for its reasons");
     machine.handle_fetch(
         now,
         fetch.expect("a refetch for the new reasons"),
         ok(br#"{"flags":{"a":true,"b":true},"reasons":{"a":{"kind":"FALLTHROUGH","inRollout":true},"b":{"kind":"TARGET_MATCH"}}}"#),
     );
-    let reasons = &machine.snapshot().unwrap().defaults().reasons;
+    let (_, _, published) = drain(&mut machine);
+    assert_eq!(published.len(), 1);
+    assert_eq!(published[0].revision(), revision.next());
+    let reasons = &published[0].defaults().reasons;
     assert_eq!(reasons["b"].kind, crate::model::ReasonKind::TargetMatch);
+    assert_eq!(reasons["a"].kind, crate::model::ReasonKind::Fallthrough);
+
+    // `a` changes and the refetch fails: the values go out at once, without `a`'s reason.
+    machine.handle_stream_bytes(
+        now,
+        stream,
+        &frame("init", r#"{"flags":{"a":false,"b":true}}"#),
+    );
+    let (fetch, _, published) = drain(&mut machine);
+    assert!(published.is_empty());
+    machine.handle_fetch(now, fetch.unwrap(), FetchResult::Transport("reset".into()));
+    let (_, _, published) = drain(&mut machine);
+    assert_eq!(published.len(), 1);
+    assert!(!published[0].defaults().flags["a"]);
+    assert!(!published[0].defaults().reasons.contains_key("a"));
+    assert_eq!(
+        published[0].defaults().reasons["b"].kind,
+        crate::model::ReasonKind::TargetMatch
+    );
+}
+
+#[test]
+fn a_held_change_goes_out_by_the_deadline_when_the_refetch_hangs() {
+    let now = Timestamp::from_millis(T0);
+    let mut machine = Upstream::new(UpstreamConfig::default(), now);
+    let (fetch, stream, _) = drain(&mut machine);
+    machine.handle_fetch(
+        now,
+        fetch.unwrap(),
+        ok(br#"{"flags":{"a":true},"reasons":{"a":{"kind":"OFF"}}}"#),
+    );
+    let _ = drain(&mut machine);
+    let stream = stream.unwrap();
+    machine.handle_stream_opened(now, stream, 200, true, None);
+    machine.handle_stream_bytes(now, stream, &frame("init", r#"{"flags":{"a":false}}"#));
+    let (fetch, _, published) = drain(&mut machine);
+    assert!(fetch.is_some() && published.is_empty());
+    assert_eq!(
+        machine.poll_timeout(),
+        Some(now.saturating_add(REASONS_WAIT))
+    );
+    // A second change while held is merged into the same pending publish.
+    machine.handle_stream_bytes(
+        now,
+        stream,
+        &frame("flag-update", r#"{"key":"c","enabled":true}"#),
+    );
+    let (_, _, published) = drain(&mut machine);
+    assert!(published.is_empty());
+    let deadline = now.saturating_add(REASONS_WAIT);
+    machine.handle_timeout(deadline);
+    let (_, _, published) = drain(&mut machine);
+    assert_eq!(published.len(), 1, "one publish for both changes");
+    assert!(!published[0].defaults().flags["a"]);
+    assert!(published[0].defaults().flags["c"]);
+}
+
+#[test]
+fn thirty_streamed_changes_are_thirty_revisions() {
+    let mut sim = Sim::new(UpstreamConfig::default());
+    let first = sim.machine.snapshot().unwrap().revision().get();
+    let published = sim.published.len();
+    for i in 0..30 {
+        // Upstream changes a flag and pushes the whole set (values only) on the stream.
+        sim.rollgate.flags.insert("search".to_owned(), i % 2 == 1);
+        sim.rollgate.version += 1;
+        let init = sim.rollgate.init_frame();
+        sim.send(&init);
+        sim.advance(Duration::from_millis(500));
+    }
+    let last = sim.machine.snapshot().unwrap().revision().get();
+    assert_eq!(last - first, 30, "{}", sim.transcript);
+    assert_eq!(sim.published.len() - published, 30, "{}", sim.transcript);
 }
 
 #[test]
@@ -607,7 +686,7 @@ fn client_errors_are_not_retried() {
         streaming: false,
         ..UpstreamConfig::default()
     });
-    sim.rollgate.health = Health::Status(401);
+    sim.rollgate.health = Health::Status(403);
     let fetches = sim.fetches;
     sim.advance(Duration::from_secs(31));
     assert_eq!(sim.fetches, fetches + 1);
@@ -615,7 +694,7 @@ fn client_errors_are_not_retried() {
         sim.machine.status(sim.now).last_error,
         Some(UpstreamError::Status {
             what: "flags request",
-            status: 401
+            status: 403
         })
     );
 }
@@ -638,6 +717,7 @@ fn late_answers_to_abandoned_requests_are_ignored() {
         status: 200,
         etag: None,
         body: Bytes::from_static(br#"{"flags":{"a":true}}"#),
+        retry_after: None,
     };
     machine.handle_fetch(now, RequestId(999), ok());
     machine.handle_stream_bytes(now, StreamId(999), b"event: init\ndata: {\"flags\":{}}\n\n");
@@ -652,6 +732,7 @@ fn late_answers_to_abandoned_requests_are_ignored() {
             status: 200,
             etag: None,
             body: Bytes::from_static(br#"{"flags":{"a":false}}"#),
+            retry_after: None,
         },
     );
     assert!(machine.snapshot().unwrap().defaults().flags["a"]);
@@ -778,12 +859,13 @@ proptest! {
                         let body: &'static [u8] = if valid { br#"{"flags":{"x":true}}"# } else { b"{" };
                         machine.handle_fetch(now, id, FetchResult::Response {
                             status, etag: Some("\"e\"".into()), body: Bytes::from_static(body),
+                            retry_after: None,
                         });
                     }
                 }
                 Input::Opened(status) => {
                     if let Some(id) = stream {
-                        machine.handle_stream_opened(now, id, status, true);
+                        machine.handle_stream_opened(now, id, status, true, None);
                     }
                 }
                 Input::Bytes(bytes) => {
@@ -823,4 +905,320 @@ proptest! {
             prop_assert!(machine.poll_timeout().is_some() || waiting_on_io);
         }
     }
+}
+
+fn answer(status: u16, retry_after: Option<&str>) -> FetchResult {
+    FetchResult::Response {
+        status,
+        etag: None,
+        body: Bytes::from_static(b"{}"),
+        retry_after: retry_after.map(str::to_owned),
+    }
+}
+
+#[test]
+fn retry_after_parses_both_forms() {
+    let now = Timestamp::from_millis(784_111_777_000); // Sun, 06 Nov 1994 08:49:37 GMT
+    assert_eq!(parse_retry_after("60", now), Some(Duration::from_secs(60)));
+    assert_eq!(parse_retry_after(" 0 ", now), Some(Duration::ZERO));
+    assert_eq!(
+        parse_retry_after("Sun, 06 Nov 1994 08:50:37 GMT", now),
+        Some(Duration::from_secs(60))
+    );
+    assert_eq!(
+        parse_retry_after("Sun, 06 Nov 1994 08:00:00 GMT", now),
+        Some(Duration::ZERO),
+        "a past date is no wait"
+    );
+    assert_eq!(
+        parse_retry_after("Thu, 01 Jan 1970 00:00:00 GMT", Timestamp::from_millis(0)),
+        Some(Duration::ZERO)
+    );
+    assert_eq!(
+        parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", Timestamp::from_millis(0)),
+        Some(Duration::from_secs(1_445_412_480))
+    );
+    for bad in [
+        "",
+        "-1",
+        "1.5",
+        "soon",
+        "Sun, 06 Nov 1994 08:49:37",
+        "Sun 06 Nov 1994 08:49:37 GMT",
+    ] {
+        assert_eq!(parse_retry_after(bad, now), None, "{bad:?}");
+    }
+    assert!(parse_retry_after("99999999999999999999999", now).is_some());
+}
+
+#[test]
+fn a_429_retry_after_holds_every_request_until_it_passes() {
+    let now = Timestamp::from_millis(T0);
+    let config = UpstreamConfig {
+        streaming: false,
+        refresh_interval: Duration::from_secs(2),
+        ..UpstreamConfig::default()
+    };
+    let mut machine = Upstream::new(config, now);
+    let (fetch, _, _) = drain(&mut machine);
+    machine.handle_fetch(now, fetch.unwrap(), answer(429, Some("60")));
+    let status = machine.status(now);
+    assert!(matches!(
+        status.last_error,
+        Some(UpstreamError::Throttled { status: 429, .. })
+    ));
+    assert_eq!(
+        status.hold_until,
+        Some(now.saturating_add(Duration::from_secs(60)))
+    );
+    // Side requests are refused too.
+    assert!(!machine.admit_side_request(now.saturating_add(Duration::from_secs(59))));
+    // Run the clock: no request before 60 s, then one.
+    let mut t = now;
+    let mut requests = Vec::new();
+    for _ in 0..1000 {
+        let Some(next) = machine.poll_timeout() else {
+            break;
+        };
+        if next > now.saturating_add(Duration::from_secs(61)) {
+            break;
+        }
+        t = t.max(next);
+        machine.handle_timeout(t);
+        let (fetch, _, _) = drain(&mut machine);
+        if let Some(id) = fetch {
+            requests.push(t);
+            machine.handle_fetch(t, id, ok(br#"{"flags":{"a":true}}"#));
+        }
+    }
+    assert_eq!(
+        requests.first(),
+        Some(&now.saturating_add(Duration::from_secs(60))),
+        "{requests:?}"
+    );
+    assert!(machine.admit_side_request(t));
+}
+
+#[test]
+fn a_503_retry_after_on_the_stream_delays_its_reconnect_and_the_polls() {
+    let now = Timestamp::from_millis(T0);
+    let mut machine = Upstream::new(UpstreamConfig::default(), now);
+    let (fetch, stream, _) = drain(&mut machine);
+    machine.handle_fetch(now, fetch.unwrap(), ok(br#"{"flags":{"a":true}}"#));
+    let _ = drain(&mut machine);
+    machine.handle_stream_opened(
+        now,
+        stream.unwrap(),
+        503,
+        false,
+        Some("Sun, 06 Nov 1994 08:49:37 GMT"),
+    );
+    // A date in the past: no hold beyond the usual backoff.
+    assert_eq!(machine.status(now).hold_until, None);
+    let t = machine.poll_timeout().unwrap();
+    machine.handle_timeout(t);
+    let (_, stream, _) = drain(&mut machine);
+    machine.handle_stream_opened(t, stream.unwrap(), 503, false, Some("120"));
+    let until = t.saturating_add(Duration::from_secs(120));
+    assert_eq!(machine.status(t).hold_until, Some(until));
+    for _ in 0..100 {
+        let at = machine.poll_timeout().unwrap();
+        if at >= until {
+            break;
+        }
+        machine.handle_timeout(at);
+        let (fetch, stream, _) = drain(&mut machine);
+        assert!(
+            fetch.is_none() && stream.is_none(),
+            "a request at {at:?} before {until:?}"
+        );
+    }
+    machine.handle_timeout(until);
+    let (fetch, stream, _) = drain(&mut machine);
+    assert!(
+        fetch.is_some() || stream.is_some(),
+        "requests resume once the hold passed"
+    );
+}
+
+#[test]
+fn a_side_request_retry_after_holds_the_machine_too() {
+    let now = Timestamp::from_millis(T0);
+    let mut machine = Upstream::new(UpstreamConfig::default(), now);
+    let _ = drain(&mut machine);
+    assert!(machine.admit_side_request(now));
+    machine.record_side_response(now, 429, Some("30"));
+    assert!(!machine.admit_side_request(now.saturating_add(Duration::from_secs(29))));
+    assert!(machine.admit_side_request(now.saturating_add(Duration::from_secs(30))));
+    // Without Retry-After, a 429 holds nothing back (the breaker decides).
+    machine.record_side_response(now, 429, None);
+    assert!(machine.admit_side_request(now.saturating_add(Duration::from_secs(30))));
+    // A Retry-After on another status means nothing.
+    machine.record_side_response(now, 500, Some("30"));
+    assert!(machine.admit_side_request(now.saturating_add(Duration::from_secs(30))));
+}
+
+#[test]
+fn a_huge_retry_after_is_cut_to_an_hour() {
+    let now = Timestamp::from_millis(T0);
+    let mut machine = Upstream::new(UpstreamConfig::default(), now);
+    let _ = drain(&mut machine);
+    machine.record_side_response(now, 503, Some("999999999"));
+    assert_eq!(
+        machine.status(now).hold_until,
+        Some(now.saturating_add(MAX_RETRY_AFTER))
+    );
+}
+
+#[test]
+fn a_rejected_key_is_reported_plainly_and_probed_slowly() {
+    let mut sim = Sim::new(UpstreamConfig {
+        refresh_interval: Duration::from_secs(30),
+        ..UpstreamConfig::default()
+    });
+    sim.rollgate.health = Health::Status(401);
+    sim.drop_stream();
+    let fetches = sim.fetches;
+    let opens = sim.transcript.matches("stream open ->").count();
+    sim.advance(Duration::from_secs(125));
+    let status = sim.machine.status(sim.now);
+    assert!(status.key_rejected);
+    let error = status.last_error.unwrap();
+    assert!(
+        matches!(error, UpstreamError::KeyRejected { .. }),
+        "{error}"
+    );
+    assert!(
+        error.to_string().contains("rejected the server API key"),
+        "{error}"
+    );
+    // About one stream probe and one poll per refresh interval: not the 1 s..30 s backoff
+    // plus 3 retries per poll.
+    let probes = (sim.fetches - fetches) + sim.transcript.matches("stream open ->").count() - opens;
+    assert!(
+        probes <= 10,
+        "{probes} requests in 125 s:\n{}",
+        sim.transcript
+    );
+    assert!(
+        probes >= 3,
+        "{probes} requests in 125 s:\n{}",
+        sim.transcript
+    );
+    // The key works again: the next probe clears the flag.
+    sim.rollgate.health = Health::Up;
+    sim.advance(Duration::from_secs(61));
+    let status = sim.machine.status(sim.now);
+    assert!(!status.key_rejected, "{}", sim.transcript);
+    assert_eq!(status.last_error, None);
+}
+
+#[test]
+fn redirects_and_oversize_bodies_are_clear_failures() {
+    let now = Timestamp::from_millis(T0);
+    let config = UpstreamConfig {
+        streaming: false,
+        ..UpstreamConfig::default()
+    };
+    let mut machine = Upstream::new(config.clone(), now);
+    let (fetch, _, _) = drain(&mut machine);
+    machine.handle_fetch(now, fetch.unwrap(), answer(302, None));
+    let error = machine.status(now).last_error.unwrap();
+    assert!(
+        matches!(error, UpstreamError::Redirected { status: 302, .. }),
+        "{error}"
+    );
+    assert!(error.to_string().contains("not followed"));
+
+    let mut machine = Upstream::new(config, now);
+    assert_eq!(machine.max_body_bytes(), DEFAULT_MAX_BODY_BYTES);
+    let (fetch, _, _) = drain(&mut machine);
+    machine.handle_fetch(
+        now,
+        fetch.unwrap(),
+        FetchResult::TooLarge {
+            status: 200,
+            limit: DEFAULT_MAX_BODY_BYTES,
+        },
+    );
+    let (retry, _, _) = drain(&mut machine);
+    assert!(retry.is_none(), "no retry of an oversize body");
+    let status = machine.status(now);
+    assert_eq!(status.counters.malformed, 1);
+    assert!(
+        status
+            .last_error
+            .unwrap()
+            .to_string()
+            .contains("larger than")
+    );
+    assert!(
+        UpstreamConfig {
+            max_body_bytes: 10,
+            ..UpstreamConfig::default()
+        }
+        .validate()
+        .is_err()
+    );
+}
+
+#[test]
+fn invalid_utf8_or_bad_keys_on_the_stream_are_rejected_like_in_a_fetch() {
+    let mut sim = Sim::new(UpstreamConfig::default());
+    let revision = sim.machine.snapshot().unwrap().revision();
+    sim.send(b"event: init\ndata: {\"flags\":{\"\xff\xfe-bad\":true}}\n\n");
+    sim.send(b"event: flags\ndata: {\"flags\":{\"\\ufffd\\ufffd-bad\":true}}\n\n");
+    sim.send(b"event: init\ndata: {\"flags\":{\"a\\r\\nb\":true}}\n\n");
+    sim.send(b"event: flag-update\ndata: {\"key\":\"x y\",\"enabled\":true}\n\n");
+    sim.send(b"event: rules-full\ndata: {\"flags\":{\"\xff\":{\"enabled\":true}}}\n\n");
+    assert_eq!(sim.machine.snapshot().unwrap().revision(), revision);
+    assert_eq!(sim.machine.status(sim.now).counters.malformed, 5);
+    // The same bytes in a fetch body are rejected too.
+    let now = Timestamp::from_millis(T0);
+    let mut machine = Upstream::new(
+        UpstreamConfig {
+            streaming: false,
+            ..UpstreamConfig::default()
+        },
+        now,
+    );
+    let (fetch, _, _) = drain(&mut machine);
+    machine.handle_fetch(now, fetch.unwrap(), ok(b"{\"flags\":{\"a\\r\\nb\":true}}"));
+    assert!(machine.snapshot().is_none());
+    assert_eq!(machine.status(now).counters.malformed, 1);
+}
+
+#[test]
+fn a_304_to_an_earlier_fetch_does_not_release_a_change_whose_refetch_is_queued() {
+    let now = Timestamp::from_millis(T0);
+    let mut machine = Upstream::new(UpstreamConfig::default(), now);
+    let (fetch, stream, _) = drain(&mut machine);
+    machine.handle_fetch(
+        now,
+        fetch.unwrap(),
+        ok(br#"{"flags":{"a":true},"reasons":{"a":{"kind":"OFF"}}}"#),
+    );
+    let _ = drain(&mut machine);
+    let stream = stream.unwrap();
+    machine.handle_stream_opened(now, stream, 200, true, None);
+    // A notification starts a fetch; the change itself arrives while it is in flight.
+    machine.handle_stream_bytes(now, stream, &frame("flag-changed", r#"{"key":"a"}"#));
+    let (early, _, _) = drain(&mut machine);
+    machine.handle_stream_bytes(now, stream, &frame("init", r#"{"flags":{"a":false}}"#));
+    let (none, _, published) = drain(&mut machine);
+    assert!(none.is_none() && published.is_empty());
+    machine.handle_fetch(now, early.unwrap(), answer(304, None));
+    let (queued, _, published) = drain(&mut machine);
+    assert!(published.is_empty(), "still waiting for the queued refetch");
+    machine.handle_fetch(
+        now,
+        queued.expect("the queued refetch"),
+        ok(br#"{"flags":{"a":false},"reasons":{"a":{"kind":"TARGET_MATCH"}}}"#),
+    );
+    let (_, _, published) = drain(&mut machine);
+    assert_eq!(published.len(), 1);
+    assert_eq!(
+        published[0].defaults().reasons["a"].kind,
+        crate::model::ReasonKind::TargetMatch
+    );
 }

@@ -25,7 +25,7 @@
 //! | `PUT /control/stream-mode` | `{"mode":"init\|flags\|flag-changed\|flag-update"}` | |
 //! | `PUT /control/stream-auth` | `{"auth":"token-or-bearer\|token-only\|bearer-only"}` | |
 //! | `PUT`/`DELETE /control/heartbeat` | `{"interval_ms","comment"?,"event"?}` | |
-//! | `POST /control/faults` | `{"route","status","body"?,"content_type"?,"retry_after"?,"count"?}` | [`Fault`]; `DELETE` clears all, `DELETE /control/faults/{route}` one |
+//! | `POST /control/faults` | `{"route","status","body"?,"content_type"?,"retry_after"?,"location"?,"body_bytes"?,"count"?}` | [`Fault`]; `DELETE` clears all, `DELETE /control/faults/{route}` one |
 //! | `PUT /control/delays/{route}` | `{"ms"}` | `DELETE /control/delays` clears |
 //! | `POST /control/streams/{drop,stall,resume}` | drop: `{"kind":"clean\|abort"}`? | |
 //! | `POST /control/streams/raw` | `{"text"}` or `{"hex"}` | bytes on every stream |

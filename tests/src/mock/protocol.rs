@@ -89,12 +89,44 @@ pub fn default_fault_body(status: u16) -> String {
     to_json(&body)
 }
 
+/// A body of exactly `len` bytes, `{"flags":{` then spaces, in 64 KiB chunks made on demand.
+fn generated_body(len: u64) -> Body {
+    const CHUNK: u64 = 64 * 1024;
+    let prefix = Bytes::from_static(b"{\"flags\":{");
+    let filler = Bytes::from(vec![b' '; CHUNK as usize]);
+    let chunks = futures_util::stream::unfold(0u64, move |sent| {
+        let (prefix, filler) = (prefix.clone(), filler.clone());
+        async move {
+            if sent >= len {
+                return None;
+            }
+            let n = (len - sent).min(CHUNK);
+            let chunk = if sent == 0 && n >= prefix.len() as u64 {
+                let mut first = bytes::BytesMut::from(&prefix[..]);
+                first.extend_from_slice(&filler[..(n as usize - prefix.len())]);
+                first.freeze()
+            } else {
+                filler.slice(..n as usize)
+            };
+            Some((Ok::<_, std::io::Error>(chunk), sent + n))
+        }
+    });
+    Body::from_stream(chunks)
+}
+
 fn fault_response(fault: Fault) -> Response {
     let status = StatusCode::from_u16(fault.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let body = fault
-        .body
-        .unwrap_or_else(|| default_fault_body(status.as_u16()));
-    let mut resp = Response::new(Body::from(body));
+    let mut resp = match fault.body_bytes {
+        Some(len) => Response::new(generated_body(len)),
+        None => Response::new(Body::from(
+            fault
+                .body
+                .unwrap_or_else(|| default_fault_body(status.as_u16())),
+        )),
+    };
+    if let Some(value) = fault.location.and_then(|v| HeaderValue::from_str(&v).ok()) {
+        resp.headers_mut().insert(header::LOCATION, value);
+    }
     *resp.status_mut() = status;
     let content_type = fault
         .content_type

@@ -262,6 +262,13 @@ pub struct Fault {
     /// `Retry-After` header value, sent verbatim.
     #[serde(default)]
     pub retry_after: Option<String>,
+    /// `Location` header value (for a 3xx), sent verbatim.
+    #[serde(default)]
+    pub location: Option<String>,
+    /// Instead of `body`: a generated body of this many bytes (`{"flags":{` then padding),
+    /// streamed in chunks so the mock never holds it whole.
+    #[serde(default)]
+    pub body_bytes: Option<u64>,
     /// How many more requests fail; `None` means every request until the fault is cleared.
     #[serde(default, rename = "count")]
     pub remaining: Option<u32>,
@@ -275,6 +282,8 @@ impl Fault {
             body: None,
             content_type: None,
             retry_after: None,
+            location: None,
+            body_bytes: None,
             remaining: None,
         }
     }
@@ -304,6 +313,20 @@ impl Fault {
     #[must_use]
     pub fn retry_after(mut self, value: impl Into<String>) -> Self {
         self.retry_after = Some(value.into());
+        self
+    }
+
+    /// Adds a `Location` header (for redirects).
+    #[must_use]
+    pub fn location(mut self, value: impl Into<String>) -> Self {
+        self.location = Some(value.into());
+        self
+    }
+
+    /// Answers with a generated body of `n` bytes, streamed (see [`Fault::body_bytes`]).
+    #[must_use]
+    pub fn body_of_len(mut self, n: u64) -> Self {
+        self.body_bytes = Some(n);
         self
     }
 }
