@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 use rollgate_proxy_core::api::ClientKeys;
 use rollgate_proxy_core::backoff::{ReconnectPolicy, RetryPolicy};
 use rollgate_proxy_core::breaker::BreakerConfig;
@@ -229,6 +229,35 @@ pub struct Config {
     /// Log level or filter (`info`, `debug`, `rollgate_proxy_server=debug,info`).
     #[arg(long, env = "ROLLGATE_PROXY_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+
+    /// What to do instead of serving (none: serve).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Subcommands of `rollgate-proxy`; without one it serves.
+#[derive(Clone, Debug, PartialEq, Eq, Subcommand)]
+pub enum Command {
+    /// Ask `GET /ready` of the proxy on the configured --bind/--port (PORT) and exit 0 when it
+    /// answers 200, 1 otherwise: a container health check that needs no shell or wget.
+    Healthcheck {
+        /// How long to wait for the answer.
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+}
+
+impl Config {
+    /// The address a local health check connects to: the bound address, or loopback when the
+    /// proxy binds every address (`0.0.0.0`, `::`).
+    pub fn probe_addr(&self) -> SocketAddr {
+        let ip = match self.bind {
+            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+            ip => ip,
+        };
+        SocketAddr::new(ip, self.port)
+    }
 }
 
 impl fmt::Debug for Config {
@@ -633,6 +662,40 @@ mod tests {
                 "https://a.example".into(),
                 "http://localhost:5173".into()
             ])
+        );
+    }
+
+    #[test]
+    fn healthcheck_subcommand_and_probe_address() {
+        let config = Config::try_parse_from(["x", "--port", "8080", "healthcheck"]).unwrap();
+        assert_eq!(
+            config.command,
+            Some(Command::Healthcheck {
+                timeout: Duration::from_secs(3)
+            })
+        );
+        assert_eq!(config.probe_addr(), "127.0.0.1:8080".parse().unwrap());
+        let config =
+            Config::try_parse_from(["x", "--bind", "::", "healthcheck", "--timeout", "1s"])
+                .unwrap();
+        assert_eq!(
+            config.probe_addr().ip(),
+            IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)
+        );
+        let config = Config::try_parse_from(["x", "--bind", "10.1.2.3"]).unwrap();
+        assert_eq!(config.command, None);
+        assert_eq!(config.probe_addr().ip().to_string(), "10.1.2.3");
+    }
+
+    #[test]
+    fn version_flag_prints_the_crate_version() {
+        let error = Config::try_parse_from(["x", "--version"])
+            .map(|_| ())
+            .unwrap_err();
+        assert_eq!(error.kind(), clap::error::ErrorKind::DisplayVersion);
+        assert_eq!(
+            error.to_string().trim(),
+            format!("rollgate-proxy {}", env!("CARGO_PKG_VERSION"))
         );
     }
 

@@ -1,15 +1,27 @@
 //! `rollgate-proxy`: parse the configuration, set up logging, bind, and run until SIGTERM/SIGINT.
 
+mod healthcheck;
+
 use std::io::IsTerminal;
 
 use anyhow::Context as _;
 use clap::Parser;
-use rollgate_proxy_server::config::{Config, LogFormat, Mode};
+use rollgate_proxy_server::config::{Command, Config, LogFormat, Mode};
 use rollgate_proxy_server::state::random_u64;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
     let config = Config::parse();
+    if let Some(Command::Healthcheck { timeout }) = config.command {
+        // Before validation: the probe needs only the address, and must not log or start anything.
+        match healthcheck::probe(config.probe_addr(), timeout) {
+            Ok(()) => std::process::exit(0),
+            Err(error) => {
+                eprintln!("rollgate-proxy healthcheck: {error}");
+                std::process::exit(1);
+            }
+        }
+    }
     let settings = match config.validate(random_u64()) {
         Ok(settings) => settings,
         Err(error) => {
