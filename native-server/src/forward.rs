@@ -73,6 +73,7 @@ impl Forwarder {
         if events.len() > MAX_BUFFERED_EVENTS {
             let excess = events.len() - MAX_BUFFERED_EVENTS;
             events.drain(..excess);
+            m::dropped("events", excess as u64);
         }
         Ok(count)
     }
@@ -95,6 +96,7 @@ impl Forwarder {
             received = received.saturating_add(counts.total);
             let full = telemetry.evaluations.len() >= MAX_TELEMETRY_FLAGS;
             if full && !telemetry.evaluations.contains_key(&key) {
+                m::dropped("telemetry_flags", 1);
                 continue;
             }
             let entry = telemetry.evaluations.entry(key).or_default();

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use metrics::{counter, gauge};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use rollgate_proxy_core::upstream::StreamState;
+use rollgate_proxy_core::upstream::{StreamState, UpstreamError};
 
 use crate::state::{App, lock, now};
 
@@ -264,6 +264,12 @@ pub fn upstream_request(kind: &'static str, outcome: &'static str) {
         .increment(1);
 }
 
+/// `n` items discarded because a bounded buffer was full (`events`: buffered SDK events,
+/// oldest first; `telemetry_flags`: telemetry for flags beyond the per-flush bound).
+pub fn dropped(what: &'static str, n: u64) {
+    counter!("rollgate_proxy_dropped_total", "what" => what).increment(n);
+}
+
 /// One local rules evaluation for a context.
 pub fn evaluation() {
     EVALUATIONS.fetch_add(1, Ordering::Relaxed);
@@ -296,6 +302,15 @@ pub fn render(app: &App, handle: &PrometheusHandle) -> String {
             },
         );
         gauge!("rollgate_proxy_breaker_state").set(status.breaker.state.gauge());
+        // 1 while Rollgate refuses the server key: retries cannot fix that, an operator must.
+        let key_rejected = matches!(
+            status.last_error,
+            Some(UpstreamError::Status {
+                status: 401 | 403,
+                ..
+            })
+        );
+        gauge!("rollgate_proxy_upstream_key_rejected").set(if key_rejected { 1.0 } else { 0.0 });
         counter!("rollgate_proxy_breaker_opens_total").absolute(status.breaker.opens_total);
         counter!("rollgate_proxy_upstream_stream_connects_total").absolute(c.stream_connects);
         // Every successful open after the first is a reconnect.
@@ -317,6 +332,7 @@ pub fn render(app: &App, handle: &PrometheusHandle) -> String {
     } else {
         gauge!("rollgate_proxy_upstream_connected").set(0.0);
         gauge!("rollgate_proxy_breaker_state").set(0.0);
+        gauge!("rollgate_proxy_upstream_key_rejected").set(0.0);
     }
     publish(
         "rollgate_proxy_sse_frames_sent_total",
