@@ -12,9 +12,11 @@
 
 mod common;
 mod flags;
+mod monitoring;
 mod ofrep;
 mod ops;
 mod parity;
+mod replicas;
 mod resilience;
 mod sdk;
 mod security;
@@ -64,6 +66,8 @@ fn all() -> Vec<Scenario> {
     all.extend(security::scenarios());
     all.extend(ops::scenarios());
     all.extend(parity::scenarios());
+    all.extend(replicas::scenarios());
+    all.extend(monitoring::scenarios());
     all
 }
 
