@@ -18,9 +18,13 @@ ARG ROOTFS=source
 FROM rust:1.95-bookworm AS source
 WORKDIR /src
 COPY . .
+# musl-gcc compiles ring's C for the musl target.
+RUN apt-get update && apt-get install -y --no-install-recommends musl-tools \
+ && rm -rf /var/lib/apt/lists/*
 # rust-toolchain.toml pins the toolchain; the musl target makes the binary static (no libc).
 RUN rustup target add x86_64-unknown-linux-musl \
- && cargo build --locked --profile container --target x86_64-unknown-linux-musl \
+ && CC_x86_64_unknown_linux_musl=musl-gcc \
+    cargo build --locked --profile container --target x86_64-unknown-linux-musl \
       -p rollgate-proxy-server --bin rollgate-proxy \
  && scripts/container-rootfs.sh \
       target/x86_64-unknown-linux-musl/container/rollgate-proxy /out/rootfs
@@ -34,6 +38,7 @@ FROM scratch AS runtime
 COPY --from=rootfs /out/rootfs/root/ /
 # The snapshot directory belongs to the proxy's user, so a fresh named volume does too.
 COPY --from=rootfs --chown=65532:65532 /out/rootfs/data /data
+# The shutdown bound stays below `docker stop`'s default 10 s grace, so a stop never SIGKILLs.
 ENV PORT=3001 \
     ROLLGATE_PROXY_BIND=0.0.0.0 \
     ROLLGATE_BASE_URL=https://api.rollgate.io \
