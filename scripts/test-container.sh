@@ -8,7 +8,8 @@
 # container exits 0 within the shutdown timeout; configured by environment as in the pattern
 # (ROLLGATE_API_KEY, ROLLGATE_BASE_URL) it relays the mock upstream, persists the snapshot in
 # the volume, and a new container on that volume is ready from it while upstream is down; the
-# key never shows in the logs; docker-compose.yml runs the image (compose v1, when it can run).
+# key never shows in the logs; with a mounted certificate it serves HTTPS and its health check
+# speaks TLS; docker-compose.yml runs the image (compose v1, when it can run).
 # Starts dockerd (Debian's docker.io, installed when missing) if none is running, talks to the
 # containers over --network host on 127.0.0.1, and removes everything it created on exit.
 # Usage: ./scripts/test-container.sh   (a step of ./scripts/test.sh; needs root on a fresh machine)
@@ -27,6 +28,7 @@ TAG=rollgate-proxy:test-$$
 PREFIX=rollgate-proxy-test-$$
 VOLUME=$PREFIX-data
 work=$(mktemp -d)
+mkdir -p "$work/tls"
 containers=()
 pids=()
 started_dockerd=
@@ -187,6 +189,23 @@ wait "$sse_pid" || sse_status=$?
 [ "$sse_status" = 0 ] || fail "the SSE stream did not end cleanly (curl exit $sse_status)"
 "$DOCKER" logs "$name" 2>&1 | grep -q "SIGTERM received" || fail "no 'SIGTERM received' in the logs"
 echo "SIGTERM: exit 0 after ${took_ms} ms, the open stream ended cleanly"
+
+log "TLS: HTTPS with a mounted certificate; the health check speaks TLS too"
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+  -subj /CN=rollgate-proxy-test -addext subjectAltName=DNS:flags.example.com \
+  -addext basicConstraints=critical,CA:FALSE \
+  -keyout "$work/tls/key.pem" -out "$work/tls/cert.pem" 2>/dev/null || fail "openssl req"
+# The proxy's user reads the mounted key (a test key; a real one comes from a Secret).
+chmod 0644 "$work/tls/key.pem"
+port=$(free_port)
+name=$PREFIX-tls
+run_proxy "$name" -e PORT="$port" -e ROLLGATE_PROXY_BIND=127.0.0.1 -v "$work/tls:/tls:ro" \
+  -e ROLLGATE_PROXY_TLS_CERT=/tls/cert.pem -e ROLLGATE_PROXY_TLS_KEY=/tls/key.pem
+wait_for "$name to turn healthy over TLS" 60 is_healthy "$name"
+curl -fsS --cacert "$work/tls/cert.pem" --resolve "flags.example.com:$port:127.0.0.1" \
+  "https://flags.example.com:$port/api/flags" | grep -q '"new-checkout"' || fail "HTTPS /api/flags"
+"$DOCKER" stop -t 30 "$name" >/dev/null
+echo "healthy over TLS (the certificate does not name 127.0.0.1: the probe pins it); HTTPS serves"
 
 log "upstream mode by environment, snapshot volume, restart while upstream is down"
 cargo build --locked -q -p rollgate-proxy-tests --bin mock-upstream

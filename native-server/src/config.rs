@@ -230,6 +230,14 @@ pub struct Config {
     #[arg(long, env = "ROLLGATE_PROXY_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
 
+    /// Serve HTTPS with this PEM certificate chain (needs --tls-key); reloaded when it changes.
+    #[arg(long, env = "ROLLGATE_PROXY_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1); reloaded when it changes.
+    #[arg(long, env = "ROLLGATE_PROXY_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
     /// What to do instead of serving (none: serve).
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -340,6 +348,8 @@ pub struct Settings {
     pub telemetry_flush_interval: Duration,
     /// Graceful shutdown bound.
     pub shutdown_timeout: Duration,
+    /// TLS termination; `None`: plain HTTP.
+    pub tls: Option<crate::tls::TlsSettings>,
 }
 
 /// A setting that failed validation; the message names the flag and its env var.
@@ -517,6 +527,14 @@ impl Config {
             "" => None,
             path => Some(PathBuf::from(path)),
         };
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(
+                crate::tls::TlsSettings::load(cert.clone(), key.clone()).map_err(|error| {
+                    invalid("--tls-cert", "ROLLGATE_PROXY_TLS_CERT", error.to_string())
+                })?,
+            ),
+            _ => None,
+        };
         Ok(Settings {
             addr: SocketAddr::new(self.bind, self.port),
             mode,
@@ -537,6 +555,7 @@ impl Config {
             events_flush_interval: self.events_flush_interval,
             telemetry_flush_interval: self.telemetry_flush_interval,
             shutdown_timeout: self.shutdown_timeout,
+            tls,
         })
     }
 }
@@ -685,6 +704,25 @@ mod tests {
         let config = Config::try_parse_from(["x", "--bind", "10.1.2.3"]).unwrap();
         assert_eq!(config.command, None);
         assert_eq!(config.probe_addr().ip().to_string(), "10.1.2.3");
+    }
+
+    #[test]
+    fn tls_needs_both_files_that_load() {
+        let error = parse(&["--tls-cert", "/nonexistent/cert.pem"]).unwrap_err();
+        assert!(error.contains("--tls-key"), "{error}");
+        let error = parse(&[
+            "--tls-cert",
+            "/nonexistent/c.pem",
+            "--tls-key",
+            "/nonexistent/k.pem",
+        ])
+        .unwrap_err();
+        assert!(
+            error.contains("invalid --tls-cert (ROLLGATE_PROXY_TLS_CERT)"),
+            "{error}"
+        );
+        assert!(error.contains("/nonexistent/c.pem"), "{error}");
+        assert!(parse(&[]).unwrap().tls.is_none());
     }
 
     #[test]

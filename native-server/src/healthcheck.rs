@@ -1,9 +1,18 @@
-//! `rollgate-proxy healthcheck`: one bounded `GET /ready` over plain std I/O, for images with
-//! no shell, curl or wget (Docker `HEALTHCHECK`, compose `healthcheck`).
+//! `rollgate-proxy healthcheck`: one bounded `GET /ready` over blocking std I/O (over TLS when
+//! the proxy terminates TLS), for images with no shell, curl or wget (Docker `HEALTHCHECK`).
 
-use std::io::{Read as _, Write as _};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{WebPkiSupportedAlgorithms, ring::default_provider};
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use tokio_rustls::rustls;
 
 /// Why the proxy is not healthy.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +33,14 @@ pub(crate) enum ProbeError {
         /// What came back (at most one short line).
         line: String,
     },
+    /// The TLS certificate to expect could not be read, or the handshake failed.
+    #[error("{addr}: TLS: {message}")]
+    Tls {
+        /// The probed address.
+        addr: SocketAddr,
+        /// What failed.
+        message: String,
+    },
     /// An answer other than 200.
     #[error("{addr}: /ready answered {status}")]
     NotReady {
@@ -37,8 +54,14 @@ pub(crate) enum ProbeError {
 /// Longest status line read; an HTTP/1.1 status line for `/ready` is ~20 bytes.
 const MAX_HEAD: usize = 512;
 
-/// `GET /ready` on `addr` within `timeout` in total; `Ok` on 200.
-pub(crate) fn probe(addr: SocketAddr, timeout: Duration) -> Result<(), ProbeError> {
+/// `GET /ready` on `addr` within `timeout` in total; `Ok` on 200. With `tls_cert` (the proxy's
+/// `--tls-cert`) it speaks TLS and accepts exactly the certificate in that file: the proxy's
+/// name need not cover the loopback address it is probed on.
+pub(crate) fn probe(
+    addr: SocketAddr,
+    timeout: Duration,
+    tls_cert: Option<&Path>,
+) -> Result<(), ProbeError> {
     let io = |source| ProbeError::Io { addr, source };
     let deadline = Instant::now() + timeout;
     let left = || {
@@ -46,18 +69,57 @@ pub(crate) fn probe(addr: SocketAddr, timeout: Duration) -> Result<(), ProbeErro
             .saturating_duration_since(Instant::now())
             .max(Duration::from_millis(1))
     };
-    let mut stream = TcpStream::connect_timeout(&addr, left()).map_err(io)?;
-    stream.set_write_timeout(Some(left())).map_err(io)?;
+    let tcp = TcpStream::connect_timeout(&addr, left()).map_err(io)?;
+    // Timeouts are per socket, so this handle bounds every read and write of the stream below.
+    let socket = tcp.try_clone().map_err(io)?;
+    let Some(cert) = tls_cert else {
+        return exchange(addr, tcp, &socket, &left);
+    };
+    let tls_error = |message: String| ProbeError::Tls { addr, message };
+    let pinned = CertificateDer::from_pem_file(cert)
+        .map_err(|error| tls_error(format!("{}: {error}", cert.display())))?;
+    let provider = default_provider();
+    let verifier = Pinned {
+        cert: pinned,
+        algorithms: provider.signature_verification_algorithms,
+    };
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_safe_default_protocol_versions()
+        .map_err(|error| tls_error(error.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    let connection = rustls::ClientConnection::new(Arc::new(config), ServerName::from(addr.ip()))
+        .map_err(|error| tls_error(error.to_string()))?;
+    exchange(
+        addr,
+        rustls::StreamOwned::new(connection, tcp),
+        &socket,
+        &left,
+    )
+}
+
+/// Sends the request on `stream` and reads the status line, every step bounded by `left()`.
+fn exchange(
+    addr: SocketAddr,
+    mut stream: impl Read + Write,
+    socket: &TcpStream,
+    left: &dyn Fn() -> Duration,
+) -> Result<(), ProbeError> {
+    let io = |source| ProbeError::Io { addr, source };
     let host = addr.to_string();
     let request = format!(
         "GET /ready HTTP/1.1\r\nHost: {host}\r\nUser-Agent: rollgate-proxy-healthcheck\r\nConnection: close\r\n\r\n"
     );
+    socket.set_write_timeout(Some(left())).map_err(io)?;
+    socket.set_read_timeout(Some(left())).map_err(io)?;
     stream.write_all(request.as_bytes()).map_err(io)?;
+    stream.flush().map_err(io)?;
     let mut head = Vec::with_capacity(64);
     let mut buf = [0_u8; 128];
     // Bounded: every read adds at least one byte or ends the loop, and `head` is capped.
     while !head.contains(&b'\n') && head.len() < MAX_HEAD {
-        stream.set_read_timeout(Some(left())).map_err(io)?;
+        socket.set_read_timeout(Some(left())).map_err(io)?;
         let n = stream.read(&mut buf).map_err(io)?;
         if n == 0 {
             break;
@@ -78,6 +140,55 @@ pub(crate) fn probe(addr: SocketAddr, timeout: Duration) -> Result<(), ProbeErro
             addr,
             line: line.chars().take(80).collect(),
         }),
+    }
+}
+
+/// Accepts exactly one certificate (the proxy's own, read from `--tls-cert`) and checks the
+/// handshake signatures with it, so the probe is not fooled by another listener on the port.
+#[derive(Debug)]
+struct Pinned {
+    cert: CertificateDer<'static>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for Pinned {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if end_entity.as_ref() == self.cert.as_ref() {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(
+                "the server's certificate is not the one in --tls-cert".to_owned(),
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
     }
 }
 
@@ -113,7 +224,7 @@ mod tests {
     #[test]
     fn ok_on_200_and_asks_ready() {
         let (addr, server) = serve_once("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
-        probe(addr, Duration::from_secs(5)).unwrap();
+        probe(addr, Duration::from_secs(5), None).unwrap();
         assert!(
             server
                 .join()
@@ -125,14 +236,14 @@ mod tests {
     #[test]
     fn not_ready_on_503_and_garbage() {
         let (addr, server) = serve_once("HTTP/1.1 503 Service Unavailable\r\n\r\n");
-        let error = probe(addr, Duration::from_secs(5)).unwrap_err();
+        let error = probe(addr, Duration::from_secs(5), None).unwrap_err();
         assert!(
             matches!(error, ProbeError::NotReady { status: 503, .. }),
             "{error}"
         );
         server.join().unwrap();
         let (addr, server) = serve_once("SSH-2.0-OpenSSH\r\n");
-        let error = probe(addr, Duration::from_secs(5)).unwrap_err();
+        let error = probe(addr, Duration::from_secs(5), None).unwrap_err();
         assert!(matches!(error, ProbeError::NotHttp { .. }), "{error}");
         server.join().unwrap();
     }
@@ -144,7 +255,7 @@ mod tests {
             .local_addr()
             .unwrap();
         // The listener is dropped: the port refuses connections.
-        let error = probe(addr, Duration::from_secs(2)).unwrap_err();
+        let error = probe(addr, Duration::from_secs(2), None).unwrap_err();
         assert!(matches!(error, ProbeError::Io { .. }), "{error}");
     }
 
@@ -152,7 +263,7 @@ mod tests {
     fn a_silent_server_times_out() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        let error = probe(addr, Duration::from_millis(300)).unwrap_err();
+        let error = probe(addr, Duration::from_millis(300), None).unwrap_err();
         assert!(matches!(error, ProbeError::Io { .. }), "{error}");
         drop(listener);
     }

@@ -15,6 +15,7 @@ pub mod routes;
 pub mod server;
 pub mod sse;
 pub mod state;
+pub mod tls;
 pub mod users;
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ fn main() -> anyhow::Result<()> {
     let config = Config::parse();
     if let Some(Command::Healthcheck { timeout }) = config.command {
         // Before validation: the probe needs only the address, and must not log or start anything.
-        match healthcheck::probe(config.probe_addr(), timeout) {
+        match healthcheck::probe(config.probe_addr(), timeout, config.tls_cert.as_deref()) {
             Ok(()) => std::process::exit(0),
             Err(error) => {
                 eprintln!("rollgate-proxy healthcheck: {error}");
@@ -67,7 +67,12 @@ fn main() -> anyhow::Result<()> {
         let listener = rollgate_proxy_server::server::bind(addr)
             .with_context(|| format!("cannot listen on {addr} (--bind/--port)"))?;
         let local = listener.local_addr().context("no local address")?;
-        tracing::info!("listening on http://{local}");
+        let scheme = if settings.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        tracing::info!("listening on {scheme}://{local}");
         rollgate_proxy_server::run(listener, settings, shutdown_signal()).await?;
         Ok(())
     })

@@ -21,6 +21,7 @@ mod resilience;
 mod sdk;
 mod security;
 mod sse;
+mod tls;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -68,6 +69,7 @@ fn all() -> Vec<Scenario> {
     all.extend(parity::scenarios());
     all.extend(replicas::scenarios());
     all.extend(monitoring::scenarios());
+    all.extend(tls::scenarios());
     all
 }
 
