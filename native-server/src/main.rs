@@ -39,7 +39,11 @@ fn main() -> anyhow::Result<()> {
     let subscriber = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stdout)
-        .with_ansi(std::io::stdout().is_terminal());
+        .with_ansi(std::io::stdout().is_terminal())
+        // A log write that fails (stdout's reader is gone) must not `eprintln!` a report: that
+        // panics on the same broken pipe, in whichever task logged, and a panic in the task that
+        // logged "SIGTERM received" left the process deaf to SIGTERM.
+        .log_internal_errors(false);
     match config.log_format {
         LogFormat::Text => subscriber.init(),
         LogFormat::Json => subscriber.json().flatten_event(true).init(),
