@@ -20,6 +20,7 @@ mod replicas;
 mod resilience;
 mod sdk;
 mod security;
+mod signals;
 mod sse;
 mod tls;
 
@@ -70,6 +71,7 @@ fn all() -> Vec<Scenario> {
     all.extend(replicas::scenarios());
     all.extend(monitoring::scenarios());
     all.extend(tls::scenarios());
+    all.extend(signals::scenarios());
     all
 }
 
