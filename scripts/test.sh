@@ -41,6 +41,13 @@ step "Rust tests: core unit/property/golden/simulation, server, mock upstream, e
 cargo test --workspace --locked
 suites=$((suites + 1))
 
+step "deploy recipes: alert rules (promtool), systemd unit, Kubernetes schemas, compose/dashboard checks"
+./scripts/check-deploy.sh
+
+step "container: build the image's runtime stage from the static binary, run it, check it"
+./scripts/test-container.sh
+suites=$((suites + 1))
+
 step "JS client tests (clients/js, pinned by its package-lock.json)"
 (cd clients/js && npm ci --no-audit --no-fund --loglevel=error && npm test)
 suites=$((suites + 1))
@@ -49,6 +56,9 @@ step "edge worker: build with pinned worker-build / wasm-bindgen / wrangler, the
 ./scripts/build-edge.sh
 npm run --silent test:edge
 suites=$((suites + 1))
+
+step "edge worker: wrangler deploy --dry-run with the real wrangler.toml (routes, observability)"
+WRANGLER_SEND_METRICS=false npx wrangler deploy --dry-run --outdir target/wrangler-dry-run
 
 step "the same e2e suite against the Worker (wrangler dev + the Rust mock), and native/Worker parity"
 E2E_TARGET=edge cargo test -p rollgate-proxy-tests --test e2e --locked

@@ -379,6 +379,12 @@ impl Metrics {
                 load(&self.sse_clients[kind.index()]),
             );
         }
+        gauge(
+            &mut out,
+            "sse_connections",
+            "Open SSE client connections, all streams.",
+            self.stream_clients() as f64,
+        );
         if !scrape.shard_clients.is_empty() {
             family(
                 &mut out,

@@ -115,6 +115,23 @@ pub const LOG_LEVEL: Spec = Spec::new(
     "Log level or filter, e.g. debug or rollgate_proxy_server=debug,info",
 );
 
+/// TLS certificate chain.
+pub const TLS_CERT: Spec = Spec::new(
+    "tls-cert",
+    "ROLLGATE_PROXY_TLS_CERT",
+    None,
+    Target::Native,
+    "Serve HTTPS with this PEM certificate chain (needs --tls-key); reloaded when it changes",
+);
+/// TLS private key.
+pub const TLS_KEY: Spec = Spec::new(
+    "tls-key",
+    "ROLLGATE_PROXY_TLS_KEY",
+    None,
+    Target::Native,
+    "The PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1); reloaded when it changes",
+);
+
 /// The native server's own settings, after core's [`SCHEMA`] in `--help`.
 pub const NATIVE_SCHEMA: &[&Spec] = &[
     &PORT,
@@ -130,6 +147,8 @@ pub const NATIVE_SCHEMA: &[&Spec] = &[
     &SHUTDOWN_TIMEOUT,
     &LOG_FORMAT,
     &LOG_LEVEL,
+    &TLS_CERT,
+    &TLS_KEY,
 ];
 
 /// Log output format.
@@ -187,6 +206,25 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// Log level or filter.
     pub log_level: String,
+    /// TLS termination; `None`: plain HTTP.
+    pub tls: Option<crate::tls::TlsSettings>,
+}
+
+/// What the command line asks for.
+#[derive(Debug)]
+pub enum Invocation {
+    /// Run the proxy.
+    Serve(Box<Settings>),
+    /// `rollgate-proxy healthcheck`: ask `GET /ready` of the proxy on the configured address and
+    /// exit 0 or 1 (a container health check that needs no shell or wget).
+    Healthcheck {
+        /// The address to probe: the bound one, or loopback when the proxy binds every address.
+        addr: SocketAddr,
+        /// How long to wait for the answer.
+        timeout: Duration,
+        /// The certificate to pin when the proxy terminates TLS.
+        tls_cert: Option<PathBuf>,
+    },
 }
 
 /// The command line: every setting of core's schema and the native one.
@@ -214,7 +252,20 @@ pub fn command() -> Command {
         }
         command = command.arg(arg);
     }
-    command
+    command.subcommand(
+        Command::new("healthcheck")
+            .about(
+                "Ask GET /ready of the proxy on the configured --bind/--port (PORT) and exit 0 \
+                 when it answers 200, 1 otherwise: a container health check with no shell",
+            )
+            .arg(
+                Arg::new("timeout")
+                    .long("timeout")
+                    .num_args(1)
+                    .default_value("3s")
+                    .help("How long to wait for the answer"),
+            ),
+    )
 }
 
 /// Parses and validates `args` (the first is the program name) and the environment.
@@ -230,8 +281,76 @@ where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
+    Ok(
+        invocation_from(args, jitter_seed)?.and_then(|invocation| match invocation {
+            Invocation::Serve(settings) => Ok(*settings),
+            Invocation::Healthcheck { .. } => Err(SettingsError::new(
+                &PORT,
+                "the healthcheck subcommand does not serve",
+            )),
+        }),
+    )
+}
+
+/// What `args` (the first is the program name) and the environment ask for: serve (validated
+/// settings) or a health check (only the address is read, nothing else is validated).
+///
+/// # Errors
+/// As [`parse_from`].
+pub fn invocation_from<I, T>(
+    args: I,
+    jitter_seed: u64,
+) -> Result<Result<Invocation, SettingsError>, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
     let matches = command().try_get_matches_from(args)?;
-    Ok(Settings::from_matches(&matches, jitter_seed))
+    let Some(healthcheck) = matches.subcommand_matches("healthcheck") else {
+        return Ok(
+            Settings::from_matches(&matches, jitter_seed).map(|s| Invocation::Serve(Box::new(s)))
+        );
+    };
+    let lookup = |spec: &'static Spec| matches.get_one::<String>(spec.flag).cloned();
+    let values = Values::new(lookup);
+    Ok((|| {
+        let (bind, port) = address(&values)?;
+        let timeout = healthcheck
+            .get_one::<String>("timeout")
+            .map(|t| settings::parse_duration(t))
+            .transpose()
+            .map_err(|message| {
+                SettingsError::new(&PORT, format!("healthcheck --timeout: {message}"))
+            })?
+            .unwrap_or(Duration::from_secs(3));
+        Ok(Invocation::Healthcheck {
+            addr: probe_addr(SocketAddr::new(bind, port)),
+            timeout,
+            tls_cert: values.text(&TLS_CERT).map(PathBuf::from),
+        })
+    })())
+}
+
+/// The address a local health check connects to: the bound address, or loopback when the
+/// proxy binds every address (`0.0.0.0`, `::`).
+pub fn probe_addr(bound: SocketAddr) -> SocketAddr {
+    let ip = match bound.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    SocketAddr::new(ip, bound.port())
+}
+
+fn address<F: Fn(&'static Spec) -> Option<String>>(
+    values: &Values<F>,
+) -> Result<(IpAddr, u16), SettingsError> {
+    let port = u16::try_from(values.number(&PORT, 0, u64::from(u16::MAX))?).unwrap_or(0);
+    let bind_text = values.text(&BIND).unwrap_or_default();
+    let bind: IpAddr = bind_text
+        .parse()
+        .map_err(|_| SettingsError::new(&BIND, format!("{bind_text:?} is not an IP address")))?;
+    Ok((bind, port))
 }
 
 impl Settings {
@@ -243,11 +362,7 @@ impl Settings {
         let lookup = |spec: &'static Spec| matches.get_one::<String>(spec.flag).cloned();
         let core = settings::Settings::from_lookup(lookup, jitter_seed)?;
         let values = Values::new(lookup);
-        let port = u16::try_from(values.number(&PORT, 0, u64::from(u16::MAX))?).unwrap_or(0);
-        let bind_text = values.text(&BIND).unwrap_or_default();
-        let bind: IpAddr = bind_text.parse().map_err(|_| {
-            SettingsError::new(&BIND, format!("{bind_text:?} is not an IP address"))
-        })?;
+        let (bind, port) = address(&values)?;
         let size = |spec: &'static Spec, min: u64| -> Result<usize, SettingsError> {
             let n = values.number(spec, min, 1 << 30)?;
             Ok(usize::try_from(n).unwrap_or(usize::MAX))
@@ -271,7 +386,21 @@ impl Settings {
                 base_url: core.base_url.clone(),
             },
         };
+        let tls = match (values.text(&TLS_CERT), values.text(&TLS_KEY)) {
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(SettingsError::new(&TLS_KEY, "--tls-cert needs --tls-key"));
+            }
+            (None, Some(_)) => {
+                return Err(SettingsError::new(&TLS_CERT, "--tls-key needs --tls-cert"));
+            }
+            (Some(cert), Some(key)) => Some(
+                crate::tls::TlsSettings::load(PathBuf::from(cert), PathBuf::from(key))
+                    .map_err(|error| SettingsError::new(&TLS_CERT, error.to_string()))?,
+            ),
+        };
         Ok(Self {
+            tls,
             addr: SocketAddr::new(bind, port),
             mode,
             // An explicitly empty value disables persistence.
@@ -366,6 +495,65 @@ mod tests {
             let error = parse(args).expect_err("must fail");
             assert!(error.contains(needle), "{args:?}: {error}");
         }
+    }
+
+    #[test]
+    fn healthcheck_subcommand_and_probe_address() {
+        let probe = |args: &[&str]| {
+            let mut argv = vec!["x"];
+            argv.extend_from_slice(args);
+            match invocation_from(argv, 1).unwrap().unwrap() {
+                Invocation::Healthcheck { addr, timeout, .. } => (addr, timeout),
+                Invocation::Serve(_) => panic!("expected a health check"),
+            }
+        };
+        assert_eq!(
+            probe(&["--port", "8080", "healthcheck"]),
+            ("127.0.0.1:8080".parse().unwrap(), Duration::from_secs(3))
+        );
+        let (addr, timeout) = probe(&["--bind", "::", "healthcheck", "--timeout", "1s"]);
+        assert_eq!(addr.ip(), IpAddr::V6(std::net::Ipv6Addr::LOCALHOST));
+        assert_eq!(timeout, Duration::from_secs(1));
+        assert_eq!(
+            probe(&["--bind", "10.1.2.3", "healthcheck"])
+                .0
+                .ip()
+                .to_string(),
+            "10.1.2.3"
+        );
+        assert!(matches!(
+            invocation_from(["x"], 1).unwrap().unwrap(),
+            Invocation::Serve(_)
+        ));
+    }
+
+    #[test]
+    fn tls_needs_both_files_that_load() {
+        let error = parse(&["--tls-cert", "/nonexistent/cert.pem"]).unwrap_err();
+        assert!(error.contains("--tls-key"), "{error}");
+        let error = parse(&[
+            "--tls-cert",
+            "/nonexistent/c.pem",
+            "--tls-key",
+            "/nonexistent/k.pem",
+        ])
+        .unwrap_err();
+        assert!(
+            error.contains("invalid --tls-cert (ROLLGATE_PROXY_TLS_CERT)"),
+            "{error}"
+        );
+        assert!(error.contains("/nonexistent/c.pem"), "{error}");
+        assert!(parse(&[]).unwrap().tls.is_none());
+    }
+
+    #[test]
+    fn version_flag_prints_the_crate_version() {
+        let error = parse_from(["x", "--version"], 1).map(|_| ()).unwrap_err();
+        assert_eq!(error.kind(), clap::error::ErrorKind::DisplayVersion);
+        assert_eq!(
+            error.to_string().trim(),
+            format!("rollgate-proxy {}", env!("CARGO_PKG_VERSION"))
+        );
     }
 
     #[test]

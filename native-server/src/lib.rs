@@ -16,6 +16,7 @@ pub mod runtime;
 pub mod server;
 pub mod sse;
 pub mod state;
+pub mod tls;
 pub mod upstream;
 pub mod users;
 

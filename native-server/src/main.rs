@@ -1,15 +1,30 @@
 //! `rollgate-proxy`: parse the configuration, set up logging, bind, and run until SIGTERM/SIGINT.
 
+mod healthcheck;
+
 use std::io::IsTerminal;
 
 use anyhow::Context as _;
-use rollgate_proxy_server::config::{self, LogFormat, Mode};
+use rollgate_proxy_server::config::{self, Invocation, LogFormat, Mode};
 use rollgate_proxy_server::runtime::random_u64;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
-    let settings = match config::parse_from(std::env::args_os(), random_u64()) {
-        Ok(Ok(settings)) => settings,
+    let settings = match config::invocation_from(std::env::args_os(), random_u64()) {
+        Ok(Ok(Invocation::Serve(settings))) => *settings,
+        // Before anything else: the probe needs only the address, and must not log or start
+        // anything.
+        Ok(Ok(Invocation::Healthcheck {
+            addr,
+            timeout,
+            tls_cert,
+        })) => match healthcheck::probe(addr, timeout, tls_cert.as_deref()) {
+            Ok(()) => std::process::exit(0),
+            Err(error) => {
+                eprintln!("rollgate-proxy healthcheck: {error}");
+                std::process::exit(1);
+            }
+        },
         Ok(Err(error)) => {
             eprintln!("rollgate-proxy: {error}");
             std::process::exit(2);
@@ -27,7 +42,11 @@ fn main() -> anyhow::Result<()> {
     let subscriber = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stdout)
-        .with_ansi(std::io::stdout().is_terminal());
+        .with_ansi(std::io::stdout().is_terminal())
+        // A log write that fails (stdout's reader is gone) must not `eprintln!` a report: that
+        // panics on the same broken pipe, in whichever task logged, and a panic in the task that
+        // logged "SIGTERM received" left the process deaf to SIGTERM.
+        .log_internal_errors(false);
     match settings.log_format {
         LogFormat::Text => subscriber.init(),
         LogFormat::Json => subscriber.json().flatten_event(true).init(),
@@ -55,7 +74,12 @@ fn main() -> anyhow::Result<()> {
         let listener = rollgate_proxy_server::server::bind(addr)
             .with_context(|| format!("cannot listen on {addr} (--bind/--port)"))?;
         let local = listener.local_addr().context("no local address")?;
-        tracing::info!("listening on http://{local}");
+        let scheme = if settings.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        tracing::info!("listening on {scheme}://{local}");
         rollgate_proxy_server::run(listener, settings, shutdown_signal()).await?;
         Ok(())
     })

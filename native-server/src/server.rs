@@ -45,6 +45,9 @@ pub async fn serve(
         .max_buf_size((settings.max_header_bytes + settings.max_uri_length + 4096).max(8192))
         .keep_alive(true);
     let graceful = GracefulShutdown::new();
+    if let Some(tls) = &settings.tls {
+        tokio::spawn(tls.clone().watch(shutdown.clone()));
+    }
     loop {
         let accepted = tokio::select! {
             biased;
@@ -55,10 +58,40 @@ pub async fn serve(
             Ok((stream, _peer)) => {
                 let _ = stream.set_nodelay(true);
                 let service = TowerToHyperService::new(router.clone());
-                let connection = builder.serve_connection(TokioIo::new(stream), service);
-                let connection = graceful.watch(connection);
+                let Some(tls) = &settings.tls else {
+                    let connection = builder.serve_connection(TokioIo::new(stream), service);
+                    let connection = graceful.watch(connection);
+                    tokio::spawn(async move {
+                        if let Err(error) = connection.await {
+                            tracing::debug!(%error, "connection ended with an error");
+                        }
+                    });
+                    continue;
+                };
+                // The handshake runs in the connection's task, bounded like a request head,
+                // so a slow client never holds up the accept loop.
+                let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
+                let (builder, watcher) = (builder.clone(), graceful.watcher());
+                let handshake_timeout = settings.request_timeout;
                 tokio::spawn(async move {
-                    if let Err(error) = connection.await {
+                    let stream = match tokio::time::timeout(
+                        handshake_timeout,
+                        acceptor.accept(stream),
+                    )
+                    .await
+                    {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(error)) => {
+                            tracing::debug!(%error, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!("TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let connection = builder.serve_connection(TokioIo::new(stream), service);
+                    if let Err(error) = watcher.watch(connection).await {
                         tracing::debug!(%error, "connection ended with an error");
                     }
                 });

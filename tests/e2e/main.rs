@@ -13,14 +13,18 @@
 mod common;
 mod drift;
 mod flags;
+mod monitoring;
 mod ofrep;
 mod ops;
 mod parity;
+mod replicas;
 mod request_limits;
 mod resilience;
 mod sdk;
 mod security;
+mod signals;
 mod sse;
+mod tls;
 mod upstream_faults;
 
 use std::future::Future;
@@ -71,6 +75,10 @@ fn all() -> Vec<Scenario> {
     all.extend(parity::scenarios());
     all.extend(upstream_faults::scenarios());
     all.extend(request_limits::scenarios());
+    all.extend(replicas::scenarios());
+    all.extend(monitoring::scenarios());
+    all.extend(tls::scenarios());
+    all.extend(signals::scenarios());
     all
 }
 

@@ -742,7 +742,8 @@ mod native {
         });
     }
 
-    /// The first `http://127.0.0.1:PORT` after "listening on" (text or JSON logs).
+    /// The first `http://127.0.0.1:PORT` (or `https://`, with TLS) after "listening on" (text
+    /// or JSON logs).
     pub(super) fn listening_url(logs: &str) -> Option<String> {
         url_after(logs, "listening on")
     }
@@ -751,7 +752,7 @@ mod native {
     pub(super) fn url_after(logs: &str, marker: &str) -> Option<String> {
         logs.lines().find_map(|line| {
             let rest = &line[line.find(marker)?..];
-            let start = rest.find("http://")?;
+            let start = rest.find("http://").or_else(|| rest.find("https://"))?;
             let url: String = rest[start..]
                 .chars()
                 .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, ':' | '/' | '.'))

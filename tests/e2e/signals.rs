@@ -1,0 +1,86 @@
+//! SIGTERM still stops a proxy whose log reader is gone (stdout and stderr are broken pipes),
+//! as happens to an orphaned proxy or one behind a crashed log shipper.
+
+use std::io::{BufRead as _, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rollgate_proxy_tests::target::ProxyConfig;
+
+use crate::common::*;
+use crate::{Scenario, scenario};
+
+pub(crate) fn scenarios() -> Vec<Scenario> {
+    vec![scenario!(sigterm_stops_a_proxy_whose_log_reader_is_gone)]
+}
+
+async fn sigterm_stops_a_proxy_whose_log_reader_is_gone() {
+    if !target().is_process() {
+        println!("(skipped on this target: a Worker has no process to signal)");
+        return;
+    }
+    let flags_file =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/flags.json");
+    // A first proxy through the harness builds the binary; its executable is the one to run.
+    let built = start_proxy(ProxyConfig {
+        flags_file: Some(flags_file.clone()),
+        ..ProxyConfig::default()
+    })
+    .await;
+    let pid = built.pid().expect("a native process");
+    let binary = std::fs::read_link(format!("/proc/{pid}/exe")).expect("/proc/PID/exe");
+    drop(built);
+
+    let mut child = Command::new(&binary)
+        .args(["--bind", "127.0.0.1", "--port", "0", "--snapshot-file", ""])
+        .arg("--flags-file")
+        .arg(&flags_file)
+        .env_remove("ROLLGATE_API_KEY")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut reader = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut url = None;
+    for _ in 0..20 {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            break;
+        }
+        if let Some(at) = line.find("listening on ") {
+            url = Some(line[at + "listening on ".len()..].trim().to_owned());
+            break;
+        }
+    }
+    let url = url.expect("the proxy reports its address");
+    // The reader goes away: every later log write fails with EPIPE.
+    drop(reader);
+    drop(child.stderr.take());
+    eventually("/live", Duration::from_secs(10), || {
+        let live = format!("{url}/live");
+        async move { (get(&live).await.ok()?.status == 200).then_some(()) }
+    })
+    .await;
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let exit = loop {
+        if let Some(exit) = child.try_wait().expect("try_wait") {
+            break Some(exit);
+        }
+        if Instant::now() >= deadline {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    if exit.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let exit = exit.expect("the proxy exits on SIGTERM although it cannot log");
+    assert_eq!(exit.code(), Some(0), "{exit}");
+}
