@@ -40,6 +40,9 @@ pub mod api;
 pub mod backoff;
 pub mod breaker;
 pub mod eval;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod model;
 pub mod render;
 pub mod snapshot;

@@ -822,11 +822,11 @@ impl Upstream {
         }
     }
 
-    /// Issues attempt `retry` of a fetch, through the breaker on the first attempt.
+    /// Issues attempt `retry` of a fetch, through the breaker on every attempt: a retry that
+    /// comes due after the breaker opened (a stream failure can open it meanwhile) must not
+    /// reach upstream either; it waits for the breaker as a new request.
     fn start_fetch(&mut self, now: Timestamp, retry: u32) {
-        if retry == 0
-            && let Admission::Reject { until } = self.breaker.check(now)
-        {
+        if let Admission::Reject { until } = self.breaker.check(now) {
             self.counters.breaker_rejections += 1;
             self.fetch = FetchSlot::Waiting {
                 at: until.max(now),
