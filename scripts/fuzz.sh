@@ -41,6 +41,17 @@ else
     bound=(-runs="${RUNS:-1000000}")
 fi
 
+# Input size bounds, per target: the decoder's limits are themselves fuzzed down to a few bytes,
+# so short streams reach every state (and a stream is decoded three times, once byte by byte);
+# the machine's operations are capped at 64 per input anyway.
+max_len() {
+    case $1 in
+        sse_decoder) echo 512 ;;
+        upstream_machine) echo 2048 ;;
+        *) echo 16384 ;;
+    esac
+}
+
 for target in "${TARGETS[@]}"; do
     printf '\n==> %s\n' "$target"
     mkdir -p "fuzz/corpus-grown/$target"
@@ -48,5 +59,5 @@ for target in "${TARGETS[@]}"; do
     # New inputs go to the first corpus directory; the seeds are only read.
     cargo "+$TOOLCHAIN" fuzz run --fuzz-dir fuzz -a --sanitizer "$SANITIZER" "$target" \
         "fuzz/corpus-grown/$target" "fuzz/corpus/$target" -- \
-        "${bound[@]}" -print_final_stats=1 "$@"
+        "${bound[@]}" -max_len="$(max_len "$target")" -print_final_stats=1 "$@"
 done
