@@ -43,6 +43,9 @@ pub mod breaker;
 pub mod cors;
 pub mod downstream;
 pub mod eval;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod metrics;
 pub mod model;
 pub mod outbox;

@@ -1060,7 +1060,9 @@ impl Upstream {
         }
     }
 
-    /// Issues attempt `retry` of a fetch, through the breaker on the first attempt.
+    /// Issues attempt `retry` of a fetch, through the breaker on every attempt: a retry that
+    /// comes due after the breaker opened (a stream failure can open it meanwhile) must not
+    /// reach upstream either; it waits for the breaker as a new request.
     fn start_fetch(&mut self, now: Timestamp, retry: u32) {
         if let Some(until) = self.held_until(now) {
             // Upstream asked for quiet (Retry-After, or a rejected key's slow probe).
@@ -1070,9 +1072,7 @@ impl Upstream {
             };
             return;
         }
-        if retry == 0
-            && let Admission::Reject { until } = self.breaker.check(now)
-        {
+        if let Admission::Reject { until } = self.breaker.check(now) {
             self.counters.breaker_rejections += 1;
             self.fetch = FetchSlot::Waiting {
                 at: until.max(now),
