@@ -1,6 +1,6 @@
 // A tiny stand-in for rollgate-proxy's client API (flags, ETag/304, SSE stream, health, client
 // keys) on node:http. The real-server tests run the client against it, and `npm run demo` serves
-// the demo page from ../../native-server/assets with flags that flip by themselves, so the page
+// the demo page from ../../core/assets with flags that flip by themselves, so the page
 // can be tried without building the Rust server. Binds 127.0.0.1 only.
 
 import { createHash } from 'node:crypto';
@@ -10,9 +10,9 @@ import { pathToFileURL } from 'node:url';
 
 // Paths relative to this file; the routes are the ones the Rust server serves.
 const ASSETS = {
-  '/': ['../../../native-server/assets/index.html', 'text/html; charset=utf-8'],
-  '/demo.js': ['../../../native-server/assets/demo.js', 'text/javascript; charset=utf-8'],
-  '/demo.css': ['../../../native-server/assets/demo.css', 'text/css; charset=utf-8'],
+  '/': ['../../../core/assets/index.html', 'text/html; charset=utf-8'],
+  '/demo.js': ['../../../core/assets/demo.js', 'text/javascript; charset=utf-8'],
+  '/demo.css': ['../../../core/assets/demo.css', 'text/css; charset=utf-8'],
   '/rollgate-proxy-client.js': ['../src/index.js', 'text/javascript; charset=utf-8'],
 };
 

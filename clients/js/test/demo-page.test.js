@@ -1,4 +1,4 @@
-// The demo page (native-server/assets) in jsdom against the mock proxy: its script runs with the
+// The demo page (core/assets) in jsdom against the mock proxy: its script runs with the
 // client library served beside it, real fetch and a real EventSource; the test drives it through
 // the stable ids and data attributes a browser test would use. Every wait is bounded.
 
@@ -14,7 +14,7 @@ import { JSDOM } from 'jsdom';
 
 import { startMockProxy } from '../dev/mock-proxy.js';
 
-const assets = new URL('../../../native-server/assets/', import.meta.url);
+const assets = new URL('../../../core/assets/', import.meta.url);
 const clientFile = new URL('../src/index.js', import.meta.url);
 const GLOBALS = ['window', 'document', 'location', 'history', 'fetch', 'EventSource', 'rollgateDemo'];
 const saved = Object.fromEntries(GLOBALS.map((name) => [name, Object.getOwnPropertyDescriptor(globalThis, name)]));
