@@ -1,7 +1,7 @@
 //! Keys of the Workers Cache API entries that answer polling requests at the edge.
 //!
 //! Two kinds of entry per environment: a tiny *pointer* to the current snapshot's event id
-//! (`<revision>-<hash>`), trusted for `CACHE_TTL_MS`, and the *answers* keyed by that event id,
+//! (`<revision>-<hash>`), trusted for `ROLLGATE_PROXY_EDGE_CACHE_TTL`, and the *answers* keyed by that event id,
 //! route, query and body. A change upstream produces a new event id, so after at most one
 //! pointer TTL every edge location asks for (and caches) the new answers; polling never sends
 //! every request to the one relay object.

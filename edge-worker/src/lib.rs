@@ -5,7 +5,7 @@
 //!  client ──▶ Worker (fetch) ── CORS, request id, core's admit (route, client key), body limit
 //!              │  stateless routes: answered here by core's dispatcher
 //!              │  polling: Workers Cache API (pointer to the current event id) ─ miss ─┐
-//!              │  streams: one of SSE_SHARDS shard objects (random)                     │
+//!              │  streams: one of ROLLGATE_PROXY_SSE_SHARDS shard objects (random)       │
 //!              ▼                                                                        ▼
 //!        SseShard[i] ◀── one internal stream of snapshots ── Relay (one per environment) ◀┘
 //!        core's Subscriber per client; per-user               owns core's `Upstream` (ONE upstream
