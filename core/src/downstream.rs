@@ -605,11 +605,6 @@ impl Downstream {
         response.headers.push(("Retry-After", seconds.to_string()));
         response
     }
-
-    /// Bytes the per-user cache holds (estimated), for tests and diagnostics.
-    pub fn user_cache_bytes(&self) -> usize {
-        lock(&self.users).bytes()
-    }
 }
 
 /// The context of a data request: from the body (`POST /api/flags`, OFREP) or the query.

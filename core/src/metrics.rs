@@ -285,11 +285,6 @@ impl Metrics {
         self.frames_sent[kind.index()].store(total, Ordering::Relaxed);
     }
 
-    /// Frames of `kind` written so far.
-    pub fn frames_sent_of(&self, kind: StreamKind) -> u64 {
-        self.frames_sent[kind.index()].load(Ordering::Relaxed)
-    }
-
     /// One answer served from data of this freshness.
     pub fn cache(&self, freshness: Freshness) {
         let slot = match freshness {
