@@ -73,19 +73,19 @@ async fn handle(State(app): State<Arc<App>>, request: Request) -> Response {
             method = %parts.method,
             route = label
         );
-        let _in_flight = InFlight::enter(&app.in_flight);
+        let in_flight = InFlight::enter(&app.in_flight);
         response = match admitted {
             Ok(admitted)
                 if admitted.route.is_sheddable()
                     && app
                         .settings
                         .max_concurrent_requests
-                        .is_some_and(|max| _in_flight.count > max) =>
+                        .is_some_and(|max| in_flight.count > max) =>
             {
                 from_api(app.downstream.overloaded(random_unit()))
             }
             Ok(admitted) => {
-                answer(&app, &parts, body, admitted)
+                answer(&app, &parts, head, body, admitted)
                     .instrument(span.clone())
                     .await
             }
@@ -175,7 +175,13 @@ fn head_of(parts: &Parts) -> downstream::Request<'_> {
 }
 
 /// The answer to one admitted (non-preflight) request.
-async fn answer(app: &Arc<App>, parts: &Parts, body: Body, admitted: Admitted) -> Response {
+async fn answer(
+    app: &Arc<App>,
+    parts: &Parts,
+    head: downstream::Request<'_>,
+    body: Body,
+    admitted: Admitted,
+) -> Response {
     let body = if parts.method == Method::POST {
         match read_body(app, parts, body).await {
             Ok(body) => body,
@@ -186,7 +192,7 @@ async fn answer(app: &Arc<App>, parts: &Parts, body: Body, admitted: Admitted) -
     };
     let request = downstream::Request {
         body: &body,
-        ..head_of(parts)
+        ..head
     };
     let snapshot = app.current();
     let freshness = app.freshness(snapshot.is_some());
