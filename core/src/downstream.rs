@@ -117,11 +117,17 @@ pub struct Forward {
 impl Forward {
     /// The upstream path to `POST` to.
     pub fn path(&self) -> &'static str {
-        match self.kind {
-            SideRequest::Identify => "/api/v1/sdk/identify",
-            SideRequest::Events => "/api/v1/sdk/events",
-            SideRequest::Telemetry | SideRequest::UserFlags => "/api/v1/sdk/telemetry",
-        }
+        forward_path(self.kind)
+    }
+}
+
+/// Where a forwarded body of `kind` goes upstream (`POST`). Per-user flag fetches are `GET`s
+/// and never forwarded; their kind maps to the telemetry path only to keep this total.
+pub fn forward_path(kind: SideRequest) -> &'static str {
+    match kind {
+        SideRequest::Identify => "/api/v1/sdk/identify",
+        SideRequest::Events => "/api/v1/sdk/events",
+        SideRequest::Telemetry | SideRequest::UserFlags => "/api/v1/sdk/telemetry",
     }
 }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rollgate_proxy_core::breaker::Outcome;
+use rollgate_proxy_core::downstream::forward_path;
 use rollgate_proxy_core::metrics::{SideOutcome, SideRequest};
 use rollgate_proxy_core::outbox::Outbox;
 use tokio_util::sync::CancellationToken;
@@ -133,11 +134,7 @@ async fn post(
     body: Bytes,
     record: &impl Record,
 ) -> bool {
-    let path = match kind {
-        SideRequest::Identify => "/api/v1/sdk/identify",
-        SideRequest::Events => "/api/v1/sdk/events",
-        SideRequest::Telemetry | SideRequest::UserFlags => "/api/v1/sdk/telemetry",
-    };
+    let path = forward_path(kind);
     let result = upstream
         .http
         .post(format!("{}{path}", upstream.base_url))
