@@ -57,6 +57,7 @@ fn main() -> anyhow::Result<()> {
         .context("cannot start the tokio runtime")?;
     runtime.block_on(async move {
         match &settings.mode {
+            _ if settings.config_file.is_some() => {}
             Mode::Local { flags_file } => tracing::info!(
                 "local mode: serving {} (no ROLLGATE_API_KEY)",
                 flags_file.display()

@@ -12,6 +12,7 @@
 
 mod common;
 mod drift;
+mod environments;
 mod flags;
 mod monitoring;
 mod ofrep;
@@ -78,6 +79,7 @@ fn all() -> Vec<Scenario> {
     all.extend(replicas::scenarios());
     all.extend(monitoring::scenarios());
     all.extend(tls::scenarios());
+    all.extend(environments::scenarios());
     all.extend(signals::scenarios());
     all
 }
