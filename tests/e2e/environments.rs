@@ -106,7 +106,7 @@ async fn wait_flag(proxy: &ProxyHandle, key: &str, flag: &str) {
 async fn wait_status(proxy: &ProxyHandle, key: &str, status: u16) -> Resp {
     eventually(
         &format!("{status} for a client key"),
-        Duration::from_secs(30),
+        Duration::from_secs(45),
         || async {
             let resp = flags_with(proxy, "/api/flags", key).await;
             (resp.status == status).then_some(resp)
@@ -119,11 +119,30 @@ fn announces(event: &Value, key: &str) -> bool {
     event[key] == true || event["flags"][key] == true
 }
 
-async fn three_environments_route_by_key_fail_alone_and_reload() {
-    if !target().is_process() {
-        println!("(skipped on this target: the Worker reads environments from its vars)");
-        return;
+/// The same environments as the Worker's `ROLLGATE_PROXY_ENVIRONMENTS` (JSON); beta's old key
+/// expires at `expires`.
+fn environments_json(ups: &[Upstream], beta_new: &str, expires: &str) -> String {
+    let mut environments = serde_json::Map::new();
+    for up in ups {
+        let keys = if up.name == "beta" {
+            serde_json::json!([beta_new, {"key": client_key("beta"), "expires": expires}])
+        } else {
+            serde_json::json!([client_key(up.name)])
+        };
+        environments.insert(
+            up.name.to_owned(),
+            serde_json::json!({
+                "server_key": up.server_key,
+                "base_url": up.mock.base_url(),
+                "client_keys": keys,
+            }),
+        );
     }
+    serde_json::json!({ "environments": environments }).to_string()
+}
+
+async fn three_environments_route_by_key_fail_alone_and_reload() {
+    let native = target().is_process();
     let ups = [
         upstream("alpha").await,
         upstream("beta").await,
@@ -131,19 +150,27 @@ async fn three_environments_route_by_key_fail_alone_and_reload() {
     ];
     let dir = TempDir::new("environments").expect("temp dir");
     let config = dir.join("environments.toml");
-    let mut text = String::new();
-    for up in &ups {
-        text.push_str(&table(up, &format!("[\"{}\"]", client_key(up.name))));
-    }
-    write(&config, &text);
-    let proxy = start_proxy(
-        ProxyConfig {
-            refresh_interval: Some(Duration::from_secs(2)),
-            ..ProxyConfig::default()
+    let beta_new = "ck-beta-rotated-91c2";
+    let base = ProxyConfig {
+        refresh_interval: Some(Duration::from_secs(2)),
+        ..ProxyConfig::default()
+    };
+    let proxy = if native {
+        let mut text = String::new();
+        for up in &ups {
+            text.push_str(&table(up, &format!("[\"{}\"]", client_key(up.name))));
         }
-        .setting("ROLLGATE_PROXY_CONFIG", config.display().to_string()),
-    )
-    .await;
+        write(&config, &text);
+        start_proxy(base.setting("ROLLGATE_PROXY_CONFIG", config.display().to_string())).await
+    } else {
+        // The Worker reads its environments once: beta's old key expires a while after start.
+        let expires = rfc3339(SystemTime::now() + Duration::from_secs(40));
+        start_proxy(base.setting(
+            "ROLLGATE_PROXY_ENVIRONMENTS",
+            environments_json(&ups, beta_new, &expires),
+        ))
+        .await
+    };
     wait_ready(&proxy).await;
 
     // Each key sees its environment's flags only.
@@ -246,6 +273,20 @@ async fn three_environments_route_by_key_fail_alone_and_reload() {
     );
     ups[0].mock.set_down(false);
 
+    if !native {
+        // Rotation on the Worker: the new key and the old one side by side until it expires.
+        wait_flag(&proxy, beta_new, "only-beta").await;
+        wait_flag(&proxy, &client_key("beta"), "only-beta").await;
+        let expired = wait_status(&proxy, &client_key("beta"), 401).await;
+        assert!(expired.text().contains("expired"), "{}", expired.text());
+        assert_eq!(flags_with(&proxy, "/api/flags", beta_new).await.status, 200);
+        for up in &ups[1..] {
+            let stats = up.mock.stats();
+            assert_eq!(stats.streams_accepted, 1, "{}: {stats:?}", up.name);
+        }
+        return;
+    }
+
     // A bad file is refused and counted; everything keeps serving.
     write(&config, "[environments.broken]\nserver_key = 1\n");
     wait_metric_at_least(
@@ -261,7 +302,6 @@ async fn three_environments_route_by_key_fail_alone_and_reload() {
     // Reload: gamma removed, delta added, beta's key rotated with the old one expiring soon.
     let delta = upstream("delta").await;
     let expires = rfc3339(SystemTime::now() + Duration::from_secs(12));
-    let beta_new = "ck-beta-rotated-91c2";
     let mut text = table(&ups[0], &format!("[\"{}\"]", client_key("alpha")));
     text.push_str(&table(
         &ups[1],
