@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 
+use serde_json::{Map, Value};
 use subtle::{ConditionallySelectable, ConstantTimeEq};
 
 use crate::api::{ApiError, ClientKeys, query_pairs};
@@ -143,6 +144,7 @@ impl Environments {
     ///
     /// # Errors
     /// [`EnvironmentsError`] naming the first invalid field.
+    #[cfg(feature = "toml")]
     pub fn from_toml(
         text: &str,
         lookup: impl Fn(&str) -> Option<String>,
@@ -150,7 +152,10 @@ impl Environments {
         let table: toml::Table = text.parse().map_err(|error: toml::de::Error| {
             EnvironmentsError::Toml(error.message().to_owned())
         })?;
-        Self::from_table(&table, &lookup)
+        let Value::Object(map) = toml_to_json(toml::Value::Table(table)) else {
+            return Err(field_error("(top level)", "expected a table"));
+        };
+        Self::from_map(&map, &lookup)
     }
 
     /// Like [`Environments::from_toml`], from the same schema as JSON (`expires` is an RFC 3339
@@ -162,16 +167,16 @@ impl Environments {
         text: &str,
         lookup: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, EnvironmentsError> {
-        let value: serde_json::Value = serde_json::from_str(text)
+        let value: Value = serde_json::from_str(text)
             .map_err(|error| EnvironmentsError::Json(error.to_string()))?;
-        match json_to_toml(value, "") {
-            Ok(toml::Value::Table(table)) => Self::from_table(&table, &lookup),
-            Ok(_) => Err(field_error("(top level)", "expected an object")),
-            Err(error) => Err(error),
+        match value {
+            Value::Object(map) => Self::from_map(&map, &lookup),
+            _ => Err(field_error("(top level)", "expected an object")),
         }
     }
 
-    /// TOML when the text does not start with `{`, else JSON.
+    /// JSON when the text starts with `{`, else TOML (with the `toml` feature; without it,
+    /// as the Worker builds core, only JSON).
     ///
     /// # Errors
     /// [`EnvironmentsError`] naming the first invalid field.
@@ -180,14 +185,18 @@ impl Environments {
         lookup: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, EnvironmentsError> {
         if text.trim_start().starts_with('{') {
-            Self::from_json(text, lookup)
-        } else {
-            Self::from_toml(text, lookup)
+            return Self::from_json(text, lookup);
         }
+        #[cfg(feature = "toml")]
+        return Self::from_toml(text, lookup);
+        #[cfg(not(feature = "toml"))]
+        Err(EnvironmentsError::Toml(
+            "this build reads environments as JSON only (text starting with `{`)".to_owned(),
+        ))
     }
 
-    fn from_table(
-        table: &toml::Table,
+    fn from_map(
+        table: &Map<String, Value>,
         lookup: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Self, EnvironmentsError> {
         if let Some(other) = table.keys().find(|key| *key != "environments") {
@@ -199,7 +208,7 @@ impl Environments {
         let Some(environments) = table.get("environments") else {
             return Err(field_error("environments", "missing"));
         };
-        let Some(environments) = environments.as_table() else {
+        let Some(environments) = environments.as_object() else {
             return Err(field_error(
                 "environments",
                 "expected a table of environments by name",
@@ -263,12 +272,12 @@ impl Environments {
 
 fn parse_environment(
     name: &str,
-    value: &toml::Value,
+    value: &Value,
     lookup: &dyn Fn(&str) -> Option<String>,
 ) -> Result<EnvironmentConfig, EnvironmentsError> {
     let at = format!("environments.{name}");
     check_name(name).map_err(|message| field_error(at.as_str(), message))?;
-    let Some(table) = value.as_table() else {
+    let Some(table) = value.as_object() else {
         return Err(field_error(at, "expected a table"));
     };
     const FIELDS: &[&str] = &["server_key", "server_key_env", "base_url", "client_keys"];
@@ -323,12 +332,12 @@ fn parse_environment(
 
 fn parse_client_key(
     at: &str,
-    value: &toml::Value,
+    value: &Value,
     lookup: &dyn Fn(&str) -> Option<String>,
 ) -> Result<ClientKey, EnvironmentsError> {
     let (key, expires) = match value {
-        toml::Value::String(key) => (Secret::new(key.as_str()), None),
-        toml::Value::Table(table) => {
+        Value::String(key) => (Secret::new(key.as_str()), None),
+        Value::Object(table) => {
             const FIELDS: &[&str] = &["key", "key_env", "expires"];
             if let Some(other) = table.keys().find(|key| !FIELDS.contains(&key.as_str())) {
                 return Err(field_error(
@@ -369,7 +378,7 @@ fn parse_client_key(
 
 /// `<field>` given inline, or `<field>_env` naming a variable or secret read through `lookup`.
 fn secret_field(
-    table: &toml::Table,
+    table: &Map<String, Value>,
     at: &str,
     field: &str,
     lookup: &dyn Fn(&str) -> Option<String>,
@@ -416,39 +425,84 @@ fn check_name(name: &str) -> Result<(), String> {
     }
 }
 
-/// An expiry: a TOML offset datetime, or an RFC 3339 string with an offset.
-fn expiry(value: &toml::Value) -> Result<Timestamp, String> {
-    let datetime = match value {
-        toml::Value::Datetime(datetime) => *datetime,
-        toml::Value::String(text) => text
-            .parse::<toml::value::Datetime>()
-            .map_err(|_| "expected an RFC 3339 date-time, e.g. 2026-12-01T00:00:00Z".to_owned())?,
-        _ => return Err("expected a date-time, e.g. 2026-12-01T00:00:00Z".to_owned()),
-    };
-    to_timestamp(&datetime)
-        .ok_or_else(|| "expected a full date-time with an offset, e.g. 2026-12-01T00:00:00Z".into())
+/// An expiry: an RFC 3339 date-time with an offset (a TOML offset date-time arrives as its
+/// RFC 3339 text).
+fn expiry(value: &Value) -> Result<Timestamp, String> {
+    const EXPECTED: &str =
+        "expected an RFC 3339 date-time with an offset, e.g. 2026-12-01T00:00:00Z";
+    match value {
+        Value::String(text) => parse_rfc3339(text).ok_or_else(|| EXPECTED.to_owned()),
+        _ => Err(EXPECTED.to_owned()),
+    }
 }
 
-fn to_timestamp(datetime: &toml::value::Datetime) -> Option<Timestamp> {
-    use toml::value::Offset;
-    let date = datetime.date?;
-    let time = datetime.time?;
-    let offset_minutes: i64 = match datetime.offset? {
-        Offset::Z => 0,
-        Offset::Custom { minutes } => i64::from(minutes),
+/// `YYYY-MM-DD(T| )HH:MM:SS[.frac](Z|±HH:MM)` as a timestamp (before 1970: `None`).
+fn parse_rfc3339(text: &str) -> Option<Timestamp> {
+    let b = text.as_bytes();
+    let num = |range: std::ops::Range<usize>| -> Option<i64> {
+        let digits = b.get(range)?;
+        digits
+            .iter()
+            .all(u8::is_ascii_digit)
+            .then(|| digits.iter().fold(0, |n, d| n * 10 + i64::from(d - b'0')))
     };
-    let days = days_from_civil(
-        i64::from(date.year),
-        i64::from(date.month),
-        i64::from(date.day),
-    );
-    let secs = days * 86_400
-        + i64::from(time.hour) * 3600
-        + i64::from(time.minute) * 60
-        + i64::from(time.second.unwrap_or(0))
-        - offset_minutes * 60;
-    let millis = secs.checked_mul(1000)? + i64::from(time.nanosecond.unwrap_or(0) / 1_000_000);
-    u64::try_from(millis).ok().map(Timestamp::from_millis)
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't' | b' ')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return None;
+    }
+    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&month)
+        || !(1..=31).contains(&day)
+        || hour > 23
+        || minute > 59
+        || second > 60
+    {
+        return None;
+    }
+    let mut rest = &text[19..];
+    let mut millis = 0;
+    if let Some(frac) = rest.strip_prefix('.') {
+        let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return None;
+        }
+        let padded: String = frac[..digits]
+            .chars()
+            .chain("000".chars())
+            .take(3)
+            .collect();
+        millis = padded.parse::<i64>().ok()?;
+        rest = &frac[digits..];
+    }
+    let offset_minutes = match rest {
+        "Z" | "z" => 0,
+        _ => {
+            let o = rest.as_bytes();
+            if o.len() != 6 || o[3] != b':' || !matches!(o[0], b'+' | b'-') {
+                return None;
+            }
+            let hours = num_of(&rest[1..3])?;
+            let minutes = num_of(&rest[4..6])?;
+            let sign = if o[0] == b'-' { -1 } else { 1 };
+            sign * (hours * 60 + minutes)
+        }
+    };
+    let days = days_from_civil(year, month, day);
+    let secs = days * 86_400 + hour * 3600 + minute * 60 + second - offset_minutes * 60;
+    let total = secs.checked_mul(1000)?.checked_add(millis)?;
+    u64::try_from(total).ok().map(Timestamp::from_millis)
+}
+
+fn num_of(digits: &str) -> Option<i64> {
+    (!digits.is_empty() && digits.bytes().all(|d| d.is_ascii_digit()))
+        .then(|| digits.parse().ok())
+        .flatten()
 }
 
 /// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
@@ -462,36 +516,23 @@ fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
-fn json_to_toml(value: serde_json::Value, at: &str) -> Result<toml::Value, EnvironmentsError> {
-    use serde_json::Value as J;
-    Ok(match value {
-        J::Null => return Err(field_error(at, "null is not allowed")),
-        J::Bool(b) => toml::Value::Boolean(b),
-        J::Number(n) => match n.as_i64() {
-            Some(i) => toml::Value::Integer(i),
-            None => toml::Value::Float(n.as_f64().unwrap_or(0.0)),
-        },
-        J::String(s) => toml::Value::String(s),
-        J::Array(items) => toml::Value::Array(
-            items
+/// A TOML value as JSON: date-times become their RFC 3339 text (one walker reads both).
+#[cfg(feature = "toml")]
+fn toml_to_json(value: toml::Value) -> Value {
+    match value {
+        toml::Value::String(s) => Value::String(s),
+        toml::Value::Integer(i) => Value::from(i),
+        toml::Value::Float(f) => Value::from(f),
+        toml::Value::Boolean(b) => Value::Bool(b),
+        toml::Value::Datetime(datetime) => Value::String(datetime.to_string()),
+        toml::Value::Array(items) => Value::Array(items.into_iter().map(toml_to_json).collect()),
+        toml::Value::Table(table) => Value::Object(
+            table
                 .into_iter()
-                .enumerate()
-                .map(|(i, item)| json_to_toml(item, &format!("{at}[{i}]")))
-                .collect::<Result<_, _>>()?,
+                .map(|(key, value)| (key, toml_to_json(value)))
+                .collect(),
         ),
-        J::Object(map) => {
-            let mut table = toml::Table::new();
-            for (key, item) in map {
-                let path = if at.is_empty() {
-                    key.clone()
-                } else {
-                    format!("{at}.{key}")
-                };
-                table.insert(key, json_to_toml(item, &path)?);
-            }
-            toml::Value::Table(table)
-        }
-    })
+    }
 }
 
 /// What a reload changes, by environment name (each list sorted).
@@ -779,5 +820,5 @@ pub fn merge_metrics<'a>(renderings: impl IntoIterator<Item = (&'a str, &'a str)
     out
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "toml"))]
 mod tests;

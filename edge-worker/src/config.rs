@@ -42,7 +42,7 @@ pub const ENVIRONMENTS: Spec = Spec::new(
     "ROLLGATE_PROXY_ENVIRONMENTS",
     None,
     Target::Edge,
-    "Several environments (TOML or JSON, the native --config schema; *_env fields name secrets): one relay object each, requests routed by client key",
+    "Several environments as JSON (the native --config schema; *_env fields name secrets): one relay object each, requests routed by client key",
 );
 
 /// The Worker's own settings, after core's schema.

@@ -326,17 +326,13 @@ async fn handle(State(fleet): State<Arc<Fleet>>, mut request: Request) -> Respon
                 Route::Metrics => Some(metrics(&fleet, &generation)),
                 _ => None,
             };
-            match answer {
-                Some(response) => {
-                    let label = route.label();
-                    for app in &generation.apps {
-                        app.downstream.metrics.request(label, response.status, None);
-                    }
-                    from_api(response)
-                }
+            let admission = match answer {
+                Some(response) => Admission::Answered(response),
                 // Live, the demo page and its files: the same everywhere.
-                None => handle_in(first, request, Admission::Core).await,
-            }
+                None => Admission::Core,
+            };
+            // Counted once, under the first environment, with CORS and the request id.
+            handle_in(first, request, admission).await
         }
         // Not a route (404, 405, 400): any environment answers the same.
         Err(_) => handle_in(first, request, Admission::Core).await,

@@ -49,11 +49,17 @@ pub(crate) enum Admission {
     Routed(Option<String>),
     /// The environments router refused the request.
     Rejected(ApiError),
+    /// Answered already (health, readiness, metrics of every environment).
+    Answered(ApiResponse),
 }
 
 /// One request for `app`'s environment, its client key checked as `admission` says.
 pub(crate) async fn handle_in(app: &Arc<App>, request: Request, admission: Admission) -> Response {
     let started = Instant::now();
+    let (admission, answered) = match admission {
+        Admission::Answered(response) => (Admission::Routed(None), Some(response)),
+        other => (other, None),
+    };
     let (parts, body) = request.into_parts();
     let origin = parts.headers.get(header::ORIGIN).cloned();
     // The caller's id when it is usable, else a sequence number as 16 hex digits; kept as a
@@ -88,6 +94,14 @@ pub(crate) async fn handle_in(app: &Arc<App>, request: Request, admission: Admis
                     .map(|route| Admitted { route, client_key })
             }
             Admission::Rejected(error) => Err(error),
+            Admission::Answered(_) => {
+                rollgate_proxy_core::api::Route::parse(head.method, head.path).map(|route| {
+                    Admitted {
+                        route,
+                        client_key: None,
+                    }
+                })
+            }
         });
         label = admitted.as_ref().map_or("unmatched", |a| a.route.label());
         let span = tracing::debug_span!(
@@ -97,8 +111,9 @@ pub(crate) async fn handle_in(app: &Arc<App>, request: Request, admission: Admis
             route = label
         );
         let in_flight = InFlight::enter(&app.in_flight);
-        response = match admitted {
-            Ok(admitted)
+        response = match (admitted, answered) {
+            (Ok(_), Some(response)) => from_api(response),
+            (Ok(admitted), None)
                 if admitted.route.is_sheddable()
                     && app
                         .settings
@@ -107,12 +122,12 @@ pub(crate) async fn handle_in(app: &Arc<App>, request: Request, admission: Admis
             {
                 from_api(app.downstream.overloaded(random_unit()))
             }
-            Ok(admitted) => {
+            (Ok(admitted), None) => {
                 answer(app, &parts, head, body, admitted)
                     .instrument(span.clone())
                     .await
             }
-            Err(error) => from_api(error.into()),
+            (Err(error), _) => from_api(error.into()),
         };
         let cors = app
             .settings

@@ -351,3 +351,25 @@ fn metrics_merge_labels_every_sample_once_per_family() {
     ];
     assert_eq!(merged.lines().collect::<Vec<_>>(), expected);
 }
+
+#[test]
+fn rfc3339_expiries() {
+    let at = |text: &str| parse_rfc3339(text).map(Timestamp::as_millis);
+    assert_eq!(at("2026-12-01T00:00:00Z"), Some(DEC_1));
+    assert_eq!(at("2026-12-01 00:00:00.25z"), Some(DEC_1 + 250));
+    assert_eq!(at("2026-11-30T19:30:00-04:30"), Some(DEC_1));
+    assert_eq!(at("1970-01-01T00:00:00Z"), Some(0));
+    for bad in [
+        "",
+        "2026-12-01",
+        "2026-12-01T00:00:00",
+        "2026-13-01T00:00:00Z",
+        "2026-12-01T24:00:00Z",
+        "2026-12-01T00:00:00+0100",
+        "2026-12-01T00:00:00.Z",
+        "1969-12-31T23:59:59Z",
+        "２026-12-01T00:00:00Z",
+    ] {
+        assert_eq!(at(bad), None, "{bad}");
+    }
+}
