@@ -70,6 +70,9 @@ fn main() -> anyhow::Result<()> {
                 }
             ),
         }
+        // Handlers first: a SIGTERM that arrives once the port is bound must drain, never
+        // take the default action (death by signal).
+        let signal = shutdown_signal();
         let addr = settings.addr;
         let listener = rollgate_proxy_server::server::bind(addr)
             .with_context(|| format!("cannot listen on {addr} (--bind/--port)"))?;
@@ -80,31 +83,41 @@ fn main() -> anyhow::Result<()> {
             "http"
         };
         tracing::info!("listening on {scheme}://{local}");
-        rollgate_proxy_server::run(listener, settings, shutdown_signal()).await?;
+        rollgate_proxy_server::run(listener, settings, signal).await?;
         Ok(())
     })
 }
 
-/// Resolves on SIGINT (Ctrl-C) or SIGTERM (Docker, Kubernetes).
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
+/// Registers the SIGINT (Ctrl-C) and SIGTERM handlers now (not when first polled: the task
+/// that awaits the future may run only after the listener already answers) and returns a
+/// future that resolves on either.
+fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let terminate = signal(SignalKind::terminate());
+        let interrupt = signal(SignalKind::interrupt());
+        async move {
+            let wait = |s: std::io::Result<tokio::signal::unix::Signal>| async move {
+                match s {
+                    Ok(mut s) => {
+                        s.recv().await;
+                    }
+                    Err(_) => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                () = wait(interrupt) => tracing::info!("SIGINT received"),
+                () = wait(terminate) => tracing::info!("SIGTERM received"),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    async {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            tracing::info!("Ctrl-C received");
+        } else {
             std::future::pending::<()>().await;
         }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!("SIGINT received"),
-        () = terminate => tracing::info!("SIGTERM received"),
     }
 }
