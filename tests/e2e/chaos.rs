@@ -448,6 +448,25 @@ async fn a_reconnect_storm_is_served_by_one_upstream_stream() {
     let ids: std::collections::BTreeSet<String> =
         first.iter().filter_map(RawStream::last_id).collect();
     assert_eq!(ids.len(), 1, "one snapshot id for everyone: {ids:?}");
+    // Each connection drew its own `retry:` (2000 ms ±10 %): the herd comes back spread out.
+    let retries: std::collections::BTreeSet<u64> = first
+        .iter()
+        .map(|s| {
+            let text = String::from_utf8_lossy(&s.buf).into_owned();
+            text.lines()
+                .find_map(|l| l.strip_prefix("retry: ")?.trim().parse().ok())
+                .unwrap_or_else(|| panic!("a retry: line first: {:?}", s.tail()))
+        })
+        .collect();
+    assert!(
+        retries.iter().all(|ms| (1800..=2200).contains(ms)),
+        "{retries:?}"
+    );
+    assert!(
+        retries.len() >= n.min(400) / 4,
+        "retry: is drawn per connection: {} distinct values for {n} clients",
+        retries.len()
+    );
     let id = ids.into_iter().next().expect("an id");
     // Everyone drops at once (a replica died) and comes back at once with Last-Event-ID.
     drop(first);
@@ -580,7 +599,7 @@ async fn never_reading_clients_stay_bounded_and_harmless() {
     follow_until(&mut reader, &want, Duration::from_secs(20), &mut last).await;
     if let (Some(before), Some(after)) = (baseline, rss_kib(&env.proxy)) {
         // Buffering every frame for every stuck client would be stuck × changes × frame
-        // (about 60 × 40 × 190 KB ≈ 450 MB); newest-only is at most about one frame each.
+        // (about 60 × 40 × 150 KB ≈ 350 MB); newest-only is at most about one frame each.
         let unbounded = (stuck * changes * frame_bytes / 1024) as u64;
         let growth = after.saturating_sub(before);
         assert!(
@@ -703,6 +722,21 @@ async fn slow_heads_and_bodies_do_not_starve_others() {
         }
     }
     assert_eq!((heads, bodies), (220, 50));
+    // A keep-alive connection left idle after its answer is closed after the same time.
+    let mut idle = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    idle.write_all(b"GET /live HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), idle.read_to_end(&mut got))
+        .await
+        .expect("an idle keep-alive connection is closed")
+        .expect("read");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
+    assert_eq!(text.matches("HTTP/1.1").count(), 1, "{text:?}");
     assert_eq!(must_get(&env.url("/api/flags")).await.status, 200);
 }
 
@@ -805,10 +839,26 @@ async fn sigterm_under_load_finishes_in_flight_requests() {
     if !native_only("a Worker gets no SIGTERM; Cloudflare drains it on deploys") {
         return;
     }
-    let mut env = Env::with(MockConfig::basic(), |c| {
+    let dir = TempDir::new("sigterm").expect("temp dir");
+    let file = dir.join("snapshot.json");
+    let snapshot_file = file.clone();
+    let mut env = Env::with(MockConfig::basic(), move |c| {
         c.shutdown_timeout = Some(Duration::from_secs(15));
+        c.snapshot_file = Some(snapshot_file);
+        // Nothing is flushed on the timer during the scenario: only the shutdown flushes.
+        c.events_flush_interval = Some(Duration::from_secs(600));
+        c.telemetry_flush_interval = Some(Duration::from_secs(600));
     })
     .await;
+    env.mock.set_flag("before-sigterm", true);
+    wait_served(&env.proxy, "before-sigterm", true, Duration::from_secs(10)).await;
+    let events = r#"{"events":[{"flagKey":"enabled-flag","eventName":"at-shutdown","userId":"u-1","timestamp":"2026-01-01T00:00:00.000Z"}]}"#;
+    assert_eq!(
+        must_post(&env.url("/api/v1/sdk/events"), events)
+            .await
+            .expect_json(200)["received"],
+        1
+    );
     let mut streams = Vec::new();
     for path in [
         "/api/stream",
@@ -913,6 +963,17 @@ async fn sigterm_under_load_finishes_in_flight_requests() {
         env.proxy.logs().contains("shutting down"),
         "the shutdown is logged"
     );
+    // The buffered event was flushed on the way out, and the snapshot file has the last change.
+    assert!(
+        env.mock
+            .events()
+            .iter()
+            .any(|e| e["eventName"] == "at-shutdown"),
+        "buffered events are flushed at shutdown: {:?}",
+        env.mock.events()
+    );
+    let persisted = std::fs::read_to_string(&file).expect("the snapshot file");
+    assert!(persisted.contains("before-sigterm"), "{persisted}");
 }
 
 /// A SIGTERM the moment the proxy says it listens (a deploy rolling back at once, a
