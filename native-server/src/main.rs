@@ -70,9 +70,7 @@ fn main() -> anyhow::Result<()> {
                 }
             ),
         }
-        // Handlers first: a SIGTERM that arrives once the port is bound must drain, never
-        // take the default action (death by signal).
-        let signal = shutdown_signal();
+        let signal = shutdown_signal()?;
         let addr = settings.addr;
         let listener = rollgate_proxy_server::server::bind(addr)
             .with_context(|| format!("cannot listen on {addr} (--bind/--port)"))?;
@@ -88,36 +86,29 @@ fn main() -> anyhow::Result<()> {
     })
 }
 
-/// Registers the SIGINT (Ctrl-C) and SIGTERM handlers now (not when first polled: the task
-/// that awaits the future may run only after the listener already answers) and returns a
-/// future that resolves on either.
-fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
+/// Installs the SIGINT and SIGTERM handlers now and returns a future that resolves on either.
+///
+/// The handlers are registered before the proxy reports its address: a future that registered
+/// them on its first poll left a window after start-up where a SIGTERM (a rolling update that
+/// stops a pod right after it started) took the default action and killed the process uncleanly.
+fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let terminate = signal(SignalKind::terminate());
-        let interrupt = signal(SignalKind::interrupt());
-        async move {
-            let wait = |s: std::io::Result<tokio::signal::unix::Signal>| async move {
-                match s {
-                    Ok(mut s) => {
-                        s.recv().await;
-                    }
-                    Err(_) => std::future::pending::<()>().await,
-                }
-            };
-            tokio::select! {
-                () = wait(interrupt) => tracing::info!("SIGINT received"),
-                () = wait(terminate) => tracing::info!("SIGTERM received"),
-            }
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot install the SIGTERM handler")?;
+    #[cfg(unix)]
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("cannot install the SIGINT handler")?;
+    Ok(async move {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = interrupt.recv() => tracing::info!("SIGINT received"),
+            _ = terminate.recv() => tracing::info!("SIGTERM received"),
         }
-    }
-    #[cfg(not(unix))]
-    async {
+        #[cfg(not(unix))]
         if tokio::signal::ctrl_c().await.is_ok() {
             tracing::info!("Ctrl-C received");
         } else {
             std::future::pending::<()>().await;
         }
-    }
+    })
 }

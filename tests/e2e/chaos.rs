@@ -38,9 +38,10 @@ pub(crate) const EXISTING: &[&str] = &[
     "upstream_faults::a_rejected_key_is_reported_plainly",
     // Slow request heads closed without a response, over-long heads (native).
     "request_limits::long_uris_and_slow_heads_get_what_the_readme_says",
-    // SIGTERM with open streams of every kind; SIGTERM with the log reader gone (native).
+    // SIGTERM with open streams of every kind, with the log reader gone, right at start (native).
     "ops::sigterm_ends_streams_cleanly_and_exits_zero",
     "signals::sigterm_stops_a_proxy_whose_log_reader_is_gone",
+    "signals::sigterm_the_moment_the_address_is_reported_exits_cleanly",
 ];
 
 pub(crate) fn scenarios() -> Vec<Scenario> {
@@ -53,7 +54,6 @@ pub(crate) fn scenarios() -> Vec<Scenario> {
         scenario!(slow_heads_and_bodies_do_not_starve_others),
         scenario!(overload_sheds_data_routes_but_never_probes),
         scenario!(sigterm_under_load_finishes_in_flight_requests),
-        scenario!(sigterm_right_after_start_drains_and_exits_zero),
         scenario!(an_unwritable_snapshot_path_serves_anyway),
     ]
 }
@@ -974,63 +974,6 @@ async fn sigterm_under_load_finishes_in_flight_requests() {
     );
     let persisted = std::fs::read_to_string(&file).expect("the snapshot file");
     assert!(persisted.contains("before-sigterm"), "{persisted}");
-}
-
-/// A SIGTERM the moment the proxy says it listens (a deploy rolling back at once, a
-/// supervisor's quick restart) still drains and exits 0: the handlers are installed before the
-/// port is bound. (Before, they were installed by a task that could run after the first
-/// requests were answered, and about one start in five died of the signal.)
-async fn sigterm_right_after_start_drains_and_exits_zero() {
-    use std::io::BufRead as _;
-    use std::process::{Command, Stdio};
-    if !native_only("a Worker gets no SIGTERM") {
-        return;
-    }
-    let mock = mock(MockConfig::basic()).await;
-    // The harness's proxy names the binary; the attempts below signal as soon as the
-    // "listening on" line is read (the harness polls its logs, which is too slow to see it).
-    let built = start_proxy(proxy_config(&mock)).await;
-    let pid = built.pid().expect("a native process");
-    let binary = std::fs::read_link(format!("/proc/{pid}/exe")).expect("/proc/PID/exe");
-    drop(built);
-    let base_url = mock.base_url();
-    let outcome = tokio::task::spawn_blocking(move || {
-        for attempt in 0..20 {
-            let mut child = Command::new(&binary)
-                .args(["--bind", "127.0.0.1", "--port", "0", "--snapshot-file", ""])
-                .env("ROLLGATE_BASE_URL", &base_url)
-                .env("ROLLGATE_API_KEY", SERVER_KEY)
-                .env("NO_COLOR", "1")
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
-                .spawn()
-                .map_err(|e| format!("spawn: {e}"))?;
-            let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
-            let listening = lines
-                .by_ref()
-                .take(20)
-                .any(|l| l.is_ok_and(|l| l.contains("listening on")));
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
-            // Drain the log so the proxy never blocks on a full pipe, then reap it (bounded:
-            // a proxy that ignored the signal is killed by the scenario's time limit).
-            for _ in lines.by_ref().take(1000) {}
-            let status = child.wait().map_err(|e| format!("wait: {e}"))?;
-            if !listening || status.code() != Some(0) {
-                return Err(format!(
-                    "attempt {attempt}: listening={listening}, exit {status}"
-                ));
-            }
-        }
-        Ok::<_, String>(())
-    })
-    .await
-    .expect("task");
-    if let Err(e) = outcome {
-        panic!("a SIGTERM right after start: {e}");
-    }
 }
 
 // ---- unwritable snapshot path -------------------------------------------------------------
