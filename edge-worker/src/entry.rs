@@ -233,9 +233,13 @@ fn route_environment<'a>(
     router: &KeyRouter,
     incoming: &mut Incoming,
 ) -> Result<Routing<'a>, ApiError> {
-    let bare = KeyRouter::split_path(&incoming.path)
-        .map_or(incoming.path.as_str(), |(_, rest)| rest)
-        .to_owned();
+    let (bare, named) = match KeyRouter::split_path(&incoming.path) {
+        Some((name, rest)) => (rest.to_owned(), Some(name)),
+        None => (incoming.path.clone(), None),
+    };
+    if named.is_some_and(|name| !router.names().iter().any(|n| n == name)) {
+        return Err(ApiError::not_found(&incoming.path));
+    }
     let route = Route::parse(&incoming.method, &bare)?;
     if !route.needs_client_key() {
         if matches!(route, Route::Health | Route::Ready | Route::Metrics) {

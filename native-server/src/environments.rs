@@ -317,9 +317,18 @@ async fn handle(State(fleet): State<Arc<Fleet>>, mut request: Request) -> Respon
         return handle_in(first, request, Admission::Core).await;
     }
     let path = request.uri().path().to_owned();
-    let bare = KeyRouter::split_path(&path).map_or(path.as_str(), |(_, rest)| rest);
-    match Route::parse(request.method().as_str(), bare) {
+    let (bare, named) = match KeyRouter::split_path(&path) {
+        Some((name, rest)) => (rest.to_owned(), Some(name)),
+        None => (path.clone(), None),
+    };
+    if named.is_some_and(|name| !generation.router.names().iter().any(|n| n == name)) {
+        let error = ApiError::not_found(&path);
+        return handle_in(first, request, Admission::Rejected(error)).await;
+    }
+    match Route::parse(request.method().as_str(), &bare) {
         Ok(route) if !route.needs_client_key() => {
+            // The demo page under /env/<name>/ (its requests then carry the prefix too).
+            set_path(&mut request, &bare);
             let answer = match route {
                 Route::Health => Some(health(&generation)),
                 Route::Ready => Some(ready(&generation)),
@@ -352,13 +361,7 @@ async fn handle(State(fleet): State<Arc<Fleet>>, mut request: Request) -> Respon
                         return from_api(ApiError::not_ready().into());
                     };
                     if routed.path != path {
-                        let uri = match request.uri().query() {
-                            Some(query) => format!("{}?{query}", routed.path),
-                            None => routed.path.to_owned(),
-                        };
-                        if let Ok(uri) = uri.parse::<Uri>() {
-                            *request.uri_mut() = uri;
-                        }
+                        set_path(&mut request, routed.path);
                     }
                     handle_in(app, request, Admission::Routed(routed.key)).await
                 }
@@ -366,6 +369,17 @@ async fn handle(State(fleet): State<Arc<Fleet>>, mut request: Request) -> Respon
                 Err(error) => handle_in(first, request, Admission::Rejected(error)).await,
             }
         }
+    }
+}
+
+/// Replaces the request's path, keeping its query.
+fn set_path(request: &mut Request, path: &str) {
+    let uri = match request.uri().query() {
+        Some(query) => format!("{path}?{query}"),
+        None => path.to_owned(),
+    };
+    if let Ok(uri) = uri.parse::<Uri>() {
+        *request.uri_mut() = uri;
     }
 }
 

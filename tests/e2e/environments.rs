@@ -207,6 +207,11 @@ async fn three_environments_route_by_key_fail_alone_and_reload() {
             .status,
         404
     );
+    // The demo page under an environment's prefix (its own requests then carry it too).
+    let page = must_get(&proxy.url("/env/beta/")).await;
+    assert_eq!(page.status, 200);
+    assert!(page.text().contains("env-select"), "{}", page.text());
+    assert_eq!(must_get(&proxy.url("/env/nope/")).await.status, 404);
     let prefixed = flags_with(&proxy, "/env/beta/api/flags", &client_key("beta"))
         .await
         .expect_json(200);
