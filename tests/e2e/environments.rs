@@ -87,7 +87,7 @@ fn rfc3339(at: SystemTime) -> String {
 async fn flags_with(proxy: &ProxyHandle, path: &str, key: &str) -> Resp {
     send(http().get(proxy.url(path)).bearer_auth(key))
         .await
-        .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+        .unwrap_or_else(|e| panic!("GET {path}: {e:?}"))
 }
 
 /// Waits until `key` is served `flag` = true.
@@ -106,7 +106,7 @@ async fn wait_flag(proxy: &ProxyHandle, key: &str, flag: &str) {
 async fn wait_status(proxy: &ProxyHandle, key: &str, status: u16) -> Resp {
     eventually(
         &format!("{status} for a client key"),
-        Duration::from_secs(45),
+        Duration::from_secs(60),
         || async {
             let resp = flags_with(proxy, "/api/flags", key).await;
             (resp.status == status).then_some(resp)
@@ -164,14 +164,26 @@ async fn three_environments_route_by_key_fail_alone_and_reload() {
         start_proxy(base.setting("ROLLGATE_PROXY_CONFIG", config.display().to_string())).await
     } else {
         // The Worker reads its environments once: beta's old key expires a while after start.
-        let expires = rfc3339(SystemTime::now() + Duration::from_secs(40));
+        let expires = rfc3339(SystemTime::now() + Duration::from_secs(45));
         start_proxy(base.setting(
             "ROLLGATE_PROXY_ENVIRONMENTS",
             environments_json(&ups, beta_new, &expires),
         ))
         .await
     };
-    wait_ready(&proxy).await;
+    // Three environments each fetch their first data: a longer bound than one proxy's.
+    let ready = proxy.url("/ready");
+    eventually("every environment ready", Duration::from_secs(45), || {
+        let url = ready.clone();
+        async move { (get(&url).await.ok()?.status == 200).then_some(()) }
+    })
+    .await;
+    if !native {
+        // Rotation on the Worker: the new key and the old one side by side (the old one until
+        // it expires, checked at the end).
+        wait_flag(&proxy, beta_new, "only-beta").await;
+        wait_flag(&proxy, &client_key("beta"), "only-beta").await;
+    }
 
     // Each key sees its environment's flags only.
     for up in &ups {
@@ -279,9 +291,6 @@ async fn three_environments_route_by_key_fail_alone_and_reload() {
     ups[0].mock.set_down(false);
 
     if !native {
-        // Rotation on the Worker: the new key and the old one side by side until it expires.
-        wait_flag(&proxy, beta_new, "only-beta").await;
-        wait_flag(&proxy, &client_key("beta"), "only-beta").await;
         let expired = wait_status(&proxy, &client_key("beta"), 401).await;
         assert!(expired.text().contains("expired"), "{}", expired.text());
         assert_eq!(flags_with(&proxy, "/api/flags", beta_new).await.status, 200);
@@ -306,7 +315,7 @@ async fn three_environments_route_by_key_fail_alone_and_reload() {
 
     // Reload: gamma removed, delta added, beta's key rotated with the old one expiring soon.
     let delta = upstream("delta").await;
-    let expires = rfc3339(SystemTime::now() + Duration::from_secs(12));
+    let expires = rfc3339(SystemTime::now() + Duration::from_secs(20));
     let mut text = table(&ups[0], &format!("[\"{}\"]", client_key("alpha")));
     text.push_str(&table(
         &ups[1],
