@@ -413,6 +413,8 @@ pub struct Upstream {
     /// Streamed values waiting for the refetch that brings their reasons (see
     /// [`Upstream::apply_streamed`]).
     held: Option<HeldChange>,
+    /// Advances on every change signal from upstream (see [`Upstream::change_epoch`]).
+    change_epoch: u64,
     counters: UpstreamCounters,
 }
 
@@ -484,6 +486,7 @@ impl Upstream {
             hold_until: None,
             key_rejected: false,
             held: None,
+            change_epoch: 0,
             counters: UpstreamCounters::default(),
         };
         machine.request_fetch(now);
@@ -580,6 +583,15 @@ impl Upstream {
     /// Records the outcome of a request admitted by [`Upstream::admit_side_request`].
     pub fn record_side_request(&mut self, now: Timestamp, outcome: Outcome) {
         self.breaker.record(now, outcome);
+    }
+
+    /// Upstream's change epoch: it advances on every change signal (a stream `init`, `flags`,
+    /// `flag-changed` or `flag-update` event, and every publish), also when the anonymous flags
+    /// did not change. In evaluated mode, per-user answers fetched before the epoch last
+    /// advanced may be out of date: the adapter hands each new epoch to
+    /// [`crate::downstream::Downstream::upstream_changed`] after draining actions.
+    pub fn change_epoch(&self) -> u64 {
+        self.change_epoch
     }
 
     /// The next action to perform, or `None` when there is nothing to do.
@@ -882,6 +894,14 @@ impl Upstream {
             // instead of acting on U+FFFD replacements.
             return self.malformed(event, "data is not valid UTF-8".to_owned());
         }
+        if matches!(
+            event.event.as_str(),
+            "init" | "flags" | "flag-changed" | "flag-update"
+        ) {
+            // Any of these may mean a per-user answer changed, even when the anonymous flags
+            // (and so the snapshot) stay as they are.
+            self.change_epoch += 1;
+        }
         match event.event.as_str() {
             "init" | "flags" => {
                 if self.rules_active {
@@ -1043,6 +1063,7 @@ impl Upstream {
         let Some(snapshot) = self.store.replace(now, source) else {
             return false;
         };
+        self.change_epoch += 1;
         // Publish first: clients wait on it; storage does not.
         let persisted = snapshot.to_persisted(self.upstream_etag.as_deref());
         self.actions.push_back(Action::Publish(snapshot));

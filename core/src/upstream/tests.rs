@@ -588,6 +588,25 @@ fn thirty_streamed_changes_are_thirty_revisions() {
 }
 
 #[test]
+fn a_change_that_leaves_the_anonymous_flags_alone_still_advances_the_change_epoch() {
+    let mut sim = Sim::new(UpstreamConfig::default());
+    let published = sim.published.len();
+    let epoch = sim.machine.change_epoch();
+    // A targeting change for one user: Rollgate says something changed, the anonymous answer
+    // (what the refetch brings) is the same.
+    sim.send(&frame(
+        "flag-changed",
+        r#"{"key":"checkout","enabled":false}"#,
+    ));
+    assert_eq!(sim.published.len(), published, "{}", sim.transcript);
+    assert!(sim.machine.change_epoch() > epoch);
+    // Heartbeats are not changes.
+    let epoch = sim.machine.change_epoch();
+    sim.send(&frame("heartbeat", r#"{"timestamp":1}"#));
+    assert_eq!(sim.machine.change_epoch(), epoch);
+}
+
+#[test]
 fn heartbeats_and_unknown_events_change_nothing() {
     let mut sim = Sim::new(UpstreamConfig::default());
     let revision = sim.machine.snapshot().unwrap().revision();
