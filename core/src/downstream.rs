@@ -513,14 +513,20 @@ impl Downstream {
     /// [`Downstream::user_fetched`] then [`Downstream::refreshed`], and tell that user's
     /// streams. Users whose answer is already current (a poll fetched it, or its fetch is in
     /// flight) are skipped here: that fetch wakes the streams.
+    /// With rules (local evaluation) nothing is fetched: queued users are let go at once.
     pub fn poll_refresh(
         &self,
         now: Timestamp,
-        revision: Revision,
+        snapshot: &Snapshot,
     ) -> Option<(Refresh, FetchTicket)> {
         let mut refresher = lock(&self.refresher);
+        let revision = snapshot.revision();
         // Bounded: each iteration takes one backlog entry.
         while let Some(refresh) = refresher.poll_refresh(now) {
+            if snapshot.rules().is_some() {
+                refresher.handle_refreshed(now, &refresh, RefreshOutcome::Done);
+                continue;
+            }
             match lock(&self.users).lookup(now, &refresh.user_id, revision) {
                 Lookup::Fetch { ticket, .. } => return Some((refresh, ticket)),
                 Lookup::Fresh(_) | Lookup::Wait { .. } => {

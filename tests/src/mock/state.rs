@@ -50,6 +50,28 @@ impl FlagData {
     }
 }
 
+/// Keys whose value changed for some user between `before` and `after` (sorted).
+fn changed_keys(before: &FlagData, after: &FlagData) -> BTreeSet<String> {
+    let mut keys = BTreeSet::new();
+    let mut users: BTreeSet<Option<&str>> = BTreeSet::from([None]);
+    users.extend(before.users.keys().map(|u| Some(u.as_str())));
+    users.extend(after.users.keys().map(|u| Some(u.as_str())));
+    for user in users {
+        let (old, new) = (before.view(user), after.view(user));
+        for key in old.flags.keys().chain(new.flags.keys()) {
+            if old.flags.get(key) != new.flags.get(key) {
+                keys.insert(key.clone());
+            }
+        }
+    }
+    for key in before.rollouts.keys().chain(after.rollouts.keys()) {
+        if before.rollouts.get(key) != after.rollouts.get(key) {
+            keys.insert(key.clone());
+        }
+    }
+    keys
+}
+
 /// The official mock's bucket: `FNV-1a-32(userId + ":" + flagKey) % 100` (protocol notes §3.5).
 /// Deliberately not the SDKs' SHA-256 bucket, so nothing here mirrors the proxy's evaluator.
 pub(crate) fn rollout_bucket(user: &str, key: &str) -> u32 {
@@ -214,6 +236,10 @@ impl Shared {
             f(&mut inner.data);
             inner.stats.version += 1;
             let mode = inner.mode;
+            // As Rollgate does, a flag whose targeting changed is announced to every stream,
+            // also to streams (like the anonymous one) whose own value stayed the same: the
+            // keys whose value changed for anyone (the default view, a rollout, an override).
+            let changed = changed_keys(&before, &inner.data);
             for entry in inner.streams.values() {
                 let user = entry.user.as_deref();
                 let after = inner.data.view(user);
@@ -223,13 +249,8 @@ impl Shared {
                     let _ = entry.data.send(frame);
                     continue;
                 }
-                let old = before.view(user);
-                let keys: BTreeSet<&String> = old.flags.keys().chain(after.flags.keys()).collect();
-                for key in keys {
+                for key in &changed {
                     let new_value = after.flags.get(key);
-                    if old.flags.get(key) == new_value {
-                        continue;
-                    }
                     let enabled = new_value.cloned().unwrap_or(Value::Bool(false));
                     let frame =
                         frames::event(mode.event_name(), &frames::key_enabled_json(key, &enabled));

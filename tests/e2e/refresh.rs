@@ -1,0 +1,102 @@
+//! Issue 13, bug 1: in evaluated mode, an upstream change that leaves the anonymous flags as
+//! they were (a targeting rule for one user) still reaches that user's stream and polls, through
+//! the per-user refresher and its budget.
+
+use std::time::Duration;
+
+use rollgate_proxy_tests::mock::{MockConfig, StreamMode};
+use serde_json::Value;
+
+use crate::common::{
+    Env, event_where, get, metric_sum, must_get, next_event, sse, wait_metric_at_least,
+};
+use crate::{Scenario, scenario};
+
+pub(crate) fn scenarios() -> Vec<Scenario> {
+    vec![scenario!(
+        a_per_user_targeting_change_reaches_the_users_stream_and_polls
+    )]
+}
+
+const USER: &str = "user-5";
+
+async fn a_per_user_targeting_change_reaches_the_users_stream_and_polls() {
+    // Rollgate's own notification style (a `flag-changed` per key), and a per-user TTL far
+    // longer than the test: only the change may refresh the user's answer.
+    let env = Env::with(
+        MockConfig::basic().stream_mode(StreamMode::FlagChanged),
+        |config| {
+            config.refresh_interval = Some(Duration::from_secs(600));
+            config
+                .settings
+                .push(("ROLLGATE_PROXY_USER_REFRESH_RPS".into(), "20".into()));
+            config
+                .settings
+                .push(("ROLLGATE_PROXY_USER_REFRESH_CONCURRENCY".into(), "2".into()));
+        },
+    )
+    .await;
+    let anonymous = must_get(&env.url("/api/flags")).await.expect_json(200)["flags"].clone();
+    let poll_url = env.url(&format!("/api/v1/sdk/flags?user_id={USER}"));
+    let before = must_get(&poll_url).await.expect_json(200)["flags"].clone();
+    assert_eq!(before["enabled-flag"], true, "{before}");
+
+    let mut stream = sse(&env.url(&format!("/api/v1/sdk/stream?user_id={USER}"))).await;
+    let first = next_event(&mut stream, Duration::from_secs(15)).await;
+    assert_eq!(first.event, "init", "{first:?}");
+    assert_eq!(
+        first.json().unwrap()["flags"]["enabled-flag"],
+        true,
+        "{first:?}"
+    );
+
+    // Targeting: `enabled-flag` off for user-5 only. The anonymous answer stays the same.
+    let mut targeted = env.mock.flags_for(Some(USER));
+    targeted
+        .flags
+        .insert("enabled-flag".into(), Value::Bool(false));
+    env.mock.set_user_flags(USER, targeted);
+    assert_eq!(
+        env.mock.flags_for(None).flags.get("enabled-flag"),
+        Some(&Value::Bool(true))
+    );
+
+    let changed = event_where(&mut stream, Duration::from_secs(30), |event| {
+        event
+            .json()
+            .is_ok_and(|data| data["flags"]["enabled-flag"] == false)
+    })
+    .await;
+    assert_eq!(changed.event, "init", "{changed:?}");
+    crate::common::eventually(
+        "a per-user poll to see the targeting change",
+        Duration::from_secs(30),
+        || {
+            let url = poll_url.clone();
+            async move {
+                let body = get(&url).await.ok()?;
+                (body.status == 200 && body.json()["flags"]["enabled-flag"] == false).then_some(())
+            }
+        },
+    )
+    .await;
+    // Nothing changed for anyone else.
+    assert_eq!(
+        must_get(&env.url("/api/flags")).await.expect_json(200)["flags"],
+        anonymous
+    );
+    wait_metric_at_least(
+        &env.proxy,
+        "rollgate_proxy_user_refresh_total",
+        "result=\"done\"",
+        1.0,
+        Duration::from_secs(15),
+    )
+    .await;
+    assert!(
+        metric_sum(&env.proxy, "rollgate_proxy_user_refresh_backlog", "")
+            .await
+            .is_some(),
+        "the backlog gauge is rendered"
+    );
+}
