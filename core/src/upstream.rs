@@ -49,6 +49,7 @@ use crate::breaker::{
     Admission, BreakerConfig, BreakerConfigError, BreakerState, BreakerStats, CircuitBreaker,
     Outcome,
 };
+use crate::metrics::SideRequest;
 use crate::model::{EvaluatedFlags, RulesPayload};
 use crate::snapshot::{FlagSource, Freshness, Snapshot, SnapshotError, SnapshotStore};
 use crate::sse::decode::{DecodeError, Decoder, DecoderLimits, SseEvent};
@@ -415,6 +416,9 @@ pub struct Upstream {
     held: Option<HeldChange>,
     /// Advances on every change signal from upstream (see [`Upstream::change_epoch`]).
     change_epoch: u64,
+    /// Forwarded POSTs of one kind wait until this (that kind's `Retry-After`), by
+    /// [`SideRequest::index`].
+    forward_holds: [Option<Timestamp>; 4],
     counters: UpstreamCounters,
 }
 
@@ -487,6 +491,7 @@ impl Upstream {
             key_rejected: false,
             held: None,
             change_epoch: 0,
+            forward_holds: [None; 4],
             counters: UpstreamCounters::default(),
         };
         machine.request_fetch(now);
@@ -577,6 +582,48 @@ impl Upstream {
         let what = "per-user flags request";
         if let Some(error) = self.note_refusal(now, what, status, retry_after) {
             self.last_error = Some(error);
+        }
+    }
+
+    /// Like [`Upstream::admit_side_request`] for a forwarded POST of `kind` (events,
+    /// telemetry, identify): also not while a `Retry-After` upstream sent to that kind holds
+    /// it back ([`Upstream::record_forward_response`]).
+    pub fn admit_forward(&mut self, now: Timestamp, kind: SideRequest) -> bool {
+        self.forward_held_until(now, kind).is_none() && self.admit_side_request(now)
+    }
+
+    /// When forwarded POSTs of `kind` may go upstream again, if later than `now`.
+    pub fn forward_held_until(&self, now: Timestamp, kind: SideRequest) -> Option<Timestamp> {
+        self.forward_holds[kind.index()].filter(|&at| at > now)
+    }
+
+    /// Tells the machine what upstream answered to a forwarded POST of `kind` that was not a
+    /// success: a 429/503 `Retry-After` pauses **that kind** until it has passed (at most
+    /// [`MAX_RETRY_AFTER`]; flag fetches and the other kinds go on), a 401 marks the key
+    /// rejected (as everywhere), and any other status (a 403 too) is an ordinary failure.
+    pub fn record_forward_response(
+        &mut self,
+        now: Timestamp,
+        kind: SideRequest,
+        status: u16,
+        retry_after: Option<&str>,
+    ) {
+        let what = "forwarded request";
+        match status {
+            401 => {
+                if let Some(error) = self.note_refusal(now, what, status, None) {
+                    self.last_error = Some(error);
+                }
+            }
+            429 | 503 => {
+                let Some(wait) = retry_after.and_then(|value| parse_retry_after(value, now)) else {
+                    return;
+                };
+                let until = now.saturating_add(wait.min(MAX_RETRY_AFTER));
+                let hold = &mut self.forward_holds[kind.index()];
+                *hold = Some(hold.map_or(until, |at| at.max(until)));
+            }
+            _ => {}
         }
     }
 

@@ -546,9 +546,7 @@ async fn handle(inner: &Rc<Inner>, mut req: Request) -> worker::Result<Response>
             let flags =
                 match refresh::shard_request(&downstream, &pending, stream_header.as_deref()) {
                     Some(flags) => flags,
-                    None => {
-                        user_flags(inner, &config, pending.user_id(), pending.revision()).await
-                    }
+                    None => user_flags(inner, &config, pending.user_id(), pending.revision()).await,
                 };
             downstream.finish(pending, &flags)
         }
@@ -793,7 +791,7 @@ fn forward_upstream(inner: &Rc<Inner>, config: &Rc<EdgeConfig>, forward: Forward
         .borrow_mut()
         .upstream
         .as_mut()
-        .is_some_and(|u| u.admit_side_request(now()));
+        .is_some_and(|u| u.admit_forward(now(), forward.kind));
     if !admitted {
         release_side_slot(inner, forward.kind);
         downstream
@@ -834,7 +832,21 @@ fn forward_upstream(inner: &Rc<Inner>, config: &Rc<EdgeConfig>, forward: Forward
                 let fetch = Fetch::Request(request);
                 let send = fetch.send_with_signal(&signal);
                 match with_timeout(send, controller, timeout).await {
-                    Some(Ok(answer)) => (200..300).contains(&answer.status_code()),
+                    Some(Ok(answer)) if (200..300).contains(&answer.status_code()) => true,
+                    Some(Ok(answer)) => {
+                        // A 429/503 `Retry-After` pauses this kind; a 401 is the rejected
+                        // key; a 403 and the rest are ordinary failures.
+                        let retry_after = answer.headers().get("retry-after").ok().flatten();
+                        if let Some(upstream) = inner.core.borrow_mut().upstream.as_mut() {
+                            upstream.record_forward_response(
+                                now(),
+                                kind,
+                                answer.status_code(),
+                                retry_after.as_deref(),
+                            );
+                        }
+                        false
+                    }
                     Some(Err(error)) => {
                         console_error!(
                             "relay: forwarding {} failed: {}",
