@@ -1,21 +1,24 @@
 //! Issue 13, bug 1: in evaluated mode, an upstream change that leaves the anonymous flags as
 //! they were (a targeting rule for one user) still reaches that user's stream and polls, through
-//! the per-user refresher and its budget.
+//! the per-user refresher and its budget. And a `Retry-After` on a forwarded POST pauses that
+//! kind of forward only.
 
 use std::time::Duration;
 
-use rollgate_proxy_tests::mock::{MockConfig, StreamMode};
+use rollgate_proxy_tests::mock::{Fault, MockConfig, Route, StreamMode};
 use serde_json::Value;
 
 use crate::common::{
-    Env, event_where, get, metric_sum, must_get, next_event, sse, wait_metric_at_least,
+    Env, event_where, eventually, get, metric_sum, must_get, must_post, next_event, sse,
+    wait_metric_at_least,
 };
 use crate::{Scenario, scenario};
 
 pub(crate) fn scenarios() -> Vec<Scenario> {
-    vec![scenario!(
-        a_per_user_targeting_change_reaches_the_users_stream_and_polls
-    )]
+    vec![
+        scenario!(a_per_user_targeting_change_reaches_the_users_stream_and_polls),
+        scenario!(a_retry_after_on_forwarded_events_pauses_events_only),
+    ]
 }
 
 const USER: &str = "user-5";
@@ -68,7 +71,7 @@ async fn a_per_user_targeting_change_reaches_the_users_stream_and_polls() {
     })
     .await;
     assert_eq!(changed.event, "init", "{changed:?}");
-    crate::common::eventually(
+    eventually(
         "a per-user poll to see the targeting change",
         Duration::from_secs(30),
         || {
@@ -99,4 +102,47 @@ async fn a_per_user_targeting_change_reaches_the_users_stream_and_polls() {
             .is_some(),
         "the backlog gauge is rendered"
     );
+}
+
+/// Events answered 429 with `Retry-After: 20`: no events request reaches upstream during the
+/// hold, however many arrive or flushes come due, while identify (another kind) still goes.
+async fn a_retry_after_on_forwarded_events_pauses_events_only() {
+    let env = Env::with(MockConfig::basic(), |config| {
+        config.events_flush_interval = Some(Duration::from_millis(200));
+    })
+    .await;
+    env.mock
+        .fail(Route::Events, Fault::status(429).retry_after("20"));
+    let events = r#"{"events":[{"flagKey":"enabled-flag","eventName":"view","userId":"u","timestamp":"2026-01-01T00:00:00.000Z"}]}"#;
+    must_post(&env.url("/api/v1/sdk/events"), events)
+        .await
+        .expect_json(200);
+    env.mock
+        .wait_until(Duration::from_secs(15), |s| s.events_requests >= 1)
+        .await
+        .expect("the events reach upstream once and get the 429");
+    // Without the hold: a retry every 200 ms flush (native), a forward per POST (Worker).
+    let quiet = std::time::Instant::now() + Duration::from_secs(6);
+    while std::time::Instant::now() < quiet {
+        must_post(&env.url("/api/v1/sdk/events"), events)
+            .await
+            .expect_json(200);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(
+        env.mock.stats().events_requests,
+        1,
+        "events requests during the Retry-After"
+    );
+    // Identify is not held back by the events' Retry-After.
+    must_post(
+        &env.url("/api/v1/sdk/identify"),
+        r#"{"user":{"id":"held-back-not"}}"#,
+    )
+    .await
+    .expect_json(200);
+    env.mock
+        .wait_until(Duration::from_secs(15), |s| s.identify_requests >= 1)
+        .await
+        .expect("identify reaches upstream during the events' Retry-After");
 }
