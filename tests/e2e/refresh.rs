@@ -1,7 +1,7 @@
 //! Issue 13, bug 1: in evaluated mode, an upstream change that leaves the anonymous flags as
 //! they were (a targeting rule for one user) still reaches that user's stream and polls, through
-//! the per-user refresher and its budget. And a `Retry-After` on a forwarded POST pauses that
-//! kind of forward only.
+//! the per-user refresher and its budget. A `Retry-After` on a forwarded POST pauses that
+//! kind of forward only. An `/identify` reaches Rollgate before that user's next fetch.
 
 use std::time::Duration;
 
@@ -18,6 +18,7 @@ pub(crate) fn scenarios() -> Vec<Scenario> {
     vec![
         scenario!(a_per_user_targeting_change_reaches_the_users_stream_and_polls),
         scenario!(a_retry_after_on_forwarded_events_pauses_events_only),
+        scenario!(identify_happens_before_the_users_next_fetch_and_evicts_its_answer),
     ]
 }
 
@@ -145,4 +146,45 @@ async fn a_retry_after_on_forwarded_events_pauses_events_only() {
         .wait_until(Duration::from_secs(15), |s| s.identify_requests >= 1)
         .await
         .expect("identify reaches upstream during the events' Retry-After");
+}
+
+/// Rollgate evaluates a user with the attributes it last received. With identify slow to reach
+/// upstream (1.5 s), a poll right after `/identify` must still see the new attributes: the
+/// identify evicted the user's cached answer and the fetch waited for the forward.
+async fn identify_happens_before_the_users_next_fetch_and_evicts_its_answer() {
+    let env = Env::with(MockConfig::basic(), |config| {
+        config.refresh_interval = Some(Duration::from_secs(600));
+        // The Worker's edge cache would serve the pre-identify answer for one pointer TTL.
+        config
+            .settings
+            .push(("ROLLGATE_PROXY_EDGE_CACHE_TTL".into(), "0s".into()));
+    })
+    .await;
+    env.mock.set_attribute_target("pro-feature", "plan", "pro");
+    env.mock
+        .set_delay(Route::Identify, Duration::from_millis(1500));
+    let user = "identified-user";
+    let poll_url = env.url(&format!("/api/v1/sdk/flags?user_id={user}"));
+    let pro = |body: &Value| body["flags"]["pro-feature"].clone();
+    // Wait until the change reached the proxy, and cache the user's answer.
+    eventually("pro-feature served", Duration::from_secs(20), || {
+        let url = poll_url.clone();
+        async move {
+            let body = get(&url).await.ok()?;
+            (body.status == 200 && body.json()["flags"]["pro-feature"] == false).then_some(())
+        }
+    })
+    .await;
+    for (plan, want) in [("pro", true), ("free", false), ("pro", true)] {
+        let body = format!(r#"{{"user":{{"id":"{user}","attributes":{{"plan":"{plan}"}}}}}}"#);
+        must_post(&env.url("/api/v1/sdk/identify"), body)
+            .await
+            .expect_json(200);
+        let answer = must_get(&poll_url).await.expect_json(200);
+        assert_eq!(
+            pro(&answer),
+            want,
+            "the poll right after identify(plan={plan}): {answer}"
+        );
+    }
 }

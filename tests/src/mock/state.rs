@@ -26,6 +26,9 @@ pub(crate) struct FlagData {
     pub(crate) rollouts: BTreeMap<String, u8>,
     /// Whole-map overrides per `user_id`.
     pub(crate) users: BTreeMap<String, FlagSet>,
+    /// Flags on exactly for users whose last `/identify` set attribute `.0` to `.1`, layered
+    /// over the rest: Rollgate evaluates a user with the attributes it last received.
+    pub(crate) attribute_targets: BTreeMap<String, (String, Value)>,
 }
 
 impl FlagData {
@@ -45,6 +48,33 @@ impl FlagData {
                 serde_json::json!({"kind": "FALLTHROUGH"})
             };
             set.reasons.insert(key.clone(), reason);
+        }
+        set
+    }
+}
+
+impl FlagData {
+    /// What `/flags?user_id=<user>` serves given the contexts users last sent to `/identify`
+    /// (`identified`: user id → the identify's `user` object).
+    pub(crate) fn view_identified(
+        &self,
+        user: Option<&str>,
+        identified: &BTreeMap<String, Value>,
+    ) -> FlagSet {
+        let mut set = self.view(user);
+        for (key, (attribute, want)) in &self.attribute_targets {
+            let matched = user
+                .and_then(|u| identified.get(u))
+                .and_then(|context| context.get("attributes")?.get(attribute))
+                == Some(want);
+            set.flags.insert(key.clone(), Value::Bool(matched));
+            let kind = if matched {
+                "TARGET_MATCH"
+            } else {
+                "FALLTHROUGH"
+            };
+            set.reasons
+                .insert(key.clone(), serde_json::json!({ "kind": kind }));
         }
         set
     }
