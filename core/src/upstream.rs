@@ -416,6 +416,8 @@ pub struct Upstream {
     held: Option<HeldChange>,
     /// Advances on every change signal from upstream (see [`Upstream::change_epoch`]).
     change_epoch: u64,
+    /// A change signal arrived and has not settled yet ([`Upstream::settle_change`]).
+    change_pending: bool,
     /// Forwarded POSTs of one kind wait until this (that kind's `Retry-After`), by
     /// [`SideRequest::index`].
     forward_holds: [Option<Timestamp>; 4],
@@ -491,6 +493,7 @@ impl Upstream {
             key_rejected: false,
             held: None,
             change_epoch: 0,
+            change_pending: false,
             forward_holds: [None; 4],
             counters: UpstreamCounters::default(),
         };
@@ -717,6 +720,7 @@ impl Upstream {
             }
             _ => {}
         }
+        self.settle_change();
         self.drive(now);
     }
 
@@ -827,6 +831,7 @@ impl Upstream {
                 true,
             ),
         }
+        self.settle_change();
         self.drive(now);
     }
 
@@ -900,6 +905,7 @@ impl Upstream {
             self.last_confirmed = Some(now);
             self.handle_event(now, &event);
         }
+        self.settle_change();
         self.drive(now);
     }
 
@@ -946,8 +952,10 @@ impl Upstream {
             "init" | "flags" | "flag-changed" | "flag-update"
         ) {
             // Any of these may mean a per-user answer changed, even when the anonymous flags
-            // (and so the snapshot) stay as they are.
-            self.change_epoch += 1;
+            // (and so the snapshot) stay as they are. The epoch advances once the change has
+            // settled (published, or refetched unchanged): per-user answers refetched then go
+            // out with the snapshot they belong to.
+            self.change_pending = true;
         }
         match event.event.as_str() {
             "init" | "flags" => {
@@ -1064,6 +1072,20 @@ impl Upstream {
         self.request_fetch(now);
     }
 
+    /// Advances the change epoch for a change signal once nothing about it is still in flight
+    /// (no refetch running or queued, nothing held): the snapshot it leads to, if any, is
+    /// published by then.
+    fn settle_change(&mut self) {
+        if self.change_pending
+            && !self.refetch_pending
+            && self.held.is_none()
+            && matches!(self.fetch, FetchSlot::Idle)
+        {
+            self.change_pending = false;
+            self.change_epoch += 1;
+        }
+    }
+
     /// Publishes a held change as it is (its reasons did not come).
     fn release_held(&mut self, now: Timestamp) {
         if let Some(held) = self.held.take() {
@@ -1111,6 +1133,7 @@ impl Upstream {
             return false;
         };
         self.change_epoch += 1;
+        self.change_pending = false;
         // Publish first: clients wait on it; storage does not.
         let persisted = snapshot.to_persisted(self.upstream_etag.as_deref());
         self.actions.push_back(Action::Publish(snapshot));

@@ -593,11 +593,16 @@ fn a_change_that_leaves_the_anonymous_flags_alone_still_advances_the_change_epoc
     let published = sim.published.len();
     let epoch = sim.machine.change_epoch();
     // A targeting change for one user: Rollgate says something changed, the anonymous answer
-    // (what the refetch brings) is the same.
-    sim.send(&frame(
-        "flag-changed",
-        r#"{"key":"checkout","enabled":false}"#,
-    ));
+    // (what the refetch brings) is the same. While the refetch is in flight the epoch waits
+    // (per-user answers refetched then would go out with the snapshot before the change).
+    let id = sim.open_stream.unwrap();
+    sim.machine.handle_stream_bytes(
+        sim.now,
+        id,
+        &frame("flag-changed", r#"{"key":"checkout","enabled":false}"#),
+    );
+    assert_eq!(sim.machine.change_epoch(), epoch);
+    sim.settle();
     assert_eq!(sim.published.len(), published, "{}", sim.transcript);
     assert!(sim.machine.change_epoch() > epoch);
     // Heartbeats are not changes.
