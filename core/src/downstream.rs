@@ -503,6 +503,15 @@ impl Downstream {
         lock(&self.refresher).handle_stream_opened(user_id);
     }
 
+    /// A per-user stream of `user_id` is known to be open (the Worker's shards say so on each
+    /// request): tracked again if it was not (after the relay object restarted).
+    pub fn user_stream_seen(&self, user_id: &str) {
+        let mut refresher = lock(&self.refresher);
+        if !refresher.is_streaming(user_id) {
+            refresher.handle_stream_opened(user_id);
+        }
+    }
+
     /// A per-user stream of `user_id` closed (pairs with [`Downstream::user_stream_opened`]).
     pub fn user_stream_closed(&self, user_id: &str) {
         lock(&self.refresher).handle_stream_closed(user_id);
@@ -520,13 +529,13 @@ impl Downstream {
         snapshot: &Snapshot,
     ) -> Option<(Refresh, FetchTicket)> {
         let mut refresher = lock(&self.refresher);
+        if snapshot.rules().is_some() {
+            refresher.clear_backlog();
+            return None;
+        }
         let revision = snapshot.revision();
         // Bounded: each iteration takes one backlog entry.
         while let Some(refresh) = refresher.poll_refresh(now) {
-            if snapshot.rules().is_some() {
-                refresher.handle_refreshed(now, &refresh, RefreshOutcome::Done);
-                continue;
-            }
             match lock(&self.users).lookup(now, &refresh.user_id, revision) {
                 Lookup::Fetch { ticket, .. } => return Some((refresh, ticket)),
                 Lookup::Fresh(_) | Lookup::Wait { .. } => {

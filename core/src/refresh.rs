@@ -289,6 +289,12 @@ impl Refresher {
         }
     }
 
+    /// Lets every queued user go without a fetch (rules mode: answers are evaluated locally).
+    pub fn clear_backlog(&mut self) {
+        self.backlog.clear();
+        self.queued.clear();
+    }
+
     /// Whether `user_id` has a per-user stream open (tracked).
     pub fn is_streaming(&self, user_id: &str) -> bool {
         self.streaming.contains_key(user_id)
@@ -396,6 +402,12 @@ mod tests {
         assert!(small.handle_stream_opened("x"));
         assert!(!small.handle_stream_opened("y"));
         assert_eq!(small.stats(at(0)).dropped, 1);
+        // Rules mode: the queue is let go at once.
+        small.handle_change(at(0));
+        assert_eq!(small.stats(at(0)).backlog, 1);
+        small.clear_backlog();
+        assert_eq!(small.stats(at(0)).backlog, 0);
+        assert_eq!(small.poll_refresh(at(0)), None);
     }
 
     #[test]

@@ -129,9 +129,13 @@ pub(super) fn shard_request(
             downstream.user_stream_opened(pending.user_id());
             None
         }
-        Some("cached") => downstream
-            .user_cached(pending.user_id())
-            .map(UserFlags::Stale),
+        Some("cached") => {
+            // Tracked again if this relay instance does not know it (it restarted).
+            downstream.user_stream_seen(pending.user_id());
+            downstream
+                .user_cached(pending.user_id())
+                .map(UserFlags::Stale)
+        }
         _ => None,
     }
 }
