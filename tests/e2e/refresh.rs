@@ -19,6 +19,7 @@ pub(crate) fn scenarios() -> Vec<Scenario> {
         scenario!(a_per_user_targeting_change_reaches_the_users_stream_and_polls),
         scenario!(a_retry_after_on_forwarded_events_pauses_events_only),
         scenario!(identify_happens_before_the_users_next_fetch_and_evicts_its_answer),
+        scenario!(many_streaming_users_converge_with_one_upstream_request_each),
     ]
 }
 
@@ -187,4 +188,65 @@ async fn identify_happens_before_the_users_next_fetch_and_evicts_its_answer() {
             "the poll right after identify(plan={plan}): {answer}"
         );
     }
+}
+
+/// 60 per-user streams and one change: every stream gets it, and Rollgate sees one per-user
+/// request per user (the refresher's), not one per stream and publish. The time it took is
+/// printed (users ÷ the budget's rate, 3 s here), not asserted.
+async fn many_streaming_users_converge_with_one_upstream_request_each() {
+    const USERS: usize = 60;
+    let env = Env::with(
+        MockConfig::basic().stream_mode(StreamMode::FlagChanged),
+        |config| {
+            config.refresh_interval = Some(Duration::from_secs(600));
+            config
+                .settings
+                .push(("ROLLGATE_PROXY_USER_REFRESH_RPS".into(), "20".into()));
+            config
+                .settings
+                .push(("ROLLGATE_PROXY_USER_REFRESH_CONCURRENCY".into(), "4".into()));
+        },
+    )
+    .await;
+    let mut streams = Vec::new();
+    for i in 0..USERS {
+        let mut stream = sse(&env.url(&format!("/api/v1/sdk/stream?user_id=wave-{i}"))).await;
+        let first = next_event(&mut stream, Duration::from_secs(30)).await;
+        assert!(
+            first.json().is_ok_and(|d| d["flags"]["wave"].is_null()),
+            "{first:?}"
+        );
+        streams.push(stream);
+    }
+    env.mock.clear_requests();
+    let started = std::time::Instant::now();
+    env.mock.set_flag("wave", true);
+    for stream in &mut streams {
+        event_where(stream, Duration::from_secs(60), |event| {
+            event.json().is_ok_and(|d| d["flags"]["wave"] == true)
+        })
+        .await;
+    }
+    let took = started.elapsed();
+    let per_user = env
+        .mock
+        .requests_for(Route::Flags)
+        .iter()
+        .filter(|r| r.query_param("user_id").is_some())
+        .count();
+    eprintln!(
+        "refresh: {USERS} streaming users at 20 rps / 4 in flight converged in {took:?} with {per_user} per-user upstream requests"
+    );
+    assert!(
+        per_user <= USERS,
+        "{per_user} per-user upstream requests for {USERS} users and one change"
+    );
+    wait_metric_at_least(
+        &env.proxy,
+        "rollgate_proxy_user_refresh_total",
+        "result=\"done\"",
+        USERS as f64,
+        Duration::from_secs(30),
+    )
+    .await;
 }
