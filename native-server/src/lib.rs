@@ -12,6 +12,7 @@ pub mod forward;
 pub mod identify;
 pub mod local;
 pub mod persist;
+pub mod refresh;
 pub mod routes;
 pub mod runtime;
 pub mod server;
@@ -121,6 +122,7 @@ pub fn start(settings: Settings, shutdown: CancellationToken) -> Result<Started,
                 persister,
                 shutdown.clone(),
             )));
+            tasks.push(tokio::spawn(refresh::run(Arc::clone(&app))));
             let recorder = Arc::clone(&app);
             tasks.push(tokio::spawn(forward::run(
                 Arc::clone(&app.outbox),

@@ -20,6 +20,7 @@ mod monitoring;
 mod ofrep;
 mod ops;
 mod parity;
+mod refresh;
 mod replicas;
 mod request_limits;
 mod resilience;
@@ -79,6 +80,7 @@ fn all() -> Vec<Scenario> {
     all.extend(upstream_faults::scenarios());
     all.extend(request_limits::scenarios());
     all.extend(replicas::scenarios());
+    all.extend(refresh::scenarios());
     all.extend(monitoring::scenarios());
     all.extend(tls::scenarios());
     all.extend(environments::scenarios());
