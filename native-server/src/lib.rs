@@ -9,6 +9,7 @@ pub mod config;
 pub mod driver;
 pub mod forward;
 pub mod identify;
+pub mod lean;
 pub mod local;
 pub mod persist;
 pub mod routes;
@@ -147,7 +148,7 @@ pub async fn run(
         trigger.cancel();
     });
     let router = routes::router(Arc::clone(&app));
-    server::serve(listener, router, &app.settings, shutdown).await;
+    server::serve(listener, router, &app, shutdown).await;
     // Background tasks flush (snapshot file, events, telemetry) within the same bound.
     let flush = futures_util::future::join_all(tasks);
     if tokio::time::timeout(app.settings.shutdown_timeout, flush)
