@@ -38,6 +38,11 @@ use crate::state::App;
 const SCRATCH: usize = 8192;
 /// Most header lines the lean path parses (more go to hyper).
 const MAX_HEADERS: usize = 48;
+/// Kernel send buffer of a stream socket. Without it Linux autotunes a stalled socket's buffer
+/// up to `tcp_wmem`'s maximum (4 MiB): a few thousand clients that never read then hold
+/// gigabytes of kernel memory, push TCP into memory pressure and stall every other connection
+/// (polls took seconds). A client that reads gets a large frame in a few writes instead.
+const STREAM_SEND_BUFFER: usize = 64 * 1024;
 
 thread_local! {
     static SCRATCH_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; SCRATCH]);
@@ -236,6 +241,8 @@ async fn write_response(stream: &TcpStream, response: Response) -> io::Result<En
         write_all(stream, &[&head, &bytes]).await?;
         return Ok(Ended::KeepAlive);
     }
+    // Best effort: a socket that refuses keeps the kernel's default.
+    let _ = socket2::SockRef::from(stream).set_send_buffer_size(STREAM_SEND_BUFFER);
     let mut head = Some(head);
     let mut clean = true;
     loop {
