@@ -149,7 +149,9 @@ pub async fn serve(
     len: usize,
 ) -> io::Result<Ended> {
     consume(stream, len).await?;
-    let response = routes::handle(State(Arc::clone(&app)), request).await;
+    // Boxed, so the handler's state is freed once answered rather than reserved in this
+    // future for the stream's life.
+    let response = Box::pin(routes::handle(State(Arc::clone(&app)), request)).await;
     let ended = write_response(stream, response).await?;
     Ok(if app.shutdown.is_cancelled() {
         Ended::Close

@@ -84,8 +84,10 @@ pub async fn serve(
                                 Ok(Ended::Close) | Err(_) => return,
                             }
                         }
+                        // Boxed: a lean stream's task must not reserve room for hyper's
+                        // connection state (it is sized for the largest state).
                         let connection = builder.serve_connection(TokioIo::new(stream), service);
-                        if let Err(error) = watcher.watch(connection).await {
+                        if let Err(error) = Box::pin(watcher.watch(connection)).await {
                             tracing::debug!(%error, "connection ended with an error");
                         }
                     });

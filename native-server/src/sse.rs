@@ -99,7 +99,8 @@ impl Connection {
             Next::Resolve(context) => {
                 // On an upstream failure without cached data, send nothing now and try again
                 // on the next change.
-                let flags = resolve(&self.guard.app, snapshot, context).await?;
+                // Boxed: an idle anonymous stream must not carry room for a per-user fetch.
+                let flags = Box::pin(resolve(&self.guard.app, snapshot, context)).await?;
                 self.subscriber.on_flags(snapshot, &flags)
             }
         }?;
