@@ -192,16 +192,17 @@ section_rss() {
 section_fanout() {
     echo "== one change to $FANOUT clients over $REPLICAS proxy processes"
     mock
-    local urls=()
+    local urls=() pids=()
     for i in $(seq 0 $((REPLICAS - 1))); do
         proxy $((9030 + i))
         urls+=(--url "http://127.0.0.1:$((9030 + i))/api/stream")
+        pids+=(--pid "$(child_of "$LAST_PID")")
     done
     for mode in init flag-changed; do
         curl -sf -X PUT -H 'content-type: application/json' -d "{\"mode\":\"$mode\"}" \
             "http://127.0.0.1:$CONTROL_PORT/control/stream-mode" > /dev/null
         say "mock stream mode: $mode"
-        timeout 300 "$BIN/sse-load" run "${urls[@]}" --clients "$FANOUT" --rounds "$FANOUT_ROUNDS" \
+        timeout 300 "$BIN/sse-load" run "${urls[@]}" "${pids[@]}" --clients "$FANOUT" --rounds "$FANOUT_ROUNDS" \
             --control "http://127.0.0.1:$CONTROL_PORT" --flag "bench-$mode" --timeout-secs 60 \
             | stamp
     done

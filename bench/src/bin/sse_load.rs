@@ -185,6 +185,22 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// User + system CPU time of a process, in clock ticks (USER_HZ, 100 per second on Linux).
+fn cpu_ticks(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // Fields after the `(comm)`, which may contain spaces: utime and stime are the
+            // 12th and 13th of them.
+            let rest = &s[s.rfind(')')? + 2..];
+            let mut fields = rest.split_whitespace().skip(11);
+            let utime: u64 = fields.next()?.parse().ok()?;
+            let stime: u64 = fields.next()?.parse().ok()?;
+            Some(utime + stime)
+        })
+        .unwrap_or(0)
+}
+
 struct Worker {
     child: Child,
     stdin: ChildStdin,
@@ -309,6 +325,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
             .control
             .as_deref()
             .context("--control is needed for rounds")?;
+        let cpu_before: u64 = args.pids.iter().map(|&p| cpu_ticks(p)).sum();
         let t0 = unix_ns();
         set_flag(control, &args.flag, round % 2 == 0)?;
         let mut latencies = Vec::with_capacity(args.clients);
@@ -324,8 +341,22 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
                     .map(|at| at.saturating_sub(t0)),
             );
         }
+        let cpu_ticks_used = args
+            .pids
+            .iter()
+            .map(|&p| cpu_ticks(p))
+            .sum::<u64>()
+            .saturating_sub(cpu_before);
         latencies.sort_unstable();
         let ms = |ns: u64| ns as f64 / 1e6;
+        if !args.pids.is_empty() {
+            // 10 ms ticks: coarse, so read it over many clients.
+            println!(
+                "round {round}: server CPU {} ms in all, {:.1} us per delivery",
+                cpu_ticks_used * 10,
+                (cpu_ticks_used * 10_000) as f64 / latencies.len().max(1) as f64
+            );
+        }
         println!(
             "round {round}: delivered {}/{connected}, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
             latencies.len(),
