@@ -22,6 +22,7 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::response::Response;
 use bytes::Bytes;
+use futures_util::FutureExt as _;
 use http::header::{CONNECTION, CONTENT_LENGTH, EXPECT, TE, TRANSFER_ENCODING, UPGRADE};
 use http::{HeaderName, HeaderValue, Method, Request, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
@@ -269,14 +270,42 @@ async fn write_response(stream: &TcpStream, response: Response) -> io::Result<En
                 if data.is_empty() {
                     continue;
                 }
-                let size = chunk_size(data.len());
-                let (size_line, size_len) = (&size.0, size.1);
+                // A frame that is ready at once (the first event after the `retry:` preamble)
+                // goes in the same write, as hyper batches its queue: one system call, not two.
+                let (second, end) = match body.frame().now_or_never() {
+                    Some(Some(Ok(frame))) => (frame.into_data().unwrap_or_default(), false),
+                    Some(None | Some(Err(_))) => (Bytes::new(), true),
+                    None => (Bytes::new(), false),
+                };
+                let (first_size, first_len) = chunk_size(data.len());
+                let (second_size, second_len) = chunk_size(second.len());
                 let head_bytes = head.take().unwrap_or_default();
-                write_all(
-                    stream,
-                    &[&head_bytes, &size_line[..size_len], &data, b"\r\n"],
-                )
-                .await?;
+                let mut parts: [&[u8]; 8] = [
+                    &head_bytes,
+                    &first_size[..first_len],
+                    &data,
+                    b"\r\n",
+                    &[],
+                    &[],
+                    &[],
+                    &[],
+                ];
+                if !second.is_empty() {
+                    parts[4] = &second_size[..second_len];
+                    parts[5] = &second;
+                    parts[6] = b"\r\n";
+                }
+                if end {
+                    parts[7] = b"0\r\n\r\n";
+                }
+                write_all(stream, &parts).await?;
+                if end {
+                    return Ok(if clean {
+                        Ended::KeepAlive
+                    } else {
+                        Ended::Close
+                    });
+                }
             }
             Some(Err(_)) => return Ok(Ended::Close),
             None => {
@@ -337,7 +366,7 @@ async fn write_all(stream: &TcpStream, parts: &[&[u8]]) -> io::Result<()> {
     while written < total {
         stream.writable().await?;
         let mut skip = written;
-        let mut slices = [IoSlice::new(&[]); 4];
+        let mut slices = [IoSlice::new(&[]); 8];
         let mut count = 0;
         for part in parts {
             if skip >= part.len() {

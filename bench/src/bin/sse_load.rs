@@ -246,6 +246,7 @@ fn per_sec(count: u64, nanos: u64) -> f64 {
 fn run(args: &RunArgs) -> anyhow::Result<()> {
     let exe = std::env::current_exe()?;
     let rss_before: Vec<u64> = args.pids.iter().map(|&p| rss_kib(p)).collect();
+    let cpu_before: u64 = args.pids.iter().map(|&p| cpu_ticks(p)).sum();
     let mut workers = Vec::new();
     let mut start = 0;
     while start < args.clients {
@@ -306,6 +307,22 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         first,
         t_first.saturating_sub(t_start) as f64 / 1e9,
     );
+    let server_ticks = args
+        .pids
+        .iter()
+        .map(|&p| cpu_ticks(p))
+        .sum::<u64>()
+        .saturating_sub(cpu_before);
+    let client_ticks: u64 = workers.iter().map(|w| cpu_ticks(w.child.id())).sum();
+    #[allow(clippy::cast_precision_loss)]
+    let per_stream = |ticks: u64| (ticks * 10_000) as f64 / first.max(connected).max(1) as f64;
+    if !args.pids.is_empty() {
+        println!(
+            "connect CPU: servers {:.1} us per stream, clients {:.1} us per stream",
+            per_stream(server_ticks),
+            per_stream(client_ticks)
+        );
+    }
     std::thread::sleep(Duration::from_millis(args.settle_ms));
     for (i, &pid) in args.pids.iter().enumerate() {
         let after = rss_kib(pid);
