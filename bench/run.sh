@@ -51,6 +51,9 @@ for bin in rollgate-proxy mock-upstream floor sse-load; do
 done
 [ -d bench/express/node_modules ] || (cd bench/express && npm ci --no-audit --no-fund >/dev/null)
 
+# Each sse-load run takes a fresh block of 24 source addresses: the previous run's TIME_WAIT
+# sockets would otherwise slow the next run's port search (bind picks the port).
+src() { echo "--first-source $(( (RANDOM % 10) * 24 + 2 ))"; }
 load() { cut -d' ' -f1-3 /proc/loadavg; }
 say() { echo "$* [load $(load)]"; }
 stamp() { while IFS= read -r line; do echo "$line [load $(load)]"; done; }
@@ -183,7 +186,7 @@ section_rss() {
     proxy $PROXY_PORT
     local pid
     pid=$(child_of "$LAST_PID")
-    timeout 300 "$BIN/sse-load" run --url "http://127.0.0.1:$PROXY_PORT/api/stream" \
+    timeout 300 "$BIN/sse-load" run $(src) --url "http://127.0.0.1:$PROXY_PORT/api/stream" \
         --clients "$STREAMS" --rounds 0 --pid "$pid" --timeout-secs 60 | stamp
     for p in "${PIDS[@]}"; do stop "$p"; done
     PIDS=()
@@ -202,7 +205,7 @@ section_fanout() {
         curl -sf -X PUT -H 'content-type: application/json' -d "{\"mode\":\"$mode\"}" \
             "http://127.0.0.1:$CONTROL_PORT/control/stream-mode" > /dev/null
         say "mock stream mode: $mode"
-        timeout 300 "$BIN/sse-load" run "${urls[@]}" "${pids[@]}" --clients "$FANOUT" --rounds "$FANOUT_ROUNDS" \
+        timeout 300 "$BIN/sse-load" run $(src) "${urls[@]}" "${pids[@]}" --clients "$FANOUT" --rounds "$FANOUT_ROUNDS" \
             --control "http://127.0.0.1:$CONTROL_PORT" --flag "bench-$mode" --timeout-secs 60 \
             | stamp
     done
@@ -231,7 +234,7 @@ section_slow() {
     local base=() with=()
     for r in $(seq 1 "$ROUNDS"); do base+=("$(polls_during_changes "base$r")"); done
     say "without non-readers: polls' p99 ${base[*]} ms; proxy RSS $(grep VmRSS /proc/"$pid"/status | awk '{print $2}') KiB"
-    timeout 300 "$BIN/sse-load" run --url "http://127.0.0.1:$PROXY_PORT/api/stream" --clients "$SLOW" \
+    timeout 300 "$BIN/sse-load" run $(src) --url "http://127.0.0.1:$PROXY_PORT/api/stream" --clients "$SLOW" \
         --rounds 0 --no-read --hold-secs 200 --pid "$pid" > "$TMP/slow.log" 2>&1 &
     local holder=$!
     for _ in $(seq 1 300); do grep -q '^rss' "$TMP/slow.log" && break; sleep 0.1; done
