@@ -25,6 +25,7 @@ SLOW=${SLOW:-2000}
 CHANGES=${CHANGES:-50}
 SECTIONS=${*:-poll peruser rss fanout slow}
 BIN=target/release
+PROXY_BIN=${PROXY_BIN:-$BIN/rollgate-proxy}
 TMP=$(mktemp -d)
 PIDS=()
 MOCK_PORT=9010 CONTROL_PORT=9011 PROXY_PORT=9020 FLOOR_PORT=9021 EXPRESS_PORT=9022 LOCAL_PORT=9023
@@ -91,7 +92,7 @@ proxy() { # proxy PORT [args...]
     local port=$1
     shift
     start "proxy-$port" env ROLLGATE_API_KEY=$KEY ROLLGATE_BASE_URL=http://127.0.0.1:$MOCK_PORT \
-        ROLLGATE_PROXY_LOG_LEVEL=warn "$BIN/rollgate-proxy" --bind 127.0.0.1 --port "$port" "$@"
+        ROLLGATE_PROXY_LOG_LEVEL=warn "$PROXY_BIN" --bind 127.0.0.1 --port "$port" --snapshot-file "" "$@"
     ready "http://127.0.0.1:$port/api/flags"
 }
 
