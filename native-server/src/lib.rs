@@ -12,6 +12,7 @@ pub mod identify;
 pub mod lean;
 pub mod local;
 pub mod persist;
+pub mod refresh;
 pub mod routes;
 pub mod runtime;
 pub mod server;
@@ -118,6 +119,7 @@ pub fn start(settings: Settings, shutdown: CancellationToken) -> Result<Started,
                 persister,
                 shutdown.clone(),
             )));
+            tasks.push(tokio::spawn(refresh::run(Arc::clone(&app))));
             let recorder = Arc::clone(&app);
             tasks.push(tokio::spawn(forward::run(
                 Arc::clone(&app.outbox),
