@@ -10,6 +10,7 @@ pub mod driver;
 pub mod environments;
 pub mod forward;
 pub mod identify;
+pub mod lean;
 pub mod local;
 pub mod persist;
 pub mod refresh;

@@ -1,5 +1,6 @@
 //! Listening and serving: a socket2 listener, an own HTTP/1 accept loop (about half the memory
-//! per connection of `axum::serve`, machine-limits §4), and graceful shutdown.
+//! per connection of `axum::serve`, machine-limits §4), the lean path for plain-TCP streams
+//! (`crate::lean`), and graceful shutdown.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -11,9 +12,11 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
+use crate::lean::{self, Ended, Peeked};
 
 /// Binds `addr` with a large backlog and `SO_REUSEADDR` (fast restarts).
 ///
@@ -31,7 +34,8 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 const BACKLOG: i32 = 65_535;
 
 /// Serves `router` until `shutdown`, then stops accepting, lets in-flight requests finish (SSE
-/// streams end on the same signal) and returns within `settings.shutdown_timeout`.
+/// streams end on the same signal) and returns within `settings.shutdown_timeout`. Plain-TCP
+/// stream requests take the lean path (`crate::lean`) through the same handler.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
@@ -45,6 +49,8 @@ pub async fn serve(
         .max_buf_size((settings.max_header_bytes + settings.max_uri_length + 4096).max(8192))
         .keep_alive(true);
     let graceful = GracefulShutdown::new();
+    // Every plain-TCP connection task holds a sender: shutdown waits until all are dropped.
+    let (tasks, mut tasks_done) = mpsc::channel::<()>(1);
     if let Some(tls) = &settings.tls {
         tokio::spawn(tls.clone().watch(shutdown.clone()));
     }
@@ -59,10 +65,28 @@ pub async fn serve(
                 let _ = stream.set_nodelay(true);
                 let service = TowerToHyperService::new(router.clone());
                 let Some(tls) = &settings.tls else {
-                    let connection = builder.serve_connection(TokioIo::new(stream), service);
-                    let connection = graceful.watch(connection);
+                    let (builder, watcher) = (builder.clone(), graceful.watcher());
+                    let (router, task, cancelled) =
+                        (router.clone(), tasks.clone(), shutdown.clone());
+                    let head_timeout = settings.request_timeout;
                     tokio::spawn(async move {
-                        if let Err(error) = connection.await {
+                        let _task = task;
+                        // The first segment decides: a stream goes lean, the rest to hyper.
+                        let peeked =
+                            match tokio::time::timeout(head_timeout, lean::peek(&stream)).await {
+                                Ok(Ok(Peeked::Closed) | Err(_)) | Err(_) => return,
+                                Ok(Ok(peeked)) => peeked,
+                            };
+                        if let Peeked::Stream(request, len) = peeked {
+                            match lean::serve(&stream, router, &cancelled, *request, len).await {
+                                Ok(Ended::KeepAlive) => {}
+                                Ok(Ended::Close) | Err(_) => return,
+                            }
+                        }
+                        // Boxed: a lean stream's task must not reserve room for hyper's
+                        // connection state (it is sized for the largest state).
+                        let connection = builder.serve_connection(TokioIo::new(stream), service);
+                        if let Err(error) = Box::pin(watcher.watch(connection)).await {
                             tracing::debug!(%error, "connection ended with an error");
                         }
                     });
@@ -105,9 +129,15 @@ pub async fn serve(
         }
     }
     drop(listener);
+    drop(tasks);
     tracing::info!("shutting down: no new connections, finishing in-flight requests");
+    let all_closed = async {
+        graceful.shutdown().await;
+        // `None` once every connection task has ended.
+        let _ = tasks_done.recv().await;
+    };
     tokio::select! {
-        () = graceful.shutdown() => tracing::info!("all connections closed"),
+        () = all_closed => tracing::info!("all connections closed"),
         () = tokio::time::sleep(settings.shutdown_timeout) => {
             tracing::warn!(timeout = ?settings.shutdown_timeout, "shutdown timeout: dropping remaining connections");
         }

@@ -10,6 +10,7 @@
 
 use std::borrow::Cow;
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,7 +23,8 @@ use rollgate_proxy_core::model::{Context, EvaluatedFlags};
 use rollgate_proxy_core::snapshot::Snapshot;
 use rollgate_proxy_core::stream::{self, Next, Subscriber};
 use tokio::sync::watch;
-use tokio::time::{Instant, Interval};
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use crate::runtime::now;
 use crate::state::App;
@@ -82,6 +84,10 @@ async fn refetched(user: &mut Option<UserGuard>) -> bool {
     }
 }
 
+/// One stream's state. The timers and the shutdown wait live as long as the connection, so a
+/// fan-out wakeup registers nothing new: a data frame only notes when it was sent, and the
+/// keepalive timer is re-armed when it fires (not on every frame, which would take the timer
+/// wheel's lock once per client per publish).
 struct Connection {
     guard: ClientGuard,
     user: Option<UserGuard>,
@@ -91,8 +97,13 @@ struct Connection {
     snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
     preamble: Option<Bytes>,
     initial: Option<Arc<Snapshot>>,
-    keepalive: Interval,
-    deadline: Option<Instant>,
+    /// Fires `period` after the last frame of any kind (re-armed lazily, see above).
+    keepalive: Pin<Box<Sleep>>,
+    period: Duration,
+    last_sent: Instant,
+    /// The max-age close, if any.
+    deadline: Option<Pin<Box<Sleep>>>,
+    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
 }
 
 impl Connection {
@@ -108,12 +119,16 @@ impl Connection {
                 }
                 continue;
             }
-            let app = Arc::clone(&self.guard.app);
-            let far = Instant::now() + Duration::from_secs(86_400 * 365);
+            let deadline = async {
+                match &mut self.deadline {
+                    Some(deadline) => deadline.as_mut().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 biased;
-                () = app.shutdown.cancelled() => return None,
-                () = tokio::time::sleep_until(self.deadline.unwrap_or(far)) => return None,
+                () = self.shutdown.as_mut() => return None,
+                () = deadline => return None,
                 changed = self.snapshots.changed() => {
                     if changed.is_err() {
                         return None;
@@ -139,7 +154,17 @@ impl Connection {
                         return Some(frame);
                     }
                 }
-                _ = self.keepalive.tick() => return Some(self.subscriber.keepalive()),
+                () = self.keepalive.as_mut() => {
+                    let due = self.last_sent + self.period;
+                    let now = Instant::now();
+                    if now >= due {
+                        self.last_sent = now;
+                        self.keepalive.as_mut().reset(now + self.period);
+                        return Some(self.subscriber.keepalive());
+                    }
+                    // A frame went out since the timer was armed: wait out the rest.
+                    self.keepalive.as_mut().reset(due);
+                }
             }
         }
     }
@@ -152,17 +177,18 @@ impl Connection {
             Next::Nothing => None,
             Next::Resolve(context) => {
                 // On an upstream failure without cached data, send nothing now: the refresher
-                // tries again after the next change.
+                // tries again after the next change. Boxed: an idle anonymous stream must not
+                // carry room for a per-user fetch.
                 let fetch = fetch || !self.resolved;
-                let flags = resolve(&self.guard.app, snapshot, context, fetch).await?;
+                let flags = Box::pin(resolve(&self.guard.app, snapshot, context, fetch)).await?;
                 self.resolved = true;
                 self.subscriber.on_flags(snapshot, &flags)
             }
         }?;
         let kind = self.subscriber.kind();
         self.guard.app.downstream.metrics.frames_sent(kind, 1);
-        // A data frame is as good as a keepalive: restart the period.
-        self.keepalive.reset();
+        // A data frame is as good as a keepalive: the period restarts from here.
+        self.last_sent = Instant::now();
         Some(frame)
     }
 }
@@ -195,10 +221,11 @@ pub fn response(app: &Arc<App>, subscriber: Subscriber) -> Response {
     let mut snapshots = app.snapshots.subscribe();
     let initial = snapshots.borrow_and_update().clone();
     let period = subscriber.keepalive_interval();
-    let mut keepalive = tokio::time::interval_at(Instant::now() + period, period);
-    keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let started = Instant::now();
     let deadline = subscriber.close_at().map(|at| {
-        Instant::now() + Duration::from_millis(at.as_millis().saturating_sub(now().as_millis()))
+        Box::pin(tokio::time::sleep_until(
+            started + Duration::from_millis(at.as_millis().saturating_sub(now().as_millis())),
+        ))
     });
     let user = subscriber
         .user_id()
@@ -211,8 +238,11 @@ pub fn response(app: &Arc<App>, subscriber: Subscriber) -> Response {
         subscriber,
         snapshots,
         initial,
-        keepalive,
+        keepalive: Box::pin(tokio::time::sleep_until(started + period)),
+        period,
+        last_sent: started,
         deadline,
+        shutdown: Box::pin(app.shutdown.clone().cancelled_owned()),
     };
     let body = futures_util::stream::unfold(connection, |mut connection| async move {
         let bytes = connection.next().await?;

@@ -1,0 +1,256 @@
+#!/usr/bin/env bash
+# bench/run.sh: the side-by-side figures of BENCHMARKS.md (issue 9), measured in ONE run against
+# the proxy, a bare hyper server returning the same bytes (`floor`) and the original pattern's
+# Express proxy (bench/express). Not run by the test command.
+#
+#   bench/run.sh [section ...]     sections: poll peruser rss fanout slow (default: all)
+#
+# Knobs (environment): ROUNDS (3) wrk rounds per figure, medians reported; DUR (5) seconds per
+# wrk run; CONNS (64) wrk connections; STREAMS (19000) streams for the RSS figure; FANOUT
+# (100000) clients over REPLICAS (6) proxy processes; FANOUT_ROUNDS (3) changes per mode;
+# SLOW (2000) never-reading clients; CHANGES (50) changes of the large set.
+# Every process runs under `timeout`, every loop is bounded, only recorded PIDs are stopped, and
+# the sysctls changed for the large runs are restored on exit (machine-limits §3, §5).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ROUNDS=${ROUNDS:-3}
+DUR=${DUR:-5}
+CONNS=${CONNS:-64}
+STREAMS=${STREAMS:-19000}
+FANOUT=${FANOUT:-100000}
+REPLICAS=${REPLICAS:-6}
+FANOUT_ROUNDS=${FANOUT_ROUNDS:-3}
+SLOW=${SLOW:-2000}
+CHANGES=${CHANGES:-50}
+SECTIONS=${*:-poll peruser rss fanout slow}
+BIN=target/release
+PROXY_BIN=${PROXY_BIN:-$BIN/rollgate-proxy}
+TMP=$(mktemp -d)
+PIDS=()
+MOCK_PORT=9010 CONTROL_PORT=9011 PROXY_PORT=9020 FLOOR_PORT=9021 EXPRESS_PORT=9022 LOCAL_PORT=9023
+KEY=test-api-key
+
+SYSCTLS=(net/core/somaxconn net/ipv4/tcp_mem net/ipv4/ip_local_reserved_ports)
+declare -A SAVED
+cleanup() {
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+    for s in "${!SAVED[@]}"; do echo "${SAVED[$s]}" > "/proc/sys/$s" 2>/dev/null || true; done
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+if [ -w /proc/sys/net/core/somaxconn ]; then
+    for s in "${SYSCTLS[@]}"; do SAVED[$s]=$(cat "/proc/sys/$s"); done
+    echo 65535 > /proc/sys/net/core/somaxconn
+    echo "1048576 1572864 2097152" > /proc/sys/net/ipv4/tcp_mem
+    echo "9000-9100" > /proc/sys/net/ipv4/ip_local_reserved_ports
+fi
+
+for bin in rollgate-proxy mock-upstream floor sse-load; do
+    [ -x "$BIN/$bin" ] || { echo "missing $BIN/$bin: cargo build --release --locked -p rollgate-proxy-server -p rollgate-proxy-tests -p rollgate-proxy-bench" >&2; exit 1; }
+done
+[ -d bench/express/node_modules ] || (cd bench/express && npm ci --no-audit --no-fund >/dev/null)
+
+# Each sse-load run takes a fresh block of 24 source addresses: the previous run's TIME_WAIT
+# sockets would otherwise slow the next run's port search (bind picks the port).
+src() { echo "--first-source $(( (RANDOM % 10) * 24 + 2 ))"; }
+load() { cut -d' ' -f1-3 /proc/loadavg; }
+say() { echo "$* [load $(load)]"; }
+stamp() { while IFS= read -r line; do echo "$line [load $(load)]"; done; }
+median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", (b > 0 ? a / b : 0)}'; }
+
+# Waits (bounded) until a URL answers 200.
+ready() {
+    for _ in $(seq 1 300); do
+        curl -sf -o /dev/null "$1" && return 0
+        sleep 0.1
+    done
+    echo "not ready: $1" >&2
+    return 1
+}
+
+# start NAME CMD...: starts a process in its own session under a timeout, records its PID.
+start() {
+    local name=$1
+    shift
+    setsid timeout 900 "$@" > "$TMP/$name.log" 2>&1 &
+    PIDS+=($!)
+    LAST_PID=$!
+}
+stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+# The server process's own PID (under setsid+timeout, the child of `timeout`).
+child_of() { for _ in $(seq 1 50); do local c; c=$(pgrep -P "$1" | head -1) && [ -n "$c" ] && { echo "$c"; return; }; sleep 0.1; done; }
+
+mock() { # mock [args...]
+    start mock "$BIN/mock-upstream" --port $MOCK_PORT --control-port $CONTROL_PORT "$@"
+    MOCK_PID=$LAST_PID
+    ready "http://127.0.0.1:$CONTROL_PORT/control/stats"
+}
+proxy() { # proxy PORT [args...]
+    local port=$1
+    shift
+    start "proxy-$port" env ROLLGATE_API_KEY=$KEY ROLLGATE_BASE_URL=http://127.0.0.1:$MOCK_PORT \
+        ROLLGATE_PROXY_LOG_LEVEL=warn "$PROXY_BIN" --bind 127.0.0.1 --port "$port" --snapshot-file "" "$@"
+    ready "http://127.0.0.1:$port/api/flags"
+}
+
+# rps URL [wrk args...]: requests/s of one wrk run.
+rps() {
+    local url=$1
+    shift
+    timeout $((DUR + 20)) wrk -t2 -c"$CONNS" -d"${DUR}s" "$@" "$url" | awk '/Requests\/sec/ {print $2}'
+}
+
+# A flag set of N booleans (mock data file).
+flags_file() {
+    python3 - "$1" "$2" <<'EOF'
+import json, sys
+n, pad = int(sys.argv[1]), int(sys.argv[2])
+print(json.dumps({"flags": {f"flag-{i:05d}-" + "x" * pad: i % 3 == 0 for i in range(n)}}))
+EOF
+}
+
+section_poll() {
+    echo "== GET /api/flags: proxy vs floor vs Express (wrk -t2 -c$CONNS -d${DUR}s, $ROUNDS rounds)"
+    flags_file 100 0 > "$TMP/flags100.json"
+    mock --flags-file "$TMP/flags100.json"
+    proxy $PROXY_PORT
+    curl -s "http://127.0.0.1:$PROXY_PORT/api/flags" > "$TMP/body.json"
+    start floor "$BIN/floor" --listen 127.0.0.1:$FLOOR_PORT --body-file "$TMP/body.json"
+    ready "http://127.0.0.1:$FLOOR_PORT/"
+    start express env -C bench/express PORT=$EXPRESS_PORT ROLLGATE_API_KEY=$KEY \
+        ROLLGATE_BASE_URL=http://127.0.0.1:$MOCK_PORT node server.js
+    ready "http://127.0.0.1:$EXPRESS_PORT/api/flags"
+    echo "body bytes: proxy $(wc -c < "$TMP/body.json"), Express $(curl -s "http://127.0.0.1:$EXPRESS_PORT/api/flags" | wc -c)"
+    local vf=() ve=()
+    for r in $(seq 1 "$ROUNDS"); do
+        local p f e
+        p=$(rps "http://127.0.0.1:$PROXY_PORT/api/flags")
+        f=$(rps "http://127.0.0.1:$FLOOR_PORT/api/flags")
+        e=$(rps "http://127.0.0.1:$EXPRESS_PORT/api/flags")
+        say "round $r: proxy $p req/s, floor $f req/s, Express $e req/s"
+        vf+=("$(ratio "$p" "$f")")
+        ve+=("$(ratio "$p" "$e")")
+    done
+    say "median proxy/floor $(printf '%s\n' "${vf[@]}" | median)x (rounds: ${vf[*]}); proxy/Express $(printf '%s\n' "${ve[@]}" | median)x (rounds: ${ve[*]})"
+    for pid in "${PIDS[@]}"; do stop "$pid"; done
+    PIDS=()
+}
+
+section_peruser() {
+    echo "== per-user polls, local rules (95 flags x 3 rules x 3 conditions): vs floor"
+    python3 - > "$TMP/rules.json" <<'EOF'
+import json
+flags = {}
+for i in range(95):
+    key = f"flag-{i:03d}"
+    rules = [{"id": f"r{j}", "name": f"rule {j}", "enabled": True, "rollout": 50,
+              "conditions": [{"attribute": "plan", "operator": "equals", "value": f"plan-{j}"},
+                             {"attribute": "country", "operator": "in", "value": "NL,DE,FR"},
+                             {"attribute": "email", "operator": "ends_with", "value": f"@c{j}.example"}]}
+             for j in range(3)]
+    flags[key] = {"key": key, "enabled": True, "rollout": 30, "targetUsers": [], "rules": rules}
+print(json.dumps({"version": "bench", "flags": flags}))
+EOF
+    cat > "$TMP/users.lua" <<'EOF'
+request = function()
+  return wrk.format("GET", "/api/flags?user_id=u-" .. math.random(1, 1000000000) .. "&attr.plan=plan-1&attr.country=NL&email=a%40c1.example")
+end
+EOF
+    start local "$BIN/rollgate-proxy" --bind 127.0.0.1 --port $LOCAL_PORT --flags-file "$TMP/rules.json" --log-level warn
+    ready "http://127.0.0.1:$LOCAL_PORT/api/flags"
+    curl -s "http://127.0.0.1:$LOCAL_PORT/api/flags" > "$TMP/anon.json"
+    start floor "$BIN/floor" --listen 127.0.0.1:$FLOOR_PORT --body-file "$TMP/anon.json"
+    ready "http://127.0.0.1:$FLOOR_PORT/"
+    local vd=() vs=()
+    local same="http://127.0.0.1:$LOCAL_PORT/api/flags?user_id=u-42&attr.plan=plan-1&attr.country=NL&email=a%40c1.example"
+    for r in $(seq 1 "$ROUNDS"); do
+        local d s a f
+        d=$(rps "http://127.0.0.1:$LOCAL_PORT" -s "$TMP/users.lua")
+        s=$(rps "$same")
+        a=$(rps "http://127.0.0.1:$LOCAL_PORT/api/flags")
+        f=$(rps "http://127.0.0.1:$FLOOR_PORT/api/flags")
+        say "round $r: different users $d req/s, same user $s req/s, anonymous $a req/s, floor $f req/s"
+        vd+=("$(ratio "$d" "$f")")
+        vs+=("$(ratio "$s" "$a")")
+    done
+    say "median different-user/floor $(printf '%s\n' "${vd[@]}" | median)x (${vd[*]}); same-user/anonymous $(printf '%s\n' "${vs[@]}" | median)x (${vs[*]})"
+    for pid in "${PIDS[@]}"; do stop "$pid"; done
+    PIDS=()
+}
+
+section_rss() {
+    echo "== RSS per idle /api/stream client and accept rate ($STREAMS streams, one proxy process)"
+    mock
+    proxy $PROXY_PORT
+    local pid
+    pid=$(child_of "$LAST_PID")
+    timeout 300 "$BIN/sse-load" run $(src) --url "http://127.0.0.1:$PROXY_PORT/api/stream" \
+        --clients "$STREAMS" --rounds 0 --pid "$pid" --timeout-secs 60 | stamp
+    for p in "${PIDS[@]}"; do stop "$p"; done
+    PIDS=()
+}
+
+section_fanout() {
+    echo "== one change to $FANOUT clients over $REPLICAS proxy processes"
+    mock
+    local urls=() pids=()
+    for i in $(seq 0 $((REPLICAS - 1))); do
+        proxy $((9030 + i))
+        urls+=(--url "http://127.0.0.1:$((9030 + i))/api/stream")
+        pids+=(--pid "$(child_of "$LAST_PID")")
+    done
+    for mode in init flag-changed; do
+        curl -sf -X PUT -H 'content-type: application/json' -d "{\"mode\":\"$mode\"}" \
+            "http://127.0.0.1:$CONTROL_PORT/control/stream-mode" > /dev/null
+        say "mock stream mode: $mode"
+        timeout 300 "$BIN/sse-load" run $(src) "${urls[@]}" "${pids[@]}" --clients "$FANOUT" --rounds "$FANOUT_ROUNDS" \
+            --control "http://127.0.0.1:$CONTROL_PORT" --flag "bench-$mode" --timeout-secs 60 \
+            | stamp
+    done
+    for p in "${PIDS[@]}"; do stop "$p"; done
+    PIDS=()
+}
+
+# p99 latency (ms) of polls while CHANGES changes of the large set are made.
+polls_during_changes() {
+    timeout 120 "$BIN/sse-load" trigger --control "http://127.0.0.1:$CONTROL_PORT" \
+        --flag "slow-$1" --count "$CHANGES" --interval-ms 100 &
+    local trig=$!
+    timeout 60 wrk -t1 -c8 -d"$(( CHANGES / 10 + 2 ))s" --latency "http://127.0.0.1:$PROXY_PORT/api/flags" \
+        | awk '/^ +99%/ {v=$2; if (v ~ /us$/) {sub("us","",v); v/=1000} else if (v ~ /ms$/) {sub("ms","",v)} else if (v ~ /s$/) {sub("s","",v); v*=1000}; print v}'
+    wait "$trig" || true
+}
+
+section_slow() {
+    echo "== $SLOW never-reading clients while a ~260 KB set changes $CHANGES times (polls' p99)"
+    flags_file 2500 90 > "$TMP/large.json"
+    mock --flags-file "$TMP/large.json"
+    proxy $PROXY_PORT
+    local pid
+    pid=$(child_of "$LAST_PID")
+    echo "body bytes: $(curl -s "http://127.0.0.1:$PROXY_PORT/api/flags" | wc -c)"
+    local base=() with=()
+    for r in $(seq 1 "$ROUNDS"); do base+=("$(polls_during_changes "base$r")"); done
+    say "without non-readers: polls' p99 ${base[*]} ms; proxy RSS $(grep VmRSS /proc/"$pid"/status | awk '{print $2}') KiB"
+    timeout 300 "$BIN/sse-load" run $(src) --url "http://127.0.0.1:$PROXY_PORT/api/stream" --clients "$SLOW" \
+        --rounds 0 --no-read --hold-secs 200 --pid "$pid" > "$TMP/slow.log" 2>&1 &
+    local holder=$!
+    for _ in $(seq 1 300); do grep -q '^rss' "$TMP/slow.log" && break; sleep 0.1; done
+    cat "$TMP/slow.log"
+    for r in $(seq 1 "$ROUNDS"); do with+=("$(polls_during_changes "with$r")"); done
+    say "with $SLOW non-readers: polls' p99 ${with[*]} ms; proxy RSS $(grep VmRSS /proc/"$pid"/status | awk '{print $2}') KiB"
+    local b w
+    b=$(printf '%s\n' "${base[@]}" | median)
+    w=$(printf '%s\n' "${with[@]}" | median)
+    say "median p99 with/without: $(ratio "$w" "$b")x ($w ms vs $b ms)"
+    kill "$holder" 2>/dev/null || true
+    wait "$holder" 2>/dev/null || true
+    for p in "${PIDS[@]}"; do stop "$p"; done
+    PIDS=()
+}
+
+echo "bench/run.sh $(date -u +%FT%TZ), $(nproc) cores, load $(load)"
+for s in $SECTIONS; do "section_$s"; done
