@@ -50,6 +50,7 @@ pub mod fuzzing;
 pub mod metrics;
 pub mod model;
 pub mod outbox;
+pub mod refresh;
 pub mod render;
 pub mod rendered;
 pub mod secret;
