@@ -27,6 +27,7 @@ use crate::metrics::{Metrics, Scrape, SideRequest};
 use crate::model::{Context, EvaluatedFlags};
 use crate::outbox::Dropped;
 use crate::refresh::{Refresh, RefreshOutcome, Refresher};
+use crate::rendered::{self, BodyKind, Rendered, RenderedCache};
 use crate::secret::Secret;
 use crate::settings::Settings;
 use crate::snapshot::{ContextFlags, Freshness, Revision, Snapshot};
@@ -41,6 +42,10 @@ pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8
 /// Bytes of per-user answers the cache may hold, at most: about 64 MiB, so a proxy with the
 /// default 10,000 users of a large flag set still fits a 256 MiB container.
 pub const USER_CACHE_MAX_BYTES: usize = 64 << 20;
+
+/// Bytes of rendered per-context answers (rules mode) the cache may hold, at most: 32 MiB is
+/// about 10,000 users of a 100-flag set in all three renderings.
+pub const RENDERED_CACHE_MAX_BYTES: usize = 32 << 20;
 
 /// One request, as the adapter parsed it. Only the headers that change an answer are here.
 #[derive(Clone, Copy, Debug, Default)]
@@ -197,6 +202,8 @@ pub struct Downstream {
     /// Skips the identity lock on the hot path until someone has identified.
     identified: AtomicBool,
     users: Mutex<UserCache>,
+    /// Rules mode: rendered per-context answers of the current revision.
+    rendered: Mutex<RenderedCache>,
     /// Per-user refreshes after upstream changes (evaluated mode), under the budget.
     refresher: Mutex<Refresher>,
     /// The last upstream change epoch handed to [`Downstream::upstream_changed`].
@@ -225,6 +232,7 @@ impl Downstream {
             identities: Mutex::new(IdentityStore::new(settings.identify_store_size)),
             identified: AtomicBool::new(false),
             users: Mutex::new(UserCache::new(limits)),
+            rendered: Mutex::new(RenderedCache::new(RENDERED_CACHE_MAX_BYTES)),
             refresher: Mutex::new(Refresher::new(settings.user_refresh)),
             change_epoch: std::sync::atomic::AtomicU64::new(0),
             metrics: Metrics::new(),
@@ -388,6 +396,18 @@ impl Downstream {
                 self.metrics.cache(freshness);
                 let snapshot = snapshot.ok_or_else(ApiError::not_ready)?;
                 let with_reasons = api::with_reasons(request.query);
+                if let Some(kind) = body_kind(&route, with_reasons)
+                    && let Some(rules) = snapshot.rules()
+                    && !context.is_anonymous()
+                {
+                    return respond(self.rendered_answer(
+                        snapshot,
+                        rules,
+                        kind,
+                        context,
+                        request.if_none_match,
+                    ));
+                }
                 let ofrep_stream = ofrep::stream_uri(client_key.as_deref());
                 match self.resolve(snapshot, context.clone()) {
                     Resolved::Flags(flags) => respond(respond_with(
@@ -451,6 +471,42 @@ impl Downstream {
                 Some(id) => Resolved::User(id),
             },
         }
+    }
+
+    /// Rules mode, a non-anonymous context: its answer from the rendered cache, or evaluated,
+    /// rendered and remembered. The ETag is [`rendered::context_etag`].
+    fn rendered_answer(
+        &self,
+        snapshot: &Snapshot,
+        rules: &crate::eval::CompiledRules,
+        kind: BodyKind,
+        context: Context,
+        if_none_match: Option<&str>,
+    ) -> ApiResponse {
+        let context = self.merge_identity(context);
+        let context_key = rendered::context_key(&context);
+        let key = RenderedCache::key(kind, &context_key);
+        let revision = snapshot.revision();
+        let cached = lock(&self.rendered).get(revision, &key);
+        let Rendered { body, etag } = match cached {
+            Some(rendered) => rendered,
+            None => {
+                self.metrics.evaluation();
+                let flags = rules.evaluate_all(&context);
+                let body = match kind {
+                    BodyKind::Flags => crate::render::flags_body(&flags, snapshot.cached_at()),
+                    BodyKind::Sdk => crate::render::sdk_flags_body(&flags, false),
+                    BodyKind::SdkWithReasons => crate::render::sdk_flags_body(&flags, true),
+                };
+                let rendered = Rendered {
+                    body,
+                    etag: rendered::context_etag(snapshot, &context_key),
+                };
+                lock(&self.rendered).insert(revision, key, rendered.clone());
+                rendered
+            }
+        };
+        ApiResponse::json_with_etag(body, &etag, if_none_match)
     }
 
     /// `context` with what its user sent to `/identify` filled in.
@@ -669,12 +725,19 @@ impl Downstream {
             SourceReport::Upstream(status) => (Some(status.clone()), status.last_confirmed),
             SourceReport::Local { loaded_at, .. } => (None, *loaded_at),
         };
+        // One lock for both figures (two temporaries in one expression would deadlock).
+        let (rendered, rendered_entries) = {
+            let cache = lock(&self.rendered);
+            (cache.stats(), cache.len())
+        };
         let scrape = Scrape {
             upstream,
             revision: snapshot.map_or(0, |s| s.revision().get()),
             data_age: confirmed.map(|at| now.saturating_since(at)),
             flags: snapshot.map_or(0, |s| s.defaults().flags.len()),
             user_cache_entries: lock(&self.users).len(),
+            rendered,
+            rendered_entries,
             user_refresh: lock(&self.refresher).stats(now),
             dropped: extra.dropped,
             shard_clients: extra.shard_clients,
@@ -723,6 +786,16 @@ fn context_of(route: &Route, request: &Request<'_>) -> Result<Context, ApiRespon
         Route::OfrepFlag(key) => ofrep::context(request.body).map_err(|e| e.response(Some(key))),
         Route::OfrepFlags => ofrep::context(request.body).map_err(|e| e.response(None)),
         _ => api::context_from_query(request.query).map_err(ApiResponse::from),
+    }
+}
+
+/// Which cached rendering a data route serves, if its answers are cached per context.
+fn body_kind(route: &Route, with_reasons: bool) -> Option<BodyKind> {
+    match route {
+        Route::Flags => Some(BodyKind::Flags),
+        Route::SdkFlags if with_reasons => Some(BodyKind::SdkWithReasons),
+        Route::SdkFlags => Some(BodyKind::Sdk),
+        _ => None,
     }
 }
 

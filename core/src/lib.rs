@@ -12,6 +12,7 @@
 //! - [`model`]: evaluated snapshots, the rules model, contexts, reasons; typed parse errors.
 //! - [`eval`]: rules compiled once per snapshot, evaluated per context; never fails.
 //! - [`render`]: response bodies and SSE frames, rendered once for both adapters.
+//! - [`rendered`]: per-context answers of rules mode, rendered once per revision and cached.
 //! - [`snapshot`]: one immutable revision with every body and SSE frame serialized once.
 //! - [`sse`]: an SSE event encoder and an incremental, size-limited WHATWG decoder.
 //! - [`breaker`]: the circuit breaker with Rollgate's defaults.
@@ -53,6 +54,7 @@ pub mod model;
 pub mod outbox;
 pub mod refresh;
 pub mod render;
+pub mod rendered;
 pub mod secret;
 pub mod settings;
 pub mod snapshot;

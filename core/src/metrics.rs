@@ -209,6 +209,10 @@ pub struct Scrape {
     pub flags: usize,
     /// Users in the per-user cache.
     pub user_cache_entries: usize,
+    /// What the rules-mode cache of rendered per-context answers did, and what it holds.
+    pub rendered: crate::rendered::RenderedStats,
+    /// Rendered per-context answers held.
+    pub rendered_entries: usize,
     /// The per-user refresher's backlog and counters.
     pub user_refresh: crate::refresh::RefreshStats,
     /// What the bounded buffers dropped (the adapter's outbox).
@@ -480,6 +484,26 @@ impl Metrics {
             "user_refresh_untracked_total",
             &[],
             refresh.dropped,
+        );
+        family(
+            &mut out,
+            "rendered_cache_total",
+            "counter",
+            "Rules-mode per-context answers: served rendered (hit), evaluated (miss), or dropped to stay within the byte bound (evicted).",
+        );
+        let rendered = scrape.rendered;
+        for (result, n) in [
+            ("hit", rendered.hits),
+            ("miss", rendered.misses),
+            ("evicted", rendered.evicted),
+        ] {
+            sample(&mut out, "rendered_cache_total", &[("result", result)], n);
+        }
+        gauge(
+            &mut out,
+            "rendered_cache_entries",
+            "Rendered per-context answers held (rules mode).",
+            scrape.rendered_entries as f64,
         );
         family(
             &mut out,

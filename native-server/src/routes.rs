@@ -16,7 +16,7 @@ use http::request::Parts;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use rollgate_proxy_core::api::{ApiError, ApiResponse, is_usable_request_id};
-use rollgate_proxy_core::cors::{CorsValue, PREFLIGHT_STATUS};
+use rollgate_proxy_core::cors::{CorsPolicy, CorsValue, EXPOSE_HEADERS, PREFLIGHT_STATUS};
 use rollgate_proxy_core::downstream::{self, Admitted, Answer, Forward, MetricsExtra};
 use rollgate_proxy_core::metrics::SideRequest;
 use tracing::Instrument;
@@ -30,6 +30,12 @@ use crate::users::user_flags;
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 static LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");
+// Header values every answer may carry, built once: cloning a static `HeaderValue` copies a
+// pointer, where building one checks every byte.
+static ANY_ORIGIN: HeaderValue = HeaderValue::from_static("*");
+static EXPOSE: HeaderValue = HeaderValue::from_static(EXPOSE_HEADERS);
+static NO_CACHE: HeaderValue = HeaderValue::from_static(rollgate_proxy_core::api::NO_CACHE);
+static JSON: HeaderValue = HeaderValue::from_static(rollgate_proxy_core::api::JSON);
 
 /// The application: one fallback handler.
 pub fn router(app: Arc<App>) -> Router {
@@ -129,12 +135,16 @@ pub(crate) async fn handle_in(app: &Arc<App>, request: Request, admission: Admis
             }
             (Err(error), _) => from_api(error.into()),
         };
-        let cors = app
-            .settings
-            .core
-            .cors
-            .response_headers(origin_str(origin.as_ref()));
-        set_cors(response.headers_mut(), &cors, origin.as_ref());
+        let policy = &app.settings.core.cors;
+        if matches!(policy, CorsPolicy::Any) {
+            // What `response_headers` gives for `*`, without building the list per request.
+            let headers = response.headers_mut();
+            headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, ANY_ORIGIN.clone());
+            headers.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, EXPOSE.clone());
+        } else {
+            let cors = policy.response_headers(origin_str(origin.as_ref()));
+            set_cors(response.headers_mut(), &cors, origin.as_ref());
+        }
         tracing::debug!(parent: &span, status = response.status().as_u16(), "answered");
     }
     response
@@ -340,13 +350,34 @@ pub fn from_api(response: ApiResponse) -> Response {
     *out.status_mut() = StatusCode::from_u16(response.status).unwrap_or(StatusCode::OK);
     let headers = out.headers_mut();
     if let Some(content_type) = response.content_type {
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+        let value = if content_type == rollgate_proxy_core::api::JSON {
+            JSON.clone()
+        } else {
+            HeaderValue::from_static(content_type)
+        };
+        headers.insert(header::CONTENT_TYPE, value);
     }
     for (name, value) in response.headers {
-        // Takes the `String`'s buffer instead of copying it.
-        if let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from(value)) {
-            headers.insert(name, value);
-        }
+        // The common names and values without parsing; other values take the `String`'s
+        // buffer instead of copying it.
+        let name = match name {
+            "ETag" => header::ETAG,
+            "Cache-Control" => header::CACHE_CONTROL,
+            "Retry-After" => header::RETRY_AFTER,
+            other => match HeaderName::from_bytes(other.as_bytes()) {
+                Ok(name) => name,
+                Err(_) => continue,
+            },
+        };
+        let value = if value == rollgate_proxy_core::api::NO_CACHE {
+            NO_CACHE.clone()
+        } else {
+            match HeaderValue::from_maybe_shared(Bytes::from(value)) {
+                Ok(value) => value,
+                Err(_) => continue,
+            }
+        };
+        headers.insert(name, value);
     }
     out
 }

@@ -484,3 +484,88 @@ fn overload_answers_are_jittered_and_spare_probes() {
     assert!(text(&metrics).contains("rollgate_proxy_shed_total 2\n"));
     assert!(text(&metrics).contains("rollgate_proxy_sse_shard_clients{shard=\"1\"} 3\n"));
 }
+
+#[test]
+fn rules_mode_answers_are_rendered_once_per_revision_and_context() {
+    let d = local();
+    let snapshot = rules();
+    let header = |r: &ApiResponse, name: &str| {
+        r.headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.clone())
+    };
+    let query = "user_id=u1&attr.plan=pro&attr.country=NL";
+    let first = respond(answer(&d, &get("/api/flags", query), Some(&snapshot)));
+    let again = respond(answer(&d, &get("/api/flags", query), Some(&snapshot)));
+    assert_eq!(first.status, 200);
+    // The second poll is the first one's bytes, from the cache.
+    assert_eq!(first, again);
+    let stats = lock(&d.rendered).stats();
+    assert_eq!((stats.hits, stats.misses), (1, 1));
+    // The body is the evaluation's, exactly as before the cache.
+    let context = api::context_from_query(query).unwrap();
+    let flags = snapshot.rules().unwrap().evaluate_all(&context);
+    assert_eq!(
+        first.body,
+        crate::render::flags_body(&flags, snapshot.cached_at())
+    );
+    // The ETag is per content and context, never the anonymous one, and gives 304s.
+    let etag = header(&first, "ETag").unwrap();
+    assert_ne!(etag, snapshot.etag());
+    let revalidate = Request {
+        if_none_match: Some(&etag),
+        ..get("/api/flags", query)
+    };
+    let not_modified = respond(answer(&d, &revalidate, Some(&snapshot)));
+    assert_eq!((not_modified.status, not_modified.body.len()), (304, 0));
+    // The SDK route of the same context shares the ETag, with its own body.
+    let sdk = respond(answer(
+        &d,
+        &get("/api/v1/sdk/flags", query),
+        Some(&snapshot),
+    ));
+    assert_eq!(header(&sdk, "ETag"), Some(etag.clone()));
+    assert_eq!(sdk.body, crate::render::sdk_flags_body(&flags, false));
+    let reasons = respond(answer(
+        &d,
+        &get("/api/v1/sdk/flags", &format!("{query}&withReasons=true")),
+        Some(&snapshot),
+    ));
+    assert_eq!(reasons.body, crate::render::sdk_flags_body(&flags, true));
+    // Another user: another tag.
+    let other = respond(answer(
+        &d,
+        &get("/api/flags", "user_id=u2&attr.plan=pro&attr.country=NL"),
+        Some(&snapshot),
+    ));
+    assert_ne!(header(&other, "ETag"), Some(etag.clone()));
+    // New content: a miss and a new tag (the old one no longer gives a 304).
+    let payload =
+        RulesPayload::from_json(br#"{"flags":{"new-checkout":{"enabled":true,"rollout":100}}}"#)
+            .unwrap();
+    let changed = Arc::new(Snapshot::build(
+        Revision::new(2),
+        Timestamp::from_millis(2_000),
+        FlagSource::rules(&payload),
+    ));
+    let after = respond(answer(&d, &revalidate, Some(&changed)));
+    assert_eq!(after.status, 200);
+    assert_ne!(header(&after, "ETag"), Some(etag));
+    assert_eq!(lock(&d.rendered).len(), 1);
+    // The metrics count what the cache did (the 304 was a hit too).
+    let scrape = d.metrics(
+        Timestamp::from_millis(5_000),
+        Some(&changed),
+        &SourceReport::Local {
+            last_error: None,
+            loaded_at: None,
+        },
+        MetricsExtra::default(),
+    );
+    assert!(
+        text(&scrape).contains("rollgate_proxy_rendered_cache_total{result=\"hit\"} 2"),
+        "{}",
+        text(&scrape)
+    );
+}

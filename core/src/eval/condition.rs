@@ -6,6 +6,7 @@
 //! that depends only on the condition (lower-casing, list splitting, number and version parsing,
 //! regex compilation) is done here at compile time.
 
+use std::borrow::Cow;
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
 
@@ -48,6 +49,11 @@ pub(super) struct Attributes<'a> {
     context: &'a Context,
     /// Slot → not yet looked up (`None`) or the lookup's result. Empty: no caching.
     cache: Vec<Option<Option<Value<'a>>>>,
+    /// Slot → `String(value).toLowerCase()` once a string operator needed it (borrowed when
+    /// the value is already lower case), so each attribute is lower-cased once per context,
+    /// not once per condition. Slots past the custom ones: `id`, then `email`. Empty: no
+    /// caching.
+    lowered: Vec<Option<Cow<'a, str>>>,
 }
 
 impl<'a> Attributes<'a> {
@@ -56,6 +62,7 @@ impl<'a> Attributes<'a> {
         Self {
             context,
             cache: Vec::new(),
+            lowered: Vec::new(),
         }
     }
 
@@ -64,6 +71,7 @@ impl<'a> Attributes<'a> {
         Self {
             context,
             cache: vec![None; slots],
+            lowered: vec![None; slots + 2],
         }
     }
 
@@ -89,6 +97,39 @@ impl<'a> Attributes<'a> {
                 None => lookup(name),
             },
         }
+    }
+}
+
+impl<'a> Attributes<'a> {
+    /// Calls `f` with `String(value).toLowerCase()`, where `value` is what [`Self::get`] gave
+    /// for `attribute`: computed once per context when caching.
+    fn with_lowered<R>(
+        &mut self,
+        attribute: &Attribute,
+        value: Value<'a>,
+        f: impl FnOnce(&str) -> R,
+    ) -> R {
+        let custom = self.cache.len();
+        let slot = match attribute {
+            Attribute::Custom { slot, .. } => *slot,
+            Attribute::Id => custom,
+            Attribute::Email => custom + 1,
+        };
+        match self.lowered.get_mut(slot) {
+            Some(entry) => f(entry.get_or_insert_with(|| lowercase(value))),
+            None => value.with_str(|s| js::with_lowercase(s, f)),
+        }
+    }
+}
+
+/// `String(value).toLowerCase()`, borrowing when nothing changes.
+fn lowercase(value: Value<'_>) -> Cow<'_, str> {
+    match value {
+        Value::Str(s) if s.is_ascii() && !s.bytes().any(|b| b.is_ascii_uppercase()) => {
+            Cow::Borrowed(s)
+        }
+        Value::Bool(b) => Cow::Borrowed(if b { "true" } else { "false" }),
+        other => Cow::Owned(other.with_str(|s| js::with_lowercase(s, str::to_owned))),
     }
 }
 
@@ -252,12 +293,14 @@ impl CompiledCondition {
         };
         match &self.op {
             Op::IsSet | Op::IsNotSet | Op::Unknown => Outcome::NoMatch,
-            Op::Str(op, expected) => value
-                .with_str(|s| js::with_lowercase(s, |actual| str_op(*op, actual, expected)))
+            Op::Str(op, expected) => attributes
+                .with_lowered(&self.attribute, value, |actual| {
+                    str_op(*op, actual, expected)
+                })
                 .into(),
             Op::In { items, negated } => {
-                let found =
-                    value.with_str(|s| js::with_lowercase(s, |actual| list_has(items, actual)));
+                let found = attributes
+                    .with_lowered(&self.attribute, value, |actual| list_has(items, actual));
                 (found != *negated).into()
             }
             Op::Num(op, expected) => {
