@@ -25,6 +25,7 @@ pub mod config;
 cfg_if::cfg_if! {
     if #[cfg(target_arch = "wasm32")] {
         mod entry;
+        mod fanout;
         mod http;
         mod relay;
         mod shard;

@@ -1,0 +1,185 @@
+//! Streamed response bodies that hold one shared copy of each frame: a per-reader slot with
+//! the newest frame and a wakeup, instead of a queue of per-reader copies.
+//!
+//! Every frame an object sends is a whole snapshot (or a comment), so a reader that has not
+//! taken the previous frame yet only ever needs the newest one: [`Outlet::offer`] replaces it.
+//! Frames are JS `Uint8Array`s made once per object and publish ([`JsFrames`]) and handed to
+//! every reader's stream by reference, so memory per object is one copy per frame kind,
+//! whatever the number of readers, and a slow reader holds at most its newest frame.
+
+use std::cell::RefCell;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use js_sys::Uint8Array;
+use wasm_bindgen::{JsCast, JsValue};
+use worker::{Headers, Response, ResponseBuilder};
+
+/// A JS copy of `bytes`.
+pub(crate) fn js_bytes(bytes: &[u8]) -> Uint8Array {
+    let array = Uint8Array::new_with_length(u32::try_from(bytes.len()).unwrap_or(u32::MAX));
+    array.copy_from(bytes);
+    array
+}
+
+#[derive(Default)]
+struct Slot {
+    /// Sent before anything else (the `retry:` preamble or a first snapshot), once.
+    head: Option<Uint8Array>,
+    /// The newest frame not yet taken by the body.
+    frame: Option<Uint8Array>,
+    /// A keepalive comment is due (sent only when no frame is pending).
+    keepalive: Option<Uint8Array>,
+    /// The object ended this body.
+    closed: bool,
+    /// The runtime dropped the body (the reader went away).
+    gone: bool,
+    waker: Option<Waker>,
+}
+
+/// The object's end of one reader's body.
+pub(crate) struct Outlet {
+    slot: Rc<RefCell<Slot>>,
+}
+
+/// The body's end: yields what the slot holds, when the runtime asks for more.
+struct Body {
+    slot: Rc<RefCell<Slot>>,
+}
+
+impl Outlet {
+    /// A reader whose body starts with `head`; returns the outlet and the streamed response.
+    pub(crate) fn open(
+        head: Option<Uint8Array>,
+        headers: Headers,
+    ) -> worker::Result<(Self, Response)> {
+        let slot = Rc::new(RefCell::new(Slot {
+            head,
+            ..Slot::default()
+        }));
+        let body = Body {
+            slot: Rc::clone(&slot),
+        };
+        let stream = wasm_streams::ReadableStream::from_stream(body.map(Ok::<JsValue, JsValue>));
+        let raw: web_sys::ReadableStream = stream
+            .into_raw()
+            .dyn_into()
+            .map_err(|_| worker::Error::RustError("not a ReadableStream".into()))?;
+        let response = ResponseBuilder::new().with_headers(headers).stream(raw);
+        Ok((Self { slot }, response))
+    }
+
+    /// Hands the reader `frame` (replacing one it has not taken yet); `false` once it is gone.
+    pub(crate) fn offer(&self, frame: &Uint8Array) -> bool {
+        let mut slot = self.slot.borrow_mut();
+        if slot.gone {
+            return false;
+        }
+        // A frame not taken yet is superseded: every frame is a whole snapshot.
+        slot.frame = Some(frame.clone());
+        slot.keepalive = None;
+        if let Some(waker) = slot.waker.take() {
+            waker.wake();
+        }
+        true
+    }
+
+    /// Asks for a keepalive comment unless a frame is already on its way; `false` once gone.
+    pub(crate) fn keepalive(&self, comment: &Uint8Array) -> bool {
+        let mut slot = self.slot.borrow_mut();
+        if slot.gone {
+            return false;
+        }
+        if slot.frame.is_none() && slot.head.is_none() {
+            slot.keepalive = Some(comment.clone());
+            if let Some(waker) = slot.waker.take() {
+                waker.wake();
+            }
+        }
+        true
+    }
+
+    /// Whether the reader went away.
+    pub(crate) fn is_gone(&self) -> bool {
+        self.slot.borrow().gone
+    }
+}
+
+impl Drop for Outlet {
+    /// Ends the body once what is pending has been sent.
+    fn drop(&mut self) {
+        let mut slot = self.slot.borrow_mut();
+        slot.closed = true;
+        if let Some(waker) = slot.waker.take() {
+            waker.wake();
+        }
+    }
+}
+
+impl Stream for Body {
+    type Item = JsValue;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<JsValue>> {
+        let mut slot = self.slot.borrow_mut();
+        if let Some(next) = slot
+            .head
+            .take()
+            .or_else(|| slot.frame.take())
+            .or_else(|| slot.keepalive.take())
+        {
+            return Poll::Ready(Some(next.into()));
+        }
+        if slot.closed {
+            return Poll::Ready(None);
+        }
+        slot.waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+impl Drop for Body {
+    fn drop(&mut self) {
+        let mut slot = self.slot.borrow_mut();
+        slot.gone = true;
+        slot.head = None;
+        slot.frame = None;
+        slot.keepalive = None;
+    }
+}
+
+/// The JS copies of an object's shared frames: one per distinct frame (by identity of the
+/// `Bytes`), dropped when the snapshot they belong to is replaced.
+#[derive(Default)]
+pub(crate) struct JsFrames {
+    frames: Vec<(Bytes, Uint8Array)>,
+}
+
+/// Distinct shared frames one snapshot has (flags, init, OFREP) and a little room.
+const MAX_SHARED_FRAMES: usize = 4;
+
+impl JsFrames {
+    /// The JS copy of `frame`, made on first use.
+    pub(crate) fn get(&mut self, frame: &Bytes) -> Uint8Array {
+        if let Some((_, js)) = self
+            .frames
+            .iter()
+            .find(|(b, _)| b.as_ptr() == frame.as_ptr() && b.len() == frame.len())
+        {
+            return js.clone();
+        }
+        let js = js_bytes(frame);
+        if self.frames.len() >= MAX_SHARED_FRAMES {
+            self.frames.remove(0);
+        }
+        self.frames.push((frame.clone(), js.clone()));
+        js
+    }
+
+    /// Forgets every copy (a new snapshot).
+    pub(crate) fn clear(&mut self) {
+        self.frames.clear();
+    }
+}
