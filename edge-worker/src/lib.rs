@@ -27,6 +27,7 @@ cfg_if::cfg_if! {
         mod entry;
         mod fanout;
         mod http;
+        mod local;
         mod relay;
         mod shard;
     }

@@ -521,6 +521,7 @@ async fn handle(inner: &Rc<Inner>, mut req: Request) -> worker::Result<Response>
             shard_report(inner, &incoming.query);
             return Response::ok("ok");
         }
+        crate::local::SNAPSHOT_PATH => return snapshot_check(inner, &incoming.query),
         _ => {}
     }
     let (Some(config), Some(downstream)) = (config_of(inner), downstream_of(inner)) else {
@@ -586,6 +587,31 @@ async fn handle(inner: &Rc<Inner>, mut req: Request) -> worker::Result<Response>
     if let Some(event_id) = event_id {
         response.headers_mut().set(EVENT_ID_HEADER, &event_id)?;
     }
+    Ok(response)
+}
+
+/// The stateless Worker's revision check, `?have=<event id>`: 204 when that is still current,
+/// else 200 with the persisted snapshot; the current event id (with the identity epoch) in
+/// [`EVENT_ID_HEADER`] either way.
+fn snapshot_check(inner: &Inner, query: &str) -> worker::Result<Response> {
+    let have = form_urlencoded::parse(query.as_bytes())
+        .find(|(name, _)| name == "have")
+        .map(|(_, value)| value.into_owned())
+        .unwrap_or_default();
+    let (snapshot, epoch) = {
+        let core = inner.core.borrow();
+        (core.snapshot(), core.identity_epoch)
+    };
+    let Some(snapshot) = snapshot else {
+        return Ok(Response::empty()?.with_status(503));
+    };
+    let event_id = format!("{}~{epoch}", snapshot.event_id());
+    let mut response = if have == event_id {
+        Response::empty()?.with_status(204)
+    } else {
+        Response::from_bytes(snapshot.to_persisted(None).to_vec())?
+    };
+    response.headers_mut().set(EVENT_ID_HEADER, &event_id)?;
     Ok(response)
 }
 
