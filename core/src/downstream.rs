@@ -26,6 +26,7 @@ use crate::breaker::BreakerState;
 use crate::metrics::{Metrics, Scrape, SideRequest};
 use crate::model::{Context, EvaluatedFlags};
 use crate::outbox::Dropped;
+use crate::refresh::{Refresh, RefreshOutcome, Refresher};
 use crate::secret::Secret;
 use crate::settings::Settings;
 use crate::snapshot::{ContextFlags, Freshness, Revision, Snapshot};
@@ -196,6 +197,10 @@ pub struct Downstream {
     /// Skips the identity lock on the hot path until someone has identified.
     identified: AtomicBool,
     users: Mutex<UserCache>,
+    /// Per-user refreshes after upstream changes (evaluated mode), under the budget.
+    refresher: Mutex<Refresher>,
+    /// The last upstream change epoch handed to [`Downstream::upstream_changed`].
+    change_epoch: std::sync::atomic::AtomicU64,
     /// Counters of this environment, recorded by core and by the adapter.
     pub metrics: Metrics,
 }
@@ -220,6 +225,8 @@ impl Downstream {
             identities: Mutex::new(IdentityStore::new(settings.identify_store_size)),
             identified: AtomicBool::new(false),
             users: Mutex::new(UserCache::new(limits)),
+            refresher: Mutex::new(Refresher::new(settings.user_refresh)),
+            change_epoch: std::sync::atomic::AtomicU64::new(0),
             metrics: Metrics::new(),
             settings,
         }
@@ -477,6 +484,96 @@ impl Downstream {
         flags
     }
 
+    /// Upstream's change epoch is `epoch` (from [`crate::upstream::Upstream::change_epoch`],
+    /// handed over after every drain of the machine's actions): when it advanced, every
+    /// per-user answer fetched before is out of date and every streaming user is queued for a
+    /// refresh. Returns whether it advanced (the adapter then drives the refresher).
+    pub fn upstream_changed(&self, now: Timestamp, epoch: u64) -> bool {
+        let previous = self.change_epoch.fetch_max(epoch, Ordering::Relaxed);
+        if epoch <= previous {
+            return false;
+        }
+        lock(&self.users).handle_change(epoch);
+        lock(&self.refresher).handle_change(now);
+        true
+    }
+
+    /// A per-user stream of `user_id` opened (evaluated mode): it is refreshed on changes.
+    pub fn user_stream_opened(&self, user_id: &str) {
+        lock(&self.refresher).handle_stream_opened(user_id);
+    }
+
+    /// A per-user stream of `user_id` is known to be open (the Worker's shards say so on each
+    /// request): tracked again if it was not (after the relay object restarted).
+    pub fn user_stream_seen(&self, user_id: &str) {
+        let mut refresher = lock(&self.refresher);
+        if !refresher.is_streaming(user_id) {
+            refresher.handle_stream_opened(user_id);
+        }
+    }
+
+    /// A per-user stream of `user_id` closed (pairs with [`Downstream::user_stream_opened`]).
+    pub fn user_stream_closed(&self, user_id: &str) {
+        lock(&self.refresher).handle_stream_closed(user_id);
+    }
+
+    /// The next per-user refresh to perform now, within the budget: fetch `refresh.user_id`'s
+    /// flags through the per-user cache (the ticket), report with
+    /// [`Downstream::user_fetched`] then [`Downstream::refreshed`], and tell that user's
+    /// streams. Users whose answer is already current (a poll fetched it, or its fetch is in
+    /// flight) are skipped here: that fetch wakes the streams.
+    /// With rules (local evaluation) nothing is fetched: queued users are let go at once.
+    pub fn poll_refresh(
+        &self,
+        now: Timestamp,
+        snapshot: &Snapshot,
+    ) -> Option<(Refresh, FetchTicket)> {
+        let mut refresher = lock(&self.refresher);
+        if snapshot.rules().is_some() {
+            refresher.clear_backlog();
+            return None;
+        }
+        let revision = snapshot.revision();
+        // Bounded: each iteration takes one backlog entry.
+        while let Some(refresh) = refresher.poll_refresh(now) {
+            match lock(&self.users).lookup(now, &refresh.user_id, revision) {
+                Lookup::Fetch { ticket, .. } => return Some((refresh, ticket)),
+                Lookup::Fresh(_) | Lookup::Wait { .. } => {
+                    refresher.handle_refreshed(now, &refresh, RefreshOutcome::Done);
+                }
+            }
+        }
+        None
+    }
+
+    /// When to call [`Downstream::poll_refresh`] again, if refreshes wait for the budget.
+    pub fn refresh_timeout(&self) -> Option<Timestamp> {
+        lock(&self.refresher).poll_timeout()
+    }
+
+    /// A refresh ended (`ok`: the user's answer was fetched; else `hold_until`: when upstream
+    /// allows requests again, from the machine's status, if it asked for quiet).
+    pub fn refreshed(
+        &self,
+        now: Timestamp,
+        refresh: &Refresh,
+        ok: bool,
+        hold_until: Option<Timestamp>,
+    ) {
+        let outcome = if ok {
+            RefreshOutcome::Done
+        } else {
+            RefreshOutcome::Failed { hold_until }
+        };
+        lock(&self.refresher).handle_refreshed(now, refresh, outcome);
+    }
+
+    /// `user_id`'s cached answer whatever its age, without fetching: what a per-user stream
+    /// sends after a refresh or a new snapshot (its refresh is the refresher's job).
+    pub fn user_cached(&self, user_id: &str) -> Option<Arc<EvaluatedFlags>> {
+        lock(&self.users).peek(user_id)
+    }
+
     /// After waiting for another caller's fetch ([`Lookup::Wait`]): what to serve.
     pub fn user_waited(&self, now: Timestamp, user_id: &str, revision: Revision) -> UserFlags {
         let flags = lock(&self.users).after_wait(now, user_id, revision);
@@ -578,6 +675,7 @@ impl Downstream {
             data_age: confirmed.map(|at| now.saturating_since(at)),
             flags: snapshot.map_or(0, |s| s.defaults().flags.len()),
             user_cache_entries: lock(&self.users).len(),
+            user_refresh: lock(&self.refresher).stats(now),
             dropped: extra.dropped,
             shard_clients: extra.shard_clients,
         };

@@ -49,6 +49,7 @@ pub mod fuzzing;
 pub mod metrics;
 pub mod model;
 pub mod outbox;
+pub mod refresh;
 pub mod render;
 pub mod secret;
 pub mod settings;

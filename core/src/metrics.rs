@@ -209,6 +209,8 @@ pub struct Scrape {
     pub flags: usize,
     /// Users in the per-user cache.
     pub user_cache_entries: usize,
+    /// The per-user refresher's backlog and counters.
+    pub user_refresh: crate::refresh::RefreshStats,
     /// What the bounded buffers dropped (the adapter's outbox).
     pub dropped: crate::outbox::Dropped,
     /// Open SSE clients per shard object (the Worker only; empty elsewhere, and then the
@@ -438,6 +440,46 @@ impl Metrics {
             "user_cache_entries",
             "Users in the per-user answer cache.",
             scrape.user_cache_entries as f64,
+        );
+        let refresh = &scrape.user_refresh;
+        gauge(
+            &mut out,
+            "user_refresh_backlog",
+            "Streaming users waiting for their per-user answer to be refreshed after an upstream change.",
+            refresh.backlog as f64,
+        );
+        gauge(
+            &mut out,
+            "user_refresh_backlog_oldest_seconds",
+            "Age of the oldest per-user refresh waiting (0 when none waits).",
+            refresh.oldest.map_or(0.0, |age| age.as_secs_f64()),
+        );
+        gauge(
+            &mut out,
+            "user_refresh_in_flight",
+            "Per-user refreshes in flight toward Rollgate.",
+            refresh.in_flight as f64,
+        );
+        family(
+            &mut out,
+            "user_refresh_total",
+            "counter",
+            "Per-user refreshes after upstream changes, by result.",
+        );
+        for (result, n) in [("done", refresh.done), ("failed", refresh.failed)] {
+            sample(&mut out, "user_refresh_total", &[("result", result)], n);
+        }
+        family(
+            &mut out,
+            "user_refresh_untracked_total",
+            "counter",
+            "Per-user streams not refreshed on changes because the tracked users were at their bound.",
+        );
+        sample(
+            &mut out,
+            "user_refresh_untracked_total",
+            &[],
+            refresh.dropped,
         );
         family(
             &mut out,
@@ -761,6 +803,11 @@ mod tests {
             "sse_frames_sent_total counter",
             "cache_requests_total counter",
             "user_cache_total counter",
+            "user_refresh_backlog gauge",
+            "user_refresh_backlog_oldest_seconds gauge",
+            "user_refresh_in_flight gauge",
+            "user_refresh_total counter",
+            "user_refresh_untracked_total counter",
             "upstream_connected gauge",
             "upstream_requests_total counter",
             "upstream_reconnects_total counter",

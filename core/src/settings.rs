@@ -12,6 +12,7 @@ use crate::api::ClientKeys;
 use crate::backoff::{ReconnectPolicy, RetryPolicy};
 use crate::breaker::BreakerConfig;
 use crate::cors::CorsPolicy;
+use crate::refresh::RefreshBudget;
 use crate::secret::Secret;
 use crate::sse::decode::DecoderLimits;
 use crate::upstream::UpstreamConfig;
@@ -232,6 +233,22 @@ pub const USER_CACHE_SIZE: Spec = spec!(
     Both,
     "Users whose upstream-evaluated flags are cached"
 );
+/// Per-user refreshes started per second toward Rollgate after a change.
+pub const USER_REFRESH_RPS: Spec = spec!(
+    "user-refresh-rps",
+    "ROLLGATE_PROXY_USER_REFRESH_RPS",
+    Some("50"),
+    Both,
+    "Evaluated mode: per-user answers refreshed per second at most after an upstream change (streaming users; convergence ≈ users ÷ this)"
+);
+/// Per-user refreshes in flight toward Rollgate.
+pub const USER_REFRESH_CONCURRENCY: Spec = spec!(
+    "user-refresh-concurrency",
+    "ROLLGATE_PROXY_USER_REFRESH_CONCURRENCY",
+    Some("8"),
+    Both,
+    "Evaluated mode: per-user refreshes in flight at most after an upstream change (1 to 32)"
+);
 /// Identify store size.
 pub const IDENTIFY_STORE_SIZE: Spec = spec!(
     "identify-store-size",
@@ -263,6 +280,8 @@ pub const SCHEMA: &[&Spec] = &[
     &SSE_MAX_AGE,
     &BODY_LIMIT,
     &USER_CACHE_SIZE,
+    &USER_REFRESH_RPS,
+    &USER_REFRESH_CONCURRENCY,
     &IDENTIFY_STORE_SIZE,
 ];
 
@@ -442,6 +461,9 @@ pub struct Settings {
     pub body_limit: usize,
     /// Users whose upstream-evaluated flags are cached.
     pub user_cache_size: usize,
+    /// The budget of per-user refreshes after an upstream change (streaming users tracked at
+    /// most: the user cache size).
+    pub user_refresh: RefreshBudget,
     /// Users whose `/identify` attributes are kept.
     pub identify_store_size: usize,
 }
@@ -549,6 +571,17 @@ impl Settings {
             Ok(usize::try_from(n).unwrap_or(usize::MAX))
         };
         let sse_max_age = values.duration(&SSE_MAX_AGE)?;
+        let user_cache_size = size(&USER_CACHE_SIZE, 1, 100_000_000)?;
+        let user_refresh = RefreshBudget {
+            rps: u32::try_from(values.number(&USER_REFRESH_RPS, 1, 100_000)?).unwrap_or(u32::MAX),
+            // A refresh takes one of the per-user side-request slots too.
+            concurrency: size(
+                &USER_REFRESH_CONCURRENCY,
+                1,
+                crate::metrics::MAX_SIDE_REQUESTS_IN_FLIGHT as u64,
+            )?,
+            max_tracked: user_cache_size,
+        };
         Ok(Self {
             api_key,
             base_url,
@@ -560,7 +593,8 @@ impl Settings {
             sdk_keepalive,
             sse_max_age: (!sse_max_age.is_zero()).then_some(sse_max_age),
             body_limit: size(&BODY_LIMIT, 1024, 1 << 30)?,
-            user_cache_size: size(&USER_CACHE_SIZE, 1, 100_000_000)?,
+            user_cache_size,
+            user_refresh,
             identify_store_size: size(&IDENTIFY_STORE_SIZE, 1, 100_000_000)?,
         })
     }

@@ -164,6 +164,13 @@ impl Subscriber {
         self.close_at
     }
 
+    /// The user id of a per-user client (its answer is refreshed on upstream changes).
+    pub fn user_id(&self) -> Option<&str> {
+        self.context
+            .as_ref()
+            .and_then(|context| context.id.as_deref())
+    }
+
     /// Whether the client is per user (its frames are its own).
     pub fn is_per_user(&self) -> bool {
         self.context.is_some()

@@ -49,6 +49,7 @@ use crate::breaker::{
     Admission, BreakerConfig, BreakerConfigError, BreakerState, BreakerStats, CircuitBreaker,
     Outcome,
 };
+use crate::metrics::SideRequest;
 use crate::model::{EvaluatedFlags, RulesPayload};
 use crate::snapshot::{FlagSource, Freshness, Snapshot, SnapshotError, SnapshotStore};
 use crate::sse::decode::{DecodeError, Decoder, DecoderLimits, SseEvent};
@@ -413,6 +414,13 @@ pub struct Upstream {
     /// Streamed values waiting for the refetch that brings their reasons (see
     /// [`Upstream::apply_streamed`]).
     held: Option<HeldChange>,
+    /// Advances on every change signal from upstream (see [`Upstream::change_epoch`]).
+    change_epoch: u64,
+    /// A change signal arrived and has not settled yet ([`Upstream::settle_change`]).
+    change_pending: bool,
+    /// Forwarded POSTs of one kind wait until this (that kind's `Retry-After`), by
+    /// [`SideRequest::index`].
+    forward_holds: [Option<Timestamp>; 4],
     counters: UpstreamCounters,
 }
 
@@ -484,6 +492,9 @@ impl Upstream {
             hold_until: None,
             key_rejected: false,
             held: None,
+            change_epoch: 0,
+            change_pending: false,
+            forward_holds: [None; 4],
             counters: UpstreamCounters::default(),
         };
         machine.request_fetch(now);
@@ -577,9 +588,60 @@ impl Upstream {
         }
     }
 
+    /// Like [`Upstream::admit_side_request`] for a forwarded POST of `kind` (events,
+    /// telemetry, identify): also not while a `Retry-After` upstream sent to that kind holds
+    /// it back ([`Upstream::record_forward_response`]).
+    pub fn admit_forward(&mut self, now: Timestamp, kind: SideRequest) -> bool {
+        self.forward_held_until(now, kind).is_none() && self.admit_side_request(now)
+    }
+
+    /// When forwarded POSTs of `kind` may go upstream again, if later than `now`.
+    pub fn forward_held_until(&self, now: Timestamp, kind: SideRequest) -> Option<Timestamp> {
+        self.forward_holds[kind.index()].filter(|&at| at > now)
+    }
+
+    /// Tells the machine what upstream answered to a forwarded POST of `kind` that was not a
+    /// success: a 429/503 `Retry-After` pauses **that kind** until it has passed (at most
+    /// [`MAX_RETRY_AFTER`]; flag fetches and the other kinds go on), a 401 marks the key
+    /// rejected (as everywhere), and any other status (a 403 too) is an ordinary failure.
+    pub fn record_forward_response(
+        &mut self,
+        now: Timestamp,
+        kind: SideRequest,
+        status: u16,
+        retry_after: Option<&str>,
+    ) {
+        let what = "forwarded request";
+        match status {
+            401 => {
+                if let Some(error) = self.note_refusal(now, what, status, None) {
+                    self.last_error = Some(error);
+                }
+            }
+            429 | 503 => {
+                let Some(wait) = retry_after.and_then(|value| parse_retry_after(value, now)) else {
+                    return;
+                };
+                let until = now.saturating_add(wait.min(MAX_RETRY_AFTER));
+                let hold = &mut self.forward_holds[kind.index()];
+                *hold = Some(hold.map_or(until, |at| at.max(until)));
+            }
+            _ => {}
+        }
+    }
+
     /// Records the outcome of a request admitted by [`Upstream::admit_side_request`].
     pub fn record_side_request(&mut self, now: Timestamp, outcome: Outcome) {
         self.breaker.record(now, outcome);
+    }
+
+    /// Upstream's change epoch: it advances on every change signal (a stream `init`, `flags`,
+    /// `flag-changed` or `flag-update` event, and every publish), also when the anonymous flags
+    /// did not change. In evaluated mode, per-user answers fetched before the epoch last
+    /// advanced may be out of date: the adapter hands each new epoch to
+    /// [`crate::downstream::Downstream::upstream_changed`] after draining actions.
+    pub fn change_epoch(&self) -> u64 {
+        self.change_epoch
     }
 
     /// The next action to perform, or `None` when there is nothing to do.
@@ -658,6 +720,7 @@ impl Upstream {
             }
             _ => {}
         }
+        self.settle_change();
         self.drive(now);
     }
 
@@ -768,6 +831,7 @@ impl Upstream {
                 true,
             ),
         }
+        self.settle_change();
         self.drive(now);
     }
 
@@ -841,6 +905,7 @@ impl Upstream {
             self.last_confirmed = Some(now);
             self.handle_event(now, &event);
         }
+        self.settle_change();
         self.drive(now);
     }
 
@@ -881,6 +946,16 @@ impl Upstream {
             // The same bytes in a fetch body are rejected as invalid JSON: so are they here,
             // instead of acting on U+FFFD replacements.
             return self.malformed(event, "data is not valid UTF-8".to_owned());
+        }
+        if matches!(
+            event.event.as_str(),
+            "init" | "flags" | "flag-changed" | "flag-update"
+        ) {
+            // Any of these may mean a per-user answer changed, even when the anonymous flags
+            // (and so the snapshot) stay as they are. The epoch advances once the change has
+            // settled (published, or refetched unchanged): per-user answers refetched then go
+            // out with the snapshot they belong to.
+            self.change_pending = true;
         }
         match event.event.as_str() {
             "init" | "flags" => {
@@ -997,6 +1072,20 @@ impl Upstream {
         self.request_fetch(now);
     }
 
+    /// Advances the change epoch for a change signal once nothing about it is still in flight
+    /// (no refetch running or queued, nothing held): the snapshot it leads to, if any, is
+    /// published by then.
+    fn settle_change(&mut self) {
+        if self.change_pending
+            && !self.refetch_pending
+            && self.held.is_none()
+            && matches!(self.fetch, FetchSlot::Idle)
+        {
+            self.change_pending = false;
+            self.change_epoch += 1;
+        }
+    }
+
     /// Publishes a held change as it is (its reasons did not come).
     fn release_held(&mut self, now: Timestamp) {
         if let Some(held) = self.held.take() {
@@ -1043,6 +1132,8 @@ impl Upstream {
         let Some(snapshot) = self.store.replace(now, source) else {
             return false;
         };
+        self.change_epoch += 1;
+        self.change_pending = false;
         // Publish first: clients wait on it; storage does not.
         let persisted = snapshot.to_persisted(self.upstream_etag.as_deref());
         self.actions.push_back(Action::Publish(snapshot));

@@ -92,6 +92,8 @@ struct Cached {
     fetched: Timestamp,
     /// A change upstream makes every cached answer out of date, whatever its age.
     revision: Revision,
+    /// The upstream change epoch when the fetch started: a later change makes it stale.
+    epoch: u64,
     bytes: usize,
 }
 
@@ -99,6 +101,7 @@ struct Cached {
 struct InFlight {
     ticket: FetchTicket,
     revision: Revision,
+    epoch: u64,
     deadline: Timestamp,
 }
 
@@ -124,6 +127,8 @@ pub struct UserCache {
     bytes: usize,
     next_ticket: u64,
     evicted: u64,
+    /// Upstream's change epoch ([`UserCache::handle_change`]).
+    epoch: u64,
 }
 
 impl UserCache {
@@ -136,7 +141,23 @@ impl UserCache {
             bytes: 0,
             next_ticket: 0,
             evicted: 0,
+            epoch: 0,
         }
+    }
+
+    /// Upstream signalled a change (its change epoch is now `epoch`): every answer fetched, or
+    /// fetch started, before it is out of date, whatever its revision and age. A rollout or
+    /// targeting change can alter one user's answer and leave the anonymous flags (and so the
+    /// revision) as they were.
+    pub fn handle_change(&mut self, epoch: u64) {
+        self.epoch = self.epoch.max(epoch);
+    }
+
+    /// `user_id`'s cached answer, whatever its age (for a per-user stream after a refresh).
+    pub fn peek(&mut self, user_id: &str) -> Option<Arc<EvaluatedFlags>> {
+        self.entries
+            .get(user_id)
+            .map(|entry| Arc::clone(&entry.flags))
     }
 
     /// Cached users.
@@ -168,12 +189,14 @@ impl UserCache {
     pub fn lookup(&mut self, now: Timestamp, user_id: &str, revision: Revision) -> Lookup {
         if let Some(entry) = self.entries.get(user_id)
             && entry.revision == revision
+            && entry.epoch == self.epoch
             && now.saturating_since(entry.fetched) < self.limits.ttl
         {
             return Lookup::Fresh(Arc::clone(&entry.flags));
         }
         if let Some(inflight) = self.inflight.get(user_id)
             && inflight.revision == revision
+            && inflight.epoch == self.epoch
             && now < inflight.deadline
         {
             return Lookup::Wait {
@@ -191,6 +214,7 @@ impl UserCache {
             InFlight {
                 ticket,
                 revision,
+                epoch: self.epoch,
                 deadline,
             },
         );
@@ -208,7 +232,7 @@ impl UserCache {
     ) -> UserFlags {
         let revision = match self.inflight.get(user_id) {
             Some(inflight) if inflight.ticket == ticket => {
-                let revision = inflight.revision;
+                let revision = (inflight.revision, inflight.epoch);
                 self.inflight.remove(user_id);
                 Some(revision)
             }
@@ -219,8 +243,8 @@ impl UserCache {
         match result {
             Some(flags) => {
                 let flags = Arc::new(flags);
-                if let Some(revision) = revision {
-                    self.insert(now, user_id, Arc::clone(&flags), revision);
+                if let Some((revision, epoch)) = revision {
+                    self.insert(now, user_id, Arc::clone(&flags), revision, epoch);
                 }
                 UserFlags::Fresh(flags)
             }
@@ -233,6 +257,7 @@ impl UserCache {
         match self.entries.get(user_id) {
             Some(entry)
                 if entry.revision == revision
+                    && entry.epoch == self.epoch
                     && now.saturating_since(entry.fetched) < self.limits.ttl =>
             {
                 UserFlags::Fresh(Arc::clone(&entry.flags))
@@ -263,6 +288,7 @@ impl UserCache {
         user_id: &str,
         flags: Arc<EvaluatedFlags>,
         revision: Revision,
+        epoch: u64,
     ) {
         let bytes = user_id.len() + flags_bytes(&flags);
         if let Some(old) = self.entries.put(
@@ -271,6 +297,7 @@ impl UserCache {
                 flags,
                 fetched: now,
                 revision,
+                epoch,
                 bytes,
             },
         ) {
@@ -489,6 +516,32 @@ mod tests {
             cache.handle_fetch(at(1), "u9", t, None),
             UserFlags::Unavailable
         );
+    }
+
+    #[test]
+    fn an_upstream_change_makes_answers_and_fetches_stale_at_the_same_revision() {
+        let mut cache = cache();
+        let r1 = Revision::new(1);
+        let t = ticket(cache.lookup(at(0), "u1", r1));
+        cache.handle_fetch(at(1), "u1", t, Some(flags(true)));
+        // A fetch started before the change is not waited for after it.
+        let before = ticket(cache.lookup(at(2), "u2", r1));
+        cache.handle_change(1);
+        let t = ticket(cache.lookup(at(3), "u1", r1));
+        assert!(matches!(
+            cache.lookup(at(3), "u2", r1),
+            Lookup::Fetch { .. }
+        ));
+        // Until the refetch lands, the old answer is what a stream can peek at.
+        assert!(cache.peek("u1").unwrap().flags["a"]);
+        cache.handle_fetch(at(4), "u1", t, Some(flags(false)));
+        assert!(matches!(cache.lookup(at(5), "u1", r1), Lookup::Fresh(f) if !f.flags["a"]));
+        // The pre-change fetch's late answer is served to its caller but never cached.
+        cache.handle_fetch(at(6), "u2", before, Some(flags(true)));
+        assert!(matches!(cache.lookup(at(7), "u2", r1), Lookup::Wait { .. }));
+        // Epochs only move forward.
+        cache.handle_change(0);
+        assert!(matches!(cache.lookup(at(8), "u1", r1), Lookup::Fresh(_)));
     }
 
     #[test]

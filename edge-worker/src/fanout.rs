@@ -1,13 +1,15 @@
 //! Streamed response bodies that hold one shared copy of each frame: a per-reader slot with
 //! the newest frame and a wakeup, instead of a queue of per-reader copies.
 //!
-//! Every frame an object sends is a whole snapshot (or a comment), so a reader that has not
-//! taken the previous frame yet only ever needs the newest one: [`Outlet::offer`] replaces it.
+//! Every snapshot frame an object sends is a whole snapshot, so a reader that has not taken the
+//! previous one yet only ever needs the newest one: [`Outlet::offer`] replaces it. Small
+//! notifications that do not supersede each other ([`Outlet::push`]) wait in a bounded queue.
 //! Frames are JS `Uint8Array`s made once per object and publish ([`JsFrames`]) and handed to
 //! every reader's stream by reference, so memory per object is one copy per frame kind,
 //! whatever the number of readers, and a slow reader holds at most its newest frame.
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
@@ -29,10 +31,13 @@ pub(crate) fn js_bytes(bytes: &[u8]) -> Uint8Array {
 struct Slot {
     /// Sent before anything else (the `retry:` preamble or a first snapshot), once.
     head: Option<Uint8Array>,
-    /// The newest frame not yet taken by the body.
-    frame: Option<Uint8Array>,
+    /// What the body has not taken yet, in order: at most one superseding frame (`true`, the
+    /// newest snapshot) among notifications (`false`).
+    pending: VecDeque<(bool, Uint8Array)>,
+    /// Notifications dropped because the queue was full (a reader that stopped reading).
     /// A keepalive comment is due (sent only when no frame is pending).
     keepalive: Option<Uint8Array>,
+    dropped: u64,
     /// The object ended this body.
     closed: bool,
     /// The runtime dropped the body (the reader went away).
@@ -78,13 +83,43 @@ impl Outlet {
         if slot.gone {
             return false;
         }
-        // A frame not taken yet is superseded: every frame is a whole snapshot.
-        slot.frame = Some(frame.clone());
+        // A snapshot frame not taken yet is superseded: every such frame is a whole snapshot.
+        slot.pending.retain(|(superseding, _)| !superseding);
+        slot.pending.push_back((true, frame.clone()));
         slot.keepalive = None;
         if let Some(waker) = slot.waker.take() {
             waker.wake();
         }
         true
+    }
+
+    /// Queues a notification that does not supersede others (at most [`MAX_QUEUED`]; the
+    /// oldest is dropped and counted beyond that); `false` once the reader is gone.
+    pub(crate) fn push(&self, event: &Uint8Array) -> bool {
+        let mut slot = self.slot.borrow_mut();
+        if slot.gone {
+            return false;
+        }
+        if slot.pending.len() >= MAX_QUEUED
+            && let Some(at) = slot
+                .pending
+                .iter()
+                .position(|(superseding, _)| !superseding)
+        {
+            slot.pending.remove(at);
+            slot.dropped += 1;
+        }
+        slot.pending.push_back((false, event.clone()));
+        slot.keepalive = None;
+        if let Some(waker) = slot.waker.take() {
+            waker.wake();
+        }
+        true
+    }
+
+    /// Notifications dropped so far because this reader's queue was full.
+    pub(crate) fn dropped(&self) -> u64 {
+        self.slot.borrow().dropped
     }
 
     /// Asks for a keepalive comment unless a frame is already on its way; `false` once gone.
@@ -93,7 +128,7 @@ impl Outlet {
         if slot.gone {
             return false;
         }
-        if slot.frame.is_none() && slot.head.is_none() {
+        if slot.pending.is_empty() && slot.head.is_none() {
             slot.keepalive = Some(comment.clone());
             if let Some(waker) = slot.waker.take() {
                 waker.wake();
@@ -127,7 +162,7 @@ impl Stream for Body {
         if let Some(next) = slot
             .head
             .take()
-            .or_else(|| slot.frame.take())
+            .or_else(|| slot.pending.pop_front().map(|(_, frame)| frame))
             .or_else(|| slot.keepalive.take())
         {
             return Poll::Ready(Some(next.into()));
@@ -145,10 +180,13 @@ impl Drop for Body {
         let mut slot = self.slot.borrow_mut();
         slot.gone = true;
         slot.head = None;
-        slot.frame = None;
+        slot.pending.clear();
         slot.keepalive = None;
     }
 }
+
+/// Notifications a reader may have waiting (beyond that the oldest is dropped and counted).
+const MAX_QUEUED: usize = 1024;
 
 /// The JS copies of an object's shared frames: one per distinct frame (by identity of the
 /// `Bytes`), dropped when the snapshot they belong to is replaced.

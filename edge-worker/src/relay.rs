@@ -33,6 +33,9 @@ use crate::config::EdgeConfig;
 use crate::fanout::{Outlet, js_bytes};
 use crate::http::{self, EVENT_ID_HEADER, Incoming, now};
 
+mod identify;
+pub(crate) mod refresh;
+
 /// Storage key of the persisted snapshot.
 const SNAPSHOT_KEY: &str = "snapshot";
 /// SSE event name of the internal relay → shard stream.
@@ -60,6 +63,8 @@ struct Core {
     local: Option<Arc<Snapshot>>,
     /// Internal streams of the shard objects (each holds only the newest snapshot frame).
     subscribers: Vec<Outlet>,
+    /// Notifications dropped on the shards' streams so far, as last logged.
+    notifications_dropped: u64,
     /// Open upstream streams, to abort on `CloseStream`.
     streams: HashMap<StreamId, AbortController>,
     /// The alarm currently set (unix ms).
@@ -75,6 +80,10 @@ struct Core {
     user_waiters: HashMap<FetchTicket, Vec<oneshot::Sender<UserFlags>>>,
     /// Requests outside the machine in flight, per kind (bounded by core).
     side_in_flight: [usize; 4],
+    /// A timer for core's next per-user refresh is pending.
+    refresh_timer: bool,
+    /// `/identify` forwards in flight per user, and the fetches waiting for them.
+    identifies: HashMap<String, (usize, Vec<oneshot::Sender<()>>)>,
 }
 
 /// What one shard last reported: clients and frames sent, per stream kind.
@@ -229,6 +238,7 @@ fn drive(inner: &Rc<Inner>) {
             core.alarm_at,
         )
     };
+    refresh::after_drive(inner);
     if let Some(deadline) = deadline
         && armed.is_none_or(|at| at != deadline.as_millis())
     {
@@ -253,8 +263,8 @@ fn snapshot_frame(snapshot: &Snapshot) -> Bytes {
     builder.data(&data).into_bytes()
 }
 
-/// Hands every shard one JS copy of `frame` (a shard that has not taken the previous one
-/// yet gets only this newest one).
+/// Hands every shard one JS copy of a snapshot `frame` (a shard that has not taken the
+/// previous one yet gets only this newest one).
 fn broadcast(inner: &Inner, frame: &[u8]) {
     let js = js_bytes(frame);
     inner
@@ -262,6 +272,18 @@ fn broadcast(inner: &Inner, frame: &[u8]) {
         .borrow_mut()
         .subscribers
         .retain(|outlet| outlet.offer(&js));
+}
+
+/// Hands every shard one JS copy of a notification `event` (queued, in order, bounded).
+fn notify(inner: &Inner, event: &[u8]) {
+    let js = js_bytes(event);
+    let mut core = inner.core.borrow_mut();
+    core.subscribers.retain(|outlet| outlet.push(&js));
+    let dropped: u64 = core.subscribers.iter().map(Outlet::dropped).sum();
+    if dropped > core.notifications_dropped {
+        console_error!("relay: {dropped} notifications dropped for shards that stopped reading");
+        core.notifications_dropped = dropped;
+    }
 }
 
 /// Comments on the internal streams: they find shard streams that went away.
@@ -522,11 +544,16 @@ async fn handle(inner: &Rc<Inner>, mut req: Request) -> worker::Result<Response>
             return Response::ok("ok");
         }
         crate::local::SNAPSHOT_PATH => return snapshot_check(inner, &incoming.query),
+        "/__rollgate/user-streams-closed" => {
+            refresh::streams_closed(inner, &incoming.query);
+            return Response::ok("ok");
+        }
         _ => {}
     }
     let (Some(config), Some(downstream)) = (config_of(inner), downstream_of(inner)) else {
         return http::internal();
     };
+    let stream_header = req.headers().get(refresh::STREAM_HEADER).ok().flatten();
     let body = Bytes::from(req.bytes().await.unwrap_or_default());
     let request = incoming.request(&body);
     let route = Route::parse(&incoming.method, &incoming.path).ok();
@@ -541,7 +568,11 @@ async fn handle(inner: &Rc<Inner>, mut req: Request) -> worker::Result<Response>
     let response = match answer {
         Answer::Respond(response) => response,
         Answer::NeedUserFlags(pending) => {
-            let flags = user_flags(inner, &config, pending.user_id(), pending.revision()).await;
+            let flags =
+                match refresh::shard_request(&downstream, &pending, stream_header.as_deref()) {
+                    Some(flags) => flags,
+                    None => user_flags(inner, &config, pending.user_id(), pending.revision()).await,
+                };
             downstream.finish(pending, &flags)
         }
         Answer::Forward(forward) => forward_upstream(inner, &config, forward),
@@ -577,12 +608,17 @@ async fn handle(inner: &Rc<Inner>, mut req: Request) -> worker::Result<Response>
         inner.core.borrow_mut().identity_epoch += 1;
     }
     let polling = route.as_ref().is_some_and(Route::is_polling);
-    // The edge cache keys answers by this: the snapshot, and the `/identify` epoch, since
-    // stored attributes change answers without a new snapshot.
-    let epoch = inner.core.borrow().identity_epoch;
+    // The edge cache keys answers by this: the snapshot, the `/identify` epoch, since stored
+    // attributes change answers without a new snapshot, and upstream's change epoch, since a
+    // targeting change alters per-user answers without one too.
+    let (epoch, changes) = {
+        let core = inner.core.borrow();
+        let changes = core.upstream.as_ref().map_or(0, Upstream::change_epoch);
+        (core.identity_epoch, changes)
+    };
     let event_id = snapshot
         .filter(|_| polling)
-        .map(|s| format!("{}~{epoch}", s.event_id()));
+        .map(|s| format!("{}~{epoch}~{changes}", s.event_id()));
     let mut response = http::to_response(response)?;
     if let Some(event_id) = event_id {
         response.headers_mut().set(EVENT_ID_HEADER, &event_id)?;
@@ -669,10 +705,15 @@ async fn user_flags(
             let downstream = Rc::clone(&downstream);
             wasm_bindgen_futures::spawn_local(async move {
                 let result = fetch_user(&inner, &config, &user).await;
+                let fetched = result.is_some();
                 let flags = downstream.user_fetched(now(), &user, ticket, result);
                 let waiters = inner.core.borrow_mut().user_waiters.remove(&ticket);
                 for waiter in waiters.unwrap_or_default() {
                     let _ = waiter.send(flags.clone());
+                }
+                if fetched {
+                    // The user's stream clients re-read the cache (a change may be waiting).
+                    refresh::user_refreshed(&inner, &user);
                 }
             });
             ticket
@@ -720,6 +761,8 @@ async fn fetch_user(
     user_id: &str,
 ) -> Option<EvaluatedFlags> {
     let downstream = downstream_of(inner)?;
+    // The user's identify reaches Rollgate before this fetch does.
+    identify::wait(inner, user_id, config.core.upstream_timeout).await;
     if !take_side_slot(inner, &downstream, SideRequest::UserFlags) {
         return None;
     }
@@ -798,7 +841,7 @@ fn forward_upstream(inner: &Rc<Inner>, config: &Rc<EdgeConfig>, forward: Forward
         .borrow_mut()
         .upstream
         .as_mut()
-        .is_some_and(|u| u.admit_side_request(now()));
+        .is_some_and(|u| u.admit_forward(now(), forward.kind));
     if !admitted {
         release_side_slot(inner, forward.kind);
         downstream
@@ -813,8 +856,14 @@ fn forward_upstream(inner: &Rc<Inner>, config: &Rc<EdgeConfig>, forward: Forward
         kind,
         body,
         response,
+        user_id,
         ..
     } = forward;
+    // Identified before it is answered: that user's next fetch waits for this forward.
+    let identified = user_id.filter(|_| kind == SideRequest::Identify);
+    if let Some(user) = &identified {
+        identify::begin(&inner, user);
+    }
     wasm_bindgen_futures::spawn_local(async move {
         let request = (|| {
             let headers = Headers::new();
@@ -833,7 +882,21 @@ fn forward_upstream(inner: &Rc<Inner>, config: &Rc<EdgeConfig>, forward: Forward
                 let fetch = Fetch::Request(request);
                 let send = fetch.send_with_signal(&signal);
                 match with_timeout(send, controller, timeout).await {
-                    Some(Ok(answer)) => (200..300).contains(&answer.status_code()),
+                    Some(Ok(answer)) if (200..300).contains(&answer.status_code()) => true,
+                    Some(Ok(answer)) => {
+                        // A 429/503 `Retry-After` pauses this kind; a 401 is the rejected
+                        // key; a 403 and the rest are ordinary failures.
+                        let retry_after = answer.headers().get("retry-after").ok().flatten();
+                        if let Some(upstream) = inner.core.borrow_mut().upstream.as_mut() {
+                            upstream.record_forward_response(
+                                now(),
+                                kind,
+                                answer.status_code(),
+                                retry_after.as_deref(),
+                            );
+                        }
+                        false
+                    }
                     Some(Err(error)) => {
                         console_error!(
                             "relay: forwarding {} failed: {}",
@@ -847,6 +910,9 @@ fn forward_upstream(inner: &Rc<Inner>, config: &Rc<EdgeConfig>, forward: Forward
             }
             Err(_) => false,
         };
+        if let Some(user) = &identified {
+            identify::end(&inner, user);
+        }
         release_side_slot(&inner, kind);
         record_side_request(&inner, &downstream, kind, ok);
     });

@@ -31,6 +31,7 @@ use crate::config::EdgeConfig;
 use crate::fanout::{JsFrames, Outlet, js_bytes};
 use crate::http::{self, Incoming, SHARD_HEADER, now};
 use crate::relay::SNAPSHOT_EVENT;
+use crate::relay::refresh::{STREAM_HEADER, USER_REFRESHED_EVENT};
 
 /// How the shard re-subscribes to the relay after the internal stream ended: quickly at first
 /// (clients miss changes meanwhile), backing off with jitter while the relay keeps failing, so
@@ -83,6 +84,9 @@ struct Client {
     outlet: Outlet,
     /// Unix ms of the last byte sent (keepalives are due after the interval).
     last_sent: u64,
+    /// A per-user client's user id once the relay tracks it (its first flags request said
+    /// `open`); reported closed when the client goes.
+    tracked_user: Option<String>,
 }
 
 impl std::fmt::Debug for SseShard {
@@ -168,6 +172,7 @@ fn connect(inner: &Rc<Inner>, req: &Request) -> worker::Result<Response> {
             client_key,
             outlet,
             last_sent: now().as_millis(),
+            tracked_user: None,
         });
         id
     };
@@ -181,14 +186,23 @@ fn connect(inner: &Rc<Inner>, req: &Request) -> worker::Result<Response> {
 /// Sends client `id` what core's subscriber decides for `snapshot` (asking the relay for a
 /// per-user client's flags).
 fn send_snapshot(inner: &Rc<Inner>, id: u64, snapshot: &Arc<Snapshot>) {
-    let (next, client_key) = {
+    let (next, client_key, stream) = {
         let mut core = inner.core.borrow_mut();
         let Some(client) = core.clients.iter_mut().find(|c| c.id == id) else {
             return;
         };
+        // The first request tracks the user at the relay (refreshed on upstream changes);
+        // later ones read the relay's cache: the relay's refresher fetches, under its budget.
+        let stream = if client.tracked_user.is_some() {
+            "cached"
+        } else {
+            client.tracked_user = client.subscriber.user_id().map(str::to_owned);
+            "open"
+        };
         (
             client.subscriber.on_snapshot(snapshot),
             client.client_key.clone(),
+            stream,
         )
     };
     match next {
@@ -198,7 +212,7 @@ fn send_snapshot(inner: &Rc<Inner>, id: u64, snapshot: &Arc<Snapshot>) {
             let inner = Rc::clone(inner);
             let snapshot = Arc::clone(snapshot);
             wasm_bindgen_futures::spawn_local(async move {
-                match relay_flags(&inner, &context, client_key.as_deref()).await {
+                match relay_flags(&inner, &context, client_key.as_deref(), stream).await {
                     Ok(flags) => {
                         let frame = {
                             let mut core = inner.core.borrow_mut();
@@ -230,27 +244,74 @@ enum Shared<'a> {
     No(&'a Bytes),
 }
 
-fn send(inner: &Inner, id: u64, frame: Shared<'_>) {
+fn send(inner: &Rc<Inner>, id: u64, frame: Shared<'_>) {
     let at = now().as_millis();
-    let mut core = inner.core.borrow_mut();
-    let js = match frame {
-        Shared::Yes(frame) => core.frames.get(frame),
-        Shared::No(frame) => js_bytes(frame),
-    };
-    let mut sent = None;
-    core.clients.retain_mut(|client| {
-        if client.id != id {
-            return true;
+    let mut closed = Vec::new();
+    {
+        let mut core = inner.core.borrow_mut();
+        let js = match frame {
+            Shared::Yes(frame) => core.frames.get(frame),
+            Shared::No(frame) => js_bytes(frame),
+        };
+        let mut sent = None;
+        core.clients.retain_mut(|client| {
+            if client.id != id {
+                return true;
+            }
+            client.last_sent = at;
+            let ok = client.outlet.offer(&js);
+            if ok {
+                sent = Some(client.subscriber.kind());
+            } else {
+                closed.extend(client.tracked_user.take());
+            }
+            ok
+        });
+        if let Some(kind) = sent {
+            core.frames_sent[kind.index()] += 1;
         }
-        client.last_sent = at;
-        let ok = client.outlet.offer(&js);
-        if ok {
-            sent = Some(client.subscriber.kind());
+    }
+    report_closed(inner, closed);
+}
+
+/// Tells the relay that these tracked per-user clients closed (it stops refreshing a user
+/// whose last stream went).
+fn report_closed(inner: &Rc<Inner>, users: Vec<String>) {
+    if users.is_empty() {
+        return;
+    }
+    let mut query = form_urlencoded::Serializer::new(String::new());
+    for user in &users {
+        query.append_pair("user", user);
+    }
+    let path = format!("/__rollgate/user-streams-closed?{}", query.finish());
+    let inner = Rc::clone(inner);
+    wasm_bindgen_futures::spawn_local(async move {
+        if let Ok(request) = http::internal_request(Method::Get, &path, &[], &[])
+            && let Ok(stub) = relay_stub(&inner)
+            && let Err(error) = stub.fetch_with_request(request).await
+        {
+            console_error!("shard: reporting closed streams failed: {error}");
         }
-        ok
     });
-    if let Some(kind) = sent {
-        core.frames_sent[kind.index()] += 1;
+}
+
+/// The relay refetched `user`'s answer: that user's clients re-read it (a frame only if it
+/// changed).
+fn user_refreshed(inner: &Rc<Inner>, user: &str) {
+    let (ids, snapshot) = {
+        let core = inner.core.borrow();
+        let ids: Vec<u64> = core
+            .clients
+            .iter()
+            .filter(|c| c.tracked_user.as_deref() == Some(user))
+            .map(|c| c.id)
+            .collect();
+        (ids, core.snapshot.clone())
+    };
+    let Some(snapshot) = snapshot else { return };
+    for id in ids {
+        send_snapshot(inner, id, &snapshot);
     }
 }
 
@@ -259,15 +320,17 @@ async fn relay_flags(
     inner: &Inner,
     context: &Context,
     client_key: Option<&str>,
+    stream: &str,
 ) -> worker::Result<EvaluatedFlags> {
     let path = format!(
         "/api/v1/sdk/flags?withReasons=true&{}",
         api::context_to_query(context)
     );
-    let headers: Vec<(&str, String)> = client_key
+    let mut headers: Vec<(&str, String)> = client_key
         .map(|key| ("authorization", format!("Bearer {key}")))
         .into_iter()
         .collect();
+    headers.push((STREAM_HEADER, stream.to_owned()));
     let request = http::internal_request(Method::Get, &path, &headers, &[])?;
     let mut response = relay_stub(inner)?.fetch_with_request(request).await?;
     if response.status_code() != 200 {
@@ -342,6 +405,10 @@ async fn follow_relay(inner: &Rc<Inner>) -> worker::Result<bool> {
             .push(&chunk?)
             .map_err(|e| worker::Error::RustError(e.to_string()))?;
         while let Some(event) = decoder.next_event() {
+            if event.event == USER_REFRESHED_EVENT {
+                user_refreshed(inner, &event.data);
+                continue;
+            }
             if event.event != SNAPSHOT_EVENT {
                 continue;
             }
@@ -404,6 +471,7 @@ async fn ticker(inner: Rc<Inner>) {
             .max(Duration::from_millis(50));
         Delay::from(tick).await;
         let at = now();
+        let mut closed = Vec::new();
         let (report, index) = {
             let mut core = inner.core.borrow_mut();
             let comment = core
@@ -411,18 +479,25 @@ async fn ticker(inner: Rc<Inner>) {
                 .get_or_insert_with(|| js_bytes(KEEPALIVE))
                 .clone();
             core.clients.retain_mut(|client| {
-                if client.subscriber.close_at().is_some_and(|end| at >= end) {
+                let keep = if client.subscriber.close_at().is_some_and(|end| at >= end) {
                     // Dropping the sender ends the response body cleanly; the client
                     // reconnects after `retry:` and may land on another shard or location.
-                    return false;
+                    false
+                } else {
+                    let interval = client.subscriber.keepalive_interval();
+                    let due =
+                        client.last_sent + rollgate_proxy_core::time::duration_millis(interval);
+                    if at.as_millis() < due {
+                        !client.outlet.is_gone()
+                    } else {
+                        client.last_sent = at.as_millis();
+                        client.outlet.keepalive(&comment)
+                    }
+                };
+                if !keep {
+                    closed.extend(client.tracked_user.take());
                 }
-                let interval = client.subscriber.keepalive_interval();
-                let due = client.last_sent + rollgate_proxy_core::time::duration_millis(interval);
-                if at.as_millis() < due {
-                    return !client.outlet.is_gone();
-                }
-                client.last_sent = at.as_millis();
-                client.outlet.keepalive(&comment)
+                keep
             });
             let mut clients = [0u64; 3];
             for client in &core.clients {
@@ -433,6 +508,7 @@ async fn ticker(inner: Rc<Inner>) {
             core.reported = Some(report);
             (changed.then_some(report), core.index)
         };
+        report_closed(&inner, closed);
         if let Some((clients, frames)) = report {
             let mut path = format!("/__rollgate/shard-clients?shard={index}");
             for kind in StreamKind::ALL {

@@ -69,6 +69,12 @@ pub async fn run(
             }
         }
         streams.retain(|_, task| !task.is_finished());
+        let epoch = upstream.peek(rollgate_proxy_core::upstream::Upstream::change_epoch);
+        upstream.changes.send_if_modified(|seen| {
+            let changed = *seen != epoch;
+            *seen = epoch;
+            changed
+        });
 
         let (deadline, status) = upstream.peek(|m| (m.poll_timeout(), m.status(now())));
         if let Some(confirmed) = status.last_confirmed {

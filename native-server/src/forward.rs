@@ -117,9 +117,10 @@ pub fn identify(
     });
 }
 
-/// Whether the breaker lets a request of `kind` through now (a refusal is counted).
+/// Whether a request of `kind` may go now: the breaker, and no `Retry-After` holding that kind
+/// back (a refusal is counted; the data stays buffered).
 fn admit(upstream: &UpstreamHandle, kind: SideRequest, record: &impl Record) -> bool {
-    let admitted = upstream.with(|machine| machine.admit_side_request(now()));
+    let admitted = upstream.with(|machine| machine.admit_forward(now(), kind));
     if !admitted {
         record(kind, SideOutcome::Rejected);
     }
@@ -147,9 +148,17 @@ async fn post(
     let ok = match result {
         Ok(response) if response.status().is_success() => true,
         Ok(response) => {
+            let status = response.status().as_u16();
+            let retry_after = crate::driver::retry_after(&response);
+            // A 429/503 `Retry-After` pauses this kind; a 401 is the rejected key; a 403 and
+            // the rest are ordinary failures.
+            upstream.with(|machine| {
+                machine.record_forward_response(now(), kind, status, retry_after.as_deref());
+            });
             tracing::warn!(
                 kind = kind.label(),
-                status = response.status().as_u16(),
+                status,
+                retry_after = retry_after.as_deref(),
                 "upstream refused forwarded data"
             );
             false

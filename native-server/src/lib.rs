@@ -11,6 +11,7 @@ pub mod forward;
 pub mod identify;
 pub mod local;
 pub mod persist;
+pub mod refresh;
 pub mod routes;
 pub mod runtime;
 pub mod server;
@@ -117,6 +118,7 @@ pub fn start(settings: Settings, shutdown: CancellationToken) -> Result<Started,
                 persister,
                 shutdown.clone(),
             )));
+            tasks.push(tokio::spawn(refresh::run(Arc::clone(&app))));
             let recorder = Arc::clone(&app);
             tasks.push(tokio::spawn(forward::run(
                 Arc::clone(&app.outbox),

@@ -70,6 +70,7 @@ fn main() -> anyhow::Result<()> {
                 }
             ),
         }
+        let signal = shutdown_signal()?;
         let addr = settings.addr;
         let listener = rollgate_proxy_server::server::bind(addr)
             .with_context(|| format!("cannot listen on {addr} (--bind/--port)"))?;
@@ -80,31 +81,34 @@ fn main() -> anyhow::Result<()> {
             "http"
         };
         tracing::info!("listening on {scheme}://{local}");
-        rollgate_proxy_server::run(listener, settings, shutdown_signal()).await?;
+        rollgate_proxy_server::run(listener, settings, signal).await?;
         Ok(())
     })
 }
 
-/// Resolves on SIGINT (Ctrl-C) or SIGTERM (Docker, Kubernetes).
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
+/// Installs the SIGINT and SIGTERM handlers now and returns a future that resolves on either.
+///
+/// The handlers are registered before the proxy reports its address: a future that registered
+/// them on its first poll left a window after start-up where a SIGTERM (a rolling update that
+/// stops a pod right after it started) took the default action and killed the process uncleanly.
+fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
+    #[cfg(unix)]
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot install the SIGTERM handler")?;
+    #[cfg(unix)]
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("cannot install the SIGINT handler")?;
+    Ok(async move {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = interrupt.recv() => tracing::info!("SIGINT received"),
+            _ = terminate.recv() => tracing::info!("SIGTERM received"),
+        }
+        #[cfg(not(unix))]
+        if tokio::signal::ctrl_c().await.is_ok() {
+            tracing::info!("Ctrl-C received");
+        } else {
             std::future::pending::<()>().await;
         }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!("SIGINT received"),
-        () = terminate => tracing::info!("SIGTERM received"),
-    }
+    })
 }

@@ -47,8 +47,46 @@ impl Drop for ClientGuard {
     }
 }
 
+/// A per-user connection's registration: core refreshes the user's answer on upstream
+/// changes, and the receiver is bumped when it was refetched.
+struct UserGuard {
+    app: Arc<App>,
+    user: String,
+    refetched: watch::Receiver<u64>,
+}
+
+impl UserGuard {
+    fn new(app: Arc<App>, user: &str) -> Self {
+        app.downstream.user_stream_opened(user);
+        let refetched = app.user_streams.open(user);
+        Self {
+            app,
+            user: user.to_owned(),
+            refetched,
+        }
+    }
+}
+
+impl Drop for UserGuard {
+    fn drop(&mut self) {
+        self.app.user_streams.close(&self.user);
+        self.app.downstream.user_stream_closed(&self.user);
+    }
+}
+
+/// Resolves when the connection's user's answer was refetched; never for other connections.
+async fn refetched(user: &mut Option<UserGuard>) -> bool {
+    match user {
+        Some(user) => user.refetched.changed().await.is_ok(),
+        None => std::future::pending().await,
+    }
+}
+
 struct Connection {
     guard: ClientGuard,
+    user: Option<UserGuard>,
+    /// A per-user answer was resolved once: later ones come from the cache.
+    resolved: bool,
     subscriber: Subscriber,
     snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
     preamble: Option<Bytes>,
@@ -64,7 +102,8 @@ impl Connection {
         }
         loop {
             if let Some(snapshot) = self.initial.take() {
-                if let Some(frame) = self.frame(&snapshot).await {
+                // At connect, a per-user answer is fetched if it is not cached.
+                if let Some(frame) = self.frame(&snapshot, true).await {
                     return Some(frame);
                 }
                 continue;
@@ -80,8 +119,22 @@ impl Connection {
                         return None;
                     }
                     let current = self.snapshots.borrow_and_update().clone();
+                    // A per-user answer is not fetched here: core's refresher does that for
+                    // every streaming user under its budget, and then wakes this connection.
                     if let Some(snapshot) = current
-                        && let Some(frame) = self.frame(&snapshot).await
+                        && let Some(frame) = self.frame(&snapshot, false).await
+                    {
+                        return Some(frame);
+                    }
+                }
+                alive = refetched(&mut self.user) => {
+                    if !alive {
+                        self.user = None;
+                        continue;
+                    }
+                    let current = self.snapshots.borrow().clone();
+                    if let Some(snapshot) = current
+                        && let Some(frame) = self.frame(&snapshot, false).await
                     {
                         return Some(frame);
                     }
@@ -91,15 +144,18 @@ impl Connection {
         }
     }
 
-    /// The frame for `snapshot`, or `None` when there is nothing new for this client.
-    async fn frame(&mut self, snapshot: &Arc<Snapshot>) -> Option<Bytes> {
+    /// The frame for `snapshot`, or `None` when there is nothing new for this client. `fetch`:
+    /// a per-user answer not cached is fetched (at connect); else the cached one is used.
+    async fn frame(&mut self, snapshot: &Arc<Snapshot>, fetch: bool) -> Option<Bytes> {
         let frame = match self.subscriber.on_snapshot(snapshot) {
             Next::Frame(frame) => Some(frame),
             Next::Nothing => None,
             Next::Resolve(context) => {
-                // On an upstream failure without cached data, send nothing now and try again
-                // on the next change.
-                let flags = resolve(&self.guard.app, snapshot, context).await?;
+                // On an upstream failure without cached data, send nothing now: the refresher
+                // tries again after the next change.
+                let fetch = fetch || !self.resolved;
+                let flags = resolve(&self.guard.app, snapshot, context, fetch).await?;
+                self.resolved = true;
                 self.subscriber.on_flags(snapshot, &flags)
             }
         }?;
@@ -111,11 +167,21 @@ impl Connection {
     }
 }
 
-/// `context`'s flags for `snapshot`: local, or through the per-user cache.
-async fn resolve(app: &Arc<App>, snapshot: &Snapshot, context: Context) -> Option<EvaluatedFlags> {
+/// `context`'s flags for `snapshot`: local, or through the per-user cache (fetching when
+/// `fetch`, else what is cached).
+async fn resolve(
+    app: &Arc<App>,
+    snapshot: &Snapshot,
+    context: Context,
+    fetch: bool,
+) -> Option<EvaluatedFlags> {
     match app.downstream.resolve(snapshot, context) {
         Resolved::Flags(Cow::Borrowed(flags)) => Some(flags.clone()),
         Resolved::Flags(Cow::Owned(flags)) => Some(flags),
+        Resolved::User(user_id) if !fetch => app
+            .downstream
+            .user_cached(&user_id)
+            .map(|flags| EvaluatedFlags::clone(&flags)),
         Resolved::User(user_id) => user_flags(app, &user_id, snapshot.revision())
             .await
             .flags()
@@ -134,8 +200,13 @@ pub fn response(app: &Arc<App>, subscriber: Subscriber) -> Response {
     let deadline = subscriber.close_at().map(|at| {
         Instant::now() + Duration::from_millis(at.as_millis().saturating_sub(now().as_millis()))
     });
+    let user = subscriber
+        .user_id()
+        .map(|user| UserGuard::new(Arc::clone(app), user));
     let connection = Connection {
         guard: ClientGuard::new(Arc::clone(app), subscriber.kind()),
+        user,
+        resolved: false,
         preamble: Some(subscriber.preamble()),
         subscriber,
         snapshots,

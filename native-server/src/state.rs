@@ -56,6 +56,8 @@ pub struct App {
     pub user_fetches: Notify,
     /// `/identify` forwards in flight, per user: that user's fetches wait for them.
     pub identifies: Arc<IdentifyGates>,
+    /// Open per-user SSE connections, woken when their user's answer is refetched.
+    pub user_streams: crate::refresh::UserStreams,
     /// Sequence for generated request ids.
     pub request_seq: AtomicU64,
     /// Requests being handled now (for overload shedding).
@@ -75,6 +77,7 @@ impl App {
             shutdown,
             user_fetches: Notify::new(),
             identifies: Arc::default(),
+            user_streams: crate::refresh::UserStreams::default(),
             request_seq: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
         }

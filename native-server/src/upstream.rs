@@ -27,6 +27,9 @@ pub struct UpstreamHandle {
     /// When upstream last confirmed the data (unix ms, 0 = never), mirrored from the machine
     /// by the driver so requests classify freshness without taking the lock.
     pub last_confirmed: AtomicU64,
+    /// The machine's change epoch, mirrored by the driver after every drain (the per-user
+    /// refresher follows it).
+    pub changes: tokio::sync::watch::Sender<u64>,
     /// Slots for requests outside the machine, one pool per kind (core's bound).
     side_slots: [std::sync::Arc<Semaphore>; 4],
 }
@@ -48,6 +51,7 @@ impl UpstreamHandle {
             api_key,
             timeout,
             last_confirmed: AtomicU64::new(0),
+            changes: tokio::sync::watch::Sender::new(0),
             side_slots: std::array::from_fn(|_| {
                 std::sync::Arc::new(Semaphore::new(MAX_SIDE_REQUESTS_IN_FLIGHT))
             }),

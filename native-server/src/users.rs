@@ -33,10 +33,15 @@ pub async fn user_flags(app: &Arc<App>, user_id: &str, revision: Revision) -> Us
                 let bound = task_app.settings.core.upstream_timeout;
                 task_app.identifies.wait(&user, bound).await;
                 let result = fetch_user(&task_app, &user).await;
+                let fetched = result.is_some();
                 let flags = task_app
                     .downstream
                     .user_fetched(now(), &user, ticket, result);
                 task_app.user_fetches.notify_waiters();
+                if fetched {
+                    // The user's streams re-read the cache (a change may have been waiting).
+                    task_app.user_streams.bump(&user);
+                }
                 flags
             });
             fetch.await.unwrap_or(UserFlags::Unavailable)
@@ -51,7 +56,7 @@ pub async fn user_flags(app: &Arc<App>, user_id: &str, revision: Revision) -> Us
 }
 
 /// `GET {base}/api/v1/sdk/flags?withReasons=true&user_id=…`, admitted by the breaker.
-async fn fetch_user(app: &App, user_id: &str) -> Option<EvaluatedFlags> {
+pub(crate) async fn fetch_user(app: &App, user_id: &str) -> Option<EvaluatedFlags> {
     let upstream = app.upstream()?;
     let metrics = &app.downstream.metrics;
     let Some(_slot) = upstream.side_slot(SideRequest::UserFlags) else {

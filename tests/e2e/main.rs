@@ -6,10 +6,12 @@
 //! one per test thread (libtest would run two at a time on a 2-core machine). Each scenario
 //! owns its processes and ports and has a hard time limit.
 //!
-//! Usage: `cargo test -p rollgate-proxy-tests --test e2e [-- FILTER... | --list | --exact]`;
+//! Usage: `cargo test -p rollgate-proxy-tests --test e2e [-- FILTER... | --list | --exact |
+//! --chaos]` (`--chaos`: only the chaos suite, see `chaos.rs`);
 //! `E2E_JOBS=N` bounds how many scenarios run at once (default 8; 3 with `E2E_TARGET=edge`,
 //! where every scenario starts a workerd). `E2E_TARGET=parity` runs only `parity::`.
 
+mod chaos;
 mod common;
 mod drift;
 mod flags;
@@ -17,6 +19,7 @@ mod monitoring;
 mod ofrep;
 mod ops;
 mod parity;
+mod refresh;
 mod replicas;
 mod request_limits;
 mod resilience;
@@ -76,9 +79,11 @@ fn all() -> Vec<Scenario> {
     all.extend(upstream_faults::scenarios());
     all.extend(request_limits::scenarios());
     all.extend(replicas::scenarios());
+    all.extend(refresh::scenarios());
     all.extend(monitoring::scenarios());
     all.extend(tls::scenarios());
     all.extend(signals::scenarios());
+    all.extend(chaos::scenarios());
     all
 }
 
@@ -87,6 +92,8 @@ struct Args {
     skip: Vec<String>,
     exact: bool,
     list: bool,
+    /// `--chaos`: only the chaos suite (`chaos::` and the scenarios it names elsewhere).
+    chaos: bool,
 }
 
 fn parse_args() -> Args {
@@ -95,12 +102,14 @@ fn parse_args() -> Args {
         skip: Vec::new(),
         exact: false,
         list: false,
+        chaos: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--exact" => args.exact = true,
             "--list" => args.list = true,
+            "--chaos" => args.chaos = true,
             "--skip" => args.skip.extend(it.next()),
             // libtest options that take a value; accepted and ignored.
             "--test-threads" | "--format" | "--color" | "-Z" | "--logfile" | "--report-time" => {
@@ -122,6 +131,7 @@ fn selected(args: &Args, name: &str) -> bool {
         }
     };
     (args.filters.is_empty() || args.filters.iter().any(hit))
+        && (!args.chaos || chaos::in_suite(name))
         && !args.skip.iter().any(|s| name.contains(s.as_str()))
 }
 

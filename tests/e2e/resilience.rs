@@ -221,6 +221,21 @@ async fn restart_while_upstream_down_serves_persisted_snapshot() {
     let mut stream = sse(&env.url("/api/stream")).await;
     let ev = next_event(&mut stream, Duration::from_secs(3)).await;
     assert_eq!(ev.json().unwrap()["persisted-flag"], true);
+    // Chaos suite: when Rollgate is back, the proxy converges to its flags (a change made
+    // during the outage included) and the open stream gets it.
+    env.mock.set_flag("changed-during-outage", true);
+    env.mock.start().await.expect("mock restarts");
+    wait_served(
+        &env.proxy,
+        "changed-during-outage",
+        true,
+        Duration::from_secs(20),
+    )
+    .await;
+    event_where(&mut stream, Duration::from_secs(10), |e| {
+        e.json().is_ok_and(|v| v["changed-during-outage"] == true)
+    })
+    .await;
 }
 
 async fn not_ready_before_any_data() {

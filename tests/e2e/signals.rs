@@ -1,5 +1,5 @@
-//! SIGTERM still stops a proxy whose log reader is gone (stdout and stderr are broken pipes),
-//! as happens to an orphaned proxy or one behind a crashed log shipper.
+//! SIGTERM stops a proxy cleanly even when its log reader is gone (stdout and stderr are broken
+//! pipes, as behind a crashed log shipper) or when it arrives right as the proxy starts.
 
 use std::io::{BufRead as _, BufReader};
 use std::process::{Command, Stdio};
@@ -11,7 +11,10 @@ use crate::common::*;
 use crate::{Scenario, scenario};
 
 pub(crate) fn scenarios() -> Vec<Scenario> {
-    vec![scenario!(sigterm_stops_a_proxy_whose_log_reader_is_gone)]
+    vec![
+        scenario!(sigterm_stops_a_proxy_whose_log_reader_is_gone),
+        scenario!(sigterm_the_moment_the_address_is_reported_exits_cleanly),
+    ]
 }
 
 async fn sigterm_stops_a_proxy_whose_log_reader_is_gone() {
@@ -83,4 +86,80 @@ async fn sigterm_stops_a_proxy_whose_log_reader_is_gone() {
     }
     let exit = exit.expect("the proxy exits on SIGTERM although it cannot log");
     assert_eq!(exit.code(), Some(0), "{exit}");
+}
+
+/// A SIGTERM that arrives the instant the proxy reports its address (a rolling update that stops
+/// a pod right after it started) is handled, not left to the default action that kills the
+/// process: the handlers are installed before the address is reported.
+async fn sigterm_the_moment_the_address_is_reported_exits_cleanly() {
+    if !target().is_process() {
+        println!("(skipped on this target: a Worker has no process to signal)");
+        return;
+    }
+    let flags_file =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/flags.json");
+    let built = start_proxy(ProxyConfig {
+        flags_file: Some(flags_file.clone()),
+        ..ProxyConfig::default()
+    })
+    .await;
+    let pid = built.pid().expect("a native process");
+    let binary = std::fs::read_link(format!("/proc/{pid}/exe")).expect("/proc/PID/exe");
+    drop(built);
+
+    // Several starts: each signal is sent as soon as the address line is read.
+    for round in 0..5 {
+        let mut child = Command::new(&binary)
+            .args(["--bind", "127.0.0.1", "--port", "0", "--snapshot-file", ""])
+            .arg("--flags-file")
+            .arg(&flags_file)
+            .env_remove("ROLLGATE_API_KEY")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn");
+        let mut reader = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut reported = false;
+        for _ in 0..20 {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                break;
+            }
+            if line.contains("listening on ") {
+                reported = true;
+                break;
+            }
+        }
+        assert!(reported, "round {round}: the proxy reports its address");
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+        // Keep draining the log so the proxy never blocks on a full pipe while it stops.
+        let drain = std::thread::spawn(move || {
+            let mut sink = String::new();
+            while reader.read_line(&mut sink).unwrap_or(0) > 0 {
+                sink.clear();
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let exit = loop {
+            if let Some(exit) = child.try_wait().expect("try_wait") {
+                break Some(exit);
+            }
+            if Instant::now() >= deadline {
+                break None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        if exit.is_none() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = drain.join();
+        let exit = exit.expect("the proxy exits on SIGTERM");
+        assert_eq!(exit.code(), Some(0), "round {round}: {exit}");
+    }
 }

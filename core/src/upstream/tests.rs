@@ -588,6 +588,30 @@ fn thirty_streamed_changes_are_thirty_revisions() {
 }
 
 #[test]
+fn a_change_that_leaves_the_anonymous_flags_alone_still_advances_the_change_epoch() {
+    let mut sim = Sim::new(UpstreamConfig::default());
+    let published = sim.published.len();
+    let epoch = sim.machine.change_epoch();
+    // A targeting change for one user: Rollgate says something changed, the anonymous answer
+    // (what the refetch brings) is the same. While the refetch is in flight the epoch waits
+    // (per-user answers refetched then would go out with the snapshot before the change).
+    let id = sim.open_stream.unwrap();
+    sim.machine.handle_stream_bytes(
+        sim.now,
+        id,
+        &frame("flag-changed", r#"{"key":"checkout","enabled":false}"#),
+    );
+    assert_eq!(sim.machine.change_epoch(), epoch);
+    sim.settle();
+    assert_eq!(sim.published.len(), published, "{}", sim.transcript);
+    assert!(sim.machine.change_epoch() > epoch);
+    // Heartbeats are not changes.
+    let epoch = sim.machine.change_epoch();
+    sim.send(&frame("heartbeat", r#"{"timestamp":1}"#));
+    assert_eq!(sim.machine.change_epoch(), epoch);
+}
+
+#[test]
 fn heartbeats_and_unknown_events_change_nothing() {
     let mut sim = Sim::new(UpstreamConfig::default());
     let revision = sim.machine.snapshot().unwrap().revision();
@@ -1221,4 +1245,54 @@ fn a_304_to_an_earlier_fetch_does_not_release_a_change_whose_refetch_is_queued()
         published[0].defaults().reasons["a"].kind,
         crate::model::ReasonKind::TargetMatch
     );
+}
+
+#[test]
+fn a_forward_retry_after_pauses_only_that_kind() {
+    use crate::metrics::SideRequest;
+    let mut machine = Upstream::new(UpstreamConfig::default(), Timestamp::ZERO);
+    let now = Timestamp::from_millis(1_000);
+    machine.record_forward_response(now, SideRequest::Events, 429, Some("60"));
+    assert!(!machine.admit_forward(now, SideRequest::Events));
+    assert!(!machine.admit_forward(Timestamp::from_millis(60_999), SideRequest::Events));
+    assert_eq!(
+        machine.forward_held_until(now, SideRequest::Events),
+        Some(Timestamp::from_millis(61_000))
+    );
+    // Other kinds, per-user fetches and the machine's own requests go on.
+    assert!(machine.admit_forward(now, SideRequest::Telemetry));
+    assert!(machine.admit_forward(now, SideRequest::Identify));
+    assert!(machine.admit_side_request(now));
+    assert_eq!(machine.status(now).hold_until, None);
+    assert!(machine.admit_forward(Timestamp::from_millis(61_000), SideRequest::Events));
+    // A 503 with an HTTP date pauses identify; without Retry-After nothing is paused.
+    machine.record_forward_response(now, SideRequest::Telemetry, 503, None);
+    assert!(machine.admit_forward(now, SideRequest::Telemetry));
+    machine.record_forward_response(
+        Timestamp::from_millis(1_445_412_480_000),
+        SideRequest::Identify,
+        503,
+        Some("Wed, 21 Oct 2015 07:28:30 GMT"),
+    );
+    assert!(!machine.admit_forward(
+        Timestamp::from_millis(1_445_412_509_000),
+        SideRequest::Identify
+    ));
+}
+
+#[test]
+fn a_403_is_an_ordinary_failure_not_a_rejected_key() {
+    use crate::metrics::SideRequest;
+    let mut machine = Upstream::new(UpstreamConfig::default(), Timestamp::ZERO);
+    let now = Timestamp::from_millis(1_000);
+    machine.record_forward_response(now, SideRequest::Events, 403, Some("60"));
+    machine.record_side_response(now, 403, Some("60"));
+    let status = machine.status(now);
+    assert!(!status.key_rejected);
+    assert_eq!(status.hold_until, None);
+    assert!(machine.admit_forward(now, SideRequest::Events));
+    assert!(machine.admit_side_request(now));
+    // A 401 is the rejected key, on forwards too.
+    machine.record_forward_response(now, SideRequest::Identify, 401, None);
+    assert!(machine.status(now).key_rejected);
 }

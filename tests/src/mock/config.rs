@@ -175,6 +175,7 @@ impl MockConfig {
                 .map(|(k, v)| (k, v.min(100)))
                 .collect(),
             users: file.users,
+            attribute_targets: BTreeMap::new(),
         };
         self.rules = file.rules.as_ref().map(super::frames::to_json);
         Ok(self)
@@ -235,6 +236,7 @@ impl Scenario {
                     default,
                     rollouts: BTreeMap::from([("rollout-50".to_owned(), 50)]),
                     users: BTreeMap::new(),
+                    attribute_targets: BTreeMap::new(),
                 }
             }
         }

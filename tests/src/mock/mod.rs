@@ -277,6 +277,20 @@ impl MockControl {
         });
     }
 
+    /// Makes `key` on exactly for users whose last `/identify` gave attribute `attribute` the
+    /// value `value` (as Rollgate evaluates with the attributes it last received).
+    pub fn set_attribute_target(
+        &self,
+        key: impl Into<String>,
+        attribute: impl Into<String>,
+        value: impl Into<Value>,
+    ) {
+        let (key, target) = (key.into(), (attribute.into(), value.into()));
+        self.shared.change_flags(|data| {
+            data.attribute_targets.insert(key, target);
+        });
+    }
+
     /// What `/flags?user_id=<user>` serves right now (`None`: anonymous).
     pub fn flags_for(&self, user: Option<&str>) -> FlagSet {
         self.shared.read(|inner| inner.data.view(user))

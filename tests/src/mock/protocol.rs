@@ -193,7 +193,11 @@ async fn flags(State(shared): State<Arc<Shared>>, req: Request) -> Response {
     let q = parts.uri.query();
     let user = user_id(q);
     let with_reasons = q.and_then(|q| query::param(q, "withReasons")).as_deref() == Some("true");
-    let view = shared.read(|inner| inner.data.view(user.as_deref()));
+    let view = shared.read(|inner| {
+        inner
+            .data
+            .view_identified(user.as_deref(), &inner.identified)
+    });
     let flags_json = to_json(&view.flags);
     let etag = etag_for(flags_json.as_bytes());
     let if_none_match = parts

@@ -26,6 +26,9 @@ pub(crate) struct FlagData {
     pub(crate) rollouts: BTreeMap<String, u8>,
     /// Whole-map overrides per `user_id`.
     pub(crate) users: BTreeMap<String, FlagSet>,
+    /// Flags on exactly for users whose last `/identify` set attribute `.0` to `.1`, layered
+    /// over the rest: Rollgate evaluates a user with the attributes it last received.
+    pub(crate) attribute_targets: BTreeMap<String, (String, Value)>,
 }
 
 impl FlagData {
@@ -48,6 +51,55 @@ impl FlagData {
         }
         set
     }
+}
+
+impl FlagData {
+    /// What `/flags?user_id=<user>` serves given the contexts users last sent to `/identify`
+    /// (`identified`: user id → the identify's `user` object).
+    pub(crate) fn view_identified(
+        &self,
+        user: Option<&str>,
+        identified: &BTreeMap<String, Value>,
+    ) -> FlagSet {
+        let mut set = self.view(user);
+        for (key, (attribute, want)) in &self.attribute_targets {
+            let matched = user
+                .and_then(|u| identified.get(u))
+                .and_then(|context| context.get("attributes")?.get(attribute))
+                == Some(want);
+            set.flags.insert(key.clone(), Value::Bool(matched));
+            let kind = if matched {
+                "TARGET_MATCH"
+            } else {
+                "FALLTHROUGH"
+            };
+            set.reasons
+                .insert(key.clone(), serde_json::json!({ "kind": kind }));
+        }
+        set
+    }
+}
+
+/// Keys whose value changed for some user between `before` and `after` (sorted).
+fn changed_keys(before: &FlagData, after: &FlagData) -> BTreeSet<String> {
+    let mut keys = BTreeSet::new();
+    let mut users: BTreeSet<Option<&str>> = BTreeSet::from([None]);
+    users.extend(before.users.keys().map(|u| Some(u.as_str())));
+    users.extend(after.users.keys().map(|u| Some(u.as_str())));
+    for user in users {
+        let (old, new) = (before.view(user), after.view(user));
+        for key in old.flags.keys().chain(new.flags.keys()) {
+            if old.flags.get(key) != new.flags.get(key) {
+                keys.insert(key.clone());
+            }
+        }
+    }
+    for key in before.rollouts.keys().chain(after.rollouts.keys()) {
+        if before.rollouts.get(key) != after.rollouts.get(key) {
+            keys.insert(key.clone());
+        }
+    }
+    keys
 }
 
 /// The official mock's bucket: `FNV-1a-32(userId + ":" + flagKey) % 100` (protocol notes §3.5).
@@ -214,6 +266,10 @@ impl Shared {
             f(&mut inner.data);
             inner.stats.version += 1;
             let mode = inner.mode;
+            // As Rollgate does, a flag whose targeting changed is announced to every stream,
+            // also to streams (like the anonymous one) whose own value stayed the same: the
+            // keys whose value changed for anyone (the default view, a rollout, an override).
+            let changed = changed_keys(&before, &inner.data);
             for entry in inner.streams.values() {
                 let user = entry.user.as_deref();
                 let after = inner.data.view(user);
@@ -223,13 +279,8 @@ impl Shared {
                     let _ = entry.data.send(frame);
                     continue;
                 }
-                let old = before.view(user);
-                let keys: BTreeSet<&String> = old.flags.keys().chain(after.flags.keys()).collect();
-                for key in keys {
+                for key in &changed {
                     let new_value = after.flags.get(key);
-                    if old.flags.get(key) == new_value {
-                        continue;
-                    }
                     let enabled = new_value.cloned().unwrap_or(Value::Bool(false));
                     let frame =
                         frames::event(mode.event_name(), &frames::key_enabled_json(key, &enabled));
