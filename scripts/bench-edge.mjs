@@ -165,6 +165,7 @@ async function poll() {
   const started = performance.now();
   let done = 0;
   let failed = 0;
+  const failures = {};
   const lat = [];
   for (let round = 0; round < rounds; round += 1) {
     let next = 0;
@@ -176,9 +177,14 @@ async function poll() {
         try {
           const res = await fetch(`${worker}/api/flags?user_id=user-${i}&attr.plan=pro`);
           await res.arrayBuffer();
-          if (res.status !== 200) failed += 1;
-        } catch {
+          if (res.status !== 200) {
+            failed += 1;
+            failures[res.status] = (failures[res.status] ?? 0) + 1;
+          }
+        } catch (err) {
           failed += 1;
+          const why = String(err?.cause?.code ?? err?.message ?? err);
+          failures[why] = (failures[why] ?? 0) + 1;
         }
         lat.push(performance.now() - t);
         done += 1;
@@ -193,6 +199,7 @@ async function poll() {
     JSON.stringify({
       requests: done,
       failed,
+      failures,
       seconds: +seconds.toFixed(1),
       relay_flag_requests: after - before,
       relay_share_pct: +((100 * (after - before)) / done).toFixed(2),
