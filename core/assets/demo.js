@@ -1,7 +1,8 @@
 // rollgate-proxy demo page: every flag with its state, live over server-sent events (falling back
 // to polling), the connection state, the proxy's data age and health, and per-user evaluation.
 // Uses the proxy's own client library, served beside this file. Optional page parameters:
-// ?token=<client key>  ?user_id=<id>
+// ?token=<client key>  ?user_id=<id>. With several environments the page can be opened under
+// /env/<name>/ and offers to switch; the proxy decides whether the page's key may (401 if not).
 
 import { createClient } from './rollgate-proxy-client.js';
 
@@ -32,10 +33,16 @@ const els = {
   empty: $('flags-empty'),
   filter: /** @type {HTMLInputElement} */ ($('flag-filter')),
   announcer: $('announcer'),
+  envSwitch: $('env-switch'),
+  envSelect: /** @type {HTMLSelectElement} */ ($('env-select')),
 };
 
 // Same origin, and whatever path prefix the page is served under.
 const base = new URL('.', location.href).pathname.replace(/\/+$/, '');
+// Opened under /env/<name>/: that environment, and the root the other ones hang off.
+const envMatch = base.match(/^(.*)\/env\/([a-z0-9][a-z0-9_-]*)$/);
+const root = envMatch ? envMatch[1] : base;
+const currentEnv = envMatch ? envMatch[2] : undefined;
 const pageParams = new URLSearchParams(location.search);
 const token = pageParams.get('token') || undefined;
 const initialUser = pageParams.get('user_id') || '';
@@ -218,13 +225,33 @@ async function refreshHealth() {
   }
 }
 
-/** @param {Record<string, unknown>} health */
-function renderHealth(health) {
+/** @param {Record<string, unknown>} all */
+function renderEnvironments(all) {
+  const envs = all.environments;
+  if (!envs || typeof envs !== 'object' || Array.isArray(envs)) return all;
+  const names = Object.keys(envs);
+  if (els.envSelect.options.length !== names.length) {
+    els.envSelect.replaceChildren(...names.map((name) => new Option(name, name)));
+  }
+  els.envSelect.value = currentEnv && names.includes(currentEnv) ? currentEnv : names[0] ?? '';
+  els.envSwitch.hidden = names.length < 2 && !currentEnv;
+  const own = /** @type {Record<string, unknown>} */ (envs)[els.envSelect.value];
+  return own && typeof own === 'object' ? /** @type {Record<string, unknown>} */ (own) : all;
+}
+
+els.envSelect.addEventListener('change', () => {
+  location.href = `${root}/env/${encodeURIComponent(els.envSelect.value)}/${location.search}`;
+});
+
+/** @param {Record<string, unknown>} all */
+function renderHealth(all) {
+  // Several environments: the figures of the one this page shows, every one in the details.
+  const health = renderEnvironments(all);
   const status = typeof health.status === 'string' ? health.status : 'unknown';
   els.health.dataset.status = status;
   els.health.textContent = typeof health.circuit === 'string' ? `${status} · circuit ${health.circuit.replace('_', '-')}` : status;
   proxyAge = typeof health.dataAgeMs === 'number' && Number.isFinite(health.dataAgeMs) ? { ageMs: health.dataAgeMs, at: Date.now() } : null;
-  els.healthFields.replaceChildren(...flatten(health).flatMap(([name, value]) => {
+  els.healthFields.replaceChildren(...flatten(all).flatMap(([name, value]) => {
     const dt = document.createElement('dt');
     dt.textContent = name;
     const dd = document.createElement('dd');

@@ -460,6 +460,11 @@ impl ClientKeys {
         Self(keys.into_iter().filter(|k| !k.is_empty()).collect())
     }
 
+    /// The configured keys (for building an environments router; never log them).
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(String::as_str)
+    }
+
     /// Whether any key is configured.
     pub fn is_enabled(&self) -> bool {
         !self.0.is_empty()
@@ -1031,7 +1036,7 @@ fn non_empty(value: String) -> Option<String> {
     (!value.is_empty()).then_some(value)
 }
 
-fn query_pairs(query: &str) -> impl Iterator<Item = (Cow<'_, str>, Cow<'_, str>)> {
+pub(crate) fn query_pairs(query: &str) -> impl Iterator<Item = (Cow<'_, str>, Cow<'_, str>)> {
     form_urlencoded::parse(query.trim_start_matches('?').as_bytes())
 }
 

@@ -17,6 +17,7 @@
 //! - [`breaker`]: the circuit breaker with Rollgate's defaults.
 //! - [`backoff`]: request retry and stream reconnect schedules; jitter is an input.
 //! - [`upstream`]: the protocol machine that keeps one replica in sync with Rollgate.
+//! - [`environments`]: several environments per deployment, the client-key router, reloads.
 //!
 //! # Driving the upstream machine
 //! Adapters own sockets, timers and storage; core owns every decision. In the style of
@@ -42,6 +43,7 @@ pub mod backoff;
 pub mod breaker;
 pub mod cors;
 pub mod downstream;
+pub mod environments;
 pub mod eval;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]

@@ -4,8 +4,11 @@
 //! Pure: the wasm entry point collects the raw strings from `Env` and calls
 //! [`EdgeConfig::from_lookup`], so every rule here is unit-tested on the host.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use rollgate_proxy_core::api::ClientKeys;
+use rollgate_proxy_core::environments::Environments;
 use rollgate_proxy_core::settings::{self, SettingsError, Spec, Target, Values};
 
 /// Names the relay object (one upstream connection per environment).
@@ -43,12 +46,22 @@ pub const STREAM_TOKEN_IN_URL: Spec = Spec::new(
     "Also send the server key as ?token= on the upstream stream (for upstreams that accept only that); Cloudflare then records it in traces",
 );
 
+/// Several environments in one deployment.
+pub const ENVIRONMENTS: Spec = Spec::new(
+    "environments",
+    "ROLLGATE_PROXY_ENVIRONMENTS",
+    None,
+    Target::Edge,
+    "Several environments as JSON (the native --config schema; *_env fields name secrets): one relay object each, requests routed by client key",
+);
+
 /// The Worker's own settings, after core's schema.
 pub const EDGE_SCHEMA: &[&Spec] = &[
     &ENVIRONMENT,
     &SSE_SHARDS,
     &EDGE_CACHE_TTL,
     &STREAM_TOKEN_IN_URL,
+    &ENVIRONMENTS,
 ];
 
 /// Every setting of the Worker and its Durable Objects.
@@ -64,6 +77,8 @@ pub struct EdgeConfig {
     pub cache_ttl: Duration,
     /// See [`STREAM_TOKEN_IN_URL`].
     pub stream_token_in_url: bool,
+    /// `ROLLGATE_PROXY_ENVIRONMENTS`, when set: requests route by client key.
+    pub environments: Option<Arc<Environments>>,
 }
 
 impl EdgeConfig {
@@ -84,13 +99,33 @@ impl EdgeConfig {
         if cache_ttl > Duration::from_secs(60) {
             return Err(SettingsError::new(&EDGE_CACHE_TTL, "must be at most 60s"));
         }
+        let environments = match values.text(&ENVIRONMENTS) {
+            None => None,
+            Some(text) => Some(Arc::new(
+                Environments::parse(&text, &lookup)
+                    .map_err(|error| SettingsError::new(&ENVIRONMENTS, error.to_string()))?,
+            )),
+        };
         Ok(Self {
             core,
             environment: values.text(&ENVIRONMENT).unwrap_or_default(),
             sse_shards,
             cache_ttl,
             stream_token_in_url: values.boolean(&STREAM_TOKEN_IN_URL)?,
+            environments,
         })
+    }
+
+    /// The configuration of environment `name` of [`EdgeConfig::environments`]: its server
+    /// key, base URL, relay and shard names; no client keys (the front routed the request).
+    /// `None` when no such environment is configured.
+    pub fn for_environment(&self, name: &str) -> Option<Self> {
+        let env = self.environments.as_ref()?.get(name)?;
+        let mut config = self.clone();
+        config.core = env.settings(&self.core);
+        config.core.client_keys = ClientKeys::default();
+        config.environment = name.to_owned();
+        Some(config)
     }
 
     /// The name of the relay object of this environment.
@@ -171,6 +206,7 @@ mod tests {
         assert_eq!(c.pick_shard(0.5), 1);
         assert_eq!(c.pick_shard(1.0), 1);
         for (name, value) in [
+            ("ROLLGATE_PROXY_ENVIRONMENTS", "{\"environments\": {}}"),
             ("ROLLGATE_PROXY_SSE_SHARDS", "0"),
             ("ROLLGATE_PROXY_EDGE_CACHE_TTL", "5m"),
             ("ROLLGATE_PROXY_REFRESH_INTERVAL", "1000"),
@@ -179,5 +215,35 @@ mod tests {
             let error = config(&[(name, value)]).unwrap_err();
             assert_eq!(error.spec.env, name, "{error}");
         }
+    }
+
+    #[test]
+    fn environments_from_a_var_with_secrets() {
+        let c = config(&[
+            (
+                "ROLLGATE_PROXY_ENVIRONMENTS",
+                r#"{"environments": {"prod": {"server_key_env": "KEY_PROD",
+                    "base_url": "http://127.0.0.1:9", "client_keys": ["ck-prod"]}}}"#,
+            ),
+            ("KEY_PROD", "rg_server_prod"),
+            ("ROLLGATE_PROXY_CLIENT_KEYS", "k1"),
+        ])
+        .unwrap();
+        let prod = c.for_environment("prod").unwrap();
+        assert_eq!(
+            prod.core.api_key.as_ref().unwrap().expose(),
+            "rg_server_prod"
+        );
+        assert_eq!(prod.core.base_url, "http://127.0.0.1:9");
+        assert!(!prod.core.client_keys.is_enabled());
+        assert_eq!(prod.relay_name(), "relay:prod");
+        assert_eq!(prod.shard_name(0), "sse:prod:0");
+        assert!(c.for_environment("nope").is_none());
+        let error = config(&[(
+            "ROLLGATE_PROXY_ENVIRONMENTS",
+            r#"{"environments": {"prod": {"server_key_env": "UNSET", "client_keys": ["a"]}}}"#,
+        )])
+        .unwrap_err();
+        assert!(error.to_string().contains("server_key_env"), "{error}");
     }
 }

@@ -6,17 +6,18 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use bytes::Bytes;
-use rollgate_proxy_core::api::{ApiResponse, Route, is_usable_request_id};
+use rollgate_proxy_core::api::{self, ApiError, ApiResponse, Route, is_usable_request_id};
 use rollgate_proxy_core::cors::{CorsValue, PREFLIGHT_STATUS};
-use rollgate_proxy_core::downstream::{Answer, Downstream};
+use rollgate_proxy_core::downstream::{Admitted, Answer, Downstream};
+use rollgate_proxy_core::environments::{KeyRouter, merge_metrics};
 use rollgate_proxy_core::render;
 use rollgate_proxy_core::settings::SettingsError;
 use rollgate_proxy_core::snapshot::Freshness;
 use worker::{Cache, Context, Env, Headers, Method, Request, Response, console_error, event};
 
 use crate::cache;
-use crate::config::EdgeConfig;
-use crate::http::{self, EVENT_ID_HEADER, Incoming, SHARD_HEADER, now};
+use crate::config::{ENVIRONMENTS, EdgeConfig};
+use crate::http::{self, ENVIRONMENT_HEADER, EVENT_ID_HEADER, Incoming, SHARD_HEADER, now};
 
 /// Header that carries a cached answer's original `Cache-Control` (the stored copy has the
 /// cache's own).
@@ -40,10 +41,34 @@ pub(crate) fn load_config(env: &Env) -> Result<EdgeConfig, SettingsError> {
     )
 }
 
+/// The configuration of the environment a relay or shard object serves: its name comes with
+/// the front's requests ([`ENVIRONMENT_HEADER`]); `None` or no environments configured: the
+/// deployment's single environment.
+pub(crate) fn load_config_for(env: &Env, name: Option<&str>) -> Result<EdgeConfig, SettingsError> {
+    let config = load_config(env)?;
+    match (name, &config.environments) {
+        (Some(name), Some(_)) => config
+            .for_environment(name)
+            .ok_or_else(|| SettingsError::new(&ENVIRONMENTS, format!("no environment {name}"))),
+        _ => Ok(config),
+    }
+}
+
+/// The header naming `config`'s environment to an object, when several are configured.
+fn environment_header(config: &EdgeConfig) -> Option<(&'static str, String)> {
+    config
+        .environments
+        .as_ref()
+        .map(|_| (ENVIRONMENT_HEADER, config.environment.clone()))
+}
+
 /// What the stateless front needs, built once per isolate (vars do not change within one).
 struct Front {
     config: EdgeConfig,
     downstream: Downstream,
+    /// Several environments: the key router and each environment's configuration, by index.
+    router: Option<KeyRouter>,
+    environments: Vec<EdgeConfig>,
 }
 
 thread_local! {
@@ -55,9 +80,22 @@ fn front(env: &Env) -> Result<Rc<Front>, SettingsError> {
         return Ok(front);
     }
     let config = load_config(env)?;
+    let (router, environments) = match &config.environments {
+        Some(environments) => (
+            Some(KeyRouter::new(environments)),
+            environments
+                .list()
+                .iter()
+                .filter_map(|e| config.for_environment(&e.name))
+                .collect(),
+        ),
+        None => (None, Vec::new()),
+    };
     let front = Rc::new(Front {
         downstream: Downstream::new(config.core.clone()),
         config,
+        router,
+        environments,
     });
     FRONT.with(|f| *f.borrow_mut() = Some(Rc::clone(&front)));
     Ok(front)
@@ -123,10 +161,17 @@ async fn handle(
     ctx: &Context,
     front: &Front,
 ) -> worker::Result<Response> {
-    let incoming = Incoming::read(&req)?;
-    let admitted = match front.downstream.admit(&incoming.request(&[])) {
-        Ok(admitted) => admitted,
-        Err(error) => return http::error_response(&error),
+    let mut incoming = Incoming::read(&req)?;
+    let (config, admitted) = match &front.router {
+        None => match front.downstream.admit(&incoming.request(&[])) {
+            Ok(admitted) => (&front.config, admitted),
+            Err(error) => return http::error_response(&error),
+        },
+        Some(router) => match route_environment(front, router, &mut incoming) {
+            Ok(Routing::To(config, admitted)) => (config, admitted),
+            Ok(Routing::All(route)) => return across_environments(env, front, &route).await,
+            Err(error) => return http::error_response(&error),
+        },
     };
     let body = if incoming.method == "POST" {
         match http::read_limited(&mut req, front.config.core.body_limit).await? {
@@ -136,7 +181,6 @@ async fn handle(
     } else {
         Bytes::new()
     };
-    let config = &front.config;
     let route = admitted.route.clone();
     if route.is_stateless() {
         let answer = front.downstream.dispatch(
@@ -154,7 +198,9 @@ async fn handle(
     }
     if route.is_stream() {
         let index = config.pick_shard(js_sys::Math::random());
-        let request = incoming.to_object(&[(SHARD_HEADER, index.to_string())], true, &[])?;
+        let mut extra = vec![(SHARD_HEADER, index.to_string())];
+        extra.extend(environment_header(config));
+        let request = incoming.to_object(&extra, true, &[])?;
         return env
             .durable_object("SSE_SHARD")?
             .id_from_name(&config.shard_name(index))?
@@ -168,7 +214,16 @@ async fn handle(
             Route::OfrepFlags => admitted.client_key,
             _ => None,
         };
-        return poll(env, ctx, front, &incoming, &body, key_scope.as_deref()).await;
+        return poll(
+            env,
+            ctx,
+            front,
+            config,
+            &incoming,
+            &body,
+            key_scope.as_deref(),
+        )
+        .await;
     }
     let response = to_relay(env, config, &incoming, &body, true).await?;
     if route == Route::SdkIdentify && response.status_code() == 200 {
@@ -179,6 +234,126 @@ async fn handle(
     Ok(response)
 }
 
+/// Where a request goes when several environments are configured.
+enum Routing<'a> {
+    /// To this environment.
+    To(&'a EdgeConfig, Admitted),
+    /// Health, readiness or metrics of every environment.
+    All(Route),
+}
+
+/// Routes by client key (and an optional `/env/<name>` prefix, stripped from `incoming`).
+fn route_environment<'a>(
+    front: &'a Front,
+    router: &KeyRouter,
+    incoming: &mut Incoming,
+) -> Result<Routing<'a>, ApiError> {
+    let (bare, named) = match KeyRouter::split_path(&incoming.path) {
+        Some((name, rest)) => (rest.to_owned(), Some(name)),
+        None => (incoming.path.clone(), None),
+    };
+    if named.is_some_and(|name| !router.names().iter().any(|n| n == name)) {
+        return Err(ApiError::not_found(&incoming.path));
+    }
+    let route = Route::parse(&incoming.method, &bare)?;
+    if !route.needs_client_key() {
+        if matches!(route, Route::Health | Route::Ready | Route::Metrics) {
+            return Ok(Routing::All(route));
+        }
+        // Probes, the demo page: the same for every environment.
+        incoming.path = bare;
+        return Ok(Routing::To(
+            &front.config,
+            Admitted {
+                route,
+                client_key: None,
+            },
+        ));
+    }
+    let request = incoming.request(&[]);
+    let routed = router.route(
+        now(),
+        &incoming.path,
+        request.authorization,
+        request.api_key,
+        request.query,
+    )?;
+    let config = front
+        .environments
+        .get(routed.index)
+        .ok_or_else(ApiError::not_ready)?;
+    let admitted = Admitted {
+        route,
+        client_key: routed.key,
+    };
+    incoming.path = routed.path.to_owned();
+    Ok(Routing::To(config, admitted))
+}
+
+/// `/ready`, `/api/health` and `/api/metrics` of several environments, from each relay.
+async fn across_environments(env: &Env, front: &Front, route: &Route) -> worker::Result<Response> {
+    let path = match route {
+        Route::Ready => "/ready",
+        Route::Health => "/api/health",
+        _ => "/api/metrics",
+    };
+    let mut answers = Vec::new();
+    for config in &front.environments {
+        let headers: Vec<_> = environment_header(config).into_iter().collect();
+        let request = http::internal_request(Method::Get, path, &headers, &[])?;
+        let mut response = env
+            .durable_object("RELAY")?
+            .id_from_name(&config.relay_name())?
+            .get_stub()?
+            .fetch_with_request(request)
+            .await?;
+        let status = response.status_code();
+        let text = response.text().await?;
+        answers.push((config.environment.as_str(), status, text));
+    }
+    let api = match route {
+        Route::Ready => match answers.iter().find(|(_, status, _)| *status != 200) {
+            None => ApiResponse::json(Bytes::from_static(api::READY_BODY)),
+            Some((name, _, _)) => {
+                let mut error = ApiError::not_ready();
+                error.message = format!("{} (environment {name} has no data)", error.message);
+                error.into()
+            }
+        },
+        Route::Health => {
+            let mut environments = serde_json::Map::new();
+            let mut degraded = false;
+            for (name, _, text) in &answers {
+                let report: serde_json::Value = serde_json::from_str(text).unwrap_or_default();
+                degraded |= report.get("status").and_then(|s| s.as_str()) != Some("healthy");
+                environments.insert((*name).to_owned(), report);
+            }
+            let body = serde_json::json!({
+                "status": if degraded { "degraded" } else { "healthy" },
+                "environments": environments,
+            });
+            ApiResponse::json(Bytes::from(body.to_string()))
+        }
+        _ => {
+            let mut text =
+                merge_metrics(answers.iter().map(|(name, _, text)| (*name, text.as_str())));
+            text.push_str(&format!(
+                "# HELP rollgate_proxy_environments Environments configured.\n\
+                 # TYPE rollgate_proxy_environments gauge\n\
+                 rollgate_proxy_environments {}\n",
+                answers.len()
+            ));
+            ApiResponse {
+                status: 200,
+                content_type: Some(rollgate_proxy_core::downstream::METRICS_CONTENT_TYPE),
+                headers: Vec::new(),
+                body: Bytes::from(text),
+            }
+        }
+    };
+    http::to_response(api)
+}
+
 async fn to_relay(
     env: &Env,
     config: &EdgeConfig,
@@ -186,7 +361,8 @@ async fn to_relay(
     body: &[u8],
     conditional: bool,
 ) -> worker::Result<Response> {
-    let request = incoming.to_object(&[], conditional, body)?;
+    let extra: Vec<_> = environment_header(config).into_iter().collect();
+    let request = incoming.to_object(&extra, conditional, body)?;
     env.durable_object("RELAY")?
         .id_from_name(&config.relay_name())?
         .get_stub()?
@@ -200,16 +376,18 @@ async fn poll(
     env: &Env,
     ctx: &Context,
     front: &Front,
+    config: &EdgeConfig,
     incoming: &Incoming,
     body: &[u8],
     client_key: Option<&str>,
 ) -> worker::Result<Response> {
-    let config = &front.config;
     let if_none_match = incoming.if_none_match.as_deref();
     if config.cache_ttl.is_zero() {
         return to_relay(env, config, incoming, body, true).await;
     }
-    if crate::local::worth_asking() {
+    // One environment only: the isolate's copy and the front's dispatcher are that one's (with
+    // several, each request goes to its environment's relay as before).
+    if front.router.is_none() && crate::local::worth_asking() {
         // Rules mode: evaluated here, from this isolate's copy of the current snapshot.
         match crate::local::current(env, ctx, config).await {
             Ok(Some((event_id, snapshot)))

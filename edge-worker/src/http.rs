@@ -9,6 +9,8 @@ use worker::{Headers, Method, Request, RequestInit, Response, ResponseBody};
 pub(crate) const EVENT_ID_HEADER: &str = "x-rollgate-event-id";
 /// Header carrying the shard index from the Worker to a shard object.
 pub(crate) const SHARD_HEADER: &str = "x-rollgate-shard";
+/// Names a request's environment to the relay and shard objects (several environments).
+pub(crate) const ENVIRONMENT_HEADER: &str = "x-rollgate-environment";
 /// Host of the internal URLs used for object requests (never resolved: stubs route by object).
 pub(crate) const INTERNAL_ORIGIN: &str = "https://rollgate-proxy.internal";
 

@@ -38,6 +38,8 @@ pub(crate) mod refresh;
 
 /// Storage key of the persisted snapshot.
 const SNAPSHOT_KEY: &str = "snapshot";
+/// Storage key of the environment's name (several environments), for alarms without a request.
+const ENVIRONMENT_KEY: &str = "environment";
 /// SSE event name of the internal relay → shard stream.
 pub(crate) const SNAPSHOT_EVENT: &str = "snapshot";
 
@@ -121,7 +123,8 @@ impl worker::DurableObject for Relay {
 
     async fn fetch(&self, req: Request) -> worker::Result<Response> {
         let inner = Rc::clone(&self.inner);
-        if let Err(error) = start(&inner).await {
+        let environment = req.headers().get(http::ENVIRONMENT_HEADER)?;
+        if let Err(error) = start(&inner, environment).await {
             console_error!("relay start failed: {error}");
             return http::internal();
         }
@@ -130,7 +133,7 @@ impl worker::DurableObject for Relay {
 
     async fn alarm(&self) -> worker::Result<Response> {
         let inner = Rc::clone(&self.inner);
-        start(&inner).await?;
+        start(&inner, None).await?;
         inner.core.borrow_mut().alarm_at = None;
         let at = now();
         if let Some(upstream) = inner.core.borrow_mut().upstream.as_mut() {
@@ -143,11 +146,25 @@ impl worker::DurableObject for Relay {
 
 /// Loads the configuration and the persisted snapshot, and starts the machine, once per
 /// instance (a restarted or evicted object serves the stored snapshot at once).
-async fn start(inner: &Rc<Inner>) -> worker::Result<()> {
+async fn start(inner: &Rc<Inner>, environment: Option<String>) -> worker::Result<()> {
     if inner.core.borrow().started {
         return Ok(());
     }
-    let config = crate::entry::load_config(&inner.env)
+    // Several environments: the front names this object's environment; an alarm after an
+    // eviction reads the name stored by the first request.
+    let environment = match environment {
+        Some(name) => {
+            inner.state.storage().put(ENVIRONMENT_KEY, &name).await?;
+            Some(name)
+        }
+        None => inner
+            .state
+            .storage()
+            .get(ENVIRONMENT_KEY)
+            .await
+            .unwrap_or(None),
+    };
+    let config = crate::entry::load_config_for(&inner.env, environment.as_deref())
         .map_err(|e| worker::Error::RustError(e.to_string()))?;
     let persisted: Option<String> = if config.core.api_key.is_some() {
         inner

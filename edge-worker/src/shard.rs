@@ -108,7 +108,8 @@ impl worker::DurableObject for SseShard {
     async fn fetch(&self, req: Request) -> worker::Result<Response> {
         let inner = Rc::clone(&self.inner);
         if inner.core.borrow().config.is_none() {
-            match crate::entry::load_config(&inner.env) {
+            let environment = req.headers().get(http::ENVIRONMENT_HEADER)?;
+            match crate::entry::load_config_for(&inner.env, environment.as_deref()) {
                 Ok(config) => {
                     let mut core = inner.core.borrow_mut();
                     core.downstream = Some(Rc::new(Downstream::new(config.core.clone())));
@@ -287,7 +288,8 @@ fn report_closed(inner: &Rc<Inner>, users: Vec<String>) {
     let path = format!("/__rollgate/user-streams-closed?{}", query.finish());
     let inner = Rc::clone(inner);
     wasm_bindgen_futures::spawn_local(async move {
-        if let Ok(request) = http::internal_request(Method::Get, &path, &[], &[])
+        let headers: Vec<_> = environment_header(&inner).into_iter().collect();
+        if let Ok(request) = http::internal_request(Method::Get, &path, &headers, &[])
             && let Ok(stub) = relay_stub(&inner)
             && let Err(error) = stub.fetch_with_request(request).await
         {
@@ -331,6 +333,7 @@ async fn relay_flags(
         .into_iter()
         .collect();
     headers.push((STREAM_HEADER, stream.to_owned()));
+    headers.extend(environment_header(inner));
     let request = http::internal_request(Method::Get, &path, &headers, &[])?;
     let mut response = relay_stub(inner)?.fetch_with_request(request).await?;
     if response.status_code() != 200 {
@@ -341,6 +344,16 @@ async fn relay_flags(
     }
     let body = response.bytes().await?;
     EvaluatedFlags::from_json(&body).map_err(|e| worker::Error::RustError(e.to_string()))
+}
+
+/// Names this shard's environment to the relay (several environments), which may be starting.
+fn environment_header(inner: &Inner) -> Option<(&'static str, String)> {
+    let core = inner.core.borrow();
+    let config = core.config.as_ref()?;
+    config
+        .environments
+        .as_ref()
+        .map(|_| (http::ENVIRONMENT_HEADER, config.environment.clone()))
 }
 
 fn relay_stub(inner: &Inner) -> worker::Result<worker::Stub> {
@@ -395,7 +408,8 @@ async fn subscription(inner: Rc<Inner>) {
 
 /// Follows one internal stream; `Ok(true)` when it delivered at least one snapshot.
 async fn follow_relay(inner: &Rc<Inner>) -> worker::Result<bool> {
-    let request = http::internal_request(Method::Get, "/__rollgate/subscribe", &[], &[])?;
+    let headers: Vec<_> = environment_header(inner).into_iter().collect();
+    let request = http::internal_request(Method::Get, "/__rollgate/subscribe", &headers, &[])?;
     let mut response = relay_stub(inner)?.fetch_with_request(request).await?;
     let mut body = response.stream()?;
     let mut decoder = Decoder::new(DecoderLimits::default());
@@ -519,7 +533,8 @@ async fn ticker(inner: Rc<Inner>) {
                     clients[i], frames[i]
                 ));
             }
-            if let Ok(request) = http::internal_request(Method::Get, &path, &[], &[])
+            let headers: Vec<_> = environment_header(&inner).into_iter().collect();
+            if let Ok(request) = http::internal_request(Method::Get, &path, &headers, &[])
                 && let Ok(stub) = relay_stub(&inner)
                 && let Err(error) = stub.fetch_with_request(request).await
             {

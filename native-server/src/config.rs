@@ -132,6 +132,15 @@ pub const TLS_KEY: Spec = Spec::new(
     "The PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1); reloaded when it changes",
 );
 
+/// Several environments from a file.
+pub const CONFIG: Spec = Spec::new(
+    "config",
+    "ROLLGATE_PROXY_CONFIG",
+    None,
+    Target::Native,
+    "TOML file of several environments (name, server key, base URL, client keys with expiry); reloaded on change and SIGHUP. Without it, one environment from the flags above",
+);
+
 /// The native server's own settings, after core's [`SCHEMA`] in `--help`.
 pub const NATIVE_SCHEMA: &[&Spec] = &[
     &PORT,
@@ -149,6 +158,7 @@ pub const NATIVE_SCHEMA: &[&Spec] = &[
     &LOG_LEVEL,
     &TLS_CERT,
     &TLS_KEY,
+    &CONFIG,
 ];
 
 /// Log output format.
@@ -208,6 +218,8 @@ pub struct Settings {
     pub log_level: String,
     /// TLS termination; `None`: plain HTTP.
     pub tls: Option<crate::tls::TlsSettings>,
+    /// The environments file; `None`: one environment from the settings above.
+    pub config_file: Option<PathBuf>,
 }
 
 /// What the command line asks for.
@@ -418,6 +430,11 @@ impl Settings {
             shutdown_timeout: values.positive_duration(&SHUTDOWN_TIMEOUT)?,
             log_format,
             log_level: values.text(&LOG_LEVEL).unwrap_or_default(),
+            config_file: values
+                .text(&CONFIG)
+                .map(|path| path.trim().to_owned())
+                .filter(|path| !path.is_empty())
+                .map(PathBuf::from),
             core,
         })
     }

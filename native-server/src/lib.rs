@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod driver;
+pub mod environments;
 pub mod forward;
 pub mod identify;
 pub mod local;
@@ -51,6 +52,9 @@ pub enum StartError {
     /// The HTTP client could not be built (TLS setup).
     #[error("cannot build the upstream HTTP client: {0}")]
     Client(String),
+    /// The environments file is unusable.
+    #[error("invalid --config (ROLLGATE_PROXY_CONFIG): {0}")]
+    Config(String),
 }
 
 /// A started proxy: its state and background tasks (not yet serving HTTP).
@@ -142,6 +146,9 @@ pub async fn run(
     signal: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
     let shutdown = CancellationToken::new();
+    if let Some(path) = settings.config_file.clone() {
+        return run_environments(listener, settings, path, shutdown, signal).await;
+    }
     let Started { app, tasks } = start(settings, shutdown.clone())?;
     let trigger = shutdown.clone();
     tokio::spawn(async move {
@@ -153,6 +160,39 @@ pub async fn run(
     // Background tasks flush (snapshot file, events, telemetry) within the same bound.
     let flush = futures_util::future::join_all(tasks);
     if tokio::time::timeout(app.settings.shutdown_timeout, flush)
+        .await
+        .is_err()
+    {
+        tracing::warn!("background tasks did not finish in time");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// [`run`] with several environments from the file at `path`, reloaded while serving.
+async fn run_environments(
+    listener: TcpListener,
+    settings: Settings,
+    path: std::path::PathBuf,
+    shutdown: CancellationToken,
+    signal: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
+    let (text, configured) = environments::read(&path).map_err(StartError::Config)?;
+    let names: Vec<&str> = configured.list().iter().map(|e| e.name.as_str()).collect();
+    tracing::info!("environments from {}: {}", path.display(), names.join(", "));
+    let fleet = environments::Fleet::start(settings, configured, shutdown.clone())?;
+    let watcher = tokio::spawn(Arc::clone(&fleet).watch(path, text));
+    let trigger = shutdown.clone();
+    tokio::spawn(async move {
+        signal.await;
+        trigger.cancel();
+    });
+    let router = environments::router(Arc::clone(&fleet));
+    server::serve(listener, router, &fleet.settings, shutdown).await;
+    let mut tasks = fleet.take_tasks();
+    tasks.push(watcher);
+    let flush = futures_util::future::join_all(tasks);
+    if tokio::time::timeout(fleet.settings.shutdown_timeout, flush)
         .await
         .is_err()
     {

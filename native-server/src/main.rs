@@ -57,6 +57,7 @@ fn main() -> anyhow::Result<()> {
         .context("cannot start the tokio runtime")?;
     runtime.block_on(async move {
         match &settings.mode {
+            _ if settings.config_file.is_some() => {}
             Mode::Local { flags_file } => tracing::info!(
                 "local mode: serving {} (no ROLLGATE_API_KEY)",
                 flags_file.display()
@@ -71,6 +72,16 @@ fn main() -> anyhow::Result<()> {
             ),
         }
         let signal = shutdown_signal()?;
+        // With --config, SIGHUP means "reload": take it from its default (terminate) before the
+        // address is reported, as for SIGTERM; the reloader listens once the environments run
+        // (and re-reads a changed file within a second anyway).
+        #[cfg(unix)]
+        if settings.config_file.is_some() {
+            drop(
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                    .context("cannot handle SIGHUP")?,
+            );
+        }
         let addr = settings.addr;
         let listener = rollgate_proxy_server::server::bind(addr)
             .with_context(|| format!("cannot listen on {addr} (--bind/--port)"))?;

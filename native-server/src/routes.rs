@@ -37,7 +37,29 @@ pub fn router(app: Arc<App>) -> Router {
 }
 
 async fn handle(State(app): State<Arc<App>>, request: Request) -> Response {
+    handle_in(&app, request, Admission::Core).await
+}
+
+/// Who checks a request's client key.
+#[derive(Debug)]
+pub(crate) enum Admission {
+    /// Core's downstream (one environment: today's configuration).
+    Core,
+    /// The environments router already did, and found this key (`None`: open).
+    Routed(Option<String>),
+    /// The environments router refused the request.
+    Rejected(ApiError),
+    /// Answered already (health, readiness, metrics of every environment).
+    Answered(ApiResponse),
+}
+
+/// One request for `app`'s environment, its client key checked as `admission` says.
+pub(crate) async fn handle_in(app: &Arc<App>, request: Request, admission: Admission) -> Response {
     let started = Instant::now();
+    let (admission, answered) = match admission {
+        Admission::Answered(response) => (Admission::Routed(None), Some(response)),
+        other => (other, None),
+    };
     let (parts, body) = request.into_parts();
     let origin = parts.headers.get(header::ORIGIN).cloned();
     // The caller's id when it is usable, else a sequence number as 16 hex digits; kept as a
@@ -65,7 +87,22 @@ async fn handle(State(app): State<Arc<App>>, request: Request) -> Response {
     } else {
         let head = head_of(&parts);
         // The head's limits first (414/431 whatever the route), then core's routing and keys.
-        let admitted = check_limits(&app, &parts).and_then(|()| app.downstream.admit(&head));
+        let admitted = check_limits(app, &parts).and_then(|()| match admission {
+            Admission::Core => app.downstream.admit(&head),
+            Admission::Routed(client_key) => {
+                rollgate_proxy_core::api::Route::parse(head.method, head.path)
+                    .map(|route| Admitted { route, client_key })
+            }
+            Admission::Rejected(error) => Err(error),
+            Admission::Answered(_) => {
+                rollgate_proxy_core::api::Route::parse(head.method, head.path).map(|route| {
+                    Admitted {
+                        route,
+                        client_key: None,
+                    }
+                })
+            }
+        });
         label = admitted.as_ref().map_or("unmatched", |a| a.route.label());
         let span = tracing::debug_span!(
             "request",
@@ -74,8 +111,9 @@ async fn handle(State(app): State<Arc<App>>, request: Request) -> Response {
             route = label
         );
         let in_flight = InFlight::enter(&app.in_flight);
-        response = match admitted {
-            Ok(admitted)
+        response = match (admitted, answered) {
+            (Ok(_), Some(response)) => from_api(response),
+            (Ok(admitted), None)
                 if admitted.route.is_sheddable()
                     && app
                         .settings
@@ -84,12 +122,12 @@ async fn handle(State(app): State<Arc<App>>, request: Request) -> Response {
             {
                 from_api(app.downstream.overloaded(random_unit()))
             }
-            Ok(admitted) => {
-                answer(&app, &parts, head, body, admitted)
+            (Ok(admitted), None) => {
+                answer(app, &parts, head, body, admitted)
                     .instrument(span.clone())
                     .await
             }
-            Err(error) => from_api(error.into()),
+            (Err(error), _) => from_api(error.into()),
         };
         let cors = app
             .settings
@@ -160,7 +198,7 @@ pub(crate) fn sequence_id(seq: u64) -> HeaderValue {
 }
 
 /// Core's view of a request head (the body is added once read).
-fn head_of(parts: &Parts) -> downstream::Request<'_> {
+pub(crate) fn head_of(parts: &Parts) -> downstream::Request<'_> {
     let header = |name: &HeaderName| parts.headers.get(name).and_then(|v| v.to_str().ok());
     downstream::Request {
         method: parts.method.as_str(),
@@ -218,23 +256,29 @@ async fn answer(
             from_api(app.downstream.finish(pending, &flags))
         }
         Answer::Forward(forward) => from_api(forward_upstream(app, forward)),
-        Answer::Health => {
-            let upstream = app.upstream().map(|u| &u.api_key);
-            from_api(
-                app.downstream
-                    .health(now(), snapshot.as_deref(), &app.report(), upstream),
-            )
-        }
-        Answer::Metrics => from_api(app.downstream.metrics(
-            now(),
-            snapshot.as_deref(),
-            &app.report(),
-            MetricsExtra {
-                dropped: lock(&app.outbox).dropped(),
-                ..MetricsExtra::default()
-            },
-        )),
+        Answer::Health => from_api(health_of(app)),
+        Answer::Metrics => from_api(metrics_of(app)),
     }
+}
+
+/// `/api/health` of one environment's state.
+pub(crate) fn health_of(app: &App) -> ApiResponse {
+    let upstream = app.upstream().map(|u| &u.api_key);
+    app.downstream
+        .health(now(), app.current().as_deref(), &app.report(), upstream)
+}
+
+/// `/metrics` of one environment's state.
+pub(crate) fn metrics_of(app: &App) -> ApiResponse {
+    app.downstream.metrics(
+        now(),
+        app.current().as_deref(),
+        &app.report(),
+        MetricsExtra {
+            dropped: lock(&app.outbox).dropped(),
+            ..MetricsExtra::default()
+        },
+    )
 }
 
 /// Hands a body on to upstream (identify at once, events and telemetry through the outbox's

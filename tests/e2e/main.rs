@@ -14,6 +14,7 @@
 mod chaos;
 mod common;
 mod drift;
+mod environments;
 mod flags;
 mod monitoring;
 mod ofrep;
@@ -82,6 +83,7 @@ fn all() -> Vec<Scenario> {
     all.extend(refresh::scenarios());
     all.extend(monitoring::scenarios());
     all.extend(tls::scenarios());
+    all.extend(environments::scenarios());
     all.extend(signals::scenarios());
     all.extend(chaos::scenarios());
     all

@@ -128,10 +128,31 @@ async fn dashboard_and_alerts_use_only_exported_metrics() {
         sample(&refused_text, "rollgate_proxy_snapshot_revision"),
         Some(0.0)
     );
-    let exported: BTreeSet<String> = [good, metrics_text(&local).await, refused_text]
-        .iter()
-        .flat_map(|text| metric_names(text))
-        .collect();
+    // Several environments (--config): the reload counters.
+    let dir = rollgate_proxy_tests::target::TempDir::new("monitoring").expect("temp dir");
+    let file = dir.join("environments.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[environments.one]\nserver_key = \"{SERVER_KEY}\"\nbase_url = \"{}\"\nclient_keys = [\"ck-one\"]\n",
+            env.mock.base_url()
+        ),
+    )
+    .expect("write the environments file");
+    let several = start_proxy(
+        ProxyConfig::default().setting("ROLLGATE_PROXY_CONFIG", file.display().to_string()),
+    )
+    .await;
+    wait_ready(&several).await;
+    let exported: BTreeSet<String> = [
+        good,
+        metrics_text(&local).await,
+        refused_text,
+        metrics_text(&several).await,
+    ]
+    .iter()
+    .flat_map(|text| metric_names(text))
+    .collect();
     let missing: Vec<&String> = wanted.difference(&exported).collect();
     assert!(
         missing.is_empty(),

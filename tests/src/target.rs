@@ -326,6 +326,15 @@ impl ProxyHandle {
         }
     }
 
+    /// Sends SIGHUP (native: reload the environments file).
+    ///
+    /// # Errors
+    /// No process, or `kill` failed.
+    pub fn hangup(&self) -> anyhow::Result<()> {
+        let pid = self.pid().ok_or_else(|| anyhow!("no process to signal"))?;
+        signal(pid, "HUP")
+    }
+
     /// Waits for the process to exit, at most `timeout`.
     ///
     /// # Errors

@@ -8,8 +8,10 @@
 
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { Mock, Proxy } from '../lib/procs.js';
+import { MOCK_API_KEY, Mock, Proxy } from '../lib/procs.js';
 import { SCREENSHOTS, launchChromium, staticServer } from '../lib/browser.js';
 
 const CLIENT_KEY = 'ck_browser_suite';
@@ -198,6 +200,57 @@ describe('Chromium: demo page with client keys', () => {
     assert.match(message, /\?token=/);
     assert.equal(await page.$$eval('[data-flag]', (rows) => rows.length), 0);
     await page.screenshot({ path: join(SCREENSHOTS, 'demo-page-401.png'), fullPage: true });
+    await page.close();
+  });
+});
+
+describe('Chromium: demo page with several environments', () => {
+  /** @type {Mock} */ let alpha;
+  /** @type {Mock} */ let beta;
+  /** @type {Proxy} */ let proxy;
+  let browser;
+  let dir;
+
+  before(async () => {
+    alpha = await Mock.start();
+    beta = await Mock.start();
+    await alpha.setFlag('only-alpha', true);
+    await beta.setFlag('only-beta', true);
+    dir = await mkdtemp(join(tmpdir(), 'rollgate-envs-'));
+    const file = join(dir, 'environments.toml');
+    const env = (name, mock) =>
+      `[environments.${name}]\nserver_key = "${MOCK_API_KEY}"\nbase_url = "${mock.url}"\nclient_keys = ["ck-${name}"]\n`;
+    await writeFile(file, env('alpha', alpha) + env('beta', beta));
+    proxy = await Proxy.start(alpha, ['--config', file]);
+    browser = await launchChromium();
+  });
+
+  after(async () => {
+    await browser?.close();
+    await proxy?.stop();
+    await alpha?.stop();
+    await beta?.stop();
+    if (dir) await rm(dir, { recursive: true, force: true });
+  });
+
+  test('/env/<name>/ shows that environment, and the selector switches where the key allows', async () => {
+    const page = await browser.context.newPage();
+    await page.goto(`${proxy.url}/env/alpha/?token=ck-alpha`);
+    await page.waitForSelector('#connection-state[data-state="streaming"]', { timeout: 10_000 });
+    await page.waitForSelector('[data-flag="only-alpha"][data-enabled="true"]', { timeout: 5000 });
+    assert.equal(await page.$$eval('[data-flag="only-beta"]', (rows) => rows.length), 0);
+    await page.waitForSelector('#env-switch:not([hidden])', { timeout: 12_000 });
+    assert.equal(await page.inputValue('#env-select'), 'alpha');
+    await page.screenshot({ path: join(SCREENSHOTS, 'demo-page-environments.png'), fullPage: true });
+    // alpha's key does not open beta: the page says so.
+    await Promise.all([page.waitForURL(/\/env\/beta\//), page.selectOption('#env-select', 'beta')]);
+    await page.waitForSelector('#connection-state[data-state="error"]', { timeout: 10_000 });
+    // beta's key does.
+    await page.goto(`${proxy.url}/env/beta/?token=ck-beta`);
+    await page.waitForSelector('[data-flag="only-beta"][data-enabled="true"]', { timeout: 10_000 });
+    assert.equal(await page.$$eval('[data-flag="only-alpha"]', (rows) => rows.length), 0);
+    await page.waitForSelector('#env-switch:not([hidden])', { timeout: 12_000 });
+    assert.equal(await page.inputValue('#env-select'), 'beta');
     await page.close();
   });
 });
