@@ -263,8 +263,12 @@ fn drive(inner: &Rc<Inner>) {
         )
     };
     refresh::after_drive(inner);
+    // Re-armed only for an earlier deadline: the stream's idle deadline moves with every chunk
+    // received, and a `setAlarm` per chunk (hundreds for one large rules event) was a large
+    // share of a change's time. An alarm that fires before the deadline is harmless: core
+    // does what is due, and the drive after it arms the then-current deadline.
     if let Some(deadline) = deadline
-        && armed.is_none_or(|at| at != deadline.as_millis())
+        && armed.is_none_or(|at| deadline.as_millis() < at)
     {
         inner.core.borrow_mut().alarm_at = Some(deadline.as_millis());
         let offset = deadline.as_millis().saturating_sub(now().as_millis());
