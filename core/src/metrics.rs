@@ -786,6 +786,23 @@ mod tests {
     }
 
     #[test]
+    fn the_request_families_alone_are_the_start_of_the_full_rendering() {
+        let metrics = Metrics::new();
+        metrics.request("unmatched", 401, Some(Duration::from_millis(2)));
+        let requests = metrics.render_requests();
+        assert!(
+            requests.contains("route=\"unmatched\",status=\"401\"} 1\n"),
+            "{requests}"
+        );
+        assert!(
+            requests.contains("http_request_duration_seconds_bucket"),
+            "{requests}"
+        );
+        assert!(!requests.contains("sse_clients"), "{requests}");
+        assert!(metrics.render(&Scrape::default()).starts_with(&requests));
+    }
+
+    #[test]
     fn status_slots_name_the_status() {
         for status in [
             200, 204, 304, 400, 401, 404, 405, 408, 413, 414, 431, 500, 502, 503,
