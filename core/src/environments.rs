@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use serde_json::{Map, Value};
 use subtle::{ConditionallySelectable, ConstantTimeEq};
 
-use crate::api::{ApiError, ClientKeys, query_pairs};
+use crate::api::{ApiError, ClientKeys, OfferedKeys};
 use crate::secret::Secret;
 use crate::settings::Settings;
 use crate::time::Timestamp;
@@ -690,28 +690,12 @@ impl KeyRouter {
                 key: None,
             });
         }
-        let bearer = authorization.and_then(|value| {
-            let (scheme, token) = value.trim().split_once(' ')?;
-            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-        });
-        let token = query_pairs(query)
-            .find(|(name, _)| name == "token")
-            .map(|(_, value)| value);
-        let offered: Vec<&str> = [bearer, api_key.map(str::trim), token.as_deref()]
-            .into_iter()
-            .flatten()
-            .collect();
-        if offered.is_empty() {
-            return Err(ApiError::unauthorized(
-                "a client key is required: send Authorization: Bearer <key>, or ?token=<key> \
-                 for EventSource",
-            ));
-        }
+        let offered = OfferedKeys::of(authorization, api_key, query)?;
         // Every offered key against every configured key, selecting without branching on the
         // comparison, so timing reveals neither which key matched nor how much of it.
         let mut found = subtle::Choice::from(0);
         let mut slot: u32 = 0;
-        for given in &offered {
+        for given in offered.iter() {
             for (i, key) in self.keys.iter().enumerate() {
                 let equal = key.key.expose().as_bytes().ct_eq(given.as_bytes()) & !found;
                 slot.conditional_assign(&u32::try_from(i).unwrap_or(u32::MAX), equal);
