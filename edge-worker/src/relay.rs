@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_channel::mpsc::{UnboundedSender, unbounded};
 use futures_channel::oneshot;
 use futures_util::StreamExt;
 use futures_util::future::{Either, select};
@@ -30,7 +29,10 @@ use worker::{
     Response, State, console_error, console_log, durable_object,
 };
 
+use wasm_bindgen::{JsCast, JsValue};
+
 use crate::config::EdgeConfig;
+use crate::fanout::{Outlet, js_bytes};
 use crate::http::{self, EVENT_ID_HEADER, Incoming, now};
 
 mod identify;
@@ -51,6 +53,8 @@ pub struct Relay {
 
 struct Inner {
     state: State,
+    /// The runtime's storage object, for writes the bindings have no options for.
+    storage: Option<JsValue>,
     env: Env,
     core: RefCell<Core>,
 }
@@ -63,8 +67,10 @@ struct Core {
     upstream: Option<Upstream>,
     /// Local mode's snapshot (upstream mode reads the machine's).
     local: Option<Arc<Snapshot>>,
-    /// Internal streams of the shard objects.
-    subscribers: Vec<UnboundedSender<Vec<u8>>>,
+    /// Internal streams of the shard objects (each holds only the newest snapshot frame).
+    subscribers: Vec<Outlet>,
+    /// Notifications dropped on the shards' streams so far, as last logged.
+    notifications_dropped: u64,
     /// Open upstream streams, to abort on `CloseStream`.
     streams: HashMap<StreamId, AbortController>,
     /// The alarm currently set (unix ms).
@@ -110,9 +116,12 @@ impl std::fmt::Debug for Relay {
 
 impl worker::DurableObject for Relay {
     fn new(state: State, env: Env) -> Self {
+        let raw = state._inner();
+        let storage = raw.storage().ok().map(JsValue::from);
         Self {
             inner: Rc::new(Inner {
-                state,
+                state: State::from(raw),
+                storage,
                 env,
                 core: RefCell::new(Core::default()),
             }),
@@ -238,7 +247,7 @@ fn drive(inner: &Rc<Inner>) {
                 let inner = Rc::clone(inner);
                 wasm_bindgen_futures::spawn_local(async move {
                     let text = String::from_utf8_lossy(&bytes).into_owned();
-                    if let Err(error) = inner.state.storage().put(SNAPSHOT_KEY, text).await {
+                    if let Err(error) = put_unconfirmed(&inner, SNAPSHOT_KEY, text).await {
                         console_error!("relay: persisting the snapshot failed: {error}");
                     }
                 });
@@ -254,8 +263,12 @@ fn drive(inner: &Rc<Inner>) {
         )
     };
     refresh::after_drive(inner);
+    // Re-armed only for an earlier deadline: the stream's idle deadline moves with every chunk
+    // received, and a `setAlarm` per chunk (hundreds for one large rules event) was a large
+    // share of a change's time. An alarm that fires before the deadline is harmless: core
+    // does what is due, and the drive after it arms the then-current deadline.
     if let Some(deadline) = deadline
-        && armed.is_none_or(|at| at != deadline.as_millis())
+        && armed.is_none_or(|at| deadline.as_millis() < at)
     {
         inner.core.borrow_mut().alarm_at = Some(deadline.as_millis());
         let offset = deadline.as_millis().saturating_sub(now().as_millis());
@@ -269,29 +282,70 @@ fn drive(inner: &Rc<Inner>) {
     }
 }
 
-/// The internal frame carrying a whole snapshot to the shards.
-fn snapshot_frame(snapshot: &Snapshot) -> Vec<u8> {
-    let persisted = snapshot.to_persisted(None);
+/// Writes `value` under `key` with `allowUnconfirmed`: by default the runtime holds every
+/// message the object sends (here: the new snapshot's frames to the shards) until the write
+/// is on disk, which put the storage's write latency into every change's delivery. The
+/// persisted snapshot only speeds up a restart: one lost with the machine leaves an older
+/// one, which the shards refuse (revisions only move forward) until upstream's next.
+async fn put_unconfirmed(inner: &Inner, key: &str, value: String) -> worker::Result<()> {
+    let Some(storage) = &inner.storage else {
+        return inner.state.storage().put(key, value).await;
+    };
+    let options = js_sys::Object::new();
+    js_sys::Reflect::set(&options, &"allowUnconfirmed".into(), &JsValue::TRUE)?;
+    let put: js_sys::Function = js_sys::Reflect::get(storage, &"put".into())?.dyn_into()?;
+    let promise: js_sys::Promise = put
+        .call3(storage, &key.into(), &value.into(), &options)?
+        .dyn_into()?;
+    wasm_bindgen_futures::JsFuture::from(promise).await?;
+    Ok(())
+}
+
+/// The internal frame carrying a snapshot to the shards: its anonymous answer and content hash
+/// (a shard serves anonymous frames and asks the relay for per-user answers), so that a shard
+/// rebuilds it without parsing, compiling or hashing the rules.
+fn snapshot_frame(snapshot: &Snapshot) -> Bytes {
+    let persisted = snapshot.to_shared_anonymous();
     let data = String::from_utf8_lossy(&persisted);
     let builder = Event::new();
     let builder = builder.clone().event(SNAPSHOT_EVENT).unwrap_or(builder);
-    builder.data(&data).into_bytes().to_vec()
+    builder.data(&data).into_bytes()
 }
 
+/// Hands every shard one JS copy of a snapshot `frame` (a shard that has not taken the
+/// previous one yet gets only this newest one).
 fn broadcast(inner: &Inner, frame: &[u8]) {
+    let js = js_bytes(frame);
     inner
         .core
         .borrow_mut()
         .subscribers
-        .retain(|tx| tx.unbounded_send(frame.to_vec()).is_ok());
+        .retain(|outlet| outlet.offer(&js));
+}
+
+/// Hands every shard one JS copy of a notification `event` (queued, in order, bounded).
+fn notify(inner: &Inner, event: &[u8]) {
+    let js = js_bytes(event);
+    let mut core = inner.core.borrow_mut();
+    core.subscribers.retain(|outlet| outlet.push(&js));
+    let dropped: u64 = core.subscribers.iter().map(Outlet::dropped).sum();
+    if dropped > core.notifications_dropped {
+        console_error!("relay: {dropped} notifications dropped for shards that stopped reading");
+        core.notifications_dropped = dropped;
+    }
 }
 
 /// Comments on the internal streams: they find shard streams that went away.
 async fn keepalive_loop(inner: Rc<Inner>) {
+    let comment = js_bytes(KEEPALIVE);
     loop {
         let period = config_of(&inner).map_or(Duration::from_secs(4), |c| c.core.sdk_keepalive);
         Delay::from(period).await;
-        broadcast(&inner, KEEPALIVE);
+        inner
+            .core
+            .borrow_mut()
+            .subscribers
+            .retain(|outlet| outlet.keepalive(&comment));
     }
 }
 
@@ -450,11 +504,13 @@ async fn pump_stream(inner: Rc<Inner>, id: StreamId, signal: worker::AbortSignal
         inner.core.borrow_mut().streams.remove(&id);
         drive(&inner);
     };
-    let url = format!(
-        "{}/api/v1/sdk/stream?token={}",
-        config.core.base_url,
-        String::from(js_sys::encode_uri_component(&secret))
-    );
+    // The key goes in the Authorization header: Workers traces and logs record subrequest
+    // URLs, so `?token=` only when the operator opted in for an upstream that needs it.
+    let mut url = format!("{}/api/v1/sdk/stream", config.core.base_url);
+    if config.stream_token_in_url {
+        url.push_str("?token=");
+        url.push_str(&String::from(js_sys::encode_uri_component(&secret)));
+    }
     let request = upstream_headers(&config, "text/event-stream").and_then(|headers| {
         let mut init = RequestInit::new();
         init.with_method(Method::Get)
@@ -536,6 +592,7 @@ async fn handle(inner: &Rc<Inner>, mut req: Request) -> worker::Result<Response>
             shard_report(inner, &incoming.query);
             return Response::ok("ok");
         }
+        crate::local::SNAPSHOT_PATH => return snapshot_check(inner, &incoming.query),
         "/__rollgate/user-streams-closed" => {
             refresh::streams_closed(inner, &incoming.query);
             return Response::ok("ok");
@@ -615,6 +672,31 @@ async fn handle(inner: &Rc<Inner>, mut req: Request) -> worker::Result<Response>
     if let Some(event_id) = event_id {
         response.headers_mut().set(EVENT_ID_HEADER, &event_id)?;
     }
+    Ok(response)
+}
+
+/// The stateless Worker's revision check, `?have=<event id>`: 204 when that is still current,
+/// else 200 with the persisted snapshot; the current event id (with the identity epoch) in
+/// [`EVENT_ID_HEADER`] either way.
+fn snapshot_check(inner: &Inner, query: &str) -> worker::Result<Response> {
+    let have = form_urlencoded::parse(query.as_bytes())
+        .find(|(name, _)| name == "have")
+        .map(|(_, value)| value.into_owned())
+        .unwrap_or_default();
+    let (snapshot, epoch) = {
+        let core = inner.core.borrow();
+        (core.snapshot(), core.identity_epoch)
+    };
+    let Some(snapshot) = snapshot else {
+        return Ok(Response::empty()?.with_status(503));
+    };
+    let event_id = format!("{}~{epoch}", snapshot.event_id());
+    let mut response = if have == event_id {
+        Response::empty()?.with_status(204)
+    } else {
+        Response::from_bytes(snapshot.to_persisted(None).to_vec())?
+    };
+    response.headers_mut().set(EVENT_ID_HEADER, &event_id)?;
     Ok(response)
 }
 
@@ -888,15 +970,17 @@ fn forward_upstream(inner: &Rc<Inner>, config: &Rc<EdgeConfig>, forward: Forward
 
 /// The internal stream of a shard: the current snapshot at once, then every new one.
 fn subscribe(inner: &Rc<Inner>) -> worker::Result<Response> {
-    let (tx, rx) = unbounded::<Vec<u8>>();
-    if let Some(snapshot) = inner.core.borrow().snapshot() {
-        let _ = tx.unbounded_send(snapshot_frame(&snapshot));
-    }
-    inner.core.borrow_mut().subscribers.push(tx);
+    let head = inner
+        .core
+        .borrow()
+        .snapshot()
+        .map(|snapshot| js_bytes(&snapshot_frame(&snapshot)));
     let headers = Headers::new();
     headers.set("content-type", rollgate_proxy_core::api::EVENT_STREAM)?;
     headers.set("cache-control", rollgate_proxy_core::api::NO_CACHE)?;
-    Ok(Response::from_stream(rx.map(Ok::<Vec<u8>, worker::Error>))?.with_headers(headers))
+    let (outlet, response) = Outlet::open(head, headers)?;
+    inner.core.borrow_mut().subscribers.push(outlet);
+    Ok(response)
 }
 
 fn freshness(inner: &Inner) -> Freshness {
