@@ -132,7 +132,7 @@ impl Snapshot {
     ) -> Self {
         let defaults = match &source {
             FlagSource::Evaluated(flags) => flags.clone(),
-            FlagSource::Rules(rules) => rules.evaluate_all(&Context::anonymous()),
+            FlagSource::Rules(rules) => rules.evaluate_all(&Context::anonymous()).to_flags(),
         };
         let etag = format!("\"{hash}\"");
         // The id carries the content hash as well as the revision: a client reconnecting to
@@ -192,7 +192,7 @@ impl Snapshot {
         }
         match &self.source {
             FlagSource::Rules(rules) => {
-                ContextFlags::Ready(Cow::Owned(rules.evaluate_all(context)))
+                ContextFlags::Ready(Cow::Owned(rules.evaluate_all(context).to_flags()))
             }
             FlagSource::Evaluated(_) => ContextFlags::NeedsUpstream,
         }
