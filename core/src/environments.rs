@@ -26,6 +26,11 @@ pub const MAX_ENVIRONMENTS: usize = 64;
 pub const MAX_CLIENT_KEYS: usize = 32;
 /// Longest environment name (a metric label and a path segment).
 pub const MAX_NAME_LEN: usize = 63;
+/// The `environment` label value of requests answered before any environment was chosen
+/// (an unknown or expired client key, an unknown `/env/<name>`, preflights, the combined health,
+/// readiness and metrics): empty, which no environment name can be, so they are never counted
+/// under an environment (in Prometheus an empty label value is the same as no label).
+pub const UNROUTED_ENVIRONMENT: &str = "";
 /// The path prefix that selects an environment by URL: `/env/<name>/api/...`.
 pub const PATH_PREFIX: &str = "/env/";
 
