@@ -53,8 +53,9 @@ wasm=edge-worker/build/index_bg.wasm
 if [ "$opt" = 1 ]; then
   # The same feature set worker-build enables (what workerd supports; no newer encodings), -Oz
   # for size, and no name/DWARF/producers sections: panics still trap and reset the instance,
-  # only wasm stack traces lose their function names.
-  wasm-opt -Oz \
+  # only wasm stack traces lose their function names. `--converge` reruns -Oz until the size stops
+  # falling (~0.6 KB gzip less; a few seconds more).
+  wasm-opt -Oz --converge \
     --enable-mutable-globals --enable-sign-ext --enable-nontrapping-float-to-int \
     --enable-bulk-memory --enable-multivalue --enable-reference-types --enable-exception-handling \
     --strip-debug --strip-producers \

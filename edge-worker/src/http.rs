@@ -3,7 +3,7 @@
 use bytes::Bytes;
 use futures_util::StreamExt;
 use rollgate_proxy_core::api::{ApiError, ApiResponse};
-use worker::{Headers, Method, Request, RequestInit, Response, ResponseBody};
+use worker::{Headers, Method, Request, Response, ResponseBody};
 
 /// Header carrying the snapshot event id from the relay to the Worker (stripped before clients).
 pub(crate) const EVENT_ID_HEADER: &str = "x-rollgate-event-id";
@@ -89,13 +89,56 @@ pub(crate) fn internal_request(
     for (name, value) in headers {
         h.set(name, value)?;
     }
-    let mut init = RequestInit::new();
-    init.with_method(method.clone()).with_headers(h);
-    if !body.is_empty() && method != Method::Get && method != Method::Head {
-        let array = js_sys::Uint8Array::from(body);
-        init.with_body(Some(array.into()));
+    let body =
+        (!body.is_empty() && method != Method::Get && method != Method::Head).then_some(body);
+    new_request(
+        &format!("{INTERNAL_ORIGIN}{path_and_query}"),
+        &method,
+        &h,
+        Redirect::Follow,
+        body,
+    )
+}
+
+/// What a request does with a 3xx answer (the Fetch standard's `redirect` option).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Redirect {
+    /// Follow it (the default).
+    Follow,
+    /// Hand it back as the answer.
+    Manual,
+}
+
+/// A request to `url`, built on web-sys's `RequestInit` rather than `worker::RequestInit`: the
+/// latter's conversion links the JS serializer of every `cf` option (image resizing, Polish, ...)
+/// into the wasm even though none is ever set here. Same request otherwise: method, headers,
+/// redirect mode and body, as `worker::Request::new_with_init` would send them.
+pub(crate) fn new_request(
+    url: &str,
+    method: &Method,
+    headers: &Headers,
+    redirect: Redirect,
+    body: Option<&[u8]>,
+) -> worker::Result<Request> {
+    let init = web_sys::RequestInit::new();
+    init.set_headers(headers.as_ref());
+    init.set_method(method.as_ref());
+    init.set_redirect(match redirect {
+        Redirect::Follow => web_sys::RequestRedirect::Follow,
+        Redirect::Manual => web_sys::RequestRedirect::Manual,
+    });
+    if let Some(body) = body {
+        init.set_body(&js_sys::Uint8Array::from(body).into());
     }
-    Request::new_with_init(&format!("{INTERNAL_ORIGIN}{path_and_query}"), &init)
+    web_sys::Request::new_with_str_and_init(url, &init)
+        .map(Request::from)
+        .map_err(|error| {
+            worker::Error::JsError(
+                error
+                    .as_string()
+                    .unwrap_or_else(|| "invalid URL or options for Request".to_owned()),
+            )
+        })
 }
 
 /// Reads a body up to `limit` bytes.

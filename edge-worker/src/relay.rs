@@ -25,8 +25,8 @@ use rollgate_proxy_core::upstream::{
 };
 use rollgate_proxy_core::users::{FetchTicket, Lookup, UserFlags};
 use worker::{
-    AbortController, Delay, Env, Fetch, Headers, Method, Request, RequestInit, RequestRedirect,
-    Response, State, console_error, console_log, durable_object,
+    AbortController, Delay, Env, Fetch, Headers, Method, Request, Response, State, console_error,
+    console_log, durable_object,
 };
 
 use wasm_bindgen::{JsCast, JsValue};
@@ -408,12 +408,8 @@ async fn get_flags(
         if let Some(etag) = if_none_match {
             headers.set("if-none-match", etag)?;
         }
-        let mut init = RequestInit::new();
         // A 3xx is a failed request: following it would send the key wherever it points.
-        init.with_method(Method::Get)
-            .with_headers(headers)
-            .with_redirect(RequestRedirect::Manual);
-        Request::new_with_init(&url, &init)
+        http::new_request(&url, &Method::Get, &headers, http::Redirect::Manual, None)
     })();
     let request = match request {
         Ok(request) => request,
@@ -512,11 +508,7 @@ async fn pump_stream(inner: Rc<Inner>, id: StreamId, signal: worker::AbortSignal
         url.push_str(&String::from(js_sys::encode_uri_component(&secret)));
     }
     let request = upstream_headers(&config, "text/event-stream").and_then(|headers| {
-        let mut init = RequestInit::new();
-        init.with_method(Method::Get)
-            .with_headers(headers)
-            .with_redirect(RequestRedirect::Manual);
-        Request::new_with_init(&url, &init)
+        http::new_request(&url, &Method::Get, &headers, http::Redirect::Manual, None)
     });
     let response = match request {
         Ok(request) => Fetch::Request(request).send_with_signal(&signal).await,
@@ -918,11 +910,13 @@ fn forward_upstream(inner: &Rc<Inner>, config: &Rc<EdgeConfig>, forward: Forward
             let headers = Headers::new();
             headers.set("authorization", &format!("Bearer {}", key.expose()))?;
             headers.set("content-type", "application/json")?;
-            let mut init = RequestInit::new();
-            init.with_method(Method::Post)
-                .with_headers(headers)
-                .with_body(Some(js_sys::Uint8Array::from(&body[..]).into()));
-            Request::new_with_init(&url, &init)
+            http::new_request(
+                &url,
+                &Method::Post,
+                &headers,
+                http::Redirect::Follow,
+                Some(&body[..]),
+            )
         })();
         let ok = match request {
             Ok(request) => {
