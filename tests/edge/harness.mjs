@@ -5,7 +5,6 @@ import { spawn, spawnSync } from "node:child_process";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
-import net from "node:net";
 import { fileURLToPath } from "node:url";
 
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
@@ -68,41 +67,54 @@ export async function control(mock, method, p, body) {
   return res.json();
 }
 
-async function freePort() {
-  return new Promise((resolve) => {
-    const srv = net.createServer();
-    srv.listen(0, "127.0.0.1", () => {
-      const { port } = srv.address();
-      srv.close(() => resolve(port));
-    });
-  });
+/**
+ * A private copy of the built Worker and wrangler.nobuild.toml in `dir`, from which `wrangler
+ * dev` runs: wrangler reloads the Worker (resetting every Durable Object) when its bundle or
+ * config changes, so nothing written to the repository during a run may reach a running Worker.
+ */
+function isolatedProject(dir) {
+  const project = path.join(dir, "project");
+  if (!fs.existsSync(path.join(project, "edge-worker/build/index.js"))) {
+    fs.cpSync(path.join(ROOT, "edge-worker/build"), path.join(project, "edge-worker/build"), { recursive: true });
+    fs.copyFileSync(path.join(ROOT, "wrangler.nobuild.toml"), path.join(project, "wrangler.nobuild.toml"));
+  }
+  return project;
 }
 
 /**
  * Starts `wrangler dev` (no build step: run scripts/build-edge.sh first) with `vars` and a
- * state directory (`persistTo`, fresh by default). Resolves to { url, stop, log }.
+ * state directory (`persistTo`, fresh by default). wrangler binds port 0 itself and its "Ready
+ * on" line says where: a port picked free here and bound later could be taken in between by
+ * another process. Resolves to { url, persistTo, stop, log }.
  */
-export async function startWorker({ vars = {}, persistTo, port } = {}) {
-  port ??= await freePort();
+export async function startWorker({ vars = {}, persistTo } = {}) {
   persistTo ??= fs.mkdtempSync(path.join(os.tmpdir(), "rollgate-edge-"));
+  const project = isolatedProject(persistTo);
   const args = [
-    "dev", "-c", "wrangler.nobuild.toml", "--ip", "127.0.0.1", "--port", String(port),
-    "--inspector-port", String(await freePort()),
-    "--persist-to", persistTo, "--show-interactive-dev-session=false", "--log-level", "warn",
+    "dev", "-c", "wrangler.nobuild.toml", "--ip", "127.0.0.1", "--port", "0",
+    "--inspector-port", "0", "--persist-to", path.join(persistTo, "state"),
+    "--show-interactive-dev-session=false", "--log-level", "info",
   ];
   for (const [k, v] of Object.entries(vars)) args.push("--var", `${k}:${v}`);
   const bin = path.join(ROOT, "node_modules/.bin");
   const child = spawn(path.join(bin, "wrangler"), args, {
-    cwd: ROOT,
+    cwd: project,
     detached: true,
     stdio: ["ignore", "pipe", "pipe"],
-    env: { ...process.env, PATH: `${bin}:${process.env.PATH}`, WRANGLER_SEND_METRICS: "false", CI: "true" },
+    env: { ...process.env, PATH: `${bin}:${process.env.PATH}`, WRANGLER_SEND_METRICS: "false", CI: "true", NO_COLOR: "1" },
   });
   let log = "";
   child.stdout.on("data", (d) => (log += d));
   child.stderr.on("data", (d) => (log += d));
-  const url = `http://127.0.0.1:${port}`;
-  await waitFor(async () => (await fetch(url + "/live").catch(() => null))?.ok, 30_000, () => `wrangler dev did not start:\n${log}`);
+  let url = null;
+  await waitFor(
+    async () => {
+      url ??= log.match(/Ready on (http:\/\/127\.0\.0\.1:\d+)/)?.[1] ?? null;
+      return url !== null && (await fetch(url + "/live").catch(() => null))?.ok;
+    },
+    60_000,
+    () => `wrangler dev did not start:\n${log}`,
+  );
   return { url, persistTo, stop: () => killGroup(child), log: () => log };
 }
 
@@ -124,7 +136,7 @@ function killGroup(child) {
 }
 
 /** Polls `check` until it returns a truthy value (returned) or `timeoutMs` passes (throws). */
-export async function waitFor(check, timeoutMs = 5000, message = "condition not met") {
+export async function waitFor(check, timeoutMs = 20_000, message = "condition not met") {
   const deadline = Date.now() + timeoutMs;
   let last;
   while (Date.now() < deadline) {

@@ -172,7 +172,7 @@ test("streams: retry first, then the snapshot frame; Last-Event-ID suppresses a 
   assert.equal(s.res.headers.get("content-type"), "text/event-stream");
   assert.equal(s.res.headers.get("cache-control"), "no-cache");
   assert.equal(s.res.headers.get("x-accel-buffering"), "no");
-  await waitFor(() => s.frames.length >= 2, 5000);
+  await waitFor(() => s.frames.length >= 2, 20_000);
   // `retry:` is 2000 ms ±10 %, drawn per connection so reconnects spread out.
   const isRetry = (f) => /^retry: (\d+)\n\n$/.test(f) && Math.abs(Number(f.match(/\d+/)[0]) - 2000) <= 200;
   assert.ok(isRetry(s.frames[0]), s.frames[0]);
@@ -183,21 +183,21 @@ test("streams: retry first, then the snapshot frame; Last-Event-ID suppresses a 
   s.close();
 
   const again = await openStream(worker.url + "/api/stream?token=" + KEY, { "last-event-id": frame.id });
-  await waitFor(() => again.frames.length >= 1, 5000);
+  await waitFor(() => again.frames.length >= 1, 20_000);
   await new Promise((r) => setTimeout(r, 300));
   assert.equal(again.frames.length, 1, String(again.frames));
   assert.ok(isRetry(again.frames[0]), again.frames[0]);
   again.close();
 
   const sdk = await openStream(worker.url + "/api/v1/sdk/stream?user_id=u-123", auth);
-  await waitFor(() => sdk.frames.length >= 2, 5000);
+  await waitFor(() => sdk.frames.length >= 2, 20_000);
   const init = parseFrame(sdk.frames[1]);
   assert.equal(init.event, "init");
   assert.equal(JSON.parse(init.data).flags["ai-assistant"], true);
   sdk.close();
 
   const ofrep = await openStream(worker.url + "/ofrep/v1/sse", auth);
-  await waitFor(() => ofrep.frames.length >= 2, 5000);
+  await waitFor(() => ofrep.frames.length >= 2, 20_000);
   const note = parseFrame(ofrep.frames[1]);
   assert.equal(note.event, "message");
   assert.equal(JSON.parse(note.data).type, "refetchEvaluation");
