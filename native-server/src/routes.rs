@@ -218,6 +218,7 @@ pub(crate) fn head_of(parts: &Parts) -> downstream::Request<'_> {
         api_key: header(&X_API_KEY),
         if_none_match: header(&header::IF_NONE_MATCH),
         last_event_id: header(&LAST_EVENT_ID),
+        accept_encoding: header(&header::ACCEPT_ENCODING),
         body: &[],
     }
 }
@@ -364,6 +365,8 @@ pub fn from_api(response: ApiResponse) -> Response {
             "ETag" => header::ETAG,
             "Cache-Control" => header::CACHE_CONTROL,
             "Retry-After" => header::RETRY_AFTER,
+            "Vary" => header::VARY,
+            "Content-Encoding" => header::CONTENT_ENCODING,
             other => match HeaderName::from_bytes(other.as_bytes()) {
                 Ok(name) => name,
                 Err(_) => continue,
