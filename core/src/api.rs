@@ -440,8 +440,7 @@ impl ApiResponse {
         let (encoding, body) = variants
             .choose(accept_encoding)
             .map_or((Encoding::Identity, identity), |(e, b)| (e, b));
-        let matches =
-            if_none_match.is_some_and(|header| encoding::etag_matches_any(header, etag));
+        let matches = if_none_match.is_some_and(|header| encoding::etag_matches_any(header, etag));
         let mut headers = vec![
             ("ETag", encoding.etag(etag)),
             ("Cache-Control", NO_CACHE.to_owned()),
@@ -1302,7 +1301,10 @@ mod tests {
             .unwrap()
             .1
             .clone();
-        assert_eq!(flags_response(&snapshot, owned, Some(&etag), None).status, 304);
+        assert_eq!(
+            flags_response(&snapshot, owned, Some(&etag), None).status,
+            304
+        );
     }
 
     fn header<'a>(response: &'a ApiResponse, name: &str) -> Option<&'a str> {
@@ -1347,7 +1349,8 @@ mod tests {
         for with_reasons in [false, true] {
             let identity = snapshot.sdk_body(with_reasons);
             let defaults = Cow::Borrowed(snapshot.defaults());
-            let br = sdk_flags_response(&snapshot, defaults.clone(), with_reasons, None, Some("br"));
+            let br =
+                sdk_flags_response(&snapshot, defaults.clone(), with_reasons, None, Some("br"));
             assert_eq!(header(&br, "Content-Encoding"), Some("br"));
             assert_eq!(header(&br, "Vary"), Some(VARY_ENCODING));
             let br_etag = header(&br, "ETag").unwrap().to_owned();

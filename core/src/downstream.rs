@@ -404,14 +404,8 @@ impl Downstream {
                     && !context.is_anonymous()
                 {
                     return respond(
-                        self.rendered_answer(
-                            snapshot,
-                            rules,
-                            kind,
-                            context,
-                            request.if_none_match,
-                        )
-                        .vary_encoding(),
+                        self.rendered_answer(snapshot, rules, kind, context, request.if_none_match)
+                            .vary_encoding(),
                     );
                 }
                 let ofrep_stream = ofrep::stream_uri(client_key.as_deref());

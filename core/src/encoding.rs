@@ -322,7 +322,13 @@ mod tests {
         assert_eq!(Encoding::Brotli.etag("\"abc\""), "\"abc-br\"");
         assert_eq!(Encoding::Gzip.etag("\"abc\""), "\"abc-gz\"");
         assert_eq!(Encoding::Identity.etag("\"abc\""), "\"abc\"");
-        for tag in ["\"abc\"", "\"abc-br\"", "W/\"abc-gz\"", "\"x\", \"abc-br\"", "*"] {
+        for tag in [
+            "\"abc\"",
+            "\"abc-br\"",
+            "W/\"abc-gz\"",
+            "\"x\", \"abc-br\"",
+            "*",
+        ] {
             assert!(etag_matches_any(tag, "\"abc\""), "{tag}");
         }
         for tag in ["\"abd\"", "\"abc-zz\"", "\"ab\"", "\"abc-br-br\""] {
