@@ -803,6 +803,10 @@ fn body_kind(route: &Route, with_reasons: bool) -> Option<BodyKind> {
 }
 
 /// The answer of a data `route` given the context's flags.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one request's parts, passed through once"
+)]
 fn respond_with(
     snapshot: &Snapshot,
     route: &Route,
