@@ -16,6 +16,16 @@ pub fn pointer_key(environment: &str) -> String {
     format!("{CACHE_ORIGIN}/{}/current", encode_segment(environment))
 }
 
+/// The entry holding the persisted snapshot of `event_id` (immutable: the id names its content),
+/// from which the stateless Worker answers rules mode in the isolate.
+pub fn snapshot_key(environment: &str, event_id: &str) -> String {
+    format!(
+        "{CACHE_ORIGIN}/{}/snapshot/{}",
+        encode_segment(environment),
+        encode_segment(event_id)
+    )
+}
+
 /// The answer entry for one request at snapshot `event_id`. The client key (`token`) is left
 /// out of the key: it does not change the answer, and keys never reach a cache URL.
 pub fn answer_key(
@@ -112,6 +122,14 @@ mod tests {
         assert!(a.starts_with(
             "https://rollgate-proxy.cache/default/3-abc/GET/api/flags?q=user_id%3Du1&b=-"
         ));
+        assert_eq!(
+            snapshot_key("a b", "3-abc~0"),
+            "https://rollgate-proxy.cache/a%20b/snapshot/3-abc~0"
+        );
+        assert_ne!(
+            snapshot_key("default", "3-abc~0"),
+            snapshot_key("default", "3-abc~1")
+        );
         assert_eq!(
             pointer_key("a b"),
             "https://rollgate-proxy.cache/a%20b/current"

@@ -36,6 +36,16 @@ pub const EDGE_CACHE_TTL: Spec = Spec::new(
     "How long an edge location trusts its cached pointer to the current snapshot; 0 disables the edge cache",
 );
 
+/// Whether the upstream stream URL may carry the server key (`?token=`). Off by default: Workers
+/// traces and logs record subrequest URLs, so the key goes in the `Authorization` header only.
+pub const STREAM_TOKEN_IN_URL: Spec = Spec::new(
+    "stream-token-in-url",
+    "ROLLGATE_PROXY_STREAM_TOKEN_IN_URL",
+    Some("false"),
+    Target::Edge,
+    "Also send the server key as ?token= on the upstream stream (for upstreams that accept only that); Cloudflare then records it in traces",
+);
+
 /// Several environments in one deployment.
 pub const ENVIRONMENTS: Spec = Spec::new(
     "environments",
@@ -46,7 +56,13 @@ pub const ENVIRONMENTS: Spec = Spec::new(
 );
 
 /// The Worker's own settings, after core's schema.
-pub const EDGE_SCHEMA: &[&Spec] = &[&ENVIRONMENT, &SSE_SHARDS, &EDGE_CACHE_TTL, &ENVIRONMENTS];
+pub const EDGE_SCHEMA: &[&Spec] = &[
+    &ENVIRONMENT,
+    &SSE_SHARDS,
+    &EDGE_CACHE_TTL,
+    &STREAM_TOKEN_IN_URL,
+    &ENVIRONMENTS,
+];
 
 /// Every setting of the Worker and its Durable Objects.
 #[derive(Clone, Debug)]
@@ -59,6 +75,8 @@ pub struct EdgeConfig {
     pub sse_shards: u32,
     /// How long an edge cache entry of the current revision is trusted before asking the relay.
     pub cache_ttl: Duration,
+    /// See [`STREAM_TOKEN_IN_URL`].
+    pub stream_token_in_url: bool,
     /// `ROLLGATE_PROXY_ENVIRONMENTS`, when set: requests route by client key.
     pub environments: Option<Arc<Environments>>,
 }
@@ -93,6 +111,7 @@ impl EdgeConfig {
             environment: values.text(&ENVIRONMENT).unwrap_or_default(),
             sse_shards,
             cache_ttl,
+            stream_token_in_url: values.boolean(&STREAM_TOKEN_IN_URL)?,
             environments,
         })
     }
@@ -156,6 +175,10 @@ mod tests {
         assert_eq!(c.environment, "default");
         assert_eq!(c.sse_shards, 4);
         assert_eq!(c.cache_ttl, Duration::from_secs(1));
+        assert!(
+            !c.stream_token_in_url,
+            "the key stays out of URLs by default"
+        );
         assert_eq!(c.core.cors, CorsPolicy::Any);
         assert_eq!(c.core.upstream.refresh_interval, Duration::from_secs(30));
         assert_eq!(c.core.upstream_timeout, Duration::from_secs(10));

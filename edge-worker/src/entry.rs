@@ -214,9 +214,24 @@ async fn handle(
             Route::OfrepFlags => admitted.client_key,
             _ => None,
         };
-        return poll(env, ctx, config, &incoming, &body, key_scope.as_deref()).await;
+        return poll(
+            env,
+            ctx,
+            front,
+            config,
+            &incoming,
+            &body,
+            key_scope.as_deref(),
+        )
+        .await;
     }
-    to_relay(env, config, &incoming, &body, true).await
+    let response = to_relay(env, config, &incoming, &body, true).await?;
+    if route == Route::SdkIdentify && response.status_code() == 200 {
+        // The stored attributes change this user's answers: this location must ask the relay
+        // (which merges them) before it answers that user from its own copy again.
+        crate::local::forget(config).await;
+    }
+    Ok(response)
 }
 
 /// Where a request goes when several environments are configured.
@@ -360,6 +375,7 @@ async fn to_relay(
 async fn poll(
     env: &Env,
     ctx: &Context,
+    front: &Front,
     config: &EdgeConfig,
     incoming: &Incoming,
     body: &[u8],
@@ -368,6 +384,28 @@ async fn poll(
     let if_none_match = incoming.if_none_match.as_deref();
     if config.cache_ttl.is_zero() {
         return to_relay(env, config, incoming, body, true).await;
+    }
+    // One environment only: the isolate's copy and the front's dispatcher are that one's (with
+    // several, each request goes to its environment's relay as before).
+    if front.router.is_none() && crate::local::worth_asking() {
+        // Rules mode: evaluated here, from this isolate's copy of the current snapshot.
+        match crate::local::current(env, ctx, config).await {
+            Ok(Some((event_id, snapshot)))
+                if snapshot.rules().is_some() && crate::local::without_identities(&event_id) =>
+            {
+                if let Answer::Respond(response) = front.downstream.handle(
+                    now(),
+                    &incoming.request(body),
+                    Some(&snapshot),
+                    Freshness::Fresh,
+                    http::random_unit(),
+                ) {
+                    return http::to_response(response);
+                }
+            }
+            Ok(_) => {}
+            Err(error) => console_error!("edge snapshot unavailable: {error}"),
+        }
     }
     let path = incoming.path.as_str();
     let query = incoming.query.as_str();
@@ -415,6 +453,7 @@ async fn poll(
     let Some(event_id) = response.headers().get(EVENT_ID_HEADER)? else {
         return Ok(response);
     };
+    crate::local::seen(&event_id);
     let status = response.status_code();
     let cache_control = response.headers().get("cache-control")?;
     let content_type = response.headers().get("content-type")?;

@@ -25,7 +25,9 @@ pub mod config;
 cfg_if::cfg_if! {
     if #[cfg(target_arch = "wasm32")] {
         mod entry;
+        mod fanout;
         mod http;
+        mod local;
         mod relay;
         mod shard;
     }

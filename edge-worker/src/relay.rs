@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_channel::mpsc::{UnboundedSender, unbounded};
 use futures_channel::oneshot;
 use futures_util::StreamExt;
 use futures_util::future::{Either, select};
@@ -31,6 +30,7 @@ use worker::{
 };
 
 use crate::config::EdgeConfig;
+use crate::fanout::{Outlet, js_bytes};
 use crate::http::{self, EVENT_ID_HEADER, Incoming, now};
 
 mod identify;
@@ -63,8 +63,10 @@ struct Core {
     upstream: Option<Upstream>,
     /// Local mode's snapshot (upstream mode reads the machine's).
     local: Option<Arc<Snapshot>>,
-    /// Internal streams of the shard objects.
-    subscribers: Vec<UnboundedSender<Vec<u8>>>,
+    /// Internal streams of the shard objects (each holds only the newest snapshot frame).
+    subscribers: Vec<Outlet>,
+    /// Notifications dropped on the shards' streams so far, as last logged.
+    notifications_dropped: u64,
     /// Open upstream streams, to abort on `CloseStream`.
     streams: HashMap<StreamId, AbortController>,
     /// The alarm currently set (unix ms).
@@ -270,28 +272,48 @@ fn drive(inner: &Rc<Inner>) {
 }
 
 /// The internal frame carrying a whole snapshot to the shards.
-fn snapshot_frame(snapshot: &Snapshot) -> Vec<u8> {
+fn snapshot_frame(snapshot: &Snapshot) -> Bytes {
     let persisted = snapshot.to_persisted(None);
     let data = String::from_utf8_lossy(&persisted);
     let builder = Event::new();
     let builder = builder.clone().event(SNAPSHOT_EVENT).unwrap_or(builder);
-    builder.data(&data).into_bytes().to_vec()
+    builder.data(&data).into_bytes()
 }
 
+/// Hands every shard one JS copy of a snapshot `frame` (a shard that has not taken the
+/// previous one yet gets only this newest one).
 fn broadcast(inner: &Inner, frame: &[u8]) {
+    let js = js_bytes(frame);
     inner
         .core
         .borrow_mut()
         .subscribers
-        .retain(|tx| tx.unbounded_send(frame.to_vec()).is_ok());
+        .retain(|outlet| outlet.offer(&js));
+}
+
+/// Hands every shard one JS copy of a notification `event` (queued, in order, bounded).
+fn notify(inner: &Inner, event: &[u8]) {
+    let js = js_bytes(event);
+    let mut core = inner.core.borrow_mut();
+    core.subscribers.retain(|outlet| outlet.push(&js));
+    let dropped: u64 = core.subscribers.iter().map(Outlet::dropped).sum();
+    if dropped > core.notifications_dropped {
+        console_error!("relay: {dropped} notifications dropped for shards that stopped reading");
+        core.notifications_dropped = dropped;
+    }
 }
 
 /// Comments on the internal streams: they find shard streams that went away.
 async fn keepalive_loop(inner: Rc<Inner>) {
+    let comment = js_bytes(KEEPALIVE);
     loop {
         let period = config_of(&inner).map_or(Duration::from_secs(4), |c| c.core.sdk_keepalive);
         Delay::from(period).await;
-        broadcast(&inner, KEEPALIVE);
+        inner
+            .core
+            .borrow_mut()
+            .subscribers
+            .retain(|outlet| outlet.keepalive(&comment));
     }
 }
 
@@ -450,11 +472,13 @@ async fn pump_stream(inner: Rc<Inner>, id: StreamId, signal: worker::AbortSignal
         inner.core.borrow_mut().streams.remove(&id);
         drive(&inner);
     };
-    let url = format!(
-        "{}/api/v1/sdk/stream?token={}",
-        config.core.base_url,
-        String::from(js_sys::encode_uri_component(&secret))
-    );
+    // The key goes in the Authorization header: Workers traces and logs record subrequest
+    // URLs, so `?token=` only when the operator opted in for an upstream that needs it.
+    let mut url = format!("{}/api/v1/sdk/stream", config.core.base_url);
+    if config.stream_token_in_url {
+        url.push_str("?token=");
+        url.push_str(&String::from(js_sys::encode_uri_component(&secret)));
+    }
     let request = upstream_headers(&config, "text/event-stream").and_then(|headers| {
         let mut init = RequestInit::new();
         init.with_method(Method::Get)
@@ -536,6 +560,7 @@ async fn handle(inner: &Rc<Inner>, mut req: Request) -> worker::Result<Response>
             shard_report(inner, &incoming.query);
             return Response::ok("ok");
         }
+        crate::local::SNAPSHOT_PATH => return snapshot_check(inner, &incoming.query),
         "/__rollgate/user-streams-closed" => {
             refresh::streams_closed(inner, &incoming.query);
             return Response::ok("ok");
@@ -615,6 +640,31 @@ async fn handle(inner: &Rc<Inner>, mut req: Request) -> worker::Result<Response>
     if let Some(event_id) = event_id {
         response.headers_mut().set(EVENT_ID_HEADER, &event_id)?;
     }
+    Ok(response)
+}
+
+/// The stateless Worker's revision check, `?have=<event id>`: 204 when that is still current,
+/// else 200 with the persisted snapshot; the current event id (with the identity epoch) in
+/// [`EVENT_ID_HEADER`] either way.
+fn snapshot_check(inner: &Inner, query: &str) -> worker::Result<Response> {
+    let have = form_urlencoded::parse(query.as_bytes())
+        .find(|(name, _)| name == "have")
+        .map(|(_, value)| value.into_owned())
+        .unwrap_or_default();
+    let (snapshot, epoch) = {
+        let core = inner.core.borrow();
+        (core.snapshot(), core.identity_epoch)
+    };
+    let Some(snapshot) = snapshot else {
+        return Ok(Response::empty()?.with_status(503));
+    };
+    let event_id = format!("{}~{epoch}", snapshot.event_id());
+    let mut response = if have == event_id {
+        Response::empty()?.with_status(204)
+    } else {
+        Response::from_bytes(snapshot.to_persisted(None).to_vec())?
+    };
+    response.headers_mut().set(EVENT_ID_HEADER, &event_id)?;
     Ok(response)
 }
 
@@ -888,15 +938,17 @@ fn forward_upstream(inner: &Rc<Inner>, config: &Rc<EdgeConfig>, forward: Forward
 
 /// The internal stream of a shard: the current snapshot at once, then every new one.
 fn subscribe(inner: &Rc<Inner>) -> worker::Result<Response> {
-    let (tx, rx) = unbounded::<Vec<u8>>();
-    if let Some(snapshot) = inner.core.borrow().snapshot() {
-        let _ = tx.unbounded_send(snapshot_frame(&snapshot));
-    }
-    inner.core.borrow_mut().subscribers.push(tx);
+    let head = inner
+        .core
+        .borrow()
+        .snapshot()
+        .map(|snapshot| js_bytes(&snapshot_frame(&snapshot)));
     let headers = Headers::new();
     headers.set("content-type", rollgate_proxy_core::api::EVENT_STREAM)?;
     headers.set("cache-control", rollgate_proxy_core::api::NO_CACHE)?;
-    Ok(Response::from_stream(rx.map(Ok::<Vec<u8>, worker::Error>))?.with_headers(headers))
+    let (outlet, response) = Outlet::open(head, headers)?;
+    inner.core.borrow_mut().subscribers.push(outlet);
+    Ok(response)
 }
 
 fn freshness(inner: &Inner) -> Freshness {

@@ -12,25 +12,37 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_channel::mpsc::{UnboundedSender, unbounded};
+use bytes::Bytes;
 use futures_util::StreamExt;
+use js_sys::Uint8Array;
 use rollgate_proxy_core::api::{self, ApiError};
+use rollgate_proxy_core::backoff::{ReconnectBackoff, ReconnectPolicy};
 use rollgate_proxy_core::downstream::{Answer, Downstream};
 use rollgate_proxy_core::model::{Context, EvaluatedFlags};
 use rollgate_proxy_core::snapshot::{Freshness, Snapshot};
 use rollgate_proxy_core::sse::decode::{Decoder, DecoderLimits};
+use rollgate_proxy_core::sse::encode::KEEPALIVE;
 use rollgate_proxy_core::stream::{self, Next, StreamKind, Subscriber};
 use worker::{
     Delay, Env, Headers, Method, Request, Response, State, console_error, durable_object,
 };
 
 use crate::config::EdgeConfig;
+use crate::fanout::{JsFrames, Outlet, js_bytes};
 use crate::http::{self, Incoming, SHARD_HEADER, now};
 use crate::relay::SNAPSHOT_EVENT;
 use crate::relay::refresh::{STREAM_HEADER, USER_REFRESHED_EVENT};
 
-/// Pause before re-subscribing to the relay after the internal stream ended.
-const RESUBSCRIBE_DELAY: Duration = Duration::from_millis(500);
+/// How the shard re-subscribes to the relay after the internal stream ended: quickly at first
+/// (clients miss changes meanwhile), backing off with jitter while the relay keeps failing, so
+/// that every shard of an environment does not hammer a restarting relay in step.
+fn resubscribe_policy() -> ReconnectPolicy {
+    ReconnectPolicy {
+        initial_delay: Duration::from_millis(250),
+        max_delay: Duration::from_secs(15),
+        jitter: 0.5,
+    }
+}
 
 /// A shard object.
 #[durable_object]
@@ -49,6 +61,12 @@ struct Core {
     downstream: Option<Rc<Downstream>>,
     index: u32,
     snapshot: Option<Arc<Snapshot>>,
+    /// The JS copies of the current snapshot's shared frames: one per kind, for all clients.
+    frames: JsFrames,
+    /// The keepalive comment's JS copy, shared by all clients.
+    keepalive: Option<Uint8Array>,
+    /// Snapshots from the relay refused because they were older than the current one.
+    stale_refused: u64,
     clients: Vec<Client>,
     subscribed: bool,
     ticking: bool,
@@ -62,7 +80,8 @@ struct Client {
     subscriber: Subscriber,
     /// The key the client presented, for the relay requests made on its behalf.
     client_key: Option<String>,
-    tx: UnboundedSender<Vec<u8>>,
+    /// The client's body: holds the newest frame not yet sent, never a queue.
+    outlet: Outlet,
     /// Unix ms of the last byte sent (keepalives are due after the interval).
     last_sent: u64,
     /// A per-user client's user id once the relay tracks it (its first flags request said
@@ -139,8 +158,11 @@ fn connect(inner: &Rc<Inner>, req: &Request) -> worker::Result<Response> {
         Answer::Respond(response) => return http::to_response(response),
         _ => return http::error_response(&ApiError::not_found(&incoming.path)),
     };
-    let (tx, rx) = unbounded::<Vec<u8>>();
-    let _ = tx.unbounded_send(subscriber.preamble().to_vec());
+    let headers = Headers::new();
+    for (name, value) in stream::HEADERS {
+        headers.set(name, value)?;
+    }
+    let (outlet, response) = Outlet::open(Some(js_bytes(&subscriber.preamble())), headers)?;
     let id = {
         let mut core = inner.core.borrow_mut();
         core.next_client += 1;
@@ -149,7 +171,7 @@ fn connect(inner: &Rc<Inner>, req: &Request) -> worker::Result<Response> {
             id,
             subscriber,
             client_key,
-            tx,
+            outlet,
             last_sent: now().as_millis(),
             tracked_user: None,
         });
@@ -159,11 +181,7 @@ fn connect(inner: &Rc<Inner>, req: &Request) -> worker::Result<Response> {
         send_snapshot(inner, id, &snapshot);
     }
     ensure_tasks(inner);
-    let headers = Headers::new();
-    for (name, value) in stream::HEADERS {
-        headers.set(name, value)?;
-    }
-    Ok(Response::from_stream(rx.map(Ok::<Vec<u8>, worker::Error>))?.with_headers(headers))
+    Ok(response)
 }
 
 /// Sends client `id` what core's subscriber decides for `snapshot` (asking the relay for a
@@ -189,7 +207,7 @@ fn send_snapshot(inner: &Rc<Inner>, id: u64, snapshot: &Arc<Snapshot>) {
         )
     };
     match next {
-        Next::Frame(frame) => send(inner, id, &frame),
+        Next::Frame(frame) => send(inner, id, Shared::Yes(&frame)),
         Next::Nothing => {}
         Next::Resolve(context) => {
             let inner = Rc::clone(inner);
@@ -211,7 +229,7 @@ fn send_snapshot(inner: &Rc<Inner>, id: u64, snapshot: &Arc<Snapshot>) {
                                 .and_then(|c| c.subscriber.on_flags(&snapshot, &flags))
                         };
                         if let Some(frame) = frame {
-                            send(&inner, id, &frame);
+                            send(&inner, id, Shared::No(&frame));
                         }
                     }
                     Err(error) => console_error!("shard: user flags unavailable: {error}"),
@@ -221,18 +239,28 @@ fn send_snapshot(inner: &Rc<Inner>, id: u64, snapshot: &Arc<Snapshot>) {
     }
 }
 
-fn send(inner: &Rc<Inner>, id: u64, frame: &[u8]) {
+/// Whether a frame is the snapshot's own (one JS copy shared by every client) or a client's.
+enum Shared<'a> {
+    Yes(&'a Bytes),
+    No(&'a Bytes),
+}
+
+fn send(inner: &Rc<Inner>, id: u64, frame: Shared<'_>) {
     let at = now().as_millis();
     let mut closed = Vec::new();
     {
         let mut core = inner.core.borrow_mut();
+        let js = match frame {
+            Shared::Yes(frame) => core.frames.get(frame),
+            Shared::No(frame) => js_bytes(frame),
+        };
         let mut sent = None;
         core.clients.retain_mut(|client| {
             if client.id != id {
                 return true;
             }
             client.last_sent = at;
-            let ok = client.tx.unbounded_send(frame.to_vec()).is_ok();
+            let ok = client.outlet.offer(&js);
             if ok {
                 sent = Some(client.subscriber.kind());
             } else {
@@ -362,24 +390,30 @@ fn ensure_tasks(inner: &Rc<Inner>) {
 
 /// Holds the internal stream from the relay, re-subscribing while there are clients.
 async fn subscription(inner: Rc<Inner>) {
+    let mut backoff = ReconnectBackoff::new(resubscribe_policy());
     loop {
-        if let Err(error) = follow_relay(&inner).await {
-            console_error!("shard: relay stream failed: {error}");
+        match follow_relay(&inner).await {
+            // A stream that delivered snapshots was healthy: start the schedule over.
+            Ok(true) => backoff.reset(),
+            Ok(false) => {}
+            Err(error) => console_error!("shard: relay stream failed: {error}"),
         }
         if inner.core.borrow().clients.is_empty() {
             inner.core.borrow_mut().subscribed = false;
             return;
         }
-        Delay::from(RESUBSCRIBE_DELAY).await;
+        Delay::from(backoff.next_delay(http::random_unit())).await;
     }
 }
 
-async fn follow_relay(inner: &Rc<Inner>) -> worker::Result<()> {
+/// Follows one internal stream; `Ok(true)` when it delivered at least one snapshot.
+async fn follow_relay(inner: &Rc<Inner>) -> worker::Result<bool> {
     let headers: Vec<_> = environment_header(inner).into_iter().collect();
     let request = http::internal_request(Method::Get, "/__rollgate/subscribe", &headers, &[])?;
     let mut response = relay_stub(inner)?.fetch_with_request(request).await?;
     let mut body = response.stream()?;
     let mut decoder = Decoder::new(DecoderLimits::default());
+    let mut delivered = false;
     while let Some(chunk) = body.next().await {
         decoder
             .push(&chunk?)
@@ -393,30 +427,45 @@ async fn follow_relay(inner: &Rc<Inner>) -> worker::Result<()> {
                 continue;
             }
             match Snapshot::from_persisted(event.data.as_bytes()) {
-                Ok((snapshot, _)) => publish(inner, Arc::new(snapshot)),
+                Ok((snapshot, _)) => {
+                    delivered = true;
+                    publish(inner, Arc::new(snapshot));
+                }
                 Err(error) => console_error!("shard: bad snapshot from relay: {error}"),
             }
         }
         if inner.core.borrow().clients.is_empty() {
             // Nobody to serve: let the internal stream go (the next client re-subscribes).
-            return Ok(());
+            return Ok(delivered);
         }
     }
-    Ok(())
+    Ok(delivered)
 }
 
 fn publish(inner: &Rc<Inner>, snapshot: Arc<Snapshot>) {
     let ids: Vec<u64> = {
         let mut core = inner.core.borrow_mut();
-        if core
-            .snapshot
-            .as_ref()
-            .is_some_and(|s| s.content_hash() == snapshot.content_hash())
-        {
-            // The relay re-sent what we have (a re-subscription): clients are up to date.
-            core.snapshot = Some(snapshot);
-            return;
+        if let Some(current) = core.snapshot.clone() {
+            if snapshot.revision() < current.revision() {
+                // A relay restarted from an older persisted snapshot: never take clients back.
+                // Its next snapshot from upstream gets a revision past this one's again.
+                core.stale_refused += 1;
+                console_error!(
+                    "shard: refused revision {} older than {} ({} so far)",
+                    snapshot.revision(),
+                    current.revision(),
+                    core.stale_refused
+                );
+                return;
+            }
+            if current.content_hash() == snapshot.content_hash() {
+                // The relay re-sent what we have (a re-subscription): clients are up to date.
+                return;
+            }
         }
+        // An equal revision with other content is taken: only upstream moves the relay's
+        // content, so it is newer than what a relay that lost its last write had published.
+        core.frames.clear();
         core.snapshot = Some(Arc::clone(&snapshot));
         core.clients.iter().map(|c| c.id).collect()
     };
@@ -439,6 +488,10 @@ async fn ticker(inner: Rc<Inner>) {
         let mut closed = Vec::new();
         let (report, index) = {
             let mut core = inner.core.borrow_mut();
+            let comment = core
+                .keepalive
+                .get_or_insert_with(|| js_bytes(KEEPALIVE))
+                .clone();
             core.clients.retain_mut(|client| {
                 let keep = if client.subscriber.close_at().is_some_and(|end| at >= end) {
                     // Dropping the sender ends the response body cleanly; the client
@@ -449,14 +502,10 @@ async fn ticker(inner: Rc<Inner>) {
                     let due =
                         client.last_sent + rollgate_proxy_core::time::duration_millis(interval);
                     if at.as_millis() < due {
-                        // Nothing due; a closed receiver still shows up as a failed write.
-                        !client.tx.is_closed()
+                        !client.outlet.is_gone()
                     } else {
                         client.last_sent = at.as_millis();
-                        client
-                            .tx
-                            .unbounded_send(client.subscriber.keepalive().to_vec())
-                            .is_ok()
+                        client.outlet.keepalive(&comment)
                     }
                 };
                 if !keep {

@@ -49,7 +49,7 @@ export type FetchLike = (url: string, init: FetchInit) => Promise<FetchResponse>
 /** The part of an `EventSource` the client uses. */
 export interface EventSourceLike {
   readonly readyState: number;
-  addEventListener(type: string, listener: (event: { data: string }) => void): void;
+  addEventListener(type: string, listener: (event: { data: string; lastEventId?: string }) => void): void;
   close(): void;
 }
 

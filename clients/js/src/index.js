@@ -30,6 +30,33 @@ const MAX_ERROR_RETRY_MS = 60_000;
 const STREAM_ERROR_LIMIT = 3;
 // EventSource.CLOSED: the browser gave up (HTTP error such as 401, or not text/event-stream).
 const EVENTSOURCE_CLOSED = 2;
+// A stream that had delivered and then gave up (a deploy ended it, its shard answered 5xx) is
+// reopened this many times, after 1 s then 2 s (each ×0.5–1.5 at random), before polling: a
+// fleet of browsers dropped at one instant then comes back spread out, to the stream, instead
+// of all polling the proxy at once.
+const STREAM_REOPEN_ATTEMPTS = 2;
+const STREAM_REOPEN_MS = 1_000;
+// After such a stream, the first fallback poll waits a random part of this (at most the interval).
+const FALLBACK_SPREAD_MS = 5_000;
+
+/**
+ * `ms` scaled by a uniform factor in [1 - spread, 1 + spread].
+ * @param {number} ms
+ * @param {number} spread
+ */
+function jittered(ms, spread) {
+  return ms * (1 - spread + 2 * spread * Math.random());
+}
+
+/**
+ * The revision of a stream frame's id (`<revision>-<hash>`), or null.
+ * @param {unknown} id
+ */
+function revisionOf(id) {
+  if (typeof id !== 'string') return null;
+  const match = /^(\d+)-/.exec(id);
+  return match ? Number(match[1]) : null;
+}
 
 /** Why a request failed: the proxy's error code or one of the client's own. */
 export class RollgateProxyError extends Error {
@@ -213,6 +240,16 @@ export function createClient(options = {}) {
   let streamRetryDelay = streamRetryMs;
   /** @type {ReturnType<typeof setTimeout> | null} */
   let streamRetryTimer = null;
+  // Give-ups of a stream that had delivered, since its last frame (see STREAM_REOPEN_ATTEMPTS).
+  let streamReopens = 0;
+  // Whether any stream frame arrived since the client started (or its context changed).
+  let streamDelivered = false;
+  // The newest revision applied from a stream, and whether the last connection began with an
+  // older one and never caught up (a second such connection in a row means the proxy's
+  // numbering restarted: take it).
+  /** @type {number | null} */
+  let lastRevision = null;
+  let olderFirstFrame = false;
 
   const ready = new Promise((resolve) => dataWaiters.push(resolve));
 
@@ -262,11 +299,11 @@ export function createClient(options = {}) {
 
   // ---- polling ----
 
-  function startPolling() {
+  function startPolling(delay = 0) {
     if (polling || closed) return;
     polling = true;
     pollFailures = 0;
-    schedulePoll(0);
+    schedulePoll(delay);
   }
 
   function stopPolling() {
@@ -372,6 +409,7 @@ export function createClient(options = {}) {
     }
     source = es;
     streamErrors = 0;
+    let firstFrame = true;
     if (!polling) setState('connecting');
     es.addEventListener('flags', (event) => {
       if (source !== es) return;
@@ -382,6 +420,22 @@ export function createClient(options = {}) {
         // A frame we cannot read is not a working stream; keep counting errors.
         return;
       }
+      const revision = revisionOf(event.lastEventId);
+      const first = firstFrame;
+      firstFrame = false;
+      if (revision !== null && lastRevision !== null && revision < lastRevision) {
+        // Flags older than what we applied (a proxy replica behind another): never go back,
+        // unless two connections in a row begin older (the proxy's numbering restarted).
+        if (!first || !olderFirstFrame) {
+          if (first) olderFirstFrame = true;
+          return;
+        }
+      }
+      // Applied: a connection that catches up shows the numbering did not restart.
+      olderFirstFrame = false;
+      if (revision !== null) lastRevision = revision;
+      streamDelivered = true;
+      streamReopens = 0;
       streamErrors = 0;
       streamRetryDelay = streamRetryMs;
       if (streamRetryTimer !== null) clearTimeout(streamRetryTimer);
@@ -395,6 +449,18 @@ export function createClient(options = {}) {
       if (source !== es) return;
       streamErrors += 1;
       if (es.readyState === EVENTSOURCE_CLOSED || streamErrors >= STREAM_ERROR_LIMIT) {
+        if (streamDelivered && !polling && streamReopens < STREAM_REOPEN_ATTEMPTS) {
+          // A stream that worked: try it again, spread out, before polling.
+          streamReopens += 1;
+          closeStream();
+          setState('connecting');
+          if (streamRetryTimer !== null) clearTimeout(streamRetryTimer);
+          streamRetryTimer = setTimeout(() => {
+            streamRetryTimer = null;
+            openStream();
+          }, jittered(STREAM_REOPEN_MS * 2 ** (streamReopens - 1), 0.5));
+          return;
+        }
         fallBackToPolling(
           new RollgateProxyError(
             'stream_unavailable',
@@ -420,13 +486,17 @@ export function createClient(options = {}) {
     closeStream();
     error = reason;
     if (!polling) {
-      startPolling();
+      // Right away when there are no flags from a stream yet; after a stream that had worked
+      // (and was reopened in vain), at a random point of a short window, so a fleet of
+      // browsers does not poll in one burst.
+      startPolling(streamDelivered ? Math.random() * Math.min(FALLBACK_SPREAD_MS, pollIntervalMs) : 0);
       setState('connecting');
     }
     // No EventSource at all: never worth retrying. Otherwise try the stream again later.
     if (!EventSourceImpl) return;
     if (streamRetryTimer !== null) clearTimeout(streamRetryTimer);
-    const delay = streamRetryDelay;
+    // ±20% so the browsers that fell back together do not all retry the stream together.
+    const delay = jittered(streamRetryDelay, 0.2);
     streamRetryDelay = Math.min(streamRetryDelay * 2, MAX_STREAM_RETRY_MS);
     streamRetryTimer = setTimeout(() => {
       streamRetryTimer = null;
@@ -446,6 +516,8 @@ export function createClient(options = {}) {
     if (streamRetryTimer !== null) clearTimeout(streamRetryTimer);
     streamRetryTimer = null;
     streamRetryDelay = streamRetryMs;
+    streamReopens = 0;
+    streamDelivered = false;
   }
 
   start();

@@ -87,10 +87,10 @@ export class FakeEventSource {
     this.dispatch('open', {});
   }
 
-  /** Deliver an `event: flags` frame (an object is JSON-encoded). */
-  emit(/** @type {unknown} */ data, type = 'flags') {
+  /** Deliver an `event: flags` frame (an object is JSON-encoded), with its `id:` if given. */
+  emit(/** @type {unknown} */ data, type = 'flags', /** @type {string} */ lastEventId = '') {
     if (this.readyState !== 1) this.open();
-    this.dispatch(type, { data: typeof data === 'string' ? data : JSON.stringify(data) });
+    this.dispatch(type, { data: typeof data === 'string' ? data : JSON.stringify(data), lastEventId });
   }
 
   /** An error; `reconnecting` false means the browser gave up (readyState CLOSED, e.g. HTTP 401). */

@@ -80,6 +80,7 @@ test('transient errors keep the flags and report connecting until the stream del
 
 test('three errors without a message fall back to polling, then the stream is tried again', async (t) => {
   const clock = useClock(t);
+  t.mock.method(Math, 'random', () => 0.5); // no jitter: exact delays
   const { client, calls } = streamClient();
   const first = FakeEventSource.latest();
   first.fail();
@@ -114,6 +115,7 @@ test('three errors without a message fall back to polling, then the stream is tr
 
 test('a stream that keeps failing is retried with doubling delays while polling goes on', async (t) => {
   const clock = useClock(t);
+  t.mock.method(Math, 'random', () => 0.5); // no jitter: exact delays
   const { client } = streamClient({ pollIntervalMs: 60_000 });
   const failThrice = () => {
     const es = FakeEventSource.latest();
@@ -227,4 +229,98 @@ test('close() closes the stream, cancels the retry and stops fallback polling', 
   live.emit({ a: false });
   assert.deepEqual(open.getAll(), { a: true }, 'frames after close are ignored');
   assert.equal(open.state(), 'closed');
+});
+
+test('a stream that had delivered is reopened after jittered backoff before any polling', async (t) => {
+  const clock = useClock(t);
+  let sample = 0;
+  t.mock.method(Math, 'random', () => sample);
+  const { client, calls } = streamClient({ pollIntervalMs: 30_000 });
+  const first = FakeEventSource.latest();
+  first.emit({ a: true }, 'flags', '3-x');
+  assert.equal(client.state(), 'open');
+  // The proxy was redeployed: the stream is refused (5xx) and the browser gives up.
+  first.fail(false);
+  assert.equal(first.closed, true);
+  assert.equal(client.state(), 'connecting');
+  assert.deepEqual(client.getAll(), { a: true }, 'flags kept');
+  // 1 s × 0.5 with the lowest sample: reopened after 500 ms, and no poll meanwhile.
+  await clock.advance(499);
+  assert.equal(FakeEventSource.instances.length, 1);
+  await clock.advance(1);
+  assert.equal(FakeEventSource.instances.length, 2, 'reopened');
+  assert.equal(calls.length, 0, 'no polling yet');
+  // Refused again: 2 s × 1.5 with the highest sample.
+  sample = 0.999_999;
+  FakeEventSource.latest().fail(false);
+  await clock.advance(2_999);
+  assert.equal(FakeEventSource.instances.length, 2);
+  await clock.advance(1);
+  assert.equal(FakeEventSource.instances.length, 3);
+  // A third refusal falls back to polling, its first poll at a random point of 5 s.
+  sample = 0.5;
+  FakeEventSource.latest().fail(false);
+  assert.equal(client.lastError()?.code, 'stream_unavailable');
+  await clock.advance(2_400);
+  assert.equal(calls.length, 0);
+  await clock.advance(200);
+  assert.equal(calls.length, 1, 'first poll after 2.5 s');
+  assert.equal(client.state(), 'polling');
+  client.close();
+});
+
+test('a reopened stream that delivers resets the backoff', async (t) => {
+  const clock = useClock(t);
+  t.mock.method(Math, 'random', () => 0.5);
+  const { client, calls } = streamClient();
+  FakeEventSource.latest().emit({ a: true });
+  for (let round = 0; round < 4; round += 1) {
+    FakeEventSource.latest().fail(false);
+    await clock.advance(1_000);
+    FakeEventSource.latest().emit({ a: round % 2 === 0 });
+    assert.equal(client.state(), 'open');
+  }
+  assert.equal(FakeEventSource.instances.length, 5);
+  assert.equal(calls.length, 0, 'never polled');
+  client.close();
+});
+
+test('the stream retry after a fallback is jittered', async (t) => {
+  const clock = useClock(t);
+  t.mock.method(Math, 'random', () => 0);
+  streamClient();
+  const es = FakeEventSource.latest();
+  es.fail(false);
+  // streamRetryMs 10 s × 0.8 with the lowest sample.
+  await clock.advance(7_999);
+  assert.equal(FakeEventSource.instances.length, 1);
+  await clock.advance(1);
+  assert.equal(FakeEventSource.instances.length, 2);
+});
+
+test('revisions only move forward across connections, unless the numbering restarted', async (t) => {
+  useClock(t);
+  t.mock.method(Math, 'random', () => 0.5);
+  const { client } = streamClient();
+  const first = FakeEventSource.latest();
+  first.emit({ r5: true }, 'flags', '5-a');
+  first.emit({ r4: true }, 'flags', '4-b'); // older on the same connection: ignored
+  assert.deepEqual(client.getAll(), { r5: true });
+  first.emit({ r6: true }, 'flags', '6-c');
+  assert.deepEqual(client.getAll(), { r6: true });
+  // A new connection (another replica, behind) begins older: ignored, then it catches up.
+  client.setContext({ id: 'u' });
+  const second = FakeEventSource.latest();
+  second.emit({ r5: true }, 'flags', '5-a');
+  assert.deepEqual(client.getAll(), { r6: true });
+  second.emit({ r7: true }, 'flags', '7-d');
+  assert.deepEqual(client.getAll(), { r7: true });
+  // Two connections in a row begin older: the proxy's revisions restarted; take them.
+  client.setContext({ id: 'v' });
+  FakeEventSource.latest().emit({ r1: true }, 'flags', '1-e');
+  assert.deepEqual(client.getAll(), { r7: true });
+  client.setContext({ id: 'w' });
+  FakeEventSource.latest().emit({ r2: true }, 'flags', '2-f');
+  assert.deepEqual(client.getAll(), { r2: true });
+  client.close();
 });

@@ -19,7 +19,7 @@ use rollgate_proxy_core::upstream::Upstream;
 use rollgate_proxy_core::users::{FetchTicket, UserFlags};
 use worker::Delay;
 
-use super::{Inner, broadcast, config_of, downstream_of, fetch_user};
+use super::{Inner, config_of, downstream_of, fetch_user, notify};
 use crate::http::now;
 
 /// Header on a shard's per-user flags request: `open` (a new stream client; track the user)
@@ -114,7 +114,7 @@ pub(super) fn user_refreshed(inner: &Inner, user: &str) {
         .clone()
         .event(USER_REFRESHED_EVENT)
         .unwrap_or(builder);
-    broadcast(inner, &builder.data(user).into_bytes());
+    notify(inner, &builder.data(user).into_bytes());
 }
 
 /// A shard's per-user flags request: with `open`, the user is tracked; with `cached`, the

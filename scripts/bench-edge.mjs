@@ -1,0 +1,249 @@
+// Load client for scripts/bench-edge.sh: SSE fan-out, per-user polling and change latency
+// against the Worker under `wrangler dev`, with changes made on the Rust mock upstream.
+//   node scripts/bench-edge.mjs sse     <worker> <mock-control> <clients> <flag-key> <rss-pids>
+//   node scripts/bench-edge.mjs poll    <worker> <users> <rounds> <concurrency>
+//   node scripts/bench-edge.mjs latency <worker> <mock-control> <clients> <changes> <flag-key>
+// Prints one JSON line of results. Every wait is bounded; every loop has a count.
+
+import fs from 'node:fs';
+import http from 'node:http';
+import { performance } from 'node:perf_hooks';
+
+const [mode, worker, ...rest] = process.argv.slice(2);
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/** Resident memory (KiB) summed over `pids` (workerd processes). */
+function rssKiB(pids) {
+  let total = 0;
+  for (const pid of pids) {
+    try {
+      const status = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
+      const match = /VmRSS:\s+(\d+) kB/.exec(status);
+      if (match) total += Number(match[1]);
+    } catch {
+      // gone
+    }
+  }
+  return total;
+}
+
+function percentile(sorted, p) {
+  if (sorted.length === 0) return null;
+  return sorted[Math.min(sorted.length - 1, Math.floor((sorted.length * p) / 100))];
+}
+
+/**
+ * Opens one SSE client on `path`. A "frame" is what ends with a blank line; frames over 64
+ * bytes are flag frames (the preamble and keepalives are small). Records when each flag frame
+ * completes, from native Buffer searches only (2,000 clients × 129 KB must not be parsed in JS).
+ */
+function openStream(path) {
+  return new Promise((resolve, reject) => {
+    const client = { frames: [], bytes: 0, since: 0, lastNl: false, req: null };
+    const req = http.get(`${worker}${path}`, { agent: false, headers: { accept: 'text/event-stream' } }, (res) => {
+      if (res.statusCode !== 200) {
+        reject(new Error(`status ${res.statusCode}`));
+        res.resume();
+        return;
+      }
+      resolve(client);
+      res.on('data', (chunk) => {
+        client.bytes += chunk.length;
+        let from = 0;
+        if (client.lastNl && chunk[0] === 0x0a) {
+          if (client.since > 64) client.frames.push(performance.now());
+          client.since = 0;
+          from = 1;
+        }
+        for (;;) {
+          const at = chunk.indexOf('\n\n', from);
+          if (at < 0) break;
+          client.since += at + 2 - from;
+          if (client.since > 64) client.frames.push(performance.now());
+          client.since = 0;
+          from = at + 2;
+        }
+        client.since += chunk.length - from;
+        client.lastNl = chunk[chunk.length - 1] === 0x0a;
+      });
+      res.on('error', () => {});
+    });
+    req.on('error', reject);
+    req.setTimeout(120_000, () => req.destroy());
+    client.req = req;
+  });
+}
+
+async function openMany(count, pathOf) {
+  const clients = [];
+  for (let i = 0; i < count; i += 50) {
+    const batch = [];
+    for (let j = i; j < Math.min(count, i + 50); j += 1) batch.push(openStream(pathOf(j)));
+    clients.push(...(await Promise.all(batch)));
+  }
+  return clients;
+}
+
+async function waitFor(predicate, timeoutMs) {
+  const end = performance.now() + timeoutMs;
+  while (performance.now() < end) {
+    if (predicate()) return true;
+    await sleep(5);
+  }
+  return predicate();
+}
+
+async function control(base, method, path, body) {
+  const res = await fetch(`${base}${path}`, {
+    method,
+    headers: { 'content-type': 'application/json' },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  if (!res.ok) throw new Error(`${method} ${path}: ${res.status}`);
+}
+
+/** Toggles `key` in the mock's rules (a `rules-full` event on the upstream stream). */
+async function flipRule(mock, rules, key) {
+  rules.flags[key].enabled = !rules.flags[key].enabled;
+  await control(mock, 'PUT', '/control/rules', rules);
+}
+
+async function sse() {
+  const [mock, count, key, pidList] = rest;
+  const pids = pidList.split(',').filter(Boolean).map(Number);
+  const rules = JSON.parse(fs.readFileSync(process.env.BENCH_RULES_FILE, 'utf8'));
+  const rssBefore = rssKiB(pids);
+  const clients = await openMany(Number(count), () => '/api/stream');
+  const initial = await waitFor(() => clients.every((c) => c.frames.length >= 1), 120_000);
+  await sleep(1000);
+  const rssConnected = rssKiB(pids);
+  const frameBytes = Math.round(clients[0].bytes);
+  const t0 = performance.now();
+  await flipRule(mock, rules, key);
+  const delivered = await waitFor(() => clients.every((c) => c.frames.length >= 2), 30_000);
+  const lat = clients.filter((c) => c.frames.length >= 2).map((c) => c.frames[1] - t0).sort((a, b) => a - b);
+  let rssPeak = rssKiB(pids);
+  for (let i = 0; i < 10; i += 1) {
+    await sleep(100);
+    rssPeak = Math.max(rssPeak, rssKiB(pids));
+  }
+  const rssAfter = rssKiB(pids);
+  for (const c of clients) c.req.destroy();
+  console.log(
+    JSON.stringify({
+      clients: clients.length,
+      initial_all: initial,
+      delivered: lat.length,
+      delivered_all: delivered,
+      first_body_bytes: frameBytes,
+      p50_ms: Math.round(percentile(lat, 50)),
+      p99_ms: Math.round(percentile(lat, 99)),
+      last_ms: Math.round(lat[lat.length - 1] ?? -1),
+      rss_before_mib: +(rssBefore / 1024).toFixed(1),
+      rss_connected_mib: +(rssConnected / 1024).toFixed(1),
+      rss_after_change_peak_mib: +(rssPeak / 1024).toFixed(1),
+      rss_after_change_mib: +(rssAfter / 1024).toFixed(1),
+    }),
+  );
+}
+
+/** `http_requests_total` samples of the flags route, from the relay's /api/metrics. */
+async function relayFlagRequests() {
+  const text = await (await fetch(`${worker}/api/metrics`)).text();
+  let n = 0;
+  for (const line of text.split('\n')) {
+    if (line.startsWith('rollgate_proxy_http_requests_total{') || line.startsWith('http_requests_total{')) {
+      if (/route="\/api\/flags"/.test(line)) n += Number(line.trim().split(/\s+/).pop());
+    }
+  }
+  return n;
+}
+
+async function poll() {
+  const [users, rounds, concurrency] = rest.map(Number);
+  const before = await relayFlagRequests();
+  const started = performance.now();
+  let done = 0;
+  let failed = 0;
+  const failures = {};
+  const lat = [];
+  for (let round = 0; round < rounds; round += 1) {
+    let next = 0;
+    const workerLoop = async () => {
+      while (next < users) {
+        const i = next;
+        next += 1;
+        const t = performance.now();
+        try {
+          const res = await fetch(`${worker}/api/flags?user_id=user-${i}&attr.plan=pro`);
+          await res.arrayBuffer();
+          if (res.status !== 200) {
+            failed += 1;
+            failures[res.status] = (failures[res.status] ?? 0) + 1;
+          }
+        } catch (err) {
+          failed += 1;
+          const why = String(err?.cause?.code ?? err?.message ?? err);
+          failures[why] = (failures[why] ?? 0) + 1;
+        }
+        lat.push(performance.now() - t);
+        done += 1;
+      }
+    };
+    await Promise.all(Array.from({ length: concurrency }, workerLoop));
+  }
+  const seconds = (performance.now() - started) / 1000;
+  const after = await relayFlagRequests();
+  lat.sort((a, b) => a - b);
+  console.log(
+    JSON.stringify({
+      requests: done,
+      failed,
+      failures,
+      seconds: +seconds.toFixed(1),
+      relay_flag_requests: after - before,
+      relay_share_pct: +((100 * (after - before)) / done).toFixed(2),
+      // Revision checks: at most one per second (pointer TTL) per isolate, plus one to start.
+      relay_checks_bound: Math.ceil(seconds) + 1,
+      relay_share_bound_pct: +((100 * (after - before + Math.ceil(seconds) + 1)) / done).toFixed(2),
+      p50_ms: +percentile(lat, 50).toFixed(1),
+      p99_ms: +percentile(lat, 99).toFixed(1),
+    }),
+  );
+}
+
+async function latency() {
+  const [mock, count, changes, key] = rest;
+  const rules = JSON.parse(fs.readFileSync(process.env.BENCH_RULES_FILE, 'utf8'));
+  const clients = await openMany(Number(count), () => '/api/stream');
+  await waitFor(() => clients.every((c) => c.frames.length >= 1), 60_000);
+  const lat = [];
+  for (let n = 0; n < Number(changes); n += 1) {
+    await sleep(300);
+    const want = n + 2;
+    const t0 = performance.now();
+    await flipRule(mock, rules, key);
+    await waitFor(() => clients.every((c) => c.frames.length >= want), 10_000);
+    for (const c of clients) if (c.frames.length >= want) lat.push(c.frames[want - 1] - t0);
+  }
+  for (const c of clients) c.req.destroy();
+  lat.sort((a, b) => a - b);
+  console.log(
+    JSON.stringify({
+      clients: clients.length,
+      changes: Number(changes),
+      samples: lat.length,
+      p50_ms: +percentile(lat, 50).toFixed(1),
+      p90_ms: +percentile(lat, 90).toFixed(1),
+      max_ms: +lat[lat.length - 1].toFixed(1),
+    }),
+  );
+}
+
+const modes = { sse, poll, latency };
+if (!modes[mode]) {
+  console.error('usage: bench-edge.mjs sse|poll|latency <worker> ...');
+  process.exit(2);
+}
+await modes[mode]();
+process.exit(0);

@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Measures the Worker under `wrangler dev` with the Rust mock upstream (loopback only):
+#   1. SSE fan-out: N clients on /api/stream with a 2,000-flag rules set (~129 KB frame), one
+#      change upstream: time to the last delivery, workerd RSS growth.
+#   2. Per-user polling in rules mode: share of requests that reached the relay object.
+#   3. Change latency, upstream → client, with a small flag set.
+# Usage: scripts/bench-edge.sh [clients=2000] [shards=4]   (BENCH_PHASES="sse poll latency" picks)
+# Run scripts/build-edge.sh first (and `cargo build -p rollgate-proxy-tests --bin mock-upstream`).
+# Every process runs under `timeout` and is stopped by its recorded pid; results go to stdout
+# with the load average.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+clients=${1:-2000}
+shards=${2:-4}
+phases=${BENCH_PHASES:-sse poll latency}
+key=bench-server-key
+mock_port=${BENCH_MOCK_PORT:-19311}
+control_port=${BENCH_CONTROL_PORT:-19312}
+worker_port=${BENCH_WORKER_PORT:-19313}
+mock_bin=${MOCK_UPSTREAM_BIN:-$ROOT/target/debug/mock-upstream}
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill -- "-$pid" 2>/dev/null || kill "$pid" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT INT TERM
+
+[ -x "$mock_bin" ] || cargo build -p rollgate-proxy-tests --bin mock-upstream --locked
+[ -f edge-worker/build/index.js ] || { echo "run scripts/build-edge.sh first" >&2; exit 1; }
+
+# Rules payloads: 2,000 flags with long names (the anonymous frame is ~129 KB), and 7 flags.
+python3 - "$work" <<'EOF'
+import json, sys
+work = sys.argv[1]
+def rules(n, width):
+    flags = {}
+    for i in range(n):
+        k = f"checkout-experiment-{i:05d}-" + "x" * width
+        flags[k] = {"key": k, "enabled": i % 3 != 0, "rollout": 100, "targetUsers": [f"user-{i}"],
+                    "rules": [{"id": f"r{i}", "enabled": True, "rollout": 100,
+                               "conditions": [{"attribute": "plan", "operator": "equals", "value": "pro"}]}]}
+    return {"version": "bench", "flags": flags}
+for name, n, width in (("big", 2000, 31), ("small", 7, 0)):
+    with open(f"{work}/{name}.json", "w") as f:
+        json.dump(rules(n, width), f)
+EOF
+
+start_mock() { # $1: rules file
+  setsid timeout 900 "$mock_bin" --port "$mock_port" --control-port "$control_port" \
+    --api-key "$key" --flags-file "$1" >"$work/mock.log" 2>&1 &
+  pids+=($!)
+  for _ in $(seq 1 100); do grep -q "listening on" "$work/mock.log" && return 0; sleep 0.1; done
+  echo "mock-upstream did not start" >&2; exit 1
+}
+start_worker() {
+  setsid timeout 900 scripts/edge-dev.sh "$worker_port" "http://127.0.0.1:$mock_port" "$key" \
+    --var "ROLLGATE_PROXY_SSE_SHARDS:$shards" >"$work/worker.log" 2>&1 &
+  worker_pid=$!
+  pids+=($worker_pid)
+  for _ in $(seq 1 300); do grep -q "listening on" "$work/worker.log" && return 0; sleep 0.1; done
+  echo "wrangler dev did not start" >&2; cat "$work/worker.log" >&2; exit 1
+}
+workerd_pids() { # workerd processes in the worker's process group
+  ps -o pid=,comm= -g "$worker_pid" | awk '$2 ~ /workerd/ {print $1}' | paste -sd, -
+}
+stop_all() {
+  for pid in "${pids[@]}"; do kill -- "-$pid" 2>/dev/null || true; done
+  pids=()
+  sleep 1
+}
+w="http://127.0.0.1:$worker_port"
+c="http://127.0.0.1:$control_port"
+bigkey=$(python3 -c "import json;print(next(iter(json.load(open('$work/big.json'))['flags'])))")
+smallkey=$(python3 -c "import json;print(next(iter(json.load(open('$work/small.json'))['flags'])))")
+
+has() { [[ " $phases " == *" $1 "* ]]; }
+echo "== load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
+if has sse || has poll; then
+  start_mock "$work/big.json"
+  start_worker
+  # Warm the relay (upstream connected, rules loaded) before measuring.
+  for _ in $(seq 1 100); do curl -sf "$w/api/flags" -o /dev/null && break; sleep 0.2; done
+  echo "   snapshot: $(curl -s -m 5 "$w/api/flags" | wc -c) bytes of flags JSON"
+fi
+if has sse; then
+  echo "== 1. SSE fan-out: $clients clients, $shards shards, 2,000-flag rules set"
+  BENCH_RULES_FILE="$work/big.json" timeout 300 node scripts/bench-edge.mjs sse "$w" "$c" "$clients" "$bigkey" "$(workerd_pids)"
+  echo "   load average $(cut -d' ' -f1-3 /proc/loadavg)"
+fi
+if has poll; then
+  echo "== 2. per-user polling (rules mode): 2,000 users × 2 rounds, 32 at a time"
+  # relay_flag_requests counts answers the Relay made; its revision checks (≤ 1 per
+  # ROLLGATE_PROXY_EDGE_CACHE_TTL = 1 s per isolate) are bounded by the run's seconds.
+  timeout 300 node scripts/bench-edge.mjs poll "$w" 2000 2 32
+  echo "   load average $(cut -d' ' -f1-3 /proc/loadavg)"
+fi
+stop_all
+
+if has latency; then
+  start_mock "$work/small.json"
+  start_worker
+  for _ in $(seq 1 100); do curl -sf "$w/api/flags" -o /dev/null && break; sleep 0.2; done
+  echo "== 3. change latency upstream → client: 20 clients, 30 changes, 7 flags"
+  BENCH_RULES_FILE="$work/small.json" timeout 300 node scripts/bench-edge.mjs latency "$w" "$c" 20 30 "$smallkey"
+  echo "   load average $(cut -d' ' -f1-3 /proc/loadavg)"
+fi
