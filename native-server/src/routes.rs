@@ -193,7 +193,13 @@ fn set_cors(
             (CorsValue::Origin(_), Some(origin)) => origin.clone(),
             (CorsValue::Origin(_), None) => continue,
         };
-        headers.insert(HeaderName::from_static(name), value);
+        let name = HeaderName::from_static(name);
+        if name == header::VARY {
+            // Added to core's own `Vary` (`Accept-Encoding` on the flag routes), not in its place.
+            headers.append(name, value);
+        } else {
+            headers.insert(name, value);
+        }
     }
 }
 
