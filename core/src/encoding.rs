@@ -123,6 +123,11 @@ impl Variants {
     /// The encoding `accept_encoding` prefers among those held, and its bytes (`None`:
     /// identity).
     pub fn choose(&self, accept_encoding: Option<&str>) -> Option<(Encoding, &Bytes)> {
+        // Without the feature there is never a variant: say so at compile time, so the parser
+        // is left out of the Worker's wasm.
+        if !cfg!(feature = "compression") {
+            return None;
+        }
         let header = accept_encoding?;
         if self.gzip.is_none() && self.br.is_none() {
             return None;
