@@ -118,9 +118,12 @@ async function sse() {
   await sleep(1000);
   const rssConnected = rssKiB(pids);
   const frameBytes = Math.round(clients[0].bytes);
+  const cpu0 = process.cpuUsage();
   const t0 = performance.now();
   await flipRule(mock, rules, key);
   const delivered = await waitFor(() => clients.every((c) => c.frames.length >= 2), 30_000);
+  const wall = performance.now() - t0;
+  const cpu = process.cpuUsage(cpu0);
   const lat = clients.filter((c) => c.frames.length >= 2).map((c) => c.frames[1] - t0).sort((a, b) => a - b);
   let rssPeak = rssKiB(pids);
   for (let i = 0; i < 10; i += 1) {
@@ -136,9 +139,14 @@ async function sse() {
       delivered: lat.length,
       delivered_all: delivered,
       first_body_bytes: frameBytes,
+      first_ms: Math.round(lat[0] ?? -1),
+      p10_ms: Math.round(percentile(lat, 10)),
       p50_ms: Math.round(percentile(lat, 50)),
       p99_ms: Math.round(percentile(lat, 99)),
       last_ms: Math.round(lat[lat.length - 1] ?? -1),
+      // This load client's own CPU over the change (user+system ms): near wall_ms, it is the limit.
+      client_cpu_ms: Math.round((cpu.user + cpu.system) / 1000),
+      wall_ms: Math.round(wall),
       rss_before_mib: +(rssBefore / 1024).toFixed(1),
       rss_connected_mib: +(rssConnected / 1024).toFixed(1),
       rss_after_change_peak_mib: +(rssPeak / 1024).toFixed(1),

@@ -1,5 +1,8 @@
 //! Evaluation cost: 100 flags of 3 rules × 3 conditions each, evaluated for one context.
 //!
+//! `evaluate_all` gives the borrowed [`rollgate_proxy_core::eval::Evaluation`] the per-user
+//! renderers serialise; `..._to_owned_maps` adds building the owned `EvaluatedFlags` maps.
+//!
 //! Throughput is reported per flag (criterion's "elem/s"); the time per iteration divided by
 //! 100 is the cost of one flag evaluation.
 
@@ -128,6 +131,9 @@ fn bench(c: &mut Criterion) {
     group.bench_function("evaluate_all_100_flags", |b| {
         b.iter(|| rules.evaluate_all(black_box(&context)));
     });
+    group.bench_function("evaluate_all_100_flags_to_owned_maps", |b| {
+        b.iter(|| rules.evaluate_all(black_box(&context)).to_flags());
+    });
     group.bench_function("evaluate_all_100_flags_anonymous", |b| {
         b.iter(|| rules.evaluate_all(black_box(&Context::anonymous())));
     });
@@ -140,10 +146,10 @@ fn bench(c: &mut Criterion) {
     // kind of reason.
     let all = rules.evaluate_all(&context);
     let mut kinds: BTreeMap<&str, usize> = BTreeMap::new();
-    for reason in all.reasons.values() {
-        *kinds.entry(reason.kind.as_str()).or_default() += 1;
+    for flag in all.iter() {
+        *kinds.entry(flag.reason.kind.as_str()).or_default() += 1;
     }
-    let on = all.flags.values().filter(|v| **v).count();
+    let on = all.iter().filter(|f| f.value).count();
     println!("mix: {on}/{FLAGS} flags on; reasons {kinds:?}");
 }
 

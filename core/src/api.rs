@@ -545,27 +545,11 @@ impl ClientKeys {
         if !self.is_enabled() {
             return Ok(None);
         }
-        let bearer = authorization.and_then(|value| {
-            let (scheme, token) = value.trim().split_once(' ')?;
-            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-        });
-        let token = query_pairs(query)
-            .find(|(name, _)| name == "token")
-            .map(|(_, value)| value);
-        let offered: Vec<&str> = [bearer, api_key.map(str::trim), token.as_deref()]
-            .into_iter()
-            .flatten()
-            .collect();
-        if offered.is_empty() {
-            return Err(ApiError::unauthorized(
-                "a client key is required: send Authorization: Bearer <key>, or ?token=<key> \
-                 for EventSource",
-            ));
-        }
+        let offered = OfferedKeys::of(authorization, api_key, query)?;
         // Compare against every key in constant time, so timing reveals neither which key nor
         // how much of it matched.
         let mut matched = None;
-        for given in &offered {
+        for given in offered.iter() {
             for key in &self.0 {
                 if bool::from(key.as_bytes().ct_eq(given.as_bytes())) {
                     matched = Some(key.as_str());
@@ -575,6 +559,53 @@ impl ClientKeys {
         matched
             .map(Some)
             .ok_or_else(|| ApiError::unauthorized("the client key is not valid"))
+    }
+}
+
+/// The client keys a request offers, from where clients put them: `Authorization: Bearer`,
+/// `X-API-Key`, and `?token=` (an `EventSource` cannot send headers).
+pub(crate) struct OfferedKeys<'a> {
+    bearer: Option<&'a str>,
+    api_key: Option<&'a str>,
+    token: Option<Cow<'a, str>>,
+}
+
+impl<'a> OfferedKeys<'a> {
+    /// The keys offered by a request with these headers and query.
+    ///
+    /// # Errors
+    /// [`ApiError::unauthorized`] saying how to send a key when none is offered.
+    pub(crate) fn of(
+        authorization: Option<&'a str>,
+        api_key: Option<&'a str>,
+        query: &'a str,
+    ) -> Result<Self, ApiError> {
+        let bearer = authorization.and_then(|value| {
+            let (scheme, token) = value.trim().split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        });
+        let token = query_pairs(query)
+            .find(|(name, _)| name == "token")
+            .map(|(_, value)| value);
+        let offered = Self {
+            bearer,
+            api_key: api_key.map(str::trim),
+            token,
+        };
+        if offered.iter().next().is_none() {
+            return Err(ApiError::unauthorized(
+                "a client key is required: send Authorization: Bearer <key>, or ?token=<key> \
+                 for EventSource",
+            ));
+        }
+        Ok(offered)
+    }
+
+    /// Each offered key (up to three).
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &str> {
+        [self.bearer, self.api_key, self.token.as_deref()]
+            .into_iter()
+            .flatten()
     }
 }
 

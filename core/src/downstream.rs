@@ -495,9 +495,13 @@ impl Downstream {
                 self.metrics.evaluation();
                 let flags = rules.evaluate_all(&context);
                 let body = match kind {
-                    BodyKind::Flags => crate::render::flags_body(&flags, snapshot.cached_at()),
-                    BodyKind::Sdk => crate::render::sdk_flags_body(&flags, false),
-                    BodyKind::SdkWithReasons => crate::render::sdk_flags_body(&flags, true),
+                    BodyKind::Flags => {
+                        crate::render::evaluation_flags_body(&flags, snapshot.cached_at())
+                    }
+                    BodyKind::Sdk => crate::render::evaluation_sdk_flags_body(&flags, false),
+                    BodyKind::SdkWithReasons => {
+                        crate::render::evaluation_sdk_flags_body(&flags, true)
+                    }
                 };
                 let rendered = Rendered {
                     body,

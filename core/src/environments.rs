@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use serde_json::{Map, Value};
 use subtle::{ConditionallySelectable, ConstantTimeEq};
 
-use crate::api::{ApiError, ClientKeys, query_pairs};
+use crate::api::{ApiError, ClientKeys, OfferedKeys};
 use crate::secret::Secret;
 use crate::settings::Settings;
 use crate::time::Timestamp;
@@ -26,6 +26,11 @@ pub const MAX_ENVIRONMENTS: usize = 64;
 pub const MAX_CLIENT_KEYS: usize = 32;
 /// Longest environment name (a metric label and a path segment).
 pub const MAX_NAME_LEN: usize = 63;
+/// The `environment` label value of requests answered before any environment was chosen
+/// (an unknown or expired client key, an unknown `/env/<name>`, preflights, the combined health,
+/// readiness and metrics): empty, which no environment name can be, so they are never counted
+/// under an environment (in Prometheus an empty label value is the same as no label).
+pub const UNROUTED_ENVIRONMENT: &str = "";
 /// The path prefix that selects an environment by URL: `/env/<name>/api/...`.
 pub const PATH_PREFIX: &str = "/env/";
 
@@ -685,28 +690,12 @@ impl KeyRouter {
                 key: None,
             });
         }
-        let bearer = authorization.and_then(|value| {
-            let (scheme, token) = value.trim().split_once(' ')?;
-            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-        });
-        let token = query_pairs(query)
-            .find(|(name, _)| name == "token")
-            .map(|(_, value)| value);
-        let offered: Vec<&str> = [bearer, api_key.map(str::trim), token.as_deref()]
-            .into_iter()
-            .flatten()
-            .collect();
-        if offered.is_empty() {
-            return Err(ApiError::unauthorized(
-                "a client key is required: send Authorization: Bearer <key>, or ?token=<key> \
-                 for EventSource",
-            ));
-        }
+        let offered = OfferedKeys::of(authorization, api_key, query)?;
         // Every offered key against every configured key, selecting without branching on the
         // comparison, so timing reveals neither which key matched nor how much of it.
         let mut found = subtle::Choice::from(0);
         let mut slot: u32 = 0;
-        for given in &offered {
+        for given in offered.iter() {
             for (i, key) in self.keys.iter().enumerate() {
                 let equal = key.key.expose().as_bytes().ct_eq(given.as_bytes()) & !found;
                 slot.conditional_assign(&u32::try_from(i).unwrap_or(u32::MAX), equal);

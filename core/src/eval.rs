@@ -56,6 +56,8 @@ pub(crate) mod js;
 
 use std::collections::BTreeMap;
 
+use serde::Serialize;
+use serde::ser::Serializer;
 use sha2::{Digest, Sha256};
 
 use self::condition::{Attributes, CompiledCondition, Outcome};
@@ -78,6 +80,145 @@ impl Detail {
     }
 }
 
+/// A [`Reason`] that borrows its rule id from the compiled rules: what [`CompiledRules::evaluate_all`]
+/// gives per flag, so that evaluating a context allocates nothing per flag. Serialises exactly as
+/// [`Reason`] does (same fields, same order, same omissions).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReasonRef<'a> {
+    /// What decided the value.
+    pub kind: ReasonKind,
+    /// The id of the matching rule, for [`ReasonKind::RuleMatch`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule_id: Option<&'a str>,
+    /// The index of the matching rule, for [`ReasonKind::RuleMatch`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule_index: Option<u32>,
+    /// Whether the user fell inside the percentage rollout that decided the value.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub in_rollout: Option<bool>,
+    /// What went wrong, for [`ReasonKind::Error`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_kind: Option<ErrorKind>,
+}
+
+impl ReasonRef<'_> {
+    const fn new(kind: ReasonKind) -> Self {
+        Self {
+            kind,
+            rule_id: None,
+            rule_index: None,
+            in_rollout: None,
+            error_kind: None,
+        }
+    }
+
+    const fn error(error_kind: ErrorKind) -> Self {
+        Self {
+            error_kind: Some(error_kind),
+            ..Self::new(ReasonKind::Error)
+        }
+    }
+
+    /// The owned [`Reason`].
+    pub fn to_reason(&self) -> Reason {
+        Reason {
+            kind: self.kind,
+            rule_id: self.rule_id.map(str::to_owned),
+            rule_index: self.rule_index,
+            in_rollout: self.in_rollout,
+            error_kind: self.error_kind,
+        }
+    }
+}
+
+/// One flag of an [`Evaluation`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Evaluated<'a> {
+    /// The flag's key, borrowed from the compiled rules.
+    pub key: &'a str,
+    /// The flag's value.
+    pub value: bool,
+    /// Why it has that value.
+    pub reason: ReasonRef<'a>,
+}
+
+/// Every flag's value and reason for one context, in key order (the order of
+/// [`EvaluatedFlags`]' maps), borrowing keys and rule ids from the [`CompiledRules`]: one
+/// allocation per context instead of several per flag. Renderers serialise it directly
+/// ([`Self::values`], [`Self::reasons`]); [`Self::to_flags`] gives the owned maps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Evaluation<'a> {
+    /// Sorted by key, without duplicates (the compiled flags' order).
+    flags: Vec<Evaluated<'a>>,
+}
+
+impl<'a> Evaluation<'a> {
+    /// The flags, in key order.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = &Evaluated<'a>> {
+        self.flags.iter()
+    }
+
+    /// The number of flags.
+    pub fn len(&self) -> usize {
+        self.flags.len()
+    }
+
+    /// Whether there are no flags.
+    pub fn is_empty(&self) -> bool {
+        self.flags.is_empty()
+    }
+
+    /// The flag with this key.
+    pub fn get(&self, key: &str) -> Option<&Evaluated<'a>> {
+        let at = self.flags.binary_search_by(|f| f.key.cmp(key)).ok()?;
+        self.flags.get(at)
+    }
+
+    /// Serialises as the `flags` map of [`EvaluatedFlags`] (key → value), byte for byte.
+    pub fn values(&self) -> impl Serialize + '_ {
+        Values(&self.flags)
+    }
+
+    /// Serialises as the `reasons` map of [`EvaluatedFlags`] (key → reason), byte for byte.
+    pub fn reasons(&self) -> impl Serialize + '_ {
+        Reasons(&self.flags)
+    }
+
+    /// The owned maps.
+    pub fn to_flags(&self) -> EvaluatedFlags {
+        // Collecting sorted pairs builds each map in bulk, without a search per insert.
+        EvaluatedFlags {
+            flags: self
+                .flags
+                .iter()
+                .map(|f| (f.key.to_owned(), f.value))
+                .collect(),
+            reasons: self
+                .flags
+                .iter()
+                .map(|f| (f.key.to_owned(), f.reason.to_reason()))
+                .collect(),
+        }
+    }
+}
+
+struct Values<'e, 'a>(&'e [Evaluated<'a>]);
+
+impl Serialize for Values<'_, '_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.0.iter().map(|f| (f.key, f.value)))
+    }
+}
+
+struct Reasons<'e, 'a>(&'e [Evaluated<'a>]);
+
+impl Serialize for Reasons<'_, '_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.0.iter().map(|f| (f.key, &f.reason)))
+    }
+}
+
 /// A rules payload compiled for evaluation: built once per snapshot, shared by every request.
 ///
 /// Compiling never fails. Condition values are lower-cased, `in` lists split, numbers and
@@ -90,6 +231,16 @@ pub struct CompiledRules {
     flags: Vec<(String, CompiledFlag)>,
     /// The number of distinct custom attribute names, i.e. of attribute cache slots.
     attribute_slots: usize,
+    /// The number of distinct conditions, i.e. of condition memo slots.
+    condition_slots: usize,
+}
+
+/// Slots given out while compiling: one per distinct custom attribute name, one per distinct
+/// condition (attribute, operator, value).
+#[derive(Default)]
+struct Slots {
+    attributes: BTreeMap<String, usize>,
+    conditions: BTreeMap<(String, String, String), usize>,
 }
 
 #[derive(Clone, Debug)]
@@ -112,7 +263,7 @@ struct CompiledRule {
 }
 
 impl CompiledFlag {
-    fn compile(flag: &FlagRule, slots: &mut BTreeMap<String, usize>) -> Self {
+    fn compile(flag: &FlagRule, slots: &mut Slots) -> Self {
         let mut target_users = flag.target_users.clone();
         target_users.sort_unstable();
         target_users.dedup();
@@ -128,7 +279,18 @@ impl CompiledFlag {
                 conditions: rule
                     .conditions
                     .iter()
-                    .map(|condition| CompiledCondition::compile(condition, slots))
+                    .map(|condition| {
+                        let next = slots.conditions.len();
+                        let memo = *slots
+                            .conditions
+                            .entry((
+                                condition.attribute.clone(),
+                                condition.operator.clone(),
+                                condition.value.clone(),
+                            ))
+                            .or_insert(next);
+                        CompiledCondition::compile(condition, &mut slots.attributes).with_memo(memo)
+                    })
                     .collect(),
             })
             .collect();
@@ -140,10 +302,10 @@ impl CompiledFlag {
         }
     }
 
-    fn evaluate(&self, key: &str, attributes: &mut Attributes<'_>) -> Detail {
+    fn evaluate<'s>(&'s self, key: &str, attributes: &mut Attributes<'_>) -> (bool, ReasonRef<'s>) {
         let context = attributes.context();
         if !self.enabled {
-            return Detail::new(false, Reason::new(ReasonKind::Off));
+            return (false, ReasonRef::new(ReasonKind::Off));
         }
         // `user?.id && ...`: an empty id is no id for targeting and the fallthrough.
         let user_id = context.id.as_deref().filter(|id| !id.is_empty());
@@ -153,7 +315,7 @@ impl CompiledFlag {
                 .binary_search_by(|user| user.as_str().cmp(id))
                 .is_ok()
         {
-            return Detail::new(true, Reason::new(ReasonKind::TargetMatch));
+            return (true, ReasonRef::new(ReasonKind::TargetMatch));
         }
         // The SDKs skip rules for a `null` user, which is what an anonymous context stands for.
         if !context.is_anonymous() {
@@ -161,7 +323,7 @@ impl CompiledFlag {
                 match rule.matches(attributes) {
                     Outcome::NoMatch => {}
                     Outcome::Malformed => {
-                        return Detail::new(false, Reason::error(ErrorKind::MalformedFlag));
+                        return (false, ReasonRef::error(ErrorKind::MalformedFlag));
                     }
                     Outcome::Match => {
                         let in_rollout = match context.id.as_deref() {
@@ -169,13 +331,13 @@ impl CompiledFlag {
                             Some(id) => partial_rollout(key, id, rule.rollout),
                             None => rule.rollout >= 100,
                         };
-                        return Detail::new(
+                        return (
                             in_rollout,
-                            Reason {
-                                rule_id: Some(rule.id.clone()),
+                            ReasonRef {
+                                rule_id: Some(&rule.id),
                                 rule_index: Some(rule.index),
                                 in_rollout: Some(in_rollout),
-                                ..Reason::new(ReasonKind::RuleMatch)
+                                ..ReasonRef::new(ReasonKind::RuleMatch)
                             },
                         );
                     }
@@ -186,11 +348,11 @@ impl CompiledFlag {
             Some(id) => partial_rollout(key, id, self.rollout),
             None => self.rollout >= 100,
         };
-        Detail::new(
+        (
             in_rollout,
-            Reason {
+            ReasonRef {
                 in_rollout: Some(in_rollout),
-                ..Reason::new(ReasonKind::Fallthrough)
+                ..ReasonRef::new(ReasonKind::Fallthrough)
             },
         )
     }
@@ -199,7 +361,7 @@ impl CompiledFlag {
 impl CompiledRule {
     fn matches(&self, attributes: &mut Attributes<'_>) -> Outcome {
         for condition in &self.conditions {
-            match condition.matches(attributes) {
+            match condition.matches_memo(attributes) {
                 Outcome::Match => {}
                 other => return other,
             }
@@ -223,7 +385,7 @@ impl CompiledRules {
     /// Compiles a rules payload. Never fails: problems in a flag (an unsupported regex) surface
     /// as an `ERROR` reason when that flag is evaluated.
     pub fn compile(payload: &RulesPayload) -> Self {
-        let mut slots = BTreeMap::new();
+        let mut slots = Slots::default();
         let flags = payload
             .flags
             .iter()
@@ -232,7 +394,8 @@ impl CompiledRules {
         Self {
             payload: payload.clone(),
             flags,
-            attribute_slots: slots.len(),
+            attribute_slots: slots.attributes.len(),
+            condition_slots: slots.conditions.len(),
         }
     }
 
@@ -273,27 +436,29 @@ impl CompiledRules {
     /// `ERROR` / `FLAG_NOT_FOUND`.
     pub fn evaluate(&self, key: &str, context: &Context) -> Detail {
         match self.find(key) {
-            Some(flag) => flag.evaluate(key, &mut Attributes::new(context)),
+            Some(flag) => {
+                let (value, reason) = flag.evaluate(key, &mut Attributes::new(context));
+                Detail::new(value, reason.to_reason())
+            }
             None => Detail::new(false, Reason::error(ErrorKind::FlagNotFound)),
         }
     }
 
-    /// Evaluates every flag for `context`, with reasons.
-    pub fn evaluate_all(&self, context: &Context) -> EvaluatedFlags {
-        // Each attribute is looked up once for all flags.
-        let mut attributes = Attributes::cached(context, self.attribute_slots);
-        let mut flags = Vec::with_capacity(self.flags.len());
-        let mut reasons = Vec::with_capacity(self.flags.len());
-        for (key, flag) in &self.flags {
-            let detail = flag.evaluate(key, &mut attributes);
-            flags.push((key.clone(), detail.value));
-            reasons.push((key.clone(), detail.reason));
-        }
-        // Collecting sorted pairs builds each map in bulk, without a search per insert.
-        EvaluatedFlags {
-            flags: flags.into_iter().collect(),
-            reasons: reasons.into_iter().collect(),
-        }
+    /// Evaluates every flag for `context`, with reasons, borrowing keys and rule ids from
+    /// `self` ([`Evaluation::to_flags`] gives the owned maps).
+    pub fn evaluate_all(&self, context: &Context) -> Evaluation<'_> {
+        // Each attribute is looked up, and each distinct condition matched, once for all flags.
+        let mut attributes =
+            Attributes::cached(context, self.attribute_slots, self.condition_slots);
+        let flags = self
+            .flags
+            .iter()
+            .map(|(key, flag)| {
+                let (value, reason) = flag.evaluate(key, &mut attributes);
+                Evaluated { key, value, reason }
+            })
+            .collect();
+        Evaluation { flags }
     }
 }
 

@@ -334,12 +334,20 @@ impl Metrics {
         self.side[kind.index()][outcome.index()].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The Prometheus text exposition (format 0.0.4).
-    pub fn render(&self, scrape: &Scrape) -> String {
-        let mut out = String::with_capacity(8 * 1024);
+    /// Only the request families (`http_requests_total`, `http_request_duration_seconds`) of
+    /// [`Metrics::render`]: what an adapter of several environments renders for the requests
+    /// it answered before routing them to any environment (refused keys, unknown environments,
+    /// the combined health and metrics), so they are not counted under one environment.
+    pub fn render_requests(&self) -> String {
+        let mut out = String::with_capacity(1024);
+        self.render_request_families(&mut out);
+        out
+    }
+
+    fn render_request_families(&self, out: &mut String) {
         let load = |n: &AtomicU64| n.load(Ordering::Relaxed);
         family(
-            &mut out,
+            out,
             "http_requests_total",
             "counter",
             "Answered HTTP requests by route template and status.",
@@ -349,7 +357,7 @@ impl Metrics {
                 let n = load(n);
                 if n > 0 {
                     sample(
-                        &mut out,
+                        out,
                         "http_requests_total",
                         &[("route", route), ("status", status)],
                         n,
@@ -358,14 +366,21 @@ impl Metrics {
             }
         }
         family(
-            &mut out,
+            out,
             "http_request_duration_seconds",
             "histogram",
             "Time to answer (to the start of the body for streams), by route template.",
         );
         for (route, stats) in ROUTE_LABELS.iter().zip(&self.requests) {
-            render_histogram(&mut out, route, stats);
+            render_histogram(out, route, stats);
         }
+    }
+
+    /// The Prometheus text exposition (format 0.0.4).
+    pub fn render(&self, scrape: &Scrape) -> String {
+        let mut out = String::with_capacity(8 * 1024);
+        let load = |n: &AtomicU64| n.load(Ordering::Relaxed);
+        self.render_request_families(&mut out);
         family(
             &mut out,
             "sse_clients",
@@ -768,6 +783,23 @@ mod tests {
                 "{method} {path}"
             );
         }
+    }
+
+    #[test]
+    fn the_request_families_alone_are_the_start_of_the_full_rendering() {
+        let metrics = Metrics::new();
+        metrics.request("unmatched", 401, Some(Duration::from_millis(2)));
+        let requests = metrics.render_requests();
+        assert!(
+            requests.contains("route=\"unmatched\",status=\"401\"} 1\n"),
+            "{requests}"
+        );
+        assert!(
+            requests.contains("http_request_duration_seconds_bucket"),
+            "{requests}"
+        );
+        assert!(!requests.contains("sse_clients"), "{requests}");
+        assert!(metrics.render(&Scrape::default()).starts_with(&requests));
     }
 
     #[test]

@@ -10,7 +10,8 @@ use bytes::Bytes;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::model::{EvaluatedFlags, Reason};
+use crate::eval::Evaluation;
+use crate::model::EvaluatedFlags;
 use crate::sse::encode::Event;
 use crate::time::Timestamp;
 
@@ -24,19 +25,28 @@ pub const OFREP_EVENT: &str = "message";
 
 /// `{"flags":{..},"_meta":{"cachedAt":".."}}`: the body of `GET /api/flags`.
 pub fn flags_body(flags: &EvaluatedFlags, cached_at: Timestamp) -> Bytes {
+    flags_body_of(&flags.flags, cached_at)
+}
+
+/// [`flags_body`] of a local evaluation, rendered without building the owned maps.
+pub fn evaluation_flags_body(evaluation: &Evaluation<'_>, cached_at: Timestamp) -> Bytes {
+    flags_body_of(evaluation.values(), cached_at)
+}
+
+fn flags_body_of(flags: impl Serialize, cached_at: Timestamp) -> Bytes {
     #[derive(Serialize)]
     struct Meta {
         #[serde(rename = "cachedAt")]
         cached_at: String,
     }
     #[derive(Serialize)]
-    struct Body<'a> {
-        flags: &'a BTreeMap<String, bool>,
+    struct Body<F> {
+        flags: F,
         #[serde(rename = "_meta")]
         meta: Meta,
     }
     json_bytes(&Body {
-        flags: &flags.flags,
+        flags,
         meta: Meta {
             cached_at: cached_at.to_rfc3339(),
         },
@@ -57,16 +67,25 @@ pub fn flag_body(key: &str, enabled: bool) -> Bytes {
 ///
 /// Reasons are included only when asked for (`withReasons=true`), as Rollgate does.
 pub fn sdk_flags_body(flags: &EvaluatedFlags, with_reasons: bool) -> Bytes {
+    sdk_flags_body_of(&flags.flags, with_reasons.then_some(&flags.reasons))
+}
+
+/// [`sdk_flags_body`] of a local evaluation, rendered without building the owned maps.
+pub fn evaluation_sdk_flags_body(evaluation: &Evaluation<'_>, with_reasons: bool) -> Bytes {
+    sdk_flags_body_of(
+        evaluation.values(),
+        with_reasons.then(|| evaluation.reasons()),
+    )
+}
+
+fn sdk_flags_body_of<F: Serialize, R: Serialize>(flags: F, reasons: Option<R>) -> Bytes {
     #[derive(Serialize)]
-    struct Body<'a> {
-        flags: &'a BTreeMap<String, bool>,
+    struct Body<F, R> {
+        flags: F,
         #[serde(skip_serializing_if = "Option::is_none")]
-        reasons: Option<&'a BTreeMap<String, Reason>>,
+        reasons: Option<R>,
     }
-    json_bytes(&Body {
-        flags: &flags.flags,
-        reasons: with_reasons.then_some(&flags.reasons),
-    })
+    json_bytes(&Body { flags, reasons })
 }
 
 /// `event: flags` with the bare flag map as data: one frame of `GET /api/stream`.

@@ -138,7 +138,7 @@ impl Snapshot {
     ) -> Self {
         let defaults = match &source {
             FlagSource::Evaluated(flags) => flags.clone(),
-            FlagSource::Rules(rules) => rules.evaluate_all(&Context::anonymous()),
+            FlagSource::Rules(rules) => rules.evaluate_all(&Context::anonymous()).to_flags(),
         };
         let etag = format!("\"{hash}\"");
         // The id carries the content hash as well as the revision: a client reconnecting to
@@ -204,7 +204,7 @@ impl Snapshot {
         }
         match &self.source {
             FlagSource::Rules(rules) => {
-                ContextFlags::Ready(Cow::Owned(rules.evaluate_all(context)))
+                ContextFlags::Ready(Cow::Owned(rules.evaluate_all(context).to_flags()))
             }
             FlagSource::Evaluated(_) => ContextFlags::NeedsUpstream,
         }
@@ -278,21 +278,77 @@ impl Snapshot {
     /// Serializes the snapshot for disk or Durable Object storage: a JSON envelope
     /// `{"format":1,"revision","cachedAt","upstreamEtag","kind":"evaluated"|"rules","data"}`.
     pub fn to_persisted(&self, upstream_etag: Option<&str>) -> Bytes {
-        let (kind, data) = match &self.source {
-            FlagSource::Evaluated(flags) => (PersistedKind::Evaluated, serde_json::to_value(flags)),
-            FlagSource::Rules(rules) => {
-                (PersistedKind::Rules, serde_json::to_value(rules.payload()))
+        // The source is serialized straight into the envelope (no intermediate
+        // `serde_json::Value`): a 2,000-flag rules set is ~0.5 MB, written on every change.
+        fn write<T: Serialize>(
+            snapshot: &Snapshot,
+            upstream_etag: Option<&str>,
+            kind: PersistedKind,
+            data: &T,
+        ) -> Vec<u8> {
+            serde_json::to_vec(&Persisted {
+                format: PERSIST_FORMAT,
+                revision: snapshot.revision,
+                cached_at: snapshot.cached_at,
+                upstream_etag: upstream_etag.map(str::to_owned),
+                kind,
+                hash: None::<&str>,
+                data,
+            })
+            .unwrap_or_default()
+        }
+        Bytes::from(match &self.source {
+            FlagSource::Evaluated(flags) => {
+                write(self, upstream_etag, PersistedKind::Evaluated, flags)
             }
+            FlagSource::Rules(rules) => {
+                write(self, upstream_etag, PersistedKind::Rules, rules.payload())
+            }
+        })
+    }
+
+    /// This snapshot as a reader that serves only anonymous answers and frames needs it (an SSE
+    /// shard fed by the relay): the persisted envelope of the anonymous answer (kind
+    /// `evaluated`, a fraction of a rules set's size) with this snapshot's content hash, so
+    /// that [`Snapshot::from_shared_anonymous`] rebuilds the same frames, event id and ETag
+    /// without parsing, compiling or hashing the rules.
+    pub fn to_shared_anonymous(&self) -> Bytes {
+        Bytes::from(
+            serde_json::to_vec(&Persisted {
+                format: PERSIST_FORMAT,
+                revision: self.revision,
+                cached_at: self.cached_at,
+                upstream_etag: None,
+                kind: PersistedKind::Evaluated,
+                hash: Some(self.hash.as_str()),
+                data: &self.defaults,
+            })
+            .unwrap_or_default(),
+        )
+    }
+
+    /// Restores what [`Snapshot::to_shared_anonymous`] wrote. The content hash is taken as
+    /// given: only for bytes from this deployment over an internal channel, never from disk.
+    /// Per-user answers cannot be computed from it (it holds no rules).
+    ///
+    /// # Errors
+    /// [`SnapshotError`] when the bytes are not such an envelope or its flags are invalid.
+    pub fn from_shared_anonymous(bytes: &[u8]) -> Result<Self, SnapshotError> {
+        let persisted: Persisted<&serde_json::value::RawValue, String> =
+            serde_json::from_slice(bytes).map_err(SnapshotError::Format)?;
+        if persisted.format != PERSIST_FORMAT {
+            return Err(SnapshotError::UnknownFormat(persisted.format));
+        }
+        let (PersistedKind::Evaluated, Some(hash)) = (persisted.kind, persisted.hash) else {
+            return Err(SnapshotError::NotShared);
         };
-        let persisted = Persisted {
-            format: PERSIST_FORMAT,
-            revision: self.revision,
-            cached_at: self.cached_at,
-            upstream_etag: upstream_etag.map(str::to_owned),
-            kind,
-            data: data.unwrap_or_default(),
-        };
-        Bytes::from(serde_json::to_vec(&persisted).unwrap_or_default())
+        let flags = EvaluatedFlags::from_json(persisted.data.get().as_bytes())?;
+        Ok(Self::build_with_hash(
+            persisted.revision,
+            persisted.cached_at,
+            FlagSource::Evaluated(flags),
+            hash,
+        ))
     }
 
     /// Restores a snapshot written by [`Snapshot::to_persisted`], with the upstream ETag it
@@ -302,14 +358,16 @@ impl Snapshot {
     /// [`SnapshotError`] when the bytes are not a persisted snapshot of a known format or its
     /// flag data is invalid.
     pub fn from_persisted(bytes: &[u8]) -> Result<(Self, Option<String>), SnapshotError> {
-        let persisted: Persisted = serde_json::from_slice(bytes).map_err(SnapshotError::Format)?;
+        // `data` is borrowed as raw JSON and parsed once, into its model (not via a `Value`).
+        let persisted: Persisted<&serde_json::value::RawValue, String> =
+            serde_json::from_slice(bytes).map_err(SnapshotError::Format)?;
         if persisted.format != PERSIST_FORMAT {
             return Err(SnapshotError::UnknownFormat(persisted.format));
         }
-        let data = serde_json::to_vec(&persisted.data).map_err(SnapshotError::Format)?;
+        let data = persisted.data.get().as_bytes();
         let source = match persisted.kind {
-            PersistedKind::Evaluated => FlagSource::Evaluated(EvaluatedFlags::from_json(&data)?),
-            PersistedKind::Rules => FlagSource::rules(&RulesPayload::from_json(&data)?),
+            PersistedKind::Evaluated => FlagSource::Evaluated(EvaluatedFlags::from_json(data)?),
+            PersistedKind::Rules => FlagSource::rules(&RulesPayload::from_json(data)?),
         };
         let snapshot = Self::build(persisted.revision, persisted.cached_at, source);
         Ok((snapshot, persisted.upstream_etag))
@@ -326,6 +384,9 @@ pub enum SnapshotError {
     /// Written by a newer (or unknown) version of the proxy.
     #[error("persisted snapshot has unknown format {0}")]
     UnknownFormat(u32),
+    /// Not the envelope [`Snapshot::to_shared_anonymous`] writes (no hash, or not evaluated).
+    #[error("not a shared anonymous snapshot")]
+    NotShared,
     /// The envelope is fine but the flag data inside is not.
     #[error("persisted snapshot holds invalid flag data: {0}")]
     Data(#[from] ModelError),
@@ -337,14 +398,18 @@ pub enum SnapshotError {
 ///   "kind":"evaluated"|"rules","data":{...}}` where `data` is the wire JSON of the source.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct Persisted {
+struct Persisted<D, H> {
     format: u32,
     revision: Revision,
     cached_at: Timestamp,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     upstream_etag: Option<String>,
     kind: PersistedKind,
-    data: serde_json::Value,
+    /// The content hash, in [`Snapshot::to_shared_anonymous`]'s envelope only (ignored by
+    /// [`Snapshot::from_persisted`], which recomputes it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    hash: Option<H>,
+    data: D,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -555,6 +620,35 @@ mod tests {
         };
         assert!(flags.flags["a"]);
         assert!(!local.defaults().flags["a"]);
+    }
+
+    #[test]
+    fn shared_anonymous_snapshot_has_the_original_frames_and_ids() {
+        let rules = RulesPayload::from_json(
+            br#"{"flags":{"a":{"enabled":true,"rollout":100},"b":{"enabled":false},
+                "c":{"enabled":true,"rollout":0,"targetUsers":["u1"]}}}"#,
+        )
+        .unwrap();
+        let original = Snapshot::build(
+            Revision::new(7),
+            Timestamp::from_millis(42),
+            FlagSource::rules(&rules),
+        );
+        let shared = original.to_shared_anonymous();
+        assert!(shared.len() < original.to_persisted(None).len());
+        let copy = Snapshot::from_shared_anonymous(&shared).unwrap();
+        assert_eq!(copy.revision(), original.revision());
+        assert_eq!(copy.content_hash(), original.content_hash());
+        assert_eq!(copy.event_id(), original.event_id());
+        assert_eq!(copy.etag(), original.etag());
+        assert_eq!(copy.flags_frame(), original.flags_frame());
+        assert_eq!(copy.init_frame(), original.init_frame());
+        assert_eq!(copy.ofrep_frame(), original.ofrep_frame());
+        // It is not a persisted snapshot, nor is a persisted snapshot a shared one.
+        assert!(matches!(
+            Snapshot::from_shared_anonymous(&original.to_persisted(None)),
+            Err(SnapshotError::NotShared)
+        ));
     }
 
     #[test]

@@ -324,7 +324,7 @@ mod tests {
             panic!("per-user clients resolve their flags");
         };
         assert_eq!(context.id.as_deref(), Some("u1"));
-        let flags = s1.rules().unwrap().evaluate_all(&context);
+        let flags = s1.rules().unwrap().evaluate_all(&context).to_flags();
         let frame = sub.on_flags(&s1, &flags).unwrap();
         assert!(frame.starts_with(b"event: init\nid: 1-"));
         assert_eq!(sub.on_flags(&s2, &flags), None);

@@ -29,6 +29,8 @@ use worker::{
     Response, State, console_error, console_log, durable_object,
 };
 
+use wasm_bindgen::{JsCast, JsValue};
+
 use crate::config::EdgeConfig;
 use crate::fanout::{Outlet, js_bytes};
 use crate::http::{self, EVENT_ID_HEADER, Incoming, now};
@@ -51,6 +53,8 @@ pub struct Relay {
 
 struct Inner {
     state: State,
+    /// The runtime's storage object, for writes the bindings have no options for.
+    storage: Option<JsValue>,
     env: Env,
     core: RefCell<Core>,
 }
@@ -112,9 +116,12 @@ impl std::fmt::Debug for Relay {
 
 impl worker::DurableObject for Relay {
     fn new(state: State, env: Env) -> Self {
+        let raw = state._inner();
+        let storage = raw.storage().ok().map(JsValue::from);
         Self {
             inner: Rc::new(Inner {
-                state,
+                state: State::from(raw),
+                storage,
                 env,
                 core: RefCell::new(Core::default()),
             }),
@@ -240,7 +247,7 @@ fn drive(inner: &Rc<Inner>) {
                 let inner = Rc::clone(inner);
                 wasm_bindgen_futures::spawn_local(async move {
                     let text = String::from_utf8_lossy(&bytes).into_owned();
-                    if let Err(error) = inner.state.storage().put(SNAPSHOT_KEY, text).await {
+                    if let Err(error) = put_unconfirmed(&inner, SNAPSHOT_KEY, text).await {
                         console_error!("relay: persisting the snapshot failed: {error}");
                     }
                 });
@@ -256,8 +263,12 @@ fn drive(inner: &Rc<Inner>) {
         )
     };
     refresh::after_drive(inner);
+    // Re-armed only for an earlier deadline: the stream's idle deadline moves with every chunk
+    // received, and a `setAlarm` per chunk (hundreds for one large rules event) was a large
+    // share of a change's time. An alarm that fires before the deadline is harmless: core
+    // does what is due, and the drive after it arms the then-current deadline.
     if let Some(deadline) = deadline
-        && armed.is_none_or(|at| at != deadline.as_millis())
+        && armed.is_none_or(|at| deadline.as_millis() < at)
     {
         inner.core.borrow_mut().alarm_at = Some(deadline.as_millis());
         let offset = deadline.as_millis().saturating_sub(now().as_millis());
@@ -271,9 +282,30 @@ fn drive(inner: &Rc<Inner>) {
     }
 }
 
-/// The internal frame carrying a whole snapshot to the shards.
+/// Writes `value` under `key` with `allowUnconfirmed`: by default the runtime holds every
+/// message the object sends (here: the new snapshot's frames to the shards) until the write
+/// is on disk, which put the storage's write latency into every change's delivery. The
+/// persisted snapshot only speeds up a restart: one lost with the machine leaves an older
+/// one, which the shards refuse (revisions only move forward) until upstream's next.
+async fn put_unconfirmed(inner: &Inner, key: &str, value: String) -> worker::Result<()> {
+    let Some(storage) = &inner.storage else {
+        return inner.state.storage().put(key, value).await;
+    };
+    let options = js_sys::Object::new();
+    js_sys::Reflect::set(&options, &"allowUnconfirmed".into(), &JsValue::TRUE)?;
+    let put: js_sys::Function = js_sys::Reflect::get(storage, &"put".into())?.dyn_into()?;
+    let promise: js_sys::Promise = put
+        .call3(storage, &key.into(), &value.into(), &options)?
+        .dyn_into()?;
+    wasm_bindgen_futures::JsFuture::from(promise).await?;
+    Ok(())
+}
+
+/// The internal frame carrying a snapshot to the shards: its anonymous answer and content hash
+/// (a shard serves anonymous frames and asks the relay for per-user answers), so that a shard
+/// rebuilds it without parsing, compiling or hashing the rules.
 fn snapshot_frame(snapshot: &Snapshot) -> Bytes {
-    let persisted = snapshot.to_persisted(None);
+    let persisted = snapshot.to_shared_anonymous();
     let data = String::from_utf8_lossy(&persisted);
     let builder = Event::new();
     let builder = builder.clone().event(SNAPSHOT_EVENT).unwrap_or(builder);

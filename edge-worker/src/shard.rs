@@ -192,51 +192,66 @@ fn send_snapshot(inner: &Rc<Inner>, id: u64, snapshot: &Arc<Snapshot>) {
         let Some(client) = core.clients.iter_mut().find(|c| c.id == id) else {
             return;
         };
-        // The first request tracks the user at the relay (refreshed on upstream changes);
-        // later ones read the relay's cache: the relay's refresher fetches, under its budget.
-        let stream = if client.tracked_user.is_some() {
-            "cached"
-        } else {
-            client.tracked_user = client.subscriber.user_id().map(str::to_owned);
-            "open"
-        };
-        (
-            client.subscriber.on_snapshot(snapshot),
-            client.client_key.clone(),
-            stream,
-        )
+        let next = client.subscriber.on_snapshot(snapshot);
+        let stream = track(client, &next);
+        (next, client.client_key.clone(), stream)
     };
     match next {
         Next::Frame(frame) => send(inner, id, Shared::Yes(&frame)),
         Next::Nothing => {}
-        Next::Resolve(context) => {
-            let inner = Rc::clone(inner);
-            let snapshot = Arc::clone(snapshot);
-            wasm_bindgen_futures::spawn_local(async move {
-                match relay_flags(&inner, &context, client_key.as_deref(), stream).await {
-                    Ok(flags) => {
-                        let frame = {
-                            let mut core = inner.core.borrow_mut();
-                            // Only if no newer snapshot arrived meanwhile.
-                            let current = core
-                                .snapshot
-                                .as_ref()
-                                .is_some_and(|s| Arc::ptr_eq(s, &snapshot));
-                            core.clients
-                                .iter_mut()
-                                .find(|c| c.id == id)
-                                .filter(|_| current)
-                                .and_then(|c| c.subscriber.on_flags(&snapshot, &flags))
-                        };
-                        if let Some(frame) = frame {
-                            send(&inner, id, Shared::No(&frame));
-                        }
-                    }
-                    Err(error) => console_error!("shard: user flags unavailable: {error}"),
-                }
-            });
-        }
+        Next::Resolve(context) => resolve(inner, id, snapshot, context, client_key, stream),
     }
+}
+
+/// How a per-user client's flags request names it to the relay: the first one tracks the user
+/// (refreshed on upstream changes); later ones read the relay's cache, which the relay's
+/// refresher keeps current under its budget.
+fn track(client: &mut Client, next: &Next) -> &'static str {
+    if !matches!(next, Next::Resolve(_)) {
+        return "cached";
+    }
+    if client.tracked_user.is_some() {
+        "cached"
+    } else {
+        client.tracked_user = client.subscriber.user_id().map(str::to_owned);
+        "open"
+    }
+}
+
+/// Asks the relay for per-user client `id`'s flags and sends the frame core makes of them.
+fn resolve(
+    inner: &Rc<Inner>,
+    id: u64,
+    snapshot: &Arc<Snapshot>,
+    context: Context,
+    client_key: Option<String>,
+    stream: &'static str,
+) {
+    let inner = Rc::clone(inner);
+    let snapshot = Arc::clone(snapshot);
+    wasm_bindgen_futures::spawn_local(async move {
+        match relay_flags(&inner, &context, client_key.as_deref(), stream).await {
+            Ok(flags) => {
+                let frame = {
+                    let mut core = inner.core.borrow_mut();
+                    // Only if no newer snapshot arrived meanwhile.
+                    let current = core
+                        .snapshot
+                        .as_ref()
+                        .is_some_and(|s| Arc::ptr_eq(s, &snapshot));
+                    core.clients
+                        .iter_mut()
+                        .find(|c| c.id == id)
+                        .filter(|_| current)
+                        .and_then(|c| c.subscriber.on_flags(&snapshot, &flags))
+                };
+                if let Some(frame) = frame {
+                    send(&inner, id, Shared::No(&frame));
+                }
+            }
+            Err(error) => console_error!("shard: user flags unavailable: {error}"),
+        }
+    });
 }
 
 /// Whether a frame is the snapshot's own (one JS copy shared by every client) or a client's.
@@ -426,8 +441,8 @@ async fn follow_relay(inner: &Rc<Inner>) -> worker::Result<bool> {
             if event.event != SNAPSHOT_EVENT {
                 continue;
             }
-            match Snapshot::from_persisted(event.data.as_bytes()) {
-                Ok((snapshot, _)) => {
+            match Snapshot::from_shared_anonymous(event.data.as_bytes()) {
+                Ok(snapshot) => {
                     delivered = true;
                     publish(inner, Arc::new(snapshot));
                 }
@@ -442,8 +457,14 @@ async fn follow_relay(inner: &Rc<Inner>) -> worker::Result<bool> {
     Ok(delivered)
 }
 
+/// Hands every client what core's subscriber decides for a new `snapshot`, in one pass over
+/// the clients: the shared frame (one JS copy for all) to anonymous ones, a relay request per
+/// per-user one.
 fn publish(inner: &Rc<Inner>, snapshot: Arc<Snapshot>) {
-    let ids: Vec<u64> = {
+    let at = now().as_millis();
+    let mut closed = Vec::new();
+    let mut resolves = Vec::new();
+    {
         let mut core = inner.core.borrow_mut();
         if let Some(current) = core.snapshot.clone() {
             if snapshot.revision() < current.revision() {
@@ -465,12 +486,35 @@ fn publish(inner: &Rc<Inner>, snapshot: Arc<Snapshot>) {
         }
         // An equal revision with other content is taken: only upstream moves the relay's
         // content, so it is newer than what a relay that lost its last write had published.
+        let core = &mut *core;
         core.frames.clear();
         core.snapshot = Some(Arc::clone(&snapshot));
-        core.clients.iter().map(|c| c.id).collect()
-    };
-    for id in ids {
-        send_snapshot(inner, id, &snapshot);
+        let (frames, frames_sent) = (&mut core.frames, &mut core.frames_sent);
+        core.clients.retain_mut(|client| {
+            let next = client.subscriber.on_snapshot(&snapshot);
+            let stream = track(client, &next);
+            match next {
+                Next::Frame(frame) => {
+                    client.last_sent = at;
+                    if client.outlet.offer(&frames.get(&frame)) {
+                        frames_sent[client.subscriber.kind().index()] += 1;
+                        true
+                    } else {
+                        closed.extend(client.tracked_user.take());
+                        false
+                    }
+                }
+                Next::Nothing => true,
+                Next::Resolve(context) => {
+                    resolves.push((client.id, context, client.client_key.clone(), stream));
+                    true
+                }
+            }
+        });
+    }
+    report_closed(inner, closed);
+    for (id, context, client_key, stream) in resolves {
+        resolve(inner, id, &snapshot, context, client_key, stream);
     }
 }
 

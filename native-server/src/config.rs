@@ -72,7 +72,7 @@ pub const MAX_CONCURRENT_REQUESTS: Spec = Spec::new(
     "ROLLGATE_PROXY_MAX_CONCURRENT_REQUESTS",
     Some("4096"),
     Target::Native,
-    "Requests handled at once before new ones are shed with 503 OVERLOADED and a jittered Retry-After (probes, health and metrics never are; open SSE streams do not count); 0 disables",
+    "Requests handled at once by the process (all environments together) before new ones are shed with 503 OVERLOADED and a jittered Retry-After (probes, health and metrics never are; open SSE streams do not count); 0 disables",
 );
 /// Events flush interval.
 pub const EVENTS_FLUSH_INTERVAL: Spec = Spec::new(

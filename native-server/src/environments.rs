@@ -2,12 +2,19 @@
 //!
 //! Each environment is what one process used to be ([`crate::start`]: its upstream driver and
 //! single stream, snapshot file, breaker, per-user cache, outbox), cancelled through its own
-//! child token. A reload starts what core's diff says was added or restarted, swaps the router
-//! and the list in one step, then stops what was removed: clients of an unchanged or re-keyed
-//! environment keep their connection, since its state is the same `Arc`.
+//! child token. What is per process: the overload bound (one requests-in-flight counter shared
+//! by every environment's state) and the counts of requests answered before routing (their own
+//! [`Metrics`], labelled [`UNROUTED_ENVIRONMENT`]).
+//!
+//! A reload starts what core's diff says was added, stops each restarted environment (server
+//! key or base URL changed) and waits for its tasks (its upstream stream closed, its last
+//! snapshot write done) before starting its successor, swaps the router and the list in one
+//! step, then stops what was removed: there is never more than one upstream stream or snapshot
+//! writer per environment. Clients of an unchanged or re-keyed (client keys only) environment
+//! keep their connection, since its state is the same `Arc`.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -18,13 +25,15 @@ use bytes::Bytes;
 use http::{HeaderName, Method, Uri, header};
 use rollgate_proxy_core::api::{self, ApiError, ApiResponse, ClientKeys, Route};
 use rollgate_proxy_core::environments::{
-    EnvironmentConfig, Environments, EnvironmentsDiff, KeyRouter, diff, merge_metrics,
+    EnvironmentConfig, Environments, EnvironmentsDiff, KeyRouter, UNROUTED_ENVIRONMENT, diff,
+    merge_metrics,
 };
+use rollgate_proxy_core::metrics::Metrics;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Mode, Settings};
-use crate::routes::{Admission, from_api, handle_in, health_of, metrics_of};
+use crate::routes::{Admission, from_api, handle_counted, handle_in, health_of, metrics_of};
 use crate::runtime::{lock, now, random_u64};
 use crate::state::App;
 use crate::{StartError, Started};
@@ -44,6 +53,8 @@ pub struct Generation {
     /// One state per environment, in [`Environments::list`] order.
     pub apps: Vec<Arc<App>>,
     tokens: Vec<CancellationToken>,
+    /// Which start each state is (its tasks in [`Fleet::tasks`] carry the same id).
+    ids: Vec<u64>,
 }
 
 /// Every environment of the process and the file they come from.
@@ -53,7 +64,15 @@ pub struct Fleet {
     pub settings: Settings,
     current: RwLock<Arc<Generation>>,
     shutdown: CancellationToken,
-    tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Background tasks of every environment started, by start id.
+    tasks: Mutex<Vec<(u64, JoinHandle<()>)>>,
+    /// The next start id.
+    next_id: AtomicU64,
+    /// Requests being handled now, by every environment: `--max-concurrent-requests` bounds
+    /// the process.
+    pub in_flight: Arc<AtomicUsize>,
+    /// Requests answered before routing (see [`UNROUTED_ENVIRONMENT`]).
+    pub unrouted: Metrics,
     /// Reloads applied.
     pub reloads: AtomicU64,
     /// Reloads refused (the old configuration kept).
@@ -92,11 +111,12 @@ fn snapshot_path(base: &Path, name: &str) -> PathBuf {
     base.with_file_name(file)
 }
 
-/// Starts one environment under a child of `shutdown`.
+/// Starts one environment under a child of `shutdown`, sharing the `in_flight` counter.
 fn start_one(
     base: &Settings,
     env: &EnvironmentConfig,
     shutdown: &CancellationToken,
+    in_flight: &Arc<AtomicUsize>,
 ) -> Result<(Started, CancellationToken), StartError> {
     let mut settings = base.clone();
     settings.core = env.settings(&base.core);
@@ -115,7 +135,7 @@ fn start_one(
         .as_deref()
         .map(|path| snapshot_path(path, &env.name));
     let token = shutdown.child_token();
-    let started = crate::start(settings, token.clone())?;
+    let started = crate::start_sharing(settings, token.clone(), Arc::clone(in_flight))?;
     tracing::info!(environment = %env.name, "environment started");
     Ok((started, token))
 }
@@ -130,15 +150,18 @@ impl Fleet {
         environments: Environments,
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, StartError> {
+        let in_flight: Arc<AtomicUsize> = Arc::default();
         let mut apps = Vec::new();
         let mut tokens = Vec::new();
+        let mut ids = Vec::new();
         let mut tasks = Vec::new();
-        for env in environments.list() {
-            match start_one(&settings, env, &shutdown) {
+        for (id, env) in (0u64..).zip(environments.list()) {
+            match start_one(&settings, env, &shutdown, &in_flight) {
                 Ok((started, token)) => {
                     apps.push(started.app);
-                    tasks.extend(started.tasks);
+                    tasks.extend(started.tasks.into_iter().map(|task| (id, task)));
                     tokens.push(token);
+                    ids.push(id);
                 }
                 Err(error) => {
                     tokens.iter().for_each(CancellationToken::cancel);
@@ -146,17 +169,22 @@ impl Fleet {
                 }
             }
         }
+        let started = ids.len() as u64;
         let generation = Generation {
             router: KeyRouter::new(&environments),
             environments,
             apps,
             tokens,
+            ids,
         };
         Ok(Arc::new(Self {
             settings,
             current: RwLock::new(Arc::new(generation)),
             shutdown,
             tasks: Mutex::new(tasks),
+            next_id: AtomicU64::new(started),
+            in_flight,
+            unrouted: Metrics::new(),
             reloads: AtomicU64::new(0),
             reload_errors: AtomicU64::new(0),
         }))
@@ -167,71 +195,135 @@ impl Fleet {
         Arc::clone(&self.current.read().unwrap_or_else(|e| e.into_inner()))
     }
 
-    /// Applies `new`: starts added and restarted environments, swaps, stops removed ones.
+    /// Starts `env` under a new start id, its tasks recorded under that id.
+    fn start_env(
+        &self,
+        env: &EnvironmentConfig,
+    ) -> Result<(Arc<App>, CancellationToken, u64), String> {
+        let (started, token) = start_one(&self.settings, env, &self.shutdown, &self.in_flight)
+            .map_err(|error| format!("environment {}: {error}", env.name))?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut all = lock(&self.tasks);
+            all.retain(|(_, task)| !task.is_finished());
+            all.extend(started.tasks.into_iter().map(|task| (id, task)));
+        }
+        Ok((started.app, token, id))
+    }
+
+    /// Stops the environment started as `id`: cancels it and waits (at most the shutdown
+    /// timeout) until its tasks are done, its upstream stream closed and its snapshot file
+    /// written for the last time.
+    async fn stop_env(&self, name: &str, token: &CancellationToken, id: u64) {
+        token.cancel();
+        let tasks: Vec<JoinHandle<()>> = {
+            let mut all = lock(&self.tasks);
+            let (mine, others) = std::mem::take(&mut *all)
+                .into_iter()
+                .partition(|(task_id, _)| *task_id == id);
+            *all = others;
+            mine.into_iter().map(|(_, task)| task).collect()
+        };
+        let done = futures_util::future::join_all(tasks);
+        if tokio::time::timeout(self.settings.shutdown_timeout, done)
+            .await
+            .is_err()
+        {
+            tracing::warn!(environment = %name, "environment did not stop in time");
+        }
+        tracing::info!(environment = %name, "environment stopped");
+    }
+
+    /// Applies `new`: starts added environments, then replaces each restarted one (the old
+    /// stopped before the new starts), swaps, and stops removed ones.
     ///
     /// # Errors
-    /// When an environment cannot start; the old configuration keeps running.
-    pub fn apply(&self, new: Environments) -> Result<EnvironmentsDiff, String> {
+    /// When an added environment cannot start (the old configuration keeps running), or a
+    /// restarted one cannot (it keeps its previous state, stopped, until the next reload
+    /// changes it: the HTTP client's setup, the only start error of an upstream environment,
+    /// already passed when it first started).
+    pub async fn apply(&self, new: Environments) -> Result<EnvironmentsDiff, String> {
         let old = self.current();
         let changes = diff(&old.environments, &new);
         if changes.is_empty() {
             return Ok(changes);
         }
-        let mut apps = Vec::new();
-        let mut tokens = Vec::new();
-        let mut fresh = Vec::new();
-        let mut tasks = Vec::new();
+        let position = |name: &str| old.environments.list().iter().position(|e| e.name == name);
+        // Added environments first: a failure there leaves everything as it was.
+        let mut added = Vec::new();
         for env in new.list() {
-            let kept = old
-                .environments
-                .list()
-                .iter()
-                .position(|e| e.name == env.name)
-                .filter(|_| !changes.restarted.contains(&env.name));
-            match kept {
-                Some(i) => {
-                    apps.push(Arc::clone(&old.apps[i]));
-                    tokens.push(old.tokens[i].clone());
-                }
-                None => match start_one(&self.settings, env, &self.shutdown) {
-                    Ok((started, token)) => {
-                        apps.push(started.app);
-                        tasks.extend(started.tasks);
-                        fresh.push(token.clone());
-                        tokens.push(token);
-                    }
+            if position(&env.name).is_none() {
+                match self.start_env(env) {
+                    Ok(started) => added.push((env.name.clone(), started)),
                     Err(error) => {
-                        fresh.iter().for_each(CancellationToken::cancel);
-                        return Err(format!("environment {}: {error}", env.name));
+                        for (name, (_, token, id)) in &added {
+                            self.stop_env(name, token, *id).await;
+                        }
+                        return Err(error);
                     }
-                },
+                }
             }
+        }
+        let mut slots = Vec::new();
+        let mut failed = None;
+        for env in new.list() {
+            let slot = match position(&env.name) {
+                None => {
+                    let index = added.iter().position(|(name, _)| *name == env.name);
+                    match index.map(|i| added[i].1.clone()) {
+                        Some(started) => started,
+                        None => continue,
+                    }
+                }
+                Some(i) if changes.restarted.contains(&env.name) => {
+                    // One upstream stream and one snapshot writer per environment: the old
+                    // one is gone before its successor starts (it serves its last data to
+                    // requests meanwhile; its streams end and their clients reconnect).
+                    self.stop_env(&env.name, &old.tokens[i], old.ids[i]).await;
+                    match self.start_env(env) {
+                        Ok(started) => started,
+                        Err(error) => {
+                            failed.get_or_insert(error);
+                            (Arc::clone(&old.apps[i]), old.tokens[i].clone(), old.ids[i])
+                        }
+                    }
+                }
+                Some(i) => (Arc::clone(&old.apps[i]), old.tokens[i].clone(), old.ids[i]),
+            };
+            slots.push(slot);
+        }
+        let (mut apps, mut tokens, mut ids) = (Vec::new(), Vec::new(), Vec::new());
+        for (app, token, id) in slots {
+            apps.push(app);
+            tokens.push(token);
+            ids.push(id);
         }
         let generation = Arc::new(Generation {
             router: KeyRouter::new(&new),
             environments: new,
             apps,
             tokens,
+            ids,
         });
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = generation;
-        {
-            let mut all = lock(&self.tasks);
-            all.retain(|task| !task.is_finished());
-            all.extend(tasks);
-        }
         for (i, env) in old.environments.list().iter().enumerate() {
-            if changes.removed.contains(&env.name) || changes.restarted.contains(&env.name) {
-                old.tokens[i].cancel();
-                tracing::info!(environment = %env.name, "environment stopped");
+            if changes.removed.contains(&env.name) {
+                self.stop_env(&env.name, &old.tokens[i], old.ids[i]).await;
             }
         }
-        Ok(changes)
+        match failed {
+            Some(error) => Err(error),
+            None => Ok(changes),
+        }
     }
 
     /// Reads `path` and applies it; a bad file keeps the old configuration, is logged and
     /// counted.
-    pub fn reload(&self, path: &Path) {
-        let result = read(path).and_then(|(_, environments)| self.apply(environments));
+    pub async fn reload(&self, path: &Path) {
+        let result = match read(path) {
+            Ok((_, environments)) => self.apply(environments).await,
+            Err(error) => Err(error),
+        };
         self.record(result);
     }
 
@@ -279,7 +371,7 @@ impl Fleet {
                     if let Ok(text) = std::fs::read_to_string(&path) {
                         last = text;
                     }
-                    self.reload(&path);
+                    self.reload(&path).await;
                 }
                 () = tokio::time::sleep(WATCH_INTERVAL) => {
                     // An unreadable file is reported once it changes (or on SIGHUP), not
@@ -287,7 +379,7 @@ impl Fleet {
                     let Ok(text) = std::fs::read_to_string(&path) else { continue };
                     if text != last {
                         last = text;
-                        self.reload(&path);
+                        self.reload(&path).await;
                     }
                 }
             }
@@ -297,6 +389,9 @@ impl Fleet {
     /// The background tasks of every environment ever started (for the shutdown flush).
     pub fn take_tasks(&self) -> Vec<JoinHandle<()>> {
         std::mem::take(&mut *lock(&self.tasks))
+            .into_iter()
+            .map(|(_, task)| task)
+            .collect()
     }
 }
 
@@ -313,8 +408,11 @@ async fn handle(State(fleet): State<Arc<Fleet>>, mut request: Request) -> Respon
     let Some(first) = generation.apps.first() else {
         return from_api(ApiError::not_ready().into());
     };
+    // Requests answered before routing are the process's, counted apart from any
+    // environment's; `first` only lends its (shared) limits and CORS policy.
+    let unrouted = &fleet.unrouted;
     if request.method() == Method::OPTIONS {
-        return handle_in(first, request, Admission::Core).await;
+        return handle_counted(first, request, Admission::Core, unrouted).await;
     }
     let path = request.uri().path().to_owned();
     let (bare, named) = match KeyRouter::split_path(&path) {
@@ -323,7 +421,7 @@ async fn handle(State(fleet): State<Arc<Fleet>>, mut request: Request) -> Respon
     };
     if named.is_some_and(|name| !generation.router.names().iter().any(|n| n == name)) {
         let error = ApiError::not_found(&path);
-        return handle_in(first, request, Admission::Rejected(error)).await;
+        return handle_counted(first, request, Admission::Rejected(error), unrouted).await;
     }
     match Route::parse(request.method().as_str(), &bare) {
         Ok(route) if !route.needs_client_key() => {
@@ -340,11 +438,11 @@ async fn handle(State(fleet): State<Arc<Fleet>>, mut request: Request) -> Respon
                 // Live, the demo page and its files: the same everywhere.
                 None => Admission::Core,
             };
-            // Counted once, under the first environment, with CORS and the request id.
-            handle_in(first, request, admission).await
+            // Counted once, as the process's, with CORS and the request id.
+            handle_counted(first, request, admission, unrouted).await
         }
         // Not a route (404, 405, 400): any environment answers the same.
-        Err(_) => handle_in(first, request, Admission::Core).await,
+        Err(_) => handle_counted(first, request, Admission::Core, unrouted).await,
         Ok(_) => {
             let headers = request.headers();
             let text = |name: &HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
@@ -366,7 +464,9 @@ async fn handle(State(fleet): State<Arc<Fleet>>, mut request: Request) -> Respon
                     handle_in(app, request, Admission::Routed(routed.key)).await
                 }
                 // Counted (and given CORS headers) like any refused request.
-                Err(error) => handle_in(first, request, Admission::Rejected(error)).await,
+                Err(error) => {
+                    handle_counted(first, request, Admission::Rejected(error), unrouted).await
+                }
             }
         }
     }
@@ -423,7 +523,8 @@ fn health(generation: &Generation) -> ApiResponse {
     ApiResponse::json(Bytes::from(body.to_string()))
 }
 
-/// Every environment's metrics, each sample labelled `environment`, and the reload counters.
+/// Every environment's metrics, each sample labelled `environment`; the requests answered
+/// before routing under [`UNROUTED_ENVIRONMENT`]; the reload counters.
 fn metrics(fleet: &Fleet, generation: &Generation) -> ApiResponse {
     let rendered: Vec<(String, ApiResponse)> = generation
         .environments
@@ -432,10 +533,12 @@ fn metrics(fleet: &Fleet, generation: &Generation) -> ApiResponse {
         .zip(&generation.apps)
         .map(|(env, app)| (env.name.clone(), metrics_of(app)))
         .collect();
+    let unrouted = fleet.unrouted.render_requests();
     let mut text = merge_metrics(
         rendered
             .iter()
-            .map(|(name, r)| (name.as_str(), std::str::from_utf8(&r.body).unwrap_or(""))),
+            .map(|(name, r)| (name.as_str(), std::str::from_utf8(&r.body).unwrap_or("")))
+            .chain([(UNROUTED_ENVIRONMENT, unrouted.as_str())]),
     );
     text.push_str(&format!(
         "# HELP rollgate_proxy_environments Environments configured.\n\

@@ -28,6 +28,7 @@ mod tests;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
 use rollgate_proxy_core::upstream::Upstream;
@@ -72,15 +73,30 @@ pub struct Started {
 /// # Errors
 /// [`StartError`] when the flags file (local mode) or the HTTP client cannot be used.
 pub fn start(settings: Settings, shutdown: CancellationToken) -> Result<Started, StartError> {
+    start_sharing(settings, shutdown, Arc::default())
+}
+
+/// [`start`] with the requests-in-flight counter `in_flight` shared with other states (the
+/// environments of one process), so the overload bound holds for the process.
+///
+/// # Errors
+/// [`StartError`] when the flags file (local mode) or the HTTP client cannot be used.
+pub fn start_sharing(
+    settings: Settings,
+    shutdown: CancellationToken,
+    in_flight: Arc<AtomicUsize>,
+) -> Result<Started, StartError> {
     let mut tasks = Vec::new();
     match settings.mode.clone() {
         Mode::Local { flags_file } => {
             let status = Arc::new(LocalStatus::default());
-            let app = Arc::new(App::new(
+            let mut app = App::new(
                 settings,
                 Source::Local(Arc::clone(&status)),
                 shutdown.clone(),
-            ));
+            );
+            app.in_flight = in_flight;
+            let app = Arc::new(app);
             let source = LocalSource::start(flags_file, app.snapshots.clone(), status)?;
             tasks.push(tokio::spawn(source.watch(shutdown)));
             Ok(Started { app, tasks })
@@ -112,11 +128,13 @@ pub fn start(settings: Settings, shutdown: CancellationToken) -> Result<Started,
                 events: settings.events_flush_interval,
                 telemetry: settings.telemetry_flush_interval,
             };
-            let app = Arc::new(App::new(
+            let mut app = App::new(
                 settings,
                 Source::Upstream(Arc::clone(&upstream)),
                 shutdown.clone(),
-            ));
+            );
+            app.in_flight = in_flight;
+            let app = Arc::new(app);
             tasks.push(tokio::spawn(driver::run(
                 Arc::clone(&upstream),
                 app.snapshots.clone(),

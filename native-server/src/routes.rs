@@ -18,7 +18,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use rollgate_proxy_core::api::{ApiError, ApiResponse, is_usable_request_id};
 use rollgate_proxy_core::cors::{CorsPolicy, CorsValue, EXPOSE_HEADERS, PREFLIGHT_STATUS};
 use rollgate_proxy_core::downstream::{self, Admitted, Answer, Forward, MetricsExtra};
-use rollgate_proxy_core::metrics::SideRequest;
+use rollgate_proxy_core::metrics::{Metrics, SideRequest};
 use tracing::Instrument;
 
 use crate::forward;
@@ -61,6 +61,17 @@ pub(crate) enum Admission {
 
 /// One request for `app`'s environment, its client key checked as `admission` says.
 pub(crate) async fn handle_in(app: &Arc<App>, request: Request, admission: Admission) -> Response {
+    handle_counted(app, request, admission, &app.downstream.metrics).await
+}
+
+/// [`handle_in`], the request counted in `counted` (the process's unrouted requests, when no
+/// environment is the one it was for).
+pub(crate) async fn handle_counted(
+    app: &Arc<App>,
+    request: Request,
+    admission: Admission,
+    counted: &Metrics,
+) -> Response {
     let started = Instant::now();
     let (admission, answered) = match admission {
         Admission::Answered(response) => (Admission::Routed(None), Some(response)),
@@ -150,9 +161,7 @@ pub(crate) async fn handle_in(app: &Arc<App>, request: Request, admission: Admis
     response
         .headers_mut()
         .insert(X_REQUEST_ID.clone(), request_id);
-    app.downstream
-        .metrics
-        .request(label, response.status().as_u16(), Some(started.elapsed()));
+    counted.request(label, response.status().as_u16(), Some(started.elapsed()));
     response
 }
 

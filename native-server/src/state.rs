@@ -60,8 +60,10 @@ pub struct App {
     pub user_streams: crate::refresh::UserStreams,
     /// Sequence for generated request ids.
     pub request_seq: AtomicU64,
-    /// Requests being handled now (for overload shedding).
-    pub in_flight: AtomicUsize,
+    /// Requests being handled now, for overload shedding: process-wide, since every
+    /// environment's state of one process shares it (`--max-concurrent-requests` bounds the
+    /// process, not each environment).
+    pub in_flight: Arc<AtomicUsize>,
 }
 
 impl App {
@@ -79,7 +81,7 @@ impl App {
             identifies: Arc::default(),
             user_streams: crate::refresh::UserStreams::default(),
             request_seq: AtomicU64::new(0),
-            in_flight: AtomicUsize::new(0),
+            in_flight: Arc::default(),
         }
     }
 

@@ -734,3 +734,198 @@ async fn overload_sheds_data_routes_with_a_jittered_retry_after_but_never_probes
             .contains("rollgate_proxy_shed_total 1\n")
     );
 }
+
+mod fleet {
+    //! Several environments in one process: what is per process, not per environment.
+
+    use std::io::Write;
+    use std::sync::atomic::Ordering;
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    use rollgate_proxy_core::environments::Environments;
+    use tokio_util::sync::CancellationToken;
+    use tower::ServiceExt;
+
+    use super::{RULES, get, settings, snapshot};
+    use crate::environments::{Fleet, router};
+
+    /// A base URL nothing listens on: the environments never get data from it.
+    const NOWHERE: &str = "http://127.0.0.1:9";
+
+    fn environments(text: &str) -> Environments {
+        Environments::from_toml(text, |_| None).unwrap()
+    }
+
+    fn table(name: &str, server_key: &str, client_key: &str) -> String {
+        format!(
+            "[environments.{name}]\nserver_key = \"{server_key}\"\nbase_url = \"{NOWHERE}\"\n\
+             client_keys = [\"{client_key}\"]\n"
+        )
+    }
+
+    fn fleet(args: &[&str], text: &str) -> (Arc<Fleet>, CancellationToken) {
+        let mut argv = vec!["--snapshot-file", ""];
+        argv.extend_from_slice(args);
+        let shutdown = CancellationToken::new();
+        let fleet = Fleet::start(settings(&argv), environments(text), shutdown.clone()).unwrap();
+        // Data for every environment (their upstream is nowhere).
+        for app in &fleet.current().apps {
+            app.snapshots.send_replace(Some(snapshot(RULES)));
+        }
+        (fleet, shutdown)
+    }
+
+    async fn call(fleet: &Arc<Fleet>, uri: &str, key: Option<&str>) -> (u16, String) {
+        let mut request = get(uri);
+        if let Some(key) = key {
+            request
+                .headers_mut()
+                .insert("x-api-key", key.parse().unwrap());
+        }
+        let response = router(Arc::clone(fleet)).oneshot(request).await.unwrap();
+        let status = response.status().as_u16();
+        let body = http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        (status, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn the_overload_bound_is_per_process_not_per_environment() {
+        let text =
+            table("one", "rg_server_one", "ck-one") + &table("two", "rg_server_two", "ck-two");
+        let (fleet, shutdown) = fleet(&["--max-concurrent-requests", "1"], &text);
+        assert_eq!(call(&fleet, "/api/flags", Some("ck-two")).await.0, 200);
+        // One request in flight in environment `one`: a request to `two` is over the bound.
+        let apps = fleet.current().apps.clone();
+        apps[0].in_flight.fetch_add(1, Ordering::Relaxed);
+        let (status, body) = call(&fleet, "/api/flags", Some("ck-two")).await;
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("OVERLOADED"), "{body}");
+        apps[0].in_flight.fetch_sub(1, Ordering::Relaxed);
+        assert_eq!(call(&fleet, "/api/flags", Some("ck-two")).await.0, 200);
+        // The shed request is counted in the environment it was routed to.
+        let metrics = call(&fleet, "/api/metrics", None).await.1;
+        assert!(
+            metrics.contains("rollgate_proxy_shed_total{environment=\"two\"} 1\n"),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains("rollgate_proxy_shed_total{environment=\"one\"} 0\n"),
+            "{metrics}"
+        );
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn requests_refused_before_routing_are_not_counted_under_an_environment() {
+        let text =
+            table("one", "rg_server_one", "ck-one") + &table("two", "rg_server_two", "ck-two");
+        let (fleet, shutdown) = fleet(&[], &text);
+        assert_eq!(call(&fleet, "/api/flags", Some("ck-nobody")).await.0, 401);
+        assert_eq!(call(&fleet, "/api/flags", None).await.0, 401);
+        assert_eq!(
+            call(&fleet, "/env/nope/api/flags", Some("ck-one")).await.0,
+            404
+        );
+        assert_eq!(call(&fleet, "/api/health", None).await.0, 200);
+        assert_eq!(call(&fleet, "/api/flags", Some("ck-two")).await.0, 200);
+        let metrics = call(&fleet, "/api/metrics", None).await.1;
+        let requests = |env: &str| -> Vec<&str> {
+            let prefix = format!("rollgate_proxy_http_requests_total{{environment=\"{env}\",");
+            metrics.lines().filter(|l| l.starts_with(&prefix)).collect()
+        };
+        assert_eq!(requests("one"), Vec::<&str>::new(), "{metrics}");
+        assert_eq!(
+            requests("two"),
+            [
+                "rollgate_proxy_http_requests_total{environment=\"two\",route=\"/api/flags\",status=\"200\"} 1"
+            ],
+            "{metrics}"
+        );
+        assert_eq!(
+            requests(""),
+            [
+                "rollgate_proxy_http_requests_total{environment=\"\",route=\"/api/health\",status=\"200\"} 1",
+                "rollgate_proxy_http_requests_total{environment=\"\",route=\"unmatched\",status=\"401\"} 2",
+                "rollgate_proxy_http_requests_total{environment=\"\",route=\"unmatched\",status=\"404\"} 1",
+            ],
+            "{metrics}"
+        );
+        // One HELP and TYPE per family, whoever the samples are from.
+        assert_eq!(
+            metrics
+                .matches("# TYPE rollgate_proxy_http_requests_total counter")
+                .count(),
+            1
+        );
+        shutdown.cancel();
+    }
+
+    /// Everything logged while it runs, on this thread (a current-thread runtime's tasks too).
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn keys_are_never_logged_through_start_requests_and_reloads() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_writer(move || writer.clone())
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+
+        let text = table("one", "rg_server_SECRET1", "ck_SECRET2")
+            + &table("two", "rg_server_SECRET3", "ck_SECRET4");
+        let (fleet, shutdown) = fleet(&[], &text);
+        call(&fleet, "/api/flags", Some("ck_SECRET2")).await;
+        call(&fleet, "/api/flags", Some("ck_SECRET5")).await;
+        call(&fleet, "/api/flags?token=ck_SECRET4", None).await;
+        // A reload: `one`'s server key changed (a restart), `two`'s client key rotated, `three`
+        // added; then a file that does not parse, a key on the broken line.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("environments.toml");
+        let text = table("one", "rg_server_SECRET6", "ck_SECRET2")
+            + &table("two", "rg_server_SECRET3", "ck_SECRET7")
+            + &table("three", "rg_server_SECRET8", "ck_SECRET9");
+        std::fs::write(&path, text).unwrap();
+        fleet.reload(&path).await;
+        assert_eq!(fleet.reloads.load(Ordering::Relaxed), 1);
+        std::fs::write(
+            &path,
+            "[environments.one]\nclient_keys = [\"ck_SECRET10\" oops\n",
+        )
+        .unwrap();
+        fleet.reload(&path).await;
+        assert_eq!(fleet.reload_errors.load(Ordering::Relaxed), 1);
+        // Every environment's upstream failed at least once (and logged why).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for app in &fleet.current().apps {
+            while app.upstream().unwrap().status().last_error.is_none() {
+                assert!(Instant::now() < deadline, "no upstream attempt");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        shutdown.cancel();
+        for task in fleet.take_tasks() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        }
+        let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        assert!(logs.contains("environments reloaded"), "{logs}");
+        assert!(logs.contains("environments not reloaded"), "{logs}");
+        assert!(!logs.contains("SECRET"), "a key was logged:\n{logs}");
+    }
+}

@@ -372,4 +372,36 @@ async fn three_environments_route_by_key_fail_alone_and_reload() {
         wait_status(&proxy, &client_key("alpha"), 401).await.status,
         401
     );
+
+    // Beta's server key changes (a restart of the environment): its old upstream stream is
+    // closed before the new one opens, so Rollgate never sees two, and exactly one stays open.
+    let beta_server_new = "rg_server_beta-rekeyed-e2e";
+    ups[1].mock.set_api_key(beta_server_new);
+    let mut text = table(&ups[0], "[\"ck-alpha-hup-3b7a\"]");
+    text.push_str(&format!(
+        "[environments.beta]\nserver_key = \"{beta_server_new}\"\nbase_url = \"{}\"\n\
+         client_keys = [\"{beta_new}\"]\n\n",
+        ups[1].mock.base_url()
+    ));
+    text.push_str(&table(&delta, &format!("[\"{}\"]", client_key("delta"))));
+    write(&config, &text);
+    let stats = ups[1]
+        .mock
+        .wait_until(Duration::from_secs(20), |stats| {
+            stats.streams_accepted >= 2 && stats.open_streams == 1
+        })
+        .await
+        .expect("the re-keyed environment opens its new stream");
+    assert_eq!(
+        stats.peak_open_streams, 1,
+        "two streams overlapped: {stats:?}"
+    );
+    ups[1].mock.set_flag("after-rekey-beta", true);
+    wait_flag(&proxy, beta_new, "after-rekey-beta").await;
+    let stats = ups[1].mock.stats();
+    assert_eq!(
+        (stats.open_streams, stats.peak_open_streams),
+        (1, 1),
+        "{stats:?}"
+    );
 }

@@ -905,8 +905,9 @@ mod edge {
                 .context("writing the env file")?;
             file.write_all(secrets(&config).as_bytes())?;
         }
+        let project = isolated_project(root, dir.path())?;
         let mut command = Command::new(&wrangler);
-        command.current_dir(root).args([
+        command.current_dir(&project).args([
             "dev",
             "-c",
             "wrangler.nobuild.toml",
@@ -1008,6 +1009,46 @@ mod edge {
             }
         }
     }
+}
+
+/// A private copy of the built Worker and its wrangler config in the instance directory, made
+/// once per instance (restarts reuse it), from which `wrangler dev` runs.
+///
+/// `wrangler dev` watches its bundle's files and config and reloads the Worker when any changes,
+/// which resets every Durable Object (state, streams, timers): a rebuild, a checkout or anything
+/// else touching `edge-worker/build/` or `wrangler.nobuild.toml` during a run would break the
+/// scenarios running then (seen as streams cut and a relay that forgot its `Retry-After`). A copy
+/// nothing else writes to cannot change under a running scenario; wrangler's own `.wrangler/`
+/// scratch files land in the instance directory too, not in the repository.
+fn isolated_project(root: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
+    let project = dir.join("project");
+    let build = project.join("edge-worker/build");
+    if build.join("index.js").is_file() {
+        return Ok(project);
+    }
+    copy_tree(&root.join("edge-worker/build"), &build)
+        .context("copying edge-worker/build for wrangler dev")?;
+    std::fs::copy(
+        root.join("wrangler.nobuild.toml"),
+        project.join("wrangler.nobuild.toml"),
+    )
+    .context("copying wrangler.nobuild.toml")?;
+    Ok(project)
+}
+
+/// Copies the files under `from` into `to` (created), recursively.
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
 }
 
 /// Prepares `kind` once, before any scenario's clock starts: builds the native binary (the

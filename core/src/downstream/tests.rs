@@ -505,7 +505,7 @@ fn rules_mode_answers_are_rendered_once_per_revision_and_context() {
     assert_eq!((stats.hits, stats.misses), (1, 1));
     // The body is the evaluation's, exactly as before the cache.
     let context = api::context_from_query(query).unwrap();
-    let flags = snapshot.rules().unwrap().evaluate_all(&context);
+    let flags = snapshot.rules().unwrap().evaluate_all(&context).to_flags();
     assert_eq!(
         first.body,
         crate::render::flags_body(&flags, snapshot.cached_at())

@@ -54,6 +54,9 @@ pub(super) struct Attributes<'a> {
     /// not once per condition. Slots past the custom ones: `id`, then `email`. Empty: no
     /// caching.
     lowered: Vec<Option<Cow<'a, str>>>,
+    /// Condition memo slot → its outcome once matched: a condition repeated across flags (the
+    /// same attribute, operator and value) is matched once per context. Empty: no caching.
+    outcomes: Vec<Option<Outcome>>,
 }
 
 impl<'a> Attributes<'a> {
@@ -63,15 +66,18 @@ impl<'a> Attributes<'a> {
             context,
             cache: Vec::new(),
             lowered: Vec::new(),
+            outcomes: Vec::new(),
         }
     }
 
-    /// Lookups cached in `slots` slots (the number of distinct names compiled).
-    pub(super) fn cached(context: &'a Context, slots: usize) -> Self {
+    /// Lookups cached in `slots` slots (the number of distinct names compiled), and outcomes
+    /// in `conditions` slots (the number of distinct conditions compiled).
+    pub(super) fn cached(context: &'a Context, slots: usize, conditions: usize) -> Self {
         Self {
             context,
             cache: vec![None; slots],
             lowered: vec![None; slots + 2],
+            outcomes: vec![None; conditions],
         }
     }
 
@@ -222,6 +228,9 @@ enum Op {
 pub(super) struct CompiledCondition {
     attribute: Attribute,
     op: Op,
+    /// The memo slot shared by every identical condition of the rules (see
+    /// [`Attributes::cached`]).
+    memo: usize,
 }
 
 impl CompiledCondition {
@@ -277,7 +286,29 @@ impl CompiledCondition {
             "semver_eq" => Op::Semver(SemverOp::Eq, parse_version(value)),
             _ => Op::Unknown,
         };
-        Self { attribute, op }
+        Self {
+            attribute,
+            op,
+            memo: 0,
+        }
+    }
+
+    /// Gives the condition the memo slot of its identical twins.
+    pub(super) const fn with_memo(mut self, memo: usize) -> Self {
+        self.memo = memo;
+        self
+    }
+
+    /// [`Self::matches`], remembered per context in the condition's memo slot when caching.
+    pub(super) fn matches_memo(&self, attributes: &mut Attributes<'_>) -> Outcome {
+        if let Some(Some(outcome)) = attributes.outcomes.get(self.memo) {
+            return *outcome;
+        }
+        let outcome = self.matches(attributes);
+        if let Some(slot) = attributes.outcomes.get_mut(self.memo) {
+            *slot = Some(outcome);
+        }
+        outcome
     }
 
     /// Matches the condition against the context `attributes` reads.
@@ -449,9 +480,18 @@ mod tests {
     /// Matches once without and once with the attribute cache; both must agree.
     fn matches(condition: &CompiledCondition, context: &Context) -> Outcome {
         let direct = condition.matches(&mut Attributes::new(context));
-        let mut cached = Attributes::cached(context, 1);
-        assert_eq!(condition.matches(&mut cached), direct);
-        assert_eq!(condition.matches(&mut cached), direct, "from the cache");
+        let mut cached = Attributes::cached(context, 1, 1);
+        assert_eq!(condition.matches_memo(&mut cached), direct);
+        assert_eq!(
+            condition.matches_memo(&mut cached),
+            direct,
+            "from the cache"
+        );
+        assert_eq!(
+            condition.matches(&mut cached),
+            direct,
+            "lowered from the cache"
+        );
         direct
     }
 

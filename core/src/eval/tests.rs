@@ -238,12 +238,12 @@ fn precedence_off_target_rules_fallthrough() {
 fn reasons_serialize_with_exact_fields() {
     let rules = CompiledRules::compile(&payload(PRECEDENCE));
     let context = with_attrs(Some("u"), &[("plan", s("pro")), ("region", s("us"))]);
-    let all = rules.evaluate_all(&context);
+    let all = rules.evaluate_all(&context).to_flags();
     assert_eq!(
         serde_json::to_string(&all).unwrap(),
         r#"{"flags":{"off":false,"ordered":false},"reasons":{"off":{"kind":"OFF"},"ordered":{"kind":"RULE_MATCH","ruleId":"pro","ruleIndex":3,"inRollout":false}}}"#
     );
-    let anonymous = rules.evaluate_all(&Context::anonymous());
+    let anonymous = rules.evaluate_all(&Context::anonymous()).to_flags();
     assert_eq!(
         serde_json::to_string(&anonymous.reasons["ordered"]).unwrap(),
         r#"{"kind":"FALLTHROUGH","inRollout":false}"#
@@ -270,7 +270,10 @@ fn unknown_flag_is_flag_not_found() {
     let empty = CompiledRules::compile(&RulesPayload::default());
     assert!(empty.is_empty());
     assert_eq!(empty.len(), 0);
-    assert_eq!(empty.evaluate_all(&user("u")), EvaluatedFlags::default());
+    assert_eq!(
+        empty.evaluate_all(&user("u")).to_flags(),
+        EvaluatedFlags::default()
+    );
 }
 
 #[test]
@@ -302,7 +305,7 @@ fn unsupported_regex_is_malformed_when_reached() {
     );
     assert_eq!(rules.evaluate("f", &team(None)), fallthrough(true));
     // Other flags are unaffected.
-    let all = rules.evaluate_all(&team(Some("bob@x.y")));
+    let all = rules.evaluate_all(&team(Some("bob@x.y"))).to_flags();
     assert_eq!(
         all.flags,
         BTreeMap::from([("f".into(), false), ("g".into(), true)])
@@ -370,7 +373,7 @@ fn golden_vectors_from_the_official_evaluators() {
         let rules = CompiledRules::compile(&RulesPayload::from_json(&bytes).unwrap());
         for case in &group.contexts {
             let context = case.context.clone().unwrap_or_default();
-            let all = rules.evaluate_all(&context);
+            let all = rules.evaluate_all(&context).to_flags();
             assert_eq!(
                 all.flags.len(),
                 case.expected.len(),
@@ -543,7 +546,7 @@ proptest! {
         probe in any::<String>(),
     ) {
         let rules = CompiledRules::compile(&payload);
-        let all = rules.evaluate_all(&context);
+        let all = rules.evaluate_all(&context).to_flags();
         prop_assert_eq!(all.flags.len(), payload.flags.len());
         for key in payload.flags.keys() {
             let detail = rules.evaluate(key, &context);
@@ -561,6 +564,54 @@ proptest! {
             prop_assert_eq!(
                 rules.evaluate(&probe, &context),
                 Detail::new(false, Reason::error(ErrorKind::FlagNotFound))
+            );
+        }
+    }
+}
+
+/// The renderers serialise the borrowed evaluation directly; the bytes must be those of the
+/// owned maps (values, and reasons of every kind: rule ids, indexes, rollouts, errors).
+#[test]
+fn borrowed_evaluation_renders_exactly_as_the_owned_maps() {
+    let rules = CompiledRules::compile(&payload(
+        r#"{"flags":{
+            "a-off":{"enabled":false},
+            "b-target":{"enabled":true,"targetUsers":["u1"]},
+            "c-rule":{"enabled":true,"rules":[
+                {"id":"skip","enabled":true,"rollout":100,"conditions":[{"attribute":"plan","operator":"equals","value":"free"}]},
+                {"id":"r\"1","enabled":true,"rollout":40,"conditions":[{"attribute":"plan","operator":"equals","value":"PRO"}]}]},
+            "d-bad":{"enabled":true,"rules":[{"id":"x","enabled":true,"rollout":100,"conditions":[{"attribute":"plan","operator":"regex","value":"(?=p)"}]}]},
+            "e-fall":{"enabled":true,"rollout":50},
+            "f-same":{"enabled":true,"rules":[{"id":"twin","enabled":true,"rollout":100,"conditions":[{"attribute":"plan","operator":"equals","value":"PRO"}]}]}
+        }}"#,
+    ));
+    for context in [
+        with_attrs(Some("u1"), &[("plan", s("Pro"))]),
+        with_attrs(Some("u2"), &[("plan", s("free"))]),
+        with_attrs(None, &[("plan", s("pro"))]),
+        Context::anonymous(),
+    ] {
+        let evaluation = rules.evaluate_all(&context);
+        let owned = evaluation.to_flags();
+        assert_eq!(evaluation.len(), owned.flags.len());
+        for flag in evaluation.iter() {
+            // Memoised conditions agree with the uncached evaluation of each flag.
+            let detail = rules.evaluate(flag.key, &context);
+            assert_eq!(
+                (flag.value, flag.reason.to_reason()),
+                (detail.value, detail.reason)
+            );
+            assert_eq!(evaluation.get(flag.key), Some(flag));
+        }
+        let at = crate::time::Timestamp::ZERO;
+        assert_eq!(
+            crate::render::evaluation_flags_body(&evaluation, at),
+            crate::render::flags_body(&owned, at)
+        );
+        for with_reasons in [false, true] {
+            assert_eq!(
+                crate::render::evaluation_sdk_flags_body(&evaluation, with_reasons),
+                crate::render::sdk_flags_body(&owned, with_reasons)
             );
         }
     }

@@ -393,6 +393,7 @@ impl Shared {
             let version = inner.stats.version;
             inner.stats = Stats {
                 open_streams: open,
+                peak_open_streams: open,
                 version,
                 ..Stats::default()
             };

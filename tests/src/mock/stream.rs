@@ -63,6 +63,7 @@ pub(crate) fn open(shared: &Arc<Shared>, user: Option<String>) -> Body {
         );
         inner.stats.streams_accepted += 1;
         inner.stats.open_streams += 1;
+        inner.stats.peak_open_streams = inner.stats.peak_open_streams.max(inner.stats.open_streams);
         id
     });
     let mut heartbeat = shared.heartbeat.subscribe();

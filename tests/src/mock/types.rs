@@ -343,7 +343,7 @@ pub enum DropKind {
     Abort,
 }
 
-/// Counters the tests assert on. Every field only grows, except `open_streams`.
+/// Counters the tests assert on. Every field only grows, except `open_streams` (and `peak_open_streams` on a reset).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct Stats {
@@ -367,6 +367,9 @@ pub struct Stats {
     pub streams_accepted: u64,
     /// Streams open right now.
     pub open_streams: u64,
+    /// Most streams open at once (a reset starts it again from those open then).
+    #[serde(default)]
+    pub peak_open_streams: u64,
     /// Requests rejected with 401 on any route.
     pub auth_failures: u64,
     /// Requests answered by an injected fault.
