@@ -11,6 +11,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
+use crate::encoding::{self, Encoding, Variants};
 use crate::model::{AttributeValue, Context, EvaluatedFlags, FlagKey, Reason, ReasonKind};
 use crate::render;
 use crate::snapshot::{CacheStats, Snapshot};
@@ -426,6 +427,51 @@ impl ApiResponse {
         }
     }
 
+    /// A shared JSON body in the coding `accept_encoding` prefers among `variants` (identity
+    /// when none fits), with that coding's ETag (`etag` with a suffix, see
+    /// [`Encoding::etag`]), or 304 when `if_none_match` names the content in any coding.
+    pub fn json_negotiated(
+        identity: &Bytes,
+        variants: &Variants,
+        etag: &str,
+        if_none_match: Option<&str>,
+        accept_encoding: Option<&str>,
+    ) -> Self {
+        let (encoding, body) = variants
+            .choose(accept_encoding)
+            .map_or((Encoding::Identity, identity), |(e, b)| (e, b));
+        let matches = if_none_match.is_some_and(|header| encoding::etag_matches_any(header, etag));
+        let mut headers = vec![
+            ("ETag", encoding.etag(etag)),
+            ("Cache-Control", NO_CACHE.to_owned()),
+        ];
+        if matches {
+            return Self {
+                status: 304,
+                content_type: None,
+                headers,
+                body: Bytes::new(),
+            };
+        }
+        if let Some(coding) = encoding.header() {
+            headers.push(("Content-Encoding", coding.to_owned()));
+        }
+        Self {
+            status: 200,
+            content_type: Some(JSON),
+            headers,
+            body: body.clone(),
+        }
+    }
+
+    /// Adds `Vary: Accept-Encoding`: answers of routes whose body may be compressed carry it
+    /// whatever their coding, so a shared cache never hands gzip to a client that did not ask.
+    #[must_use]
+    pub fn vary_encoding(mut self) -> Self {
+        self.headers.push(("Vary", VARY_ENCODING.to_owned()));
+        self
+    }
+
     /// The error's status and JSON body.
     pub fn error(error: &ApiError) -> Self {
         let mut response = Self::json(error.body());
@@ -654,23 +700,30 @@ pub fn context_from_body(body: &[u8]) -> Result<Context, ApiError> {
 }
 
 /// `GET /api/flags` (and `POST`): the flag map with `_meta.cachedAt`, ETag and 304.
+///
+/// The anonymous body is sent in the coding `accept_encoding` prefers among the snapshot's
+/// precompressed variants ([`encoding`]); every answer carries `Vary: Accept-Encoding`.
 pub fn flags_response(
     snapshot: &Snapshot,
     flags: Cow<'_, EvaluatedFlags>,
     if_none_match: Option<&str>,
+    accept_encoding: Option<&str>,
 ) -> ApiResponse {
-    match flags {
-        Cow::Borrowed(_) => ApiResponse::json_with_etag(
-            snapshot.flags_body().clone(),
+    let response = match flags {
+        Cow::Borrowed(_) => ApiResponse::json_negotiated(
+            snapshot.flags_body(),
+            snapshot.flags_body_variants(),
             snapshot.etag(),
             if_none_match,
+            accept_encoding,
         ),
         Cow::Owned(flags) => ApiResponse::json_with_etag(
             render::flags_body(&flags, snapshot.cached_at()),
             &flags_etag(&flags),
             if_none_match,
         ),
-    }
+    };
+    response.vary_encoding()
 }
 
 /// `GET /api/flags/{key}`: `{"key","enabled"}`; unknown keys are `false`, as
@@ -690,25 +743,29 @@ pub fn flag_response(key: &str, flags: &EvaluatedFlags) -> Result<ApiResponse, A
 }
 
 /// `GET /api/v1/sdk/flags`: `{"flags"}` or `{"flags","reasons"}` (with `withReasons=true`),
-/// quoted ETag, 304.
+/// quoted ETag, 304; the anonymous body in the coding negotiated as for [`flags_response`].
 pub fn sdk_flags_response(
     snapshot: &Snapshot,
     flags: Cow<'_, EvaluatedFlags>,
     with_reasons: bool,
     if_none_match: Option<&str>,
+    accept_encoding: Option<&str>,
 ) -> ApiResponse {
-    match flags {
-        Cow::Borrowed(_) => ApiResponse::json_with_etag(
-            snapshot.sdk_body(with_reasons).clone(),
+    let response = match flags {
+        Cow::Borrowed(_) => ApiResponse::json_negotiated(
+            snapshot.sdk_body(with_reasons),
+            snapshot.sdk_body_variants(with_reasons),
             snapshot.etag(),
             if_none_match,
+            accept_encoding,
         ),
         Cow::Owned(flags) => ApiResponse::json_with_etag(
             render::sdk_flags_body(&flags, with_reasons),
             &flags_etag(&flags),
             if_none_match,
         ),
-    }
+    };
+    response.vary_encoding()
 }
 
 /// Whether the query asks for reasons (`withReasons=true`, as the SDKs send it).
@@ -1114,6 +1171,8 @@ pub const JSON: &str = "application/json";
 pub const EVENT_STREAM: &str = "text/event-stream";
 /// `Cache-Control` of flag answers: caches must revalidate (with the ETag) every time.
 pub const NO_CACHE: &str = "no-cache";
+/// `Vary` of answers whose body may be compressed.
+pub const VARY_ENCODING: &str = "Accept-Encoding";
 
 #[cfg(test)]
 mod tests {
@@ -1237,10 +1296,10 @@ mod tests {
     fn flags_and_sdk_responses_with_etags() {
         let snapshot = snapshot();
         let defaults = Cow::Borrowed(snapshot.defaults());
-        let response = flags_response(&snapshot, defaults.clone(), None);
+        let response = flags_response(&snapshot, defaults.clone(), None, None);
         assert_eq!(response.status, 200);
         assert_eq!(&response.body, snapshot.flags_body());
-        let not_modified = flags_response(&snapshot, defaults.clone(), Some(snapshot.etag()));
+        let not_modified = flags_response(&snapshot, defaults.clone(), Some(snapshot.etag()), None);
         assert_eq!(not_modified.status, 304);
         assert!(not_modified.body.is_empty());
         assert!(
@@ -1254,17 +1313,18 @@ mod tests {
             defaults.clone(),
             with_reasons("withReasons=true&user_id="),
             None,
+            None,
         );
         assert!(
             std::str::from_utf8(&sdk.body)
                 .unwrap()
                 .contains("\"reasons\"")
         );
-        let bare = sdk_flags_response(&snapshot, defaults, with_reasons(""), None);
+        let bare = sdk_flags_response(&snapshot, defaults, with_reasons(""), None, None);
         assert_eq!(&bare.body[..], br#"{"flags":{"a":true,"b":false}}"#);
 
         let owned: Cow<'_, EvaluatedFlags> = Cow::Owned(snapshot.defaults().clone());
-        let per_user = flags_response(&snapshot, owned.clone(), None);
+        let per_user = flags_response(&snapshot, owned.clone(), None, None);
         let etag = per_user
             .headers
             .iter()
@@ -1272,7 +1332,115 @@ mod tests {
             .unwrap()
             .1
             .clone();
-        assert_eq!(flags_response(&snapshot, owned, Some(&etag)).status, 304);
+        assert_eq!(
+            flags_response(&snapshot, owned, Some(&etag), None).status,
+            304
+        );
+    }
+
+    fn header<'a>(response: &'a ApiResponse, name: &str) -> Option<&'a str> {
+        response
+            .headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn small_bodies_are_identity_with_vary() {
+        let snapshot = snapshot();
+        let defaults = Cow::Borrowed(snapshot.defaults());
+        let response = flags_response(&snapshot, defaults.clone(), None, Some("gzip, br"));
+        assert_eq!(&response.body, snapshot.flags_body());
+        assert_eq!(header(&response, "Content-Encoding"), None);
+        assert_eq!(header(&response, "Vary"), Some(VARY_ENCODING));
+        assert_eq!(header(&response, "ETag"), Some(snapshot.etag()));
+        let owned: Cow<'_, EvaluatedFlags> = Cow::Owned(snapshot.defaults().clone());
+        let per_user = sdk_flags_response(&snapshot, owned, false, None, Some("br"));
+        assert_eq!(header(&per_user, "Vary"), Some(VARY_ENCODING));
+        assert_eq!(header(&per_user, "Content-Encoding"), None);
+    }
+
+    #[cfg(feature = "compression")]
+    #[test]
+    fn large_bodies_are_sent_compressed_with_their_own_etags() {
+        use std::io::Read;
+        let flags: String = (0..2000)
+            .map(|i| format!("\"feature-flag-number-{i}\":{}", i % 2 == 0))
+            .collect::<Vec<_>>()
+            .join(",");
+        let flags =
+            EvaluatedFlags::from_json(format!("{{\"flags\":{{{flags}}}}}").as_bytes()).unwrap();
+        let snapshot = Snapshot::build(
+            Revision::new(1),
+            Timestamp::from_millis(0),
+            FlagSource::Evaluated(flags),
+        );
+        let etag = snapshot.etag();
+        for with_reasons in [false, true] {
+            let identity = snapshot.sdk_body(with_reasons);
+            let defaults = Cow::Borrowed(snapshot.defaults());
+            let br =
+                sdk_flags_response(&snapshot, defaults.clone(), with_reasons, None, Some("br"));
+            assert_eq!(header(&br, "Content-Encoding"), Some("br"));
+            assert_eq!(header(&br, "Vary"), Some(VARY_ENCODING));
+            let br_etag = header(&br, "ETag").unwrap().to_owned();
+            assert_eq!(br_etag, Encoding::Brotli.etag(etag));
+            let mut decoded = Vec::new();
+            brotli::Decompressor::new(&br.body[..], 4096)
+                .read_to_end(&mut decoded)
+                .unwrap();
+            assert_eq!(&decoded[..], &identity[..]);
+            assert!(br.body.len() * 5 < identity.len());
+
+            let gz = sdk_flags_response(
+                &snapshot,
+                defaults.clone(),
+                with_reasons,
+                None,
+                Some("gzip, deflate"),
+            );
+            assert_eq!(header(&gz, "Content-Encoding"), Some("gzip"));
+            assert_eq!(header(&gz, "ETag"), Some(&*Encoding::Gzip.etag(etag)));
+            let mut decoded = Vec::new();
+            flate2::read::GzDecoder::new(&gz.body[..])
+                .read_to_end(&mut decoded)
+                .unwrap();
+            assert_eq!(&decoded[..], &identity[..]);
+
+            // Revalidating with the br ETag gives 304 whatever the coding asked now.
+            for accept in [None, Some("gzip"), Some("br")] {
+                let revalidated = sdk_flags_response(
+                    &snapshot,
+                    defaults.clone(),
+                    with_reasons,
+                    Some(&br_etag),
+                    accept,
+                );
+                assert_eq!(revalidated.status, 304, "{accept:?}");
+                assert!(revalidated.body.is_empty());
+                assert_eq!(header(&revalidated, "Vary"), Some(VARY_ENCODING));
+                assert_eq!(header(&revalidated, "Content-Encoding"), None);
+            }
+            // Another content's tag does not.
+            let stale = sdk_flags_response(
+                &snapshot,
+                defaults.clone(),
+                with_reasons,
+                Some("\"0000000000000000-br\""),
+                Some("br"),
+            );
+            assert_eq!(stale.status, 200);
+        }
+        let identity = flags_response(
+            &snapshot,
+            Cow::Borrowed(snapshot.defaults()),
+            None,
+            Some("br;q=0, gzip;q=0"),
+        );
+        assert_eq!(&identity.body, snapshot.flags_body());
+        assert_eq!(header(&identity, "ETag"), Some(etag));
+        assert_eq!(header(&identity, "Content-Encoding"), None);
     }
 
     #[test]

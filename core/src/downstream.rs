@@ -64,6 +64,9 @@ pub struct Request<'a> {
     pub if_none_match: Option<&'a str>,
     /// `Last-Event-ID` (an `EventSource` reconnecting).
     pub last_event_id: Option<&'a str>,
+    /// `Accept-Encoding`: picks a precompressed variant of the shared polling bodies
+    /// ([`crate::encoding`]). An adapter that leaves it `None` always gets identity.
+    pub accept_encoding: Option<&'a str>,
     /// The body (empty for `GET`); the adapter enforces the size limit while reading it.
     pub body: &'a [u8],
 }
@@ -400,13 +403,10 @@ impl Downstream {
                     && let Some(rules) = snapshot.rules()
                     && !context.is_anonymous()
                 {
-                    return respond(self.rendered_answer(
-                        snapshot,
-                        rules,
-                        kind,
-                        context,
-                        request.if_none_match,
-                    ));
+                    return respond(
+                        self.rendered_answer(snapshot, rules, kind, context, request.if_none_match)
+                            .vary_encoding(),
+                    );
                 }
                 let ofrep_stream = ofrep::stream_uri(client_key.as_deref());
                 match self.resolve(snapshot, context.clone()) {
@@ -417,6 +417,7 @@ impl Downstream {
                         flags,
                         with_reasons,
                         request.if_none_match,
+                        request.accept_encoding,
                         &ofrep_stream,
                     )),
                     Resolved::User(user_id) => Ok(Answer::NeedUserFlags(Pending {
@@ -653,6 +654,8 @@ impl Downstream {
             Cow::Owned(EvaluatedFlags::clone(flags)),
             pending.with_reasons,
             pending.if_none_match.as_deref(),
+            // A user's own answer is rendered for this request: never compressed.
+            None,
             &pending.ofrep_stream,
         )
     }
@@ -804,6 +807,10 @@ fn body_kind(route: &Route, with_reasons: bool) -> Option<BodyKind> {
 }
 
 /// The answer of a data `route` given the context's flags.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one request's parts, passed through once"
+)]
 fn respond_with(
     snapshot: &Snapshot,
     route: &Route,
@@ -811,12 +818,19 @@ fn respond_with(
     flags: Cow<'_, EvaluatedFlags>,
     with_reasons: bool,
     if_none_match: Option<&str>,
+    accept_encoding: Option<&str>,
     ofrep_stream: &str,
 ) -> ApiResponse {
     match route {
-        Route::Flags => api::flags_response(snapshot, flags, if_none_match),
+        Route::Flags => api::flags_response(snapshot, flags, if_none_match, accept_encoding),
         Route::Flag(key) => api::flag_response(key, &flags).unwrap_or_else(ApiResponse::from),
-        Route::SdkFlags => api::sdk_flags_response(snapshot, flags, with_reasons, if_none_match),
+        Route::SdkFlags => api::sdk_flags_response(
+            snapshot,
+            flags,
+            with_reasons,
+            if_none_match,
+            accept_encoding,
+        ),
         Route::OfrepFlag(key) => ofrep::single(key, &flags),
         Route::OfrepFlags => {
             ofrep::bulk(snapshot, context, &flags, Some(ofrep_stream), if_none_match)

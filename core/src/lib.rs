@@ -12,6 +12,7 @@
 //! - [`model`]: evaluated snapshots, the rules model, contexts, reasons; typed parse errors.
 //! - [`eval`]: rules compiled once per snapshot, evaluated per context; never fails.
 //! - [`render`]: response bodies and SSE frames, rendered once for both adapters.
+//! - [`encoding`]: gzip/br variants of the shared bodies and `Accept-Encoding` negotiation.
 //! - [`rendered`]: per-context answers of rules mode, rendered once per revision and cached.
 //! - [`snapshot`]: one immutable revision with every body and SSE frame serialized once.
 //! - [`sse`]: an SSE event encoder and an incremental, size-limited WHATWG decoder.
@@ -44,6 +45,7 @@ pub mod backoff;
 pub mod breaker;
 pub mod cors;
 pub mod downstream;
+pub mod encoding;
 pub mod environments;
 pub mod eval;
 #[cfg(feature = "fuzzing")]

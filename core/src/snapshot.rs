@@ -17,6 +17,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use crate::encoding::Variants;
 use crate::eval::CompiledRules;
 use crate::model::{Context, EvaluatedFlags, ModelError, RulesPayload};
 use crate::render;
@@ -112,6 +113,11 @@ pub struct Snapshot {
     flags_body: Bytes,
     sdk_body: Bytes,
     sdk_body_with_reasons: Bytes,
+    /// gzip/br of the three bodies above (empty when small or without `compression`); SSE
+    /// frames are never compressed.
+    flags_body_variants: Variants,
+    sdk_body_variants: Variants,
+    sdk_body_with_reasons_variants: Variants,
     flags_frame: Bytes,
     init_frame: Bytes,
     ofrep_frame: Bytes,
@@ -139,10 +145,16 @@ impl Snapshot {
         // another replica (whose revision numbers differ) is still recognised as up to date
         // exactly when the content it last saw is the content we have.
         let event_id = format!("{revision}-{hash}");
+        let flags_body = render::flags_body(&defaults, cached_at);
+        let sdk_body = render::sdk_flags_body(&defaults, false);
+        let sdk_body_with_reasons = render::sdk_flags_body(&defaults, true);
         Self {
-            flags_body: render::flags_body(&defaults, cached_at),
-            sdk_body: render::sdk_flags_body(&defaults, false),
-            sdk_body_with_reasons: render::sdk_flags_body(&defaults, true),
+            flags_body_variants: Variants::compress(&flags_body),
+            sdk_body_variants: Variants::compress(&sdk_body),
+            sdk_body_with_reasons_variants: Variants::compress(&sdk_body_with_reasons),
+            flags_body,
+            sdk_body,
+            sdk_body_with_reasons,
             flags_frame: render::flags_frame(&defaults, &event_id),
             init_frame: render::init_frame(&defaults, &event_id),
             ofrep_frame: render::ofrep_refetch_frame(&event_id, &etag, cached_at),
@@ -231,6 +243,20 @@ impl Snapshot {
             &self.sdk_body_with_reasons
         } else {
             &self.sdk_body
+        }
+    }
+
+    /// Compressed variants of [`Self::flags_body`].
+    pub fn flags_body_variants(&self) -> &Variants {
+        &self.flags_body_variants
+    }
+
+    /// Compressed variants of [`Self::sdk_body`].
+    pub fn sdk_body_variants(&self, with_reasons: bool) -> &Variants {
+        if with_reasons {
+            &self.sdk_body_with_reasons_variants
+        } else {
+            &self.sdk_body_variants
         }
     }
 

@@ -222,6 +222,8 @@ impl Incoming {
             api_key: self.api_key.as_deref(),
             if_none_match: self.if_none_match.as_deref(),
             last_event_id: self.last_event_id.as_deref(),
+            // Core is built without `compression` here: Cloudflare's edge compresses answers.
+            accept_encoding: None,
             body,
         }
     }

@@ -202,7 +202,13 @@ fn set_cors(
             (CorsValue::Origin(_), Some(origin)) => origin.clone(),
             (CorsValue::Origin(_), None) => continue,
         };
-        headers.insert(HeaderName::from_static(name), value);
+        let name = HeaderName::from_static(name);
+        if name == header::VARY {
+            // Added to core's own `Vary` (`Accept-Encoding` on the flag routes), not in its place.
+            headers.append(name, value);
+        } else {
+            headers.insert(name, value);
+        }
     }
 }
 
@@ -227,6 +233,7 @@ pub(crate) fn head_of(parts: &Parts) -> downstream::Request<'_> {
         api_key: header(&X_API_KEY),
         if_none_match: header(&header::IF_NONE_MATCH),
         last_event_id: header(&LAST_EVENT_ID),
+        accept_encoding: header(&header::ACCEPT_ENCODING),
         body: &[],
     }
 }
@@ -373,6 +380,8 @@ pub fn from_api(response: ApiResponse) -> Response {
             "ETag" => header::ETAG,
             "Cache-Control" => header::CACHE_CONTROL,
             "Retry-After" => header::RETRY_AFTER,
+            "Vary" => header::VARY,
+            "Content-Encoding" => header::CONTENT_ENCODING,
             other => match HeaderName::from_bytes(other.as_bytes()) {
                 Ok(name) => name,
                 Err(_) => continue,

@@ -13,6 +13,7 @@
 
 mod chaos;
 mod common;
+mod compression;
 mod drift;
 mod environments;
 mod flags;
@@ -69,6 +70,7 @@ const SCENARIO_TIMEOUT: Duration = Duration::from_secs(90);
 fn all() -> Vec<Scenario> {
     let mut all = Vec::new();
     all.extend(flags::scenarios());
+    all.extend(compression::scenarios());
     all.extend(sse::scenarios());
     all.extend(sdk::scenarios());
     all.extend(ofrep::scenarios());

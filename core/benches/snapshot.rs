@@ -1,0 +1,87 @@
+//! Snapshot builds of a 2,000-flag set: what one upstream change costs, and the share of it
+//! spent compressing the polling bodies (the `compression` feature).
+
+use std::hint::black_box;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use rollgate_proxy_core::encoding::Variants;
+use rollgate_proxy_core::model::EvaluatedFlags;
+use rollgate_proxy_core::snapshot::{FlagSource, Revision, Snapshot};
+use rollgate_proxy_core::time::Timestamp;
+
+/// 2,000 flags with keys like real ones (team, area, variant, number) and a reason each.
+fn large_set() -> EvaluatedFlags {
+    const TEAMS: [&str; 8] = [
+        "checkout", "search", "payments", "growth", "mobile", "platform", "ads", "infra",
+    ];
+    const WORDS: [&str; 8] = [
+        "new-ui",
+        "rollout",
+        "beta",
+        "experiment",
+        "killswitch",
+        "migration",
+        "v2",
+        "dark-launch",
+    ];
+    let mut flags = Vec::new();
+    let mut reasons = Vec::new();
+    for i in 0..2000 {
+        let key = format!(
+            "{}-{}-{}-{i}",
+            TEAMS[i % 8],
+            WORDS[(i / 8) % 8],
+            WORDS[(i * 7 + 3) % 8]
+        );
+        flags.push(format!("\"{key}\":{}", i % 3 == 0));
+        let reason = match i % 3 {
+            0 => r#"{"kind":"FALLTHROUGH"}"#.to_owned(),
+            1 => r#"{"kind":"OFF"}"#.to_owned(),
+            _ => format!(r#"{{"kind":"RULE_MATCH","ruleId":"rule-{i}","ruleIndex":0}}"#),
+        };
+        reasons.push(format!("\"{key}\":{reason}"));
+    }
+    let json = format!(
+        r#"{{"flags":{{{}}},"reasons":{{{}}}}}"#,
+        flags.join(","),
+        reasons.join(",")
+    );
+    EvaluatedFlags::from_json(json.as_bytes()).expect("valid flags")
+}
+
+fn build(c: &mut Criterion) {
+    let flags = large_set();
+    let snapshot = Snapshot::build(
+        Revision::new(1),
+        Timestamp::ZERO,
+        FlagSource::Evaluated(flags.clone()),
+    );
+    let bodies = [
+        snapshot.flags_body().clone(),
+        snapshot.sdk_body(false).clone(),
+        snapshot.sdk_body(true).clone(),
+    ];
+    let mut group = c.benchmark_group("snapshot_2000_flags");
+    group.sample_size(20);
+    group.bench_function("build", |b| {
+        b.iter(|| {
+            Snapshot::build(
+                Revision::new(1),
+                Timestamp::ZERO,
+                FlagSource::Evaluated(black_box(flags.clone())),
+            )
+        });
+    });
+    group.bench_function("compress_three_bodies", |b| {
+        b.iter(|| {
+            bodies
+                .iter()
+                .map(|body| Variants::compress(black_box(body)).len())
+                .sum::<usize>()
+        });
+    });
+    group.finish();
+}
+
+criterion_group!(benches, build);
+criterion_main!(benches);
