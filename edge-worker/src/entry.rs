@@ -301,12 +301,7 @@ async fn across_environments(env: &Env, front: &Front, route: &Route) -> worker:
     for config in &front.environments {
         let headers: Vec<_> = environment_header(config).into_iter().collect();
         let request = http::internal_request(Method::Get, path, &headers, &[])?;
-        let mut response = env
-            .durable_object("RELAY")?
-            .id_from_name(&config.relay_name())?
-            .get_stub()?
-            .fetch_with_request(request)
-            .await?;
+        let mut response = http::fetch_relay(env, config, request).await?;
         let status = response.status_code();
         let text = response.text().await?;
         answers.push((config.environment.as_str(), status, text));
@@ -363,11 +358,7 @@ async fn to_relay(
 ) -> worker::Result<Response> {
     let extra: Vec<_> = environment_header(config).into_iter().collect();
     let request = incoming.to_object(&extra, conditional, body)?;
-    env.durable_object("RELAY")?
-        .id_from_name(&config.relay_name())?
-        .get_stub()?
-        .fetch_with_request(request)
-        .await
+    http::fetch_relay(env, config, request).await
 }
 
 /// Polling: answered from the Workers cache when this location has the current snapshot's

@@ -141,6 +141,19 @@ pub(crate) fn new_request(
         })
 }
 
+/// Sends `request` to `config`'s environment's Relay object.
+pub(crate) async fn fetch_relay(
+    env: &worker::Env,
+    config: &crate::config::EdgeConfig,
+    request: Request,
+) -> worker::Result<Response> {
+    env.durable_object("RELAY")?
+        .id_from_name(&config.relay_name())?
+        .get_stub()?
+        .fetch_with_request(request)
+        .await
+}
+
 /// Reads a body up to `limit` bytes.
 ///
 /// # Errors

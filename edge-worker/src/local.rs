@@ -97,12 +97,7 @@ pub(crate) async fn current(
         String::from(js_sys::encode_uri_component(have))
     );
     let request = http::internal_request(Method::Get, &path, &[], &[])?;
-    let mut response = env
-        .durable_object("RELAY")?
-        .id_from_name(&config.relay_name())?
-        .get_stub()?
-        .fetch_with_request(request)
-        .await?;
+    let mut response = http::fetch_relay(env, config, request).await?;
     let Some(event_id) = response.headers().get(EVENT_ID_HEADER)? else {
         return Ok(None);
     };
