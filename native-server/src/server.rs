@@ -8,7 +8,6 @@ use std::time::Duration;
 use axum::Router;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
@@ -48,7 +47,6 @@ pub async fn serve(
         .header_read_timeout(settings.request_timeout)
         .max_buf_size((settings.max_header_bytes + settings.max_uri_length + 4096).max(8192))
         .keep_alive(true);
-    let graceful = GracefulShutdown::new();
     // Every plain-TCP connection task holds a sender: shutdown waits until all are dropped.
     let (tasks, mut tasks_done) = mpsc::channel::<()>(1);
     if let Some(tls) = &settings.tls {
@@ -65,7 +63,7 @@ pub async fn serve(
                 let _ = stream.set_nodelay(true);
                 let service = TowerToHyperService::new(router.clone());
                 let Some(tls) = &settings.tls else {
-                    let (builder, watcher) = (builder.clone(), graceful.watcher());
+                    let builder = builder.clone();
                     let (router, task, cancelled) =
                         (router.clone(), tasks.clone(), shutdown.clone());
                     let head_timeout = settings.request_timeout;
@@ -86,18 +84,17 @@ pub async fn serve(
                         // Boxed: a lean stream's task must not reserve room for hyper's
                         // connection state (it is sized for the largest state).
                         let connection = builder.serve_connection(TokioIo::new(stream), service);
-                        if let Err(error) = Box::pin(watcher.watch(connection)).await {
-                            tracing::debug!(%error, "connection ended with an error");
-                        }
+                        Box::pin(until_shutdown(connection.with_upgrades(), &cancelled)).await;
                     });
                     continue;
                 };
                 // The handshake runs in the connection's task, bounded like a request head,
                 // so a slow client never holds up the accept loop.
                 let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
-                let (builder, watcher) = (builder.clone(), graceful.watcher());
+                let (builder, task, cancelled) = (builder.clone(), tasks.clone(), shutdown.clone());
                 let handshake_timeout = settings.request_timeout;
                 tokio::spawn(async move {
+                    let _task = task;
                     let stream = match tokio::time::timeout(
                         handshake_timeout,
                         acceptor.accept(stream),
@@ -115,9 +112,7 @@ pub async fn serve(
                         }
                     };
                     let connection = builder.serve_connection(TokioIo::new(stream), service);
-                    if let Err(error) = watcher.watch(connection).await {
-                        tracing::debug!(%error, "connection ended with an error");
-                    }
+                    until_shutdown(connection.with_upgrades(), &cancelled).await;
                 });
             }
             Err(error) => {
@@ -131,9 +126,9 @@ pub async fn serve(
     drop(listener);
     drop(tasks);
     tracing::info!("shutting down: no new connections, finishing in-flight requests");
+    // `None` once every connection task has ended (each shuts its connection down gracefully
+    // on the same signal, see `until_shutdown`).
     let all_closed = async {
-        graceful.shutdown().await;
-        // `None` once every connection task has ended.
         let _ = tasks_done.recv().await;
     };
     tokio::select! {
@@ -141,5 +136,43 @@ pub async fn serve(
         () = tokio::time::sleep(settings.shutdown_timeout) => {
             tracing::warn!(timeout = ?settings.shutdown_timeout, "shutdown timeout: dropping remaining connections");
         }
+    }
+}
+
+/// Serves `connection` (upgrades allowed: the WebSocket transport of the streams) until it
+/// ends; on `shutdown` it finishes the request in flight and closes. hyper-util's graceful
+/// watcher does not take an upgradeable HTTP/1 connection, hence this.
+async fn until_shutdown<C>(connection: C, shutdown: &CancellationToken)
+where
+    C: Future<Output = hyper::Result<()>> + GracefulEnd,
+{
+    let mut connection = std::pin::pin!(connection);
+    let ended = tokio::select! {
+        ended = connection.as_mut() => ended,
+        () = shutdown.cancelled() => {
+            connection.as_mut().end_gracefully();
+            connection.await
+        }
+    };
+    if let Err(error) = ended {
+        tracing::debug!(%error, "connection ended with an error");
+    }
+}
+
+/// A connection that can be asked to finish its request in flight and close.
+trait GracefulEnd {
+    fn end_gracefully(self: std::pin::Pin<&mut Self>);
+}
+
+impl<I, S, B> GracefulEnd for http1::UpgradeableConnection<I, S>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn end_gracefully(self: std::pin::Pin<&mut Self>) {
+        self.graceful_shutdown();
     }
 }
