@@ -141,11 +141,29 @@ async fn first_message_is_the_sse_first_frame_then_changes() {
         assert_eq!(changed.event, "flags", "change {i}");
     }
     assert!(last > revision(&frame.id), "the changes moved the revision");
+    // Counted as an open stream of its kind, like an SSE client.
+    wait_metric_at_least(
+        &env.proxy,
+        "rollgate_proxy_sse_clients",
+        "stream=\"frontend\"",
+        1.0,
+        WAIT,
+    )
+    .await;
     // What an SSE client gets now is where the socket ended up.
     let now = parse(&sse_first_frame(&url).await);
     assert_eq!(now.data["enabled-flag"], false);
     assert_eq!(revision(&now.id), last);
     socket.close(None).await.ok();
+    eventually("the closed socket uncounted", WAIT, || async {
+        let open = metric_sum(&env.proxy, "rollgate_proxy_sse_clients", "").await?;
+        (open == 0.0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        metric_sum(&env.proxy, "rollgate_proxy_websocket_refused_total", "").await,
+        Some(0.0)
+    );
 }
 
 async fn sdk_stream_over_websocket() {

@@ -57,14 +57,31 @@ struct Attachment {
 }
 
 impl Attachment {
+    /// Stored as a JSON string through the runtime's methods directly: workers-rs's
+    /// `serialize_attachment` links serde-wasm-bindgen's (de)serializers into the wasm.
     fn of(ws: &WebSocket) -> Option<Self> {
-        ws.deserialize_attachment().ok().flatten()
+        let json = call(ws, "deserializeAttachment", None).ok()?.as_string()?;
+        serde_json::from_str(&json).ok()
     }
 
     fn store(&self, ws: &WebSocket) {
-        if let Err(error) = ws.serialize_attachment(self) {
-            console_error!("shard: socket attachment not stored: {error}");
+        let stored = serde_json::to_string(self)
+            .map_err(|e| JsValue::from_str(&e.to_string()))
+            .and_then(|json| call(ws, "serializeAttachment", Some(&JsValue::from_str(&json))));
+        if let Err(error) = stored {
+            console_error!("shard: socket attachment not stored: {error:?}");
         }
+    }
+}
+
+/// `ws.<method>(arg)` on the runtime's socket.
+fn call(ws: &WebSocket, method: &str, arg: Option<&JsValue>) -> Result<JsValue, JsValue> {
+    let socket: &web_sys::WebSocket = ws.as_ref();
+    let function: js_sys::Function =
+        js_sys::Reflect::get(socket, &JsValue::from_str(method))?.dyn_into()?;
+    match arg {
+        Some(arg) => function.call1(socket, arg),
+        None => function.call0(socket),
     }
 }
 
@@ -377,11 +394,7 @@ async fn resolve(
 /// `ws.send(text)` with a JS string made once per frame (`WebSocket::send_with_str` would
 /// convert the Rust string again for every socket).
 fn send_text(ws: &WebSocket, text: &JsString) -> bool {
-    let socket: &web_sys::WebSocket = ws.as_ref();
-    let sent = js_sys::Reflect::get(socket, &JsValue::from_str("send"))
-        .and_then(JsCast::dyn_into::<js_sys::Function>)
-        .and_then(|send| send.call1(socket, text));
-    sent.is_ok()
+    call(ws, "send", Some(text)).is_ok()
 }
 
 /// Core's request for a socket's stream, as the client first sent it.
