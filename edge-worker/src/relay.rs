@@ -48,8 +48,8 @@ const ENVIRONMENT_KEY: &str = "environment";
 /// SSE event name of the internal relay → shard stream.
 pub(crate) const SNAPSHOT_EVENT: &str = "snapshot";
 
-/// The relay object.
-#[durable_object]
+/// The relay object (fetch and alarm handlers only: no `connect` or WebSocket glue in the wasm).
+#[durable_object(alarm)]
 pub struct Relay {
     inner: Rc<Inner>,
 }
@@ -191,13 +191,17 @@ async fn start(inner: &Rc<Inner>, environment: Option<String>) -> worker::Result
     } else {
         None
     };
+    // A comma-separated list (a string, like the other keys: no other serializer linked).
     let socket_shards: Vec<u32> = inner
         .state
         .storage()
-        .get(SOCKET_SHARDS_KEY)
+        .get::<String>(SOCKET_SHARDS_KEY)
         .await
         .unwrap_or(None)
-        .unwrap_or_default();
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|n| n.parse().ok())
+        .collect();
     let mut core = inner.core.borrow_mut();
     if core.started {
         return Ok(());
@@ -388,8 +392,19 @@ fn push_to_sockets(inner: &Rc<Inner>, frame: Bytes) {
 }
 
 async fn persist_socket_shards(inner: &Inner) {
-    let shards: Vec<u32> = inner.core.borrow().socket_shards.iter().copied().collect();
-    if let Err(error) = inner.state.storage().put(SOCKET_SHARDS_KEY, shards).await {
+    let shards: Vec<String> = inner
+        .core
+        .borrow()
+        .socket_shards
+        .iter()
+        .map(u32::to_string)
+        .collect();
+    if let Err(error) = inner
+        .state
+        .storage()
+        .put(SOCKET_SHARDS_KEY, shards.join(","))
+        .await
+    {
         console_error!("relay: persisting the WebSocket shards failed: {error}");
     }
 }

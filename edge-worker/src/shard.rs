@@ -50,8 +50,9 @@ fn resubscribe_policy() -> ReconnectPolicy {
     }
 }
 
-/// A shard object.
-#[durable_object]
+/// A shard object (fetch and the hibernation API's WebSocket handlers; no `connect` or alarm
+/// glue in the wasm).
+#[durable_object(websocket)]
 pub struct SseShard {
     inner: Rc<Inner>,
 }

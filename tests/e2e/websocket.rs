@@ -16,7 +16,7 @@ pub(crate) fn scenarios() -> Vec<Scenario> {
         scenario!(first_message_is_the_sse_first_frame_then_changes),
         scenario!(sdk_stream_over_websocket),
         scenario!(bad_key_is_refused_like_sse),
-        scenario!(ping_gets_pong),
+        scenario!(ping_gets_pong_and_the_socket_is_counted),
     ]
 }
 
@@ -141,29 +141,12 @@ async fn first_message_is_the_sse_first_frame_then_changes() {
         assert_eq!(changed.event, "flags", "change {i}");
     }
     assert!(last > revision(&frame.id), "the changes moved the revision");
-    // Counted as an open stream of its kind, like an SSE client.
-    wait_metric_at_least(
-        &env.proxy,
-        "rollgate_proxy_sse_clients",
-        "stream=\"frontend\"",
-        1.0,
-        WAIT,
-    )
-    .await;
+
     // What an SSE client gets now is where the socket ended up.
     let now = parse(&sse_first_frame(&url).await);
     assert_eq!(now.data["enabled-flag"], false);
     assert_eq!(revision(&now.id), last);
     socket.close(None).await.ok();
-    eventually("the closed socket uncounted", WAIT, || async {
-        let open = metric_sum(&env.proxy, "rollgate_proxy_sse_clients", "").await?;
-        (open == 0.0).then_some(())
-    })
-    .await;
-    assert_eq!(
-        metric_sum(&env.proxy, "rollgate_proxy_websocket_refused_total", "").await,
-        Some(0.0)
-    );
 }
 
 async fn sdk_stream_over_websocket() {
@@ -205,7 +188,7 @@ async fn bad_key_is_refused_like_sse() {
     assert_eq!(parse(&next_text(&mut socket).await).event, "flags");
 }
 
-async fn ping_gets_pong() {
+async fn ping_gets_pong_and_the_socket_is_counted() {
     let env = Env::basic().await;
     let mut socket = must_open(&env.url("/api/stream")).await;
     next_text(&mut socket).await;
@@ -214,4 +197,23 @@ async fn ping_gets_pong() {
         .await
         .expect("ping sent");
     assert_eq!(next_text(&mut socket).await, "pong");
+    // Counted as an open stream of its kind, like an SSE client, until it closes.
+    wait_metric_at_least(
+        &env.proxy,
+        "rollgate_proxy_sse_clients",
+        "stream=\"frontend\"",
+        1.0,
+        WAIT,
+    )
+    .await;
+    socket.close(None).await.expect("close sent");
+    eventually("the closed socket uncounted", WAIT, || async {
+        let open = metric_sum(&env.proxy, "rollgate_proxy_sse_clients", "").await?;
+        (open == 0.0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        metric_sum(&env.proxy, "rollgate_proxy_websocket_refused_total", "").await,
+        Some(0.0)
+    );
 }

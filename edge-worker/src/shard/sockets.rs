@@ -9,16 +9,14 @@
 //! ([`PUSH_PATH`], a request that wakes the object). After waking, the object rebuilds each
 //! socket's core `Subscriber` from the attachment; revisions only move forward per socket.
 
-use futures_util::future::join_all;
 use js_sys::JsString;
-use serde::{Deserialize, Serialize};
 use wasm_bindgen::{JsCast, JsValue};
 use worker::{WebSocket, WebSocketPair};
 
 use super::{
-    Arc, Context, Decoder, DecoderLimits, EvaluatedFlags, Freshness, Incoming, Method, Next, Rc,
-    Request, Response, SHARD_HEADER, SNAPSHOT_EVENT, Snapshot, StreamKind, USER_REFRESHED_EVENT,
-    console_error, environment_header, http, now, relay_flags, relay_stub, report_closed,
+    Arc, Context, Decoder, DecoderLimits, Freshness, Incoming, Method, Next, Rc, Request, Response,
+    SHARD_HEADER, SNAPSHOT_EVENT, Snapshot, StreamKind, USER_REFRESHED_EVENT, console_error,
+    environment_header, http, now, relay_flags, relay_stub, report_closed,
 };
 use crate::shard::Inner;
 
@@ -37,7 +35,7 @@ pub(crate) const MAX_SOCKETS: usize = 10_000;
 pub(crate) const NO_SOCKETS: u16 = 410;
 
 /// One socket's state, kept by the runtime with the socket.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default)]
 struct Attachment {
     /// The stream's path and query (context, `?token=`): core re-creates the subscriber.
     path: String,
@@ -57,18 +55,48 @@ struct Attachment {
 }
 
 impl Attachment {
-    /// Stored as a JSON string through the runtime's methods directly: workers-rs's
-    /// `serialize_attachment` links serde-wasm-bindgen's (de)serializers into the wasm.
+    /// Stored as a form-encoded string through the runtime's methods directly: workers-rs's
+    /// `serialize_attachment` (and a serde derive) would link more (de)serializers into the
+    /// wasm, which is over its size budget already.
     fn of(ws: &WebSocket) -> Option<Self> {
-        let json = call(ws, "deserializeAttachment", None).ok()?.as_string()?;
-        serde_json::from_str(&json).ok()
+        let text = call(ws, "deserializeAttachment", None).ok()?.as_string()?;
+        let mut attachment = Self::default();
+        for (name, value) in form_urlencoded::parse(text.as_bytes()) {
+            let value = value.into_owned();
+            match &*name {
+                "p" => attachment.path = value,
+                "q" => attachment.query = value,
+                "a" => attachment.authorization = Some(value),
+                "e" => attachment.environment = Some(value),
+                "i" => attachment.sent_id = Some(value),
+                "r" => attachment.revision = value.parse().unwrap_or(0),
+                "f" => attachment.sent_flags = value.parse().ok(),
+                "u" => attachment.tracked_user = Some(value),
+                _ => {}
+            }
+        }
+        Some(attachment)
     }
 
     fn store(&self, ws: &WebSocket) {
-        let stored = serde_json::to_string(self)
-            .map_err(|e| JsValue::from_str(&e.to_string()))
-            .and_then(|json| call(ws, "serializeAttachment", Some(&JsValue::from_str(&json))));
-        if let Err(error) = stored {
+        let mut text = form_urlencoded::Serializer::new(String::new());
+        text.append_pair("p", &self.path)
+            .append_pair("q", &self.query)
+            .append_pair("r", &self.revision.to_string());
+        let optional = [
+            ("a", self.authorization.clone()),
+            ("e", self.environment.clone()),
+            ("i", self.sent_id.clone()),
+            ("f", self.sent_flags.map(|f| f.to_string())),
+            ("u", self.tracked_user.clone()),
+        ];
+        for (name, value) in optional {
+            if let Some(value) = value {
+                text.append_pair(name, &value);
+            }
+        }
+        let text = JsValue::from_str(&text.finish());
+        if let Err(error) = call(ws, "serializeAttachment", Some(&text)) {
             console_error!("shard: socket attachment not stored: {error:?}");
         }
     }
@@ -153,7 +181,7 @@ pub(super) async fn connect(inner: &Rc<Inner>, req: &Request) -> worker::Result<
         .accept_websocket_with_tags(&pair.server, &[kind.label()]);
     attachment.store(&pair.server);
     if let Some(snapshot) = current(inner).await {
-        deliver(inner, &pair.server, &snapshot).await;
+        deliver(inner, &pair.server, &snapshot, &SharedText::default());
     }
     super::report_now(inner);
     Response::from_websocket(pair.client)
@@ -271,12 +299,9 @@ pub(super) async fn push(inner: &Rc<Inner>, req: &mut Request) -> worker::Result
         .collect();
     // One JS string per shared frame, sent by reference to every socket.
     let shared = SharedText::default();
-    join_all(
-        sockets
-            .iter()
-            .map(|ws| deliver_with(inner, ws, &snapshot, &shared)),
-    )
-    .await;
+    for ws in &sockets {
+        deliver(inner, ws, &snapshot, &shared);
+    }
     super::report_now(inner);
     Response::ok("ok")
 }
@@ -302,17 +327,9 @@ impl SharedText {
     }
 }
 
-async fn deliver(inner: &Rc<Inner>, ws: &WebSocket, snapshot: &Arc<Snapshot>) {
-    deliver_with(inner, ws, snapshot, &SharedText::default()).await;
-}
-
-/// Sends `ws` what core's subscriber, re-created from the attachment, decides for `snapshot`.
-async fn deliver_with(
-    inner: &Rc<Inner>,
-    ws: &WebSocket,
-    snapshot: &Arc<Snapshot>,
-    shared: &SharedText,
-) {
+/// Sends `ws` what core's subscriber, re-created from the attachment, decides for `snapshot`;
+/// a per-user socket's flags are asked of the relay in a task of their own.
+fn deliver(inner: &Rc<Inner>, ws: &WebSocket, snapshot: &Arc<Snapshot>, shared: &SharedText) {
     let Some(mut attachment) = Attachment::of(ws) else {
         return;
     };
@@ -339,10 +356,14 @@ async fn deliver_with(
         return;
     };
     subscriber.resume_sent_flags(attachment.sent_flags);
-    let kind = subscriber.kind();
-    let frame = match subscriber.on_snapshot(snapshot) {
-        Next::Frame(frame) => Some(shared.get(&frame)),
-        Next::Nothing => None,
+    match subscriber.on_snapshot(snapshot) {
+        Next::Frame(frame) => {
+            attachment.sent_id = Some(snapshot.event_id().to_owned());
+            if send_text(ws, &shared.get(&frame)) {
+                inner.core.borrow_mut().frames_sent[subscriber.kind().index()] += 1;
+            }
+        }
+        Next::Nothing => {}
         Next::Resolve(context) => {
             let stream = if attachment.tracked_user.is_some() {
                 "cached"
@@ -351,44 +372,57 @@ async fn deliver_with(
                 "open"
             };
             attachment.store(ws);
-            let flags = resolve(inner, &context, client_key.as_deref(), stream).await;
-            // Re-read: a newer snapshot may have been sent meanwhile.
-            let Some(latest) = Attachment::of(ws) else {
-                return;
-            };
-            if latest.revision > snapshot.revision().get() {
-                return;
-            }
-            attachment = latest;
-            flags
-                .and_then(|flags| subscriber.on_flags(snapshot, &flags))
-                .map(|frame| JsString::from(String::from_utf8_lossy(&frame).as_ref()))
-        }
-    };
-    attachment.revision = snapshot.revision().get();
-    attachment.sent_flags = subscriber.sent_flags();
-    if let Some(text) = frame {
-        attachment.sent_id = Some(snapshot.event_id().to_owned());
-        if send_text(ws, &text) {
-            inner.core.borrow_mut().frames_sent[kind.index()] += 1;
+            wasm_bindgen_futures::spawn_local(resolve(
+                Rc::clone(inner),
+                ws.clone(),
+                Arc::clone(snapshot),
+                subscriber,
+                context,
+                client_key,
+                stream,
+            ));
+            return;
         }
     }
+    attachment.revision = snapshot.revision().get();
     attachment.store(ws);
 }
 
+/// Asks the relay for a per-user socket's flags and sends the frame core makes of them.
 async fn resolve(
-    inner: &Rc<Inner>,
-    context: &Context,
-    client_key: Option<&str>,
-    stream: &str,
-) -> Option<EvaluatedFlags> {
-    match relay_flags(inner, context, client_key, stream).await {
-        Ok(flags) => Some(flags),
+    inner: Rc<Inner>,
+    ws: WebSocket,
+    snapshot: Arc<Snapshot>,
+    mut subscriber: rollgate_proxy_core::stream::Subscriber,
+    context: Context,
+    client_key: Option<String>,
+    stream: &'static str,
+) {
+    let flags = match relay_flags(&inner, &context, client_key.as_deref(), stream).await {
+        Ok(flags) => flags,
         Err(error) => {
             console_error!("shard: user flags unavailable: {error}");
-            None
+            return;
+        }
+    };
+    // Re-read: a newer snapshot may have been decided meanwhile.
+    let Some(mut attachment) = Attachment::of(&ws) else {
+        return;
+    };
+    if attachment.revision > snapshot.revision().get() {
+        return;
+    }
+    attachment.revision = snapshot.revision().get();
+    subscriber.resume_sent_flags(attachment.sent_flags);
+    if let Some(frame) = subscriber.on_flags(&snapshot, &flags) {
+        attachment.sent_id = Some(snapshot.event_id().to_owned());
+        let text = JsString::from(String::from_utf8_lossy(&frame).as_ref());
+        if send_text(&ws, &text) {
+            inner.core.borrow_mut().frames_sent[subscriber.kind().index()] += 1;
         }
     }
+    attachment.sent_flags = subscriber.sent_flags();
+    attachment.store(&ws);
 }
 
 /// `ws.send(text)` with a JS string made once per frame (`WebSocket::send_with_str` would
