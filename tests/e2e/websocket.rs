@@ -15,6 +15,7 @@ pub(crate) fn scenarios() -> Vec<Scenario> {
     vec![
         scenario!(first_message_is_the_sse_first_frame_then_changes),
         scenario!(sdk_stream_over_websocket),
+        scenario!(per_user_stream_over_websocket),
         scenario!(bad_key_is_refused_like_sse),
         scenario!(ping_gets_pong_and_the_socket_is_counted),
     ]
@@ -161,6 +162,28 @@ async fn sdk_stream_over_websocket() {
     env.mock.set_flag("enabled-flag", false);
     loop {
         let frame = parse(&next_text(&mut socket).await);
+        if frame.data["flags"]["enabled-flag"] == false {
+            break;
+        }
+    }
+}
+
+async fn per_user_stream_over_websocket() {
+    let env = Env::basic().await;
+    let url = env.url("/api/v1/sdk/stream?user_id=ws-user");
+    let mut socket = must_open(&url).await;
+    let first = next_text(&mut socket).await;
+    assert_eq!(first, sse_first_frame(&url).await);
+    let frame = parse(&first);
+    assert_eq!(frame.event, "init");
+    assert_eq!(frame.data["flags"]["enabled-flag"], true, "{}", frame.data);
+    env.mock.set_flag("enabled-flag", false);
+    let mut last = revision(&frame.id);
+    loop {
+        let frame = parse(&next_text(&mut socket).await);
+        let at = revision(&frame.id);
+        assert!(at >= last, "revision {at} after {last}");
+        last = at;
         if frame.data["flags"]["enabled-flag"] == false {
             break;
         }
