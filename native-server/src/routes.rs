@@ -143,10 +143,14 @@ pub(crate) async fn handle_counted(
             {
                 from_api(app.downstream.overloaded(random_unit()))
             }
-            (Ok(_), None) if upgrade.as_ref().is_some_and(Result::is_err) => match upgrade {
-                Some(Err(refused)) => refused,
-                _ => from_api(ApiError::internal().into()),
-            },
+            (Ok(admitted), None)
+                if admitted.route.is_stream() && upgrade.as_ref().is_some_and(Result::is_err) =>
+            {
+                match upgrade {
+                    Some(Err(refused)) => refused,
+                    _ => from_api(ApiError::internal().into()),
+                }
+            }
             (Ok(admitted), None) => {
                 answer(
                     app,

@@ -44,6 +44,8 @@ struct Attachment {
     authorization: Option<String>,
     /// The environment (several configured): the object reloads its configuration on waking.
     environment: Option<String>,
+    /// This shard's index, for its reports after waking on a close (which carries no header).
+    shard: u32,
     /// Event id of the last frame sent (its revision and content hash).
     sent_id: Option<String>,
     /// Revision of the last snapshot a frame was decided for: never an older one after it.
@@ -72,6 +74,7 @@ impl Attachment {
                 "r" => attachment.revision = value.parse().unwrap_or(0),
                 "f" => attachment.sent_flags = value.parse().ok(),
                 "u" => attachment.tracked_user = Some(value),
+                "s" => attachment.shard = value.parse().unwrap_or(0),
                 _ => {}
             }
         }
@@ -82,7 +85,8 @@ impl Attachment {
         let mut text = form_urlencoded::Serializer::new(String::new());
         text.append_pair("p", &self.path)
             .append_pair("q", &self.query)
-            .append_pair("r", &self.revision.to_string());
+            .append_pair("r", &self.revision.to_string())
+            .append_pair("s", &self.shard.to_string());
         let optional = [
             ("a", self.authorization.clone()),
             ("e", self.environment.clone()),
@@ -152,6 +156,7 @@ pub(super) async fn connect(inner: &Rc<Inner>, req: &Request) -> worker::Result<
         query: incoming.query.clone(),
         authorization: req.headers().get("authorization")?,
         environment: req.headers().get(http::ENVIRONMENT_HEADER)?,
+        shard: inner.core.borrow().index,
         ..Attachment::default()
     };
     let Some(downstream) = inner.core.borrow().downstream.clone() else {
@@ -455,8 +460,12 @@ fn request_of(attachment: &Attachment) -> rollgate_proxy_core::downstream::Reque
 pub(super) async fn closed(inner: &Rc<Inner>, ws: &WebSocket) {
     let attachment = Attachment::of(ws);
     if inner.core.borrow().config.is_none() {
+        // Woken by this close: the configuration and index come from the socket.
         let environment = attachment.as_ref().and_then(|a| a.environment.clone());
         super::configure(inner, environment.as_deref());
+        if let Some(attachment) = &attachment {
+            inner.core.borrow_mut().index = attachment.shard;
+        }
     }
     // Completes the closing handshake (the runtime may have done so already).
     let _ = ws.close(Some(1000), Some("closed"));
