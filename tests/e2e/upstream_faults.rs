@@ -279,10 +279,12 @@ async fn a_rejected_key_is_reported_plainly() {
             Duration::from_secs(10),
         )
         .await;
-        let logs = env.proxy.logs();
         assert!(
-            logs.contains("rejected the server API key"),
-            "the log says it plainly"
+            env.proxy
+                .wait_log("rejected the server API key", Duration::from_secs(10))
+                .await,
+            "the log says it plainly: {}",
+            env.proxy.logs()
         );
     }
     // The last good flags are still served.
