@@ -21,11 +21,13 @@
 
 pub mod cache;
 pub mod config;
+pub mod tally;
 
 cfg_if::cfg_if! {
     if #[cfg(target_arch = "wasm32")] {
         mod entry;
         mod fanout;
+        mod forward;
         mod http;
         mod local;
         mod relay;
