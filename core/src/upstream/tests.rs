@@ -1288,14 +1288,20 @@ fn the_forward_verdict_is_what_admit_forward_decides() {
     config.breaker.failure_threshold = 2;
     let mut machine = Upstream::new(config, Timestamp::ZERO);
     let now = Timestamp::from_millis(1_000);
-    assert_eq!(machine.forward_blocked_until(now, SideRequest::Events), None);
+    assert_eq!(
+        machine.forward_blocked_until(now, SideRequest::Events),
+        None
+    );
     // A Retry-After on one kind.
     machine.record_forward_response(now, SideRequest::Events, 429, Some("5"));
     assert_eq!(
         machine.forward_blocked_until(now, SideRequest::Events),
         Some(Timestamp::from_millis(6_000))
     );
-    assert_eq!(machine.forward_blocked_until(now, SideRequest::Identify), None);
+    assert_eq!(
+        machine.forward_blocked_until(now, SideRequest::Identify),
+        None
+    );
     // The open breaker holds every kind until it admits a probe; asking takes no probe.
     machine.record_side_request(now, Outcome::Failure);
     machine.record_side_request(now, Outcome::Failure);
@@ -1303,7 +1309,10 @@ fn the_forward_verdict_is_what_admit_forward_decides() {
     assert!(open.is_some_and(|at| at > now), "{open:?}");
     assert!(!machine.admit_forward(now, SideRequest::Identify));
     let reopen = open.unwrap();
-    assert_eq!(machine.forward_blocked_until(reopen, SideRequest::Identify), None);
+    assert_eq!(
+        machine.forward_blocked_until(reopen, SideRequest::Identify),
+        None
+    );
     assert!(machine.admit_forward(reopen, SideRequest::Identify));
 }
 
