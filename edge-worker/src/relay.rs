@@ -649,9 +649,14 @@ async fn handle(inner: &Rc<Inner>, mut req: Request) -> worker::Result<Response>
                     ..MetricsExtra::default()
                 },
             );
-            let mut text = metrics.body.to_vec();
-            text.extend_from_slice(requests_family(inner).as_bytes());
-            metrics.body = Bytes::from(text);
+            // Only when asked (`/api/metrics?objects`): the plain scrape has exactly the native
+            // server's families (the parity scenario compares them).
+            if form_urlencoded::parse(incoming.query.as_bytes()).any(|(name, _)| name == "objects")
+            {
+                let mut text = metrics.body.to_vec();
+                text.extend_from_slice(requests_family(inner).as_bytes());
+                metrics.body = Bytes::from(text);
+            }
             metrics
         }
         // The Worker sends streams to the shards, never here.
@@ -697,7 +702,7 @@ fn count_request(inner: &Inner, incoming: &Incoming) {
     *inner.core.borrow_mut().requests.entry(label).or_default() += 1;
 }
 
-/// `rollgate_proxy_relay_requests_total`, appended to this object's metrics.
+/// `rollgate_proxy_relay_requests_total`, appended to this object's metrics on request.
 fn requests_family(inner: &Inner) -> String {
     let mut text = String::from(
         "# HELP rollgate_proxy_relay_requests_total Requests the environment's relay object \

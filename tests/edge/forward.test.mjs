@@ -30,7 +30,8 @@ after(async () => {
 });
 
 const stats = () => control(mock, "GET", "/control/stats");
-const metrics = async () => (await fetch(worker.url + "/api/metrics")).text();
+// `?objects`: with the Worker-only rollgate_proxy_relay_requests_total.
+const metrics = async () => (await fetch(worker.url + "/api/metrics?objects")).text();
 /** `rollgate_proxy_upstream_requests_total{kind,outcome}` in `text`. */
 const forwards = (text, kind, outcome) =>
   Number(text.match(new RegExp(`^rollgate_proxy_upstream_requests_total\\{kind="${kind}",outcome="${outcome}"\\} (\\d+)$`, "m"))?.[1] ?? 0);
