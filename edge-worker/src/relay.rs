@@ -631,7 +631,7 @@ async fn handle(inner: &Rc<Inner>, mut req: Request) -> worker::Result<Response>
             &report(inner),
             config.core.api_key.as_ref(),
         ),
-        // Nothing is buffered here (forwards go out at once): nothing dropped.
+        // Nothing is buffered (the fronts forward at once): nothing dropped.
         Answer::Metrics => {
             let shard_clients = inner
                 .core
