@@ -6,8 +6,8 @@
 //!              │  stateless routes: answered here by core's dispatcher
 //!              │  polling: Workers Cache API (pointer to the current event id) ─ miss ─┐
 //!              │  streams: one of ROLLGATE_PROXY_SSE_SHARDS shard objects (random)       │
-//!              │  identify, events, telemetry: POSTed upstream from here (forward.rs),  │
-//!              │    outcomes reported to the relay in batches                          │
+//!              │  identify, events, telemetry: POSTed upstream from here (forward.rs),   │
+//!              │    outcomes reported to the relay in batches                            │
 //!              ▼                                                                        ▼
 //!        SseShard[i] ◀── one internal stream of snapshots ── Relay (one per environment) ◀┘
 //!        core's Subscriber per client; per-user               owns core's `Upstream` (ONE upstream
