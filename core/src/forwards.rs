@@ -36,7 +36,7 @@ impl ForwardResult<'_> {
         matches!(self, Self::Answered { status, .. } if (200..300).contains(status))
     }
 
-    /// The outcome counted in `rollgate_proxy_upstream_side_requests_total`: ok, or error
+    /// The outcome counted in `rollgate_proxy_upstream_requests_total`: ok, or error
     /// (a refusal, a timeout and a failure alike, as the native server counts them).
     pub fn outcome(&self) -> SideOutcome {
         if self.is_ok() {
