@@ -20,7 +20,9 @@ use rollgate_proxy_core::forwards::{ForwardGate, ForwardResult};
 use rollgate_proxy_core::metrics::SideRequest;
 use rollgate_proxy_core::snapshot::Freshness;
 use rollgate_proxy_core::time::Timestamp;
-use worker::{AbortController, Context, Env, Fetch, Headers, Method, Response, console_error};
+use worker::{
+    AbortController, Context, Delay, Env, Fetch, Headers, Method, Response, console_error,
+};
 
 use crate::config::EdgeConfig;
 use crate::http::{self, Incoming, now};
@@ -31,8 +33,10 @@ use crate::tally::{KINDS, Tally, Verdict};
 pub(crate) const FORWARD_HEADER: &str = "x-rollgate-forward";
 /// The relay's path taking a front's [`Tally`].
 pub(crate) const REPORT_PATH: &str = "/__rollgate/forwards";
-/// Most reports one reporter sends in a row (each carries all that ended meanwhile); what is
-/// left goes with the next forward's report.
+/// How long a reporter gathers outcomes before it sends them (identifies' go at once).
+const REPORT_WINDOW: Duration = Duration::from_secs(1);
+/// Most reports one reporter sends in a row (one per window, within a request's `waitUntil`
+/// time); what is left goes with the next forward's report.
 const MAX_REPORTS_IN_A_ROW: usize = 16;
 /// A reporter silent this long is taken for gone (its request's `waitUntil` was cut short).
 const REPORTER_STALE: Duration = Duration::from_secs(30);
@@ -186,7 +190,7 @@ fn start(
             s.tally.count(kind, outcome);
             s.tally.done(token);
         });
-        report(&env, &config).await;
+        report(&env, &config, token != 0).await;
     });
 }
 
@@ -230,9 +234,17 @@ async fn post(url: &str, key: &str, body: Bytes, timeout: Duration) -> (Sent, Op
     }
 }
 
-/// Sends this isolate's tally to the relay unless a report is already running (that one sends
-/// what accumulated meanwhile when it is back), and applies the relay's verdict.
-async fn report(env: &Env, config: &EdgeConfig) {
+/// Sends this isolate's tally to the relay and applies the relay's verdict. An ended identify
+/// (`urgent`: a fetch of its user may be waiting on the relay) goes at once; other outcomes are
+/// gathered for [`REPORT_WINDOW`] by one reporter per isolate, so the relay gets at most about
+/// one report per window from an isolate however many forwards it makes. Every wait is a timer
+/// of this request's own: a request never resumes another's I/O (Workers forbids it).
+async fn report(env: &Env, config: &EdgeConfig, urgent: bool) {
+    if urgent {
+        let tally = with_state(config, |s| std::mem::take(&mut s.tally));
+        send_and_apply(env, config, tally).await;
+        return;
+    }
     let at = now();
     let starts = with_state(config, |s| {
         let running = s
@@ -247,27 +259,44 @@ async fn report(env: &Env, config: &EdgeConfig) {
         return;
     }
     for _ in 0..MAX_REPORTS_IN_A_ROW {
+        Delay::from(REPORT_WINDOW).await;
+        // Taken, and the reporter gone when there is nothing, in one step: an outcome counted
+        // after it starts its own reporter.
         let tally = with_state(config, |s| {
-            s.reporting = Some(now());
-            std::mem::take(&mut s.tally)
+            let tally = std::mem::take(&mut s.tally);
+            s.reporting = (!tally.is_empty()).then(now);
+            tally
         });
         if tally.is_empty() {
-            break;
+            return;
         }
-        match send_report(env, config, &tally).await {
-            Ok(verdict) => with_state(config, |s| {
-                for (kind, until) in KINDS.iter().zip(verdict.until) {
-                    s.gate.verdict(*kind, until.map(Timestamp::from_millis));
-                }
-            }),
-            Err(error) => {
-                console_error!("reporting forwards to the relay failed: {error}");
-                with_state(config, |s| s.tally.merge(tally));
-                break;
-            }
+        if !send_and_apply(env, config, tally).await {
+            break;
         }
     }
     with_state(config, |s| s.reporting = None);
+}
+
+/// Sends `tally` (nothing when empty); on failure it is put back for the next report.
+async fn send_and_apply(env: &Env, config: &EdgeConfig, tally: Tally) -> bool {
+    if tally.is_empty() {
+        return true;
+    }
+    match send_report(env, config, &tally).await {
+        Ok(verdict) => {
+            with_state(config, |s| {
+                for (kind, until) in KINDS.iter().zip(verdict.until) {
+                    s.gate.verdict(*kind, until.map(Timestamp::from_millis));
+                }
+            });
+            true
+        }
+        Err(error) => {
+            console_error!("reporting forwards to the relay failed: {error}");
+            with_state(config, |s| s.tally.merge(tally));
+            false
+        }
+    }
 }
 
 async fn send_report(env: &Env, config: &EdgeConfig, tally: &Tally) -> worker::Result<Verdict> {

@@ -66,6 +66,7 @@ test("events and telemetry reach upstream from the Worker; the relay sees only b
   assert.equal(after["/api/v1/sdk/telemetry"] ?? 0, 0, "a telemetry POST reached the relay");
   const reports = (after.forward_reports ?? 0) - (before.forward_reports ?? 0);
   assert.ok(reports >= 1 && reports <= 2 * n, `${reports} reports for ${2 * n} forwards`);
+  console.log(`# ${2 * n} forwards reached the relay as ${reports} report(s)`);
   // Apart from the reports and this test's metrics scrapes, nothing reached the relay.
   for (const [route, count] of Object.entries(after)) {
     if (route === "forward_reports" || route === "/api/metrics") continue;
