@@ -5,7 +5,9 @@
 #
 #   bench/run.sh [section ...]     sections: poll peruser rss fanout slow (default: all)
 #
-# Knobs (environment): ROUNDS (3) wrk rounds per figure, medians reported; DUR (5) seconds per
+# Knobs (environment): PROXY_BIN (target/release/rollgate-proxy) the proxy measured;
+# BEFORE_BIN (none) a second proxy build measured in the same run (poll: e.g. the build before a
+# change); ROUNDS (3) wrk rounds per figure, medians reported; DUR (5) seconds per
 # wrk run; CONNS (64) wrk connections; STREAMS (19000) streams for the RSS figure; FANOUT
 # (100000) clients over REPLICAS (6) proxy processes; FANOUT_ROUNDS (3) changes per mode;
 # SLOW (2000) never-reading clients; CHANGES (50) changes of the large set.
@@ -29,6 +31,7 @@ PROXY_BIN=${PROXY_BIN:-$BIN/rollgate-proxy}
 TMP=$(mktemp -d)
 PIDS=()
 MOCK_PORT=9010 CONTROL_PORT=9011 PROXY_PORT=9020 FLOOR_PORT=9021 EXPRESS_PORT=9022 LOCAL_PORT=9023
+BEFORE_PORT=9024
 KEY=test-api-key
 
 SYSCTLS=(net/core/somaxconn net/ipv4/tcp_mem net/ipv4/ip_local_reserved_ports)
@@ -112,29 +115,78 @@ print(json.dumps({"flags": {f"flag-{i:05d}-" + "x" * pad: i % 3 == 0 for i in ra
 EOF
 }
 
+# cpu_ticks PID: user + system CPU of a process so far, in clock ticks.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+# measure PID URL [wrk args...]: one wrk run; prints "req/s server-CPU-us-per-request" (the
+# server's own user + system time over the requests wrk completed: less sensitive to the box's
+# load than req/s, since it does not count time the server waited for a core).
+measure() {
+    local pid=$1 url=$2 before after out
+    shift 2
+    before=$(cpu_ticks "$pid")
+    out=$(timeout $((DUR + 20)) wrk -t2 -c"$CONNS" -d"${DUR}s" "$@" "$url")
+    after=$(cpu_ticks "$pid")
+    echo "$out" | awk -v t=$((after - before)) -v hz="$(getconf CLK_TCK)" \
+        '/requests in/ {n=$1} /Requests\/sec/ {r=$2} END {printf "%s %.2f\n", r, (n > 0 ? t / hz * 1e6 / n : 0)}'
+}
+
 section_poll() {
     echo "== GET /api/flags: proxy vs floor vs Express (wrk -t2 -c$CONNS -d${DUR}s, $ROUNDS rounds)"
+    echo "proxy: $PROXY_BIN${BEFORE_BIN:+; before: $BEFORE_BIN}"
     flags_file 100 0 > "$TMP/flags100.json"
     mock --flags-file "$TMP/flags100.json"
     proxy $PROXY_PORT
+    local pp bp="" fp ep
+    pp=$(child_of "$LAST_PID")
+    if [ -n "${BEFORE_BIN:-}" ]; then
+        PROXY_BIN=$BEFORE_BIN proxy $BEFORE_PORT
+        bp=$(child_of "$LAST_PID")
+    fi
     curl -s "http://127.0.0.1:$PROXY_PORT/api/flags" > "$TMP/body.json"
+    # Same size (the bodies differ only in `cachedAt`, the time each process fetched).
+    if [ -n "$bp" ] && [ "$(curl -s "http://127.0.0.1:$BEFORE_PORT/api/flags" | wc -c)" != "$(wc -c < "$TMP/body.json")" ]; then
+        echo "the two proxies answer bodies of different sizes" >&2
+        return 1
+    fi
     start floor "$BIN/floor" --listen 127.0.0.1:$FLOOR_PORT --body-file "$TMP/body.json"
+    fp=$(child_of "$LAST_PID")
     ready "http://127.0.0.1:$FLOOR_PORT/"
     start express env -C bench/express PORT=$EXPRESS_PORT ROLLGATE_API_KEY=$KEY \
         ROLLGATE_BASE_URL=http://127.0.0.1:$MOCK_PORT node server.js
+    ep=$(child_of "$LAST_PID")
     ready "http://127.0.0.1:$EXPRESS_PORT/api/flags"
     echo "body bytes: proxy $(wc -c < "$TMP/body.json"), Express $(curl -s "http://127.0.0.1:$EXPRESS_PORT/api/flags" | wc -c)"
-    local vf=() ve=()
+    echo "header bytes: proxy $(curl -s -o /dev/null -D - "http://127.0.0.1:$PROXY_PORT/api/flags" | wc -c), floor $(curl -s -o /dev/null -D - "http://127.0.0.1:$FLOOR_PORT/api/flags" | wc -c)"
+    local vf=() ve=() vb=() pb=() fe=() cp=() cb=() cf=()
     for r in $(seq 1 "$ROUNDS"); do
-        local p f e
-        p=$(rps "http://127.0.0.1:$PROXY_PORT/api/flags")
-        f=$(rps "http://127.0.0.1:$FLOOR_PORT/api/flags")
-        e=$(rps "http://127.0.0.1:$EXPRESS_PORT/api/flags")
-        say "round $r: proxy $p req/s, floor $f req/s, Express $e req/s"
+        # Alternate the order every round, so no server always runs right after another.
+        local order=(proxy before floor express) name p="" b="" f="" e="" pc="" bc="" fc="" out
+        [ $((r % 2)) -eq 0 ] && order=(express floor before proxy)
+        for name in "${order[@]}"; do
+            case $name in
+                proxy) out=$(measure "$pp" "http://127.0.0.1:$PROXY_PORT/api/flags"); p=${out% *}; pc=${out#* } ;;
+                before) [ -n "$bp" ] || continue
+                    out=$(measure "$bp" "http://127.0.0.1:$BEFORE_PORT/api/flags"); b=${out% *}; bc=${out#* } ;;
+                floor) out=$(measure "$fp" "http://127.0.0.1:$FLOOR_PORT/api/flags"); f=${out% *}; fc=${out#* } ;;
+                express) out=$(measure "$ep" "http://127.0.0.1:$EXPRESS_PORT/api/flags"); e=${out% *} ;;
+            esac
+        done
+        say "round $r: proxy $p req/s ($pc us CPU/req)${bp:+, before $b req/s ($bc us CPU/req)}, floor $f req/s ($fc us CPU/req), Express $e req/s"
         vf+=("$(ratio "$p" "$f")")
         ve+=("$(ratio "$p" "$e")")
+        fe+=("$(ratio "$f" "$e")")
+        cp+=("$pc")
+        cf+=("$fc")
+        if [ -n "$bp" ]; then
+            vb+=("$(ratio "$b" "$f")")
+            pb+=("$(ratio "$p" "$b")")
+            cb+=("$bc")
+        fi
     done
-    say "median proxy/floor $(printf '%s\n' "${vf[@]}" | median)x (rounds: ${vf[*]}); proxy/Express $(printf '%s\n' "${ve[@]}" | median)x (rounds: ${ve[*]})"
+    say "median proxy/floor $(printf '%s\n' "${vf[@]}" | median)x (rounds: ${vf[*]}); proxy/Express $(printf '%s\n' "${ve[@]}" | median)x (rounds: ${ve[*]}); floor/Express $(printf '%s\n' "${fe[@]}" | median)x (rounds: ${fe[*]})"
+    [ -n "$bp" ] && say "median before/floor $(printf '%s\n' "${vb[@]}" | median)x (rounds: ${vb[*]}); proxy/before $(printf '%s\n' "${pb[@]}" | median)x (rounds: ${pb[*]})"
+    say "median server CPU per request: proxy $(printf '%s\n' "${cp[@]}" | median) us${bp:+, before $(printf '%s\n' "${cb[@]}" | median) us}, floor $(printf '%s\n' "${cf[@]}" | median) us"
     for pid in "${PIDS[@]}"; do stop "$pid"; done
     PIDS=()
 }
