@@ -442,7 +442,7 @@ async fn handle_fleet(fleet: &Arc<Fleet>, mut request: Request) -> Response {
             let answer = match route {
                 Route::Health => Some(health(&generation)),
                 Route::Ready => Some(ready(&generation)),
-                Route::Metrics => Some(metrics(&fleet, &generation)),
+                Route::Metrics => Some(metrics(fleet, &generation)),
                 _ => None,
             };
             let admission = match answer {
