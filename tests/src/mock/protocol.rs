@@ -14,6 +14,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::frames::to_json;
+use super::server::ConnProbe;
 use super::state::Shared;
 use super::types::{Fault, RecordedRequest, Route, StreamAuth};
 use super::{query, stream};
@@ -244,7 +245,8 @@ async fn stream_route(State(shared): State<Arc<Shared>>, req: Request) -> Respon
     if !allowed {
         return unauthorized(&shared);
     }
-    let body = stream::open(&shared, user_id(q));
+    let probe = parts.extensions.get::<ConnProbe>().cloned();
+    let body = stream::open(&shared, user_id(q), probe);
     let mut resp = Response::new(body);
     let headers = resp.headers_mut();
     headers.insert(
