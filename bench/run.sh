@@ -3,7 +3,8 @@
 # the proxy, a bare hyper server returning the same bytes (`floor`) and the original pattern's
 # Express proxy (bench/express). Not run by the test command.
 #
-#   bench/run.sh [section ...]     sections: poll peruser rss fanout slow (default: all)
+#   bench/run.sh [section ...]     sections: poll peruser routes compression rss fanout slow
+#                                  (default: all)
 #
 # Knobs (environment): PROXY_BIN (target/release/rollgate-proxy) the proxy measured;
 # BEFORE_BIN (none) a second proxy build measured in the same run (poll: e.g. the build before a
@@ -25,7 +26,7 @@ REPLICAS=${REPLICAS:-6}
 FANOUT_ROUNDS=${FANOUT_ROUNDS:-3}
 SLOW=${SLOW:-2000}
 CHANGES=${CHANGES:-50}
-SECTIONS=${*:-poll peruser rss fanout slow}
+SECTIONS=${*:-poll peruser routes compression rss fanout slow}
 BIN=target/release
 PROXY_BIN=${PROXY_BIN:-$BIN/rollgate-proxy}
 TMP=$(mktemp -d)
@@ -211,25 +212,94 @@ request = function()
   return wrk.format("GET", "/api/flags?user_id=u-" .. math.random(1, 1000000000) .. "&attr.plan=plan-1&attr.country=NL&email=a%40c1.example")
 end
 EOF
-    start local "$BIN/rollgate-proxy" --bind 127.0.0.1 --port $LOCAL_PORT --flags-file "$TMP/rules.json" --log-level warn
+    start local "$PROXY_BIN" --bind 127.0.0.1 --port $LOCAL_PORT --flags-file "$TMP/rules.json" --log-level warn
     ready "http://127.0.0.1:$LOCAL_PORT/api/flags"
+    local ports=($LOCAL_PORT) names=(proxy)
+    if [ -n "${BEFORE_BIN:-}" ]; then
+        start local-before "$BEFORE_BIN" --bind 127.0.0.1 --port $BEFORE_PORT --flags-file "$TMP/rules.json" --log-level warn
+        ready "http://127.0.0.1:$BEFORE_PORT/api/flags"
+        ports+=($BEFORE_PORT)
+        names+=(before)
+    fi
     curl -s "http://127.0.0.1:$LOCAL_PORT/api/flags" > "$TMP/anon.json"
     start floor "$BIN/floor" --listen 127.0.0.1:$FLOOR_PORT --body-file "$TMP/anon.json"
     ready "http://127.0.0.1:$FLOOR_PORT/"
-    local vd=() vs=()
-    local same="http://127.0.0.1:$LOCAL_PORT/api/flags?user_id=u-42&attr.plan=plan-1&attr.country=NL&email=a%40c1.example"
-    for r in $(seq 1 "$ROUNDS"); do
-        local d s a f
-        d=$(rps "http://127.0.0.1:$LOCAL_PORT" -s "$TMP/users.lua")
-        s=$(rps "$same")
-        a=$(rps "http://127.0.0.1:$LOCAL_PORT/api/flags")
-        f=$(rps "http://127.0.0.1:$FLOOR_PORT/api/flags")
-        say "round $r: different users $d req/s, same user $s req/s, anonymous $a req/s, floor $f req/s"
-        vd+=("$(ratio "$d" "$f")")
-        vs+=("$(ratio "$s" "$a")")
+    local i
+    for i in "${!ports[@]}"; do
+        local vd=() vs=() port=${ports[$i]} name=${names[$i]}
+        local same="http://127.0.0.1:$port/api/flags?user_id=u-42&attr.plan=plan-1&attr.country=NL&email=a%40c1.example"
+        for r in $(seq 1 "$ROUNDS"); do
+            local d s a f
+            d=$(rps "http://127.0.0.1:$port" -s "$TMP/users.lua")
+            s=$(rps "$same")
+            a=$(rps "http://127.0.0.1:$port/api/flags")
+            f=$(rps "http://127.0.0.1:$FLOOR_PORT/api/flags")
+            say "$name round $r: different users $d req/s, same user $s req/s, anonymous $a req/s, floor $f req/s"
+            vd+=("$(ratio "$d" "$f")")
+            vs+=("$(ratio "$s" "$a")")
+        done
+        say "$name: median different-user/floor $(printf '%s\n' "${vd[@]}" | median)x (${vd[*]}); same-user/anonymous $(printf '%s\n' "${vs[@]}" | median)x (${vs[*]})"
     done
-    say "median different-user/floor $(printf '%s\n' "${vd[@]}" | median)x (${vd[*]}); same-user/anonymous $(printf '%s\n' "${vs[@]}" | median)x (${vs[*]})"
     for pid in "${PIDS[@]}"; do stop "$pid"; done
+    PIDS=()
+}
+
+# wrk_line [wrk args...]: "req/s, p50, p99" of one wrk run.
+wrk_line() {
+    timeout $((DUR + 20)) wrk -t2 -c"$CONNS" -d"${DUR}s" --latency "$@" \
+        | awk '/Requests\/sec/ {r=$2} /^ +50%/ {m=$2} /^ +99%/ {p=$2} END {print r " req/s, p50 " m ", p99 " p}'
+}
+
+section_routes() {
+    echo "== the native server's polling routes, local mode (examples/flags.json), wrk -t2 -c$CONNS -d${DUR}s"
+    start routes "$PROXY_BIN" --bind 127.0.0.1 --port $LOCAL_PORT --snapshot-file "" --log-level warn
+    local pid base=http://127.0.0.1:$LOCAL_PORT etag
+    pid=$(child_of "$LAST_PID")
+    ready "$base/ready"
+    etag=$(curl -sfI "$base/api/flags" | awk -F': ' 'tolower($1)=="etag" {print $2}' | tr -d '\r')
+    say "GET /api/flags (default context, pre-serialized body): $(wrk_line "$base/api/flags")"
+    say "GET /api/flags with If-None-Match (304): $(wrk_line -H "If-None-Match: $etag" "$base/api/flags")"
+    say "GET /api/flags/new-checkout: $(wrk_line "$base/api/flags/new-checkout")"
+    say "GET /api/flags?user_id=...&attr.plan=pro (rules evaluated per request): $(wrk_line "$base/api/flags?user_id=user-42&attr.plan=pro")"
+    say "server RSS after the runs: $(awk '/VmRSS/ {print $2, $3}' "/proc/$pid/status")"
+    for p in "${PIDS[@]}"; do stop "$p"; done
+    PIDS=()
+}
+
+section_compression() {
+    echo "== precompressed bodies, a 2,000-flag set: bytes on the wire and wrk -t2 -c$CONNS -d${DUR}s, identity vs br"
+    # 2,000 flags with keys like real ones and a reason each: the set of core/benches/snapshot.rs.
+    python3 - "$TMP/large2000.json" <<'PY'
+import json, sys
+teams = ["checkout", "search", "payments", "growth", "mobile", "platform", "ads", "infra"]
+words = ["new-ui", "rollout", "beta", "experiment", "killswitch", "migration", "v2", "dark-launch"]
+flags, reasons = {}, {}
+for i in range(2000):
+    key = f"{teams[i % 8]}-{words[(i // 8) % 8]}-{words[(i * 7 + 3) % 8]}-{i}"
+    flags[key] = i % 3 == 0
+    reasons[key] = [{"kind": "FALLTHROUGH"}, {"kind": "OFF"},
+                    {"kind": "RULE_MATCH", "ruleId": f"rule-{i}", "ruleIndex": 0}][i % 3]
+json.dump({"flags": flags, "reasons": reasons}, open(sys.argv[1], "w"))
+PY
+    mock --flags-file "$TMP/large2000.json"
+    proxy $PROXY_PORT
+    local base=http://127.0.0.1:$PROXY_PORT path id gz br
+    for path in /api/flags /api/v1/sdk/flags '/api/v1/sdk/flags?withReasons=true'; do
+        id=$(curl -s -o /dev/null -w '%{size_download}' "$base$path")
+        gz=$(curl -s -o /dev/null -w '%{size_download}' -H 'Accept-Encoding: gzip' "$base$path")
+        br=$(curl -s -o /dev/null -w '%{size_download}' -H 'Accept-Encoding: br' "$base$path")
+        # The decoded answers are the identity bytes.
+        if ! cmp -s <(curl -s "$base$path") <(curl -s --compressed -H 'Accept-Encoding: br' "$base$path"); then
+            echo "the br answer of $path differs from identity" >&2
+            return 1
+        fi
+        echo "bytes $path: identity $id, gzip $gz ($(ratio "$id" "$gz")x), br $br ($(ratio "$id" "$br")x)"
+    done
+    for path in /api/flags '/api/v1/sdk/flags?withReasons=true'; do
+        say "$path identity: $(wrk_line "$base$path")"
+        say "$path br: $(wrk_line -H 'Accept-Encoding: br' "$base$path")"
+    done
+    for p in "${PIDS[@]}"; do stop "$p"; done
     PIDS=()
 }
 
