@@ -134,6 +134,14 @@ pub enum SideOutcome {
 impl SideOutcome {
     const LABELS: [&'static str; 4] = ["ok", "error", "rejected", "busy"];
 
+    /// Every outcome, in label order.
+    pub const ALL: [Self; 4] = [Self::Ok, Self::Error, Self::Rejected, Self::Busy];
+
+    /// The `outcome` label.
+    pub fn label(self) -> &'static str {
+        Self::LABELS[self.index()]
+    }
+
     fn index(self) -> usize {
         match self {
             Self::Ok => 0,
@@ -382,6 +390,11 @@ impl Metrics {
     /// One upstream request outside the machine.
     pub fn side_request(&self, kind: SideRequest, outcome: SideOutcome) {
         self.side[kind.index()][outcome.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts `n` side requests of `kind` that ended with `outcome` (reported in a batch).
+    pub fn side_requests(&self, kind: SideRequest, outcome: SideOutcome, n: u64) {
+        self.side[kind.index()][outcome.index()].fetch_add(n, Ordering::Relaxed);
     }
 
     /// Only the request families (`http_requests_total`, `http_request_duration_seconds`) of

@@ -163,7 +163,16 @@ async fn prelude(shared: &Shared, route: Route, parts: &http::request::Parts) ->
             .collect(),
     };
     if let Some(delay) = shared.record(recorded) {
-        tokio::time::sleep(delay).await;
+        // Removing the delay (`DELETE /control/delays`, a zero delay) also ends the waits in
+        // progress: a test can hold requests for as long as it needs, then release them.
+        let deadline = tokio::time::Instant::now() + delay;
+        let mut changes = shared.subscribe_changes();
+        while shared.read(|inner| inner.delays.contains_key(&route)) {
+            tokio::select! {
+                () = tokio::time::sleep_until(deadline) => break,
+                changed = changes.changed() => if changed.is_err() { break },
+            }
+        }
     }
     shared.take_fault(route).map(fault_response)
 }

@@ -552,6 +552,28 @@ async fn delays_hold_the_answer() {
 }
 
 #[tokio::test]
+async fn clearing_a_delay_releases_the_answers_it_holds() {
+    let mock = MockUpstream::basic().await.unwrap();
+    mock.set_delay(Route::Flags, Duration::from_secs(3600));
+    let held = tokio::spawn({
+        let url = format!("{}/api/v1/sdk/flags", mock.base_url());
+        let auth = bearer(&mock);
+        async move {
+            test_http_client()
+                .get(url)
+                .header("authorization", auth)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        }
+    });
+    mock.wait_until(T, |s| s.flags_requests == 1).await.unwrap();
+    mock.clear_delays();
+    let status = tokio::time::timeout(T, held).await.expect("released");
+    assert_eq!(status.unwrap().unwrap(), 200);
+}
+
+#[tokio::test]
 async fn drops_end_streams_cleanly_or_abort_them() {
     for (kind, want) in [
         (DropKind::Clean, StreamEnd::Clean),
