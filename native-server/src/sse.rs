@@ -248,7 +248,9 @@ pub const PONG: &str = "pong";
 pub fn websocket(app: &Arc<App>, subscriber: Subscriber, upgrade: WebSocketUpgrade) -> Response {
     let connection = connection(app, subscriber, false);
     upgrade
-        // Clients only send pings: nothing large is ever read.
+        // Clients only send pings: nothing large is ever read, so a small read buffer (the
+        // default reserves 128 KiB per connection) and small message limits.
+        .read_buffer_size(4096)
         .max_message_size(4096)
         .max_frame_size(4096)
         .on_upgrade(move |socket| serve_socket(connection, socket))
