@@ -10,6 +10,12 @@
 //! dozen bytes, where the body is kilobytes). The body is determined by exactly those two
 //! (the rules are in the content hash), so the ETag changes whenever the body can change, and
 //! it is the same on every replica and on both targets for the same data and context.
+//!
+//! A context is stored only when it is seen a second time (a doorkeeper of fingerprints,
+//! bounded, direct-mapped): a stream of users who each poll once (the first poll of every
+//! browser) would otherwise fill the cache with answers nobody asks for again and pay an
+//! insert and an eviction per request. A user polling again is stored at its second poll and
+//! served from the cache from its third.
 
 use bytes::Bytes;
 use lru::LruCache;
@@ -42,6 +48,26 @@ impl BodyKind {
 /// The canonical bytes of a context: equal contexts give equal bytes, different contexts
 /// different bytes (every field is tagged and length-prefixed).
 pub fn context_key(context: &Context) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    write_context_key(&mut out, context);
+    out
+}
+
+/// The cache key of `kind` for `context`: [`RenderedCache::key`] of [`context_key`], built
+/// in one buffer. [`context_part`] gives the context's bytes back.
+pub fn cache_key(kind: BodyKind, context: &Context) -> Vec<u8> {
+    let mut out = Vec::with_capacity(96);
+    out.push(kind.tag());
+    write_context_key(&mut out, context);
+    out
+}
+
+/// The [`context_key`] bytes inside a [`cache_key`].
+pub fn context_part(cache_key: &[u8]) -> &[u8] {
+    cache_key.get(1..).unwrap_or_default()
+}
+
+fn write_context_key(out: &mut Vec<u8>, context: &Context) {
     fn text(out: &mut Vec<u8>, value: &str) {
         out.extend_from_slice(&(value.len() as u64).to_le_bytes());
         out.extend_from_slice(value.as_bytes());
@@ -55,16 +81,15 @@ pub fn context_key(context: &Context) -> Vec<u8> {
             }
         }
     }
-    let mut out = Vec::with_capacity(64);
-    optional(&mut out, context.id.as_deref());
-    optional(&mut out, context.email.as_deref());
+    optional(out, context.id.as_deref());
+    optional(out, context.email.as_deref());
     out.extend_from_slice(&(context.attributes.len() as u64).to_le_bytes());
     for (name, value) in &context.attributes {
-        text(&mut out, name);
+        text(out, name);
         match value {
             AttributeValue::String(s) => {
                 out.push(b's');
-                text(&mut out, s);
+                text(out, s);
             }
             AttributeValue::Number(n) => {
                 out.push(b'n');
@@ -76,7 +101,6 @@ pub fn context_key(context: &Context) -> Vec<u8> {
             }
         }
     }
-    out
 }
 
 /// The quoted ETag of `context_key`'s answers for `snapshot` (see the module docs).
@@ -120,12 +144,20 @@ pub struct RenderedStats {
     pub misses: u64,
     /// Entries dropped to stay within the byte bound.
     pub evicted: u64,
+    /// Answers not stored because their context was seen for the first time (the doorkeeper).
+    pub first_seen: u64,
 }
+
+/// Fingerprints the doorkeeper remembers: 64 Ki slots of 8 bytes (512 KiB), so a context
+/// seen again within roughly the last 64 Ki first sightings is stored.
+const DOORKEEPER_SLOTS: usize = 1 << 16;
 
 /// Rendered answers per (body kind, context) for one revision, least recently used first out.
 #[derive(Debug)]
 pub struct RenderedCache {
     entries: LruCache<Vec<u8>, Rendered>,
+    /// Fingerprints of keys seen once, by slot (0: empty); allocated at the first offer.
+    seen: Vec<u64>,
     revision: Option<Revision>,
     bytes: usize,
     max_bytes: usize,
@@ -137,6 +169,7 @@ impl RenderedCache {
     pub fn new(max_bytes: usize) -> Self {
         Self {
             entries: LruCache::unbounded(),
+            seen: Vec::new(),
             revision: None,
             bytes: 0,
             max_bytes,
@@ -194,6 +227,28 @@ impl RenderedCache {
         }
     }
 
+    /// [`Self::insert`] if `key` was offered before (its second sighting, whatever the
+    /// revision then); a first sighting is only remembered (a fingerprint, counted as
+    /// `first_seen`). Returns whether the answer was stored.
+    pub fn offer(&mut self, revision: Revision, key: Vec<u8>, rendered: Rendered) -> bool {
+        if self.seen.is_empty() {
+            self.seen = vec![0; DOORKEEPER_SLOTS];
+        }
+        let fingerprint = fingerprint(&key);
+        // The low bits pick the slot; the whole fingerprint is compared (0 marks empty).
+        let slot = (fingerprint as usize) % DOORKEEPER_SLOTS;
+        let Some(seen) = self.seen.get_mut(slot) else {
+            return false;
+        };
+        if *seen != fingerprint {
+            *seen = fingerprint;
+            self.stats.first_seen += 1;
+            return false;
+        }
+        self.insert(revision, key, rendered);
+        true
+    }
+
     /// Answers held.
     pub fn len(&self) -> usize {
         self.entries.len()
@@ -222,6 +277,17 @@ impl RenderedCache {
             self.revision = Some(revision);
         }
     }
+}
+
+/// FNV-1a (64 bits) of `key`, never 0. Not keyed: a crafted collision only makes a context
+/// look seen before, which stores its answer (still within the byte bound).
+fn fingerprint(key: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in key {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash.max(1)
 }
 
 fn entry_size(key: &[u8], rendered: &Rendered) -> usize {
@@ -279,6 +345,48 @@ mod tests {
             ..Context::default()
         };
         assert_ne!(context_key(&number), context_key(&text));
+    }
+
+    #[test]
+    fn the_cache_key_is_the_kind_and_the_context_key() {
+        let context = user("u1", "pro");
+        let key = cache_key(BodyKind::Sdk, &context);
+        assert_eq!(
+            key,
+            RenderedCache::key(BodyKind::Sdk, &context_key(&context))
+        );
+        assert_eq!(context_part(&key), context_key(&context).as_slice());
+        assert_eq!(context_part(&[]), &[] as &[u8]);
+    }
+
+    #[test]
+    fn a_context_is_stored_at_its_second_sighting() {
+        let mut cache = RenderedCache::new(1 << 20);
+        let r1 = Revision::new(1);
+        let key = |kind, id: &str| cache_key(kind, &user(id, "pro"));
+        assert!(!cache.offer(r1, key(BodyKind::Flags, "u1"), rendered("a")));
+        assert!(cache.is_empty());
+        assert_eq!(cache.stats().first_seen, 1);
+        assert!(cache.offer(r1, key(BodyKind::Flags, "u1"), rendered("a")));
+        assert_eq!(
+            cache.get(r1, &key(BodyKind::Flags, "u1")).map(|r| r.body),
+            Some(Bytes::from_static(b"a"))
+        );
+        // Another rendering of the same context is a first sighting of its own.
+        assert!(!cache.offer(r1, key(BodyKind::Sdk, "u1"), rendered("b")));
+        // A user seen before a change and again after it is stored at once.
+        assert!(!cache.offer(r1, key(BodyKind::Flags, "u2"), rendered("c")));
+        let r2 = Revision::new(2);
+        assert!(cache.offer(r2, key(BodyKind::Flags, "u2"), rendered("d")));
+        assert_eq!(cache.len(), 1);
+        // Bounded: a flood of users seen once stores nothing and keeps the fingerprints'
+        // fixed size.
+        for n in 0..(2 * DOORKEEPER_SLOTS) {
+            cache.offer(r2, key(BodyKind::Flags, &format!("x{n}")), rendered("e"));
+        }
+        assert_eq!(cache.len(), 1);
+        assert_eq!(cache.seen.len(), DOORKEEPER_SLOTS);
+        assert_eq!(cache.stats().first_seen, 3 + 2 * DOORKEEPER_SLOTS as u64);
     }
 
     #[test]
