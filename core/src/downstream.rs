@@ -506,8 +506,7 @@ impl Downstream {
                     body,
                     etag: rendered::context_etag(snapshot, rendered::context_part(&key)),
                 };
-                // Stored at the context's second sighting only (the doorkeeper).
-                lock(&self.rendered).offer(revision, key, rendered.clone());
+                lock(&self.rendered).insert(revision, key, rendered.clone());
                 rendered
             }
         };

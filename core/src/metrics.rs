@@ -504,14 +504,13 @@ impl Metrics {
             &mut out,
             "rendered_cache_total",
             "counter",
-            "Rules-mode per-context answers: served rendered (hit), evaluated (miss), dropped to stay within the byte bound (evicted), or not stored because their context was seen for the first time (first_seen).",
+            "Rules-mode per-context answers: served rendered (hit), evaluated (miss), or dropped to stay within the byte bound (evicted).",
         );
         let rendered = scrape.rendered;
         for (result, n) in [
             ("hit", rendered.hits),
             ("miss", rendered.misses),
             ("evicted", rendered.evicted),
-            ("first_seen", rendered.first_seen),
         ] {
             sample(&mut out, "rendered_cache_total", &[("result", result)], n);
         }

@@ -10,12 +10,6 @@
 //! dozen bytes, where the body is kilobytes). The body is determined by exactly those two
 //! (the rules are in the content hash), so the ETag changes whenever the body can change, and
 //! it is the same on every replica and on both targets for the same data and context.
-//!
-//! A context is stored only when it is seen a second time (a doorkeeper of fingerprints,
-//! bounded, direct-mapped): a stream of users who each poll once (the first poll of every
-//! browser) would otherwise fill the cache with answers nobody asks for again and pay an
-//! insert and an eviction per request. A user polling again is stored at its second poll and
-//! served from the cache from its third.
 
 use bytes::Bytes;
 use lru::LruCache;
@@ -144,20 +138,12 @@ pub struct RenderedStats {
     pub misses: u64,
     /// Entries dropped to stay within the byte bound.
     pub evicted: u64,
-    /// Answers not stored because their context was seen for the first time (the doorkeeper).
-    pub first_seen: u64,
 }
-
-/// Fingerprints the doorkeeper remembers: 64 Ki slots of 8 bytes (512 KiB), so a context
-/// seen again within roughly the last 64 Ki first sightings is stored.
-const DOORKEEPER_SLOTS: usize = 1 << 16;
 
 /// Rendered answers per (body kind, context) for one revision, least recently used first out.
 #[derive(Debug)]
 pub struct RenderedCache {
     entries: LruCache<Vec<u8>, Rendered>,
-    /// Fingerprints of keys seen once, by slot (0: empty); allocated at the first offer.
-    seen: Vec<u64>,
     revision: Option<Revision>,
     bytes: usize,
     max_bytes: usize,
@@ -169,7 +155,6 @@ impl RenderedCache {
     pub fn new(max_bytes: usize) -> Self {
         Self {
             entries: LruCache::unbounded(),
-            seen: Vec::new(),
             revision: None,
             bytes: 0,
             max_bytes,
@@ -227,28 +212,6 @@ impl RenderedCache {
         }
     }
 
-    /// [`Self::insert`] if `key` was offered before (its second sighting, whatever the
-    /// revision then); a first sighting is only remembered (a fingerprint, counted as
-    /// `first_seen`). Returns whether the answer was stored.
-    pub fn offer(&mut self, revision: Revision, key: Vec<u8>, rendered: Rendered) -> bool {
-        if self.seen.is_empty() {
-            self.seen = vec![0; DOORKEEPER_SLOTS];
-        }
-        let fingerprint = fingerprint(&key);
-        // The low bits pick the slot; the whole fingerprint is compared (0 marks empty).
-        let slot = (fingerprint as usize) % DOORKEEPER_SLOTS;
-        let Some(seen) = self.seen.get_mut(slot) else {
-            return false;
-        };
-        if *seen != fingerprint {
-            *seen = fingerprint;
-            self.stats.first_seen += 1;
-            return false;
-        }
-        self.insert(revision, key, rendered);
-        true
-    }
-
     /// Answers held.
     pub fn len(&self) -> usize {
         self.entries.len()
@@ -277,17 +240,6 @@ impl RenderedCache {
             self.revision = Some(revision);
         }
     }
-}
-
-/// FNV-1a (64 bits) of `key`, never 0. Not keyed: a crafted collision only makes a context
-/// look seen before, which stores its answer (still within the byte bound).
-fn fingerprint(key: &[u8]) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in key {
-        hash ^= u64::from(*byte);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    hash.max(1)
 }
 
 fn entry_size(key: &[u8], rendered: &Rendered) -> usize {
@@ -357,36 +309,6 @@ mod tests {
         );
         assert_eq!(context_part(&key), context_key(&context).as_slice());
         assert_eq!(context_part(&[]), &[] as &[u8]);
-    }
-
-    #[test]
-    fn a_context_is_stored_at_its_second_sighting() {
-        let mut cache = RenderedCache::new(1 << 20);
-        let r1 = Revision::new(1);
-        let key = |kind, id: &str| cache_key(kind, &user(id, "pro"));
-        assert!(!cache.offer(r1, key(BodyKind::Flags, "u1"), rendered("a")));
-        assert!(cache.is_empty());
-        assert_eq!(cache.stats().first_seen, 1);
-        assert!(cache.offer(r1, key(BodyKind::Flags, "u1"), rendered("a")));
-        assert_eq!(
-            cache.get(r1, &key(BodyKind::Flags, "u1")).map(|r| r.body),
-            Some(Bytes::from_static(b"a"))
-        );
-        // Another rendering of the same context is a first sighting of its own.
-        assert!(!cache.offer(r1, key(BodyKind::Sdk, "u1"), rendered("b")));
-        // A user seen before a change and again after it is stored at once.
-        assert!(!cache.offer(r1, key(BodyKind::Flags, "u2"), rendered("c")));
-        let r2 = Revision::new(2);
-        assert!(cache.offer(r2, key(BodyKind::Flags, "u2"), rendered("d")));
-        assert_eq!(cache.len(), 1);
-        // Bounded: a flood of users seen once stores nothing and keeps the fingerprints'
-        // fixed size.
-        for n in 0..(2 * DOORKEEPER_SLOTS) {
-            cache.offer(r2, key(BodyKind::Flags, &format!("x{n}")), rendered("e"));
-        }
-        assert_eq!(cache.len(), 1);
-        assert_eq!(cache.seen.len(), DOORKEEPER_SLOTS);
-        assert_eq!(cache.stats().first_seen, 3 + 2 * DOORKEEPER_SLOTS as u64);
     }
 
     #[test]
