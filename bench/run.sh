@@ -3,11 +3,14 @@
 # the proxy, a bare hyper server returning the same bytes (`floor`) and the original pattern's
 # Express proxy (bench/express). Not run by the test command.
 #
-#   bench/run.sh [section ...]     sections: poll peruser rss fanout slow (default: all)
+#   bench/run.sh [section ...]     sections: poll peruser routes compression rss fanout slow
+#                                  (default: all)
 #
-# Knobs (environment): PROXY_BIN (target/release/rollgate-proxy) the proxy measured; BEFORE_BIN
-# (peruser only, optional) a second build measured in alternation with it in every round;
-# PORT_BASE (9010) the mock's port, the others follow it; ROUNDS (3) wrk rounds per figure, medians reported; DUR (5) seconds per
+# Knobs (environment): PROXY_BIN (target/release/rollgate-proxy) the proxy measured;
+# BEFORE_BIN (none) a second proxy build measured in the same run (poll: e.g. the build before a
+# change; peruser: in alternation with PROXY_BIN in every round); PORT_BASE (9010) the mock's
+# port, the others follow it (two runs can share the box); ROUNDS (3) wrk rounds per figure,
+# medians reported; DUR (5) seconds per
 # wrk run; CONNS (64) wrk connections; STREAMS (19000) streams for the RSS figure; FANOUT
 # (100000) clients over REPLICAS (6) proxy processes; FANOUT_ROUNDS (3) changes per mode;
 # SLOW (2000) never-reading clients; CHANGES (50) changes of the large set.
@@ -25,16 +28,15 @@ REPLICAS=${REPLICAS:-6}
 FANOUT_ROUNDS=${FANOUT_ROUNDS:-3}
 SLOW=${SLOW:-2000}
 CHANGES=${CHANGES:-50}
-SECTIONS=${*:-poll peruser rss fanout slow}
+SECTIONS=${*:-poll peruser routes compression rss fanout slow}
 BIN=target/release
 PROXY_BIN=${PROXY_BIN:-$BIN/rollgate-proxy}
 TMP=$(mktemp -d)
 PIDS=()
-# PORT_BASE moves every port (9000-9100 are reserved while the script runs), so two runs can
-# share the box.
+# PORT_BASE moves every port (9000-9100 are reserved while the script runs).
 P=${PORT_BASE:-9010}
 MOCK_PORT=$P CONTROL_PORT=$((P + 1)) PROXY_PORT=$((P + 10)) FLOOR_PORT=$((P + 11))
-EXPRESS_PORT=$((P + 12)) LOCAL_PORT=$((P + 13))
+EXPRESS_PORT=$((P + 12)) LOCAL_PORT=$((P + 13)) BEFORE_PORT=$((P + 14))
 KEY=test-api-key
 
 SYSCTLS=(net/core/somaxconn net/ipv4/tcp_mem net/ipv4/ip_local_reserved_ports)
@@ -119,29 +121,78 @@ print(json.dumps({"flags": {f"flag-{i:05d}-" + "x" * pad: i % 3 == 0 for i in ra
 EOF
 }
 
+# cpu_ticks PID: user + system CPU of a process so far, in clock ticks.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+# measure PID URL [wrk args...]: one wrk run; prints "req/s server-CPU-us-per-request" (the
+# server's own user + system time over the requests wrk completed: less sensitive to the box's
+# load than req/s, since it does not count time the server waited for a core).
+measure() {
+    local pid=$1 url=$2 before after out
+    shift 2
+    before=$(cpu_ticks "$pid")
+    out=$(timeout $((DUR + 20)) wrk -t2 -c"$CONNS" -d"${DUR}s" "$@" "$url")
+    after=$(cpu_ticks "$pid")
+    echo "$out" | awk -v t=$((after - before)) -v hz="$(getconf CLK_TCK)" \
+        '/requests in/ {n=$1} /Requests\/sec/ {r=$2} END {printf "%s %.2f\n", r, (n > 0 ? t / hz * 1e6 / n : 0)}'
+}
+
 section_poll() {
     echo "== GET /api/flags: proxy vs floor vs Express (wrk -t2 -c$CONNS -d${DUR}s, $ROUNDS rounds)"
+    echo "proxy: $PROXY_BIN${BEFORE_BIN:+; before: $BEFORE_BIN}"
     flags_file 100 0 > "$TMP/flags100.json"
     mock --flags-file "$TMP/flags100.json"
     proxy $PROXY_PORT
+    local pp bp="" fp ep
+    pp=$(child_of "$LAST_PID")
+    if [ -n "${BEFORE_BIN:-}" ]; then
+        PROXY_BIN=$BEFORE_BIN proxy $BEFORE_PORT
+        bp=$(child_of "$LAST_PID")
+    fi
     curl -s "http://127.0.0.1:$PROXY_PORT/api/flags" > "$TMP/body.json"
+    # Same size (the bodies differ only in `cachedAt`, the time each process fetched).
+    if [ -n "$bp" ] && [ "$(curl -s "http://127.0.0.1:$BEFORE_PORT/api/flags" | wc -c)" != "$(wc -c < "$TMP/body.json")" ]; then
+        echo "the two proxies answer bodies of different sizes" >&2
+        return 1
+    fi
     start floor "$BIN/floor" --listen 127.0.0.1:$FLOOR_PORT --body-file "$TMP/body.json"
+    fp=$(child_of "$LAST_PID")
     ready "http://127.0.0.1:$FLOOR_PORT/"
     start express env -C bench/express PORT=$EXPRESS_PORT ROLLGATE_API_KEY=$KEY \
         ROLLGATE_BASE_URL=http://127.0.0.1:$MOCK_PORT node server.js
+    ep=$(child_of "$LAST_PID")
     ready "http://127.0.0.1:$EXPRESS_PORT/api/flags"
     echo "body bytes: proxy $(wc -c < "$TMP/body.json"), Express $(curl -s "http://127.0.0.1:$EXPRESS_PORT/api/flags" | wc -c)"
-    local vf=() ve=()
+    echo "header bytes: proxy $(curl -s -o /dev/null -D - "http://127.0.0.1:$PROXY_PORT/api/flags" | wc -c), floor $(curl -s -o /dev/null -D - "http://127.0.0.1:$FLOOR_PORT/api/flags" | wc -c)"
+    local vf=() ve=() vb=() pb=() fe=() cp=() cb=() cf=()
     for r in $(seq 1 "$ROUNDS"); do
-        local p f e
-        p=$(rps "http://127.0.0.1:$PROXY_PORT/api/flags")
-        f=$(rps "http://127.0.0.1:$FLOOR_PORT/api/flags")
-        e=$(rps "http://127.0.0.1:$EXPRESS_PORT/api/flags")
-        say "round $r: proxy $p req/s, floor $f req/s, Express $e req/s"
+        # Alternate the order every round, so no server always runs right after another.
+        local order=(proxy before floor express) name p="" b="" f="" e="" pc="" bc="" fc="" out
+        [ $((r % 2)) -eq 0 ] && order=(express floor before proxy)
+        for name in "${order[@]}"; do
+            case $name in
+                proxy) out=$(measure "$pp" "http://127.0.0.1:$PROXY_PORT/api/flags"); p=${out% *}; pc=${out#* } ;;
+                before) [ -n "$bp" ] || continue
+                    out=$(measure "$bp" "http://127.0.0.1:$BEFORE_PORT/api/flags"); b=${out% *}; bc=${out#* } ;;
+                floor) out=$(measure "$fp" "http://127.0.0.1:$FLOOR_PORT/api/flags"); f=${out% *}; fc=${out#* } ;;
+                express) out=$(measure "$ep" "http://127.0.0.1:$EXPRESS_PORT/api/flags"); e=${out% *} ;;
+            esac
+        done
+        say "round $r: proxy $p req/s ($pc us CPU/req)${bp:+, before $b req/s ($bc us CPU/req)}, floor $f req/s ($fc us CPU/req), Express $e req/s"
         vf+=("$(ratio "$p" "$f")")
         ve+=("$(ratio "$p" "$e")")
+        fe+=("$(ratio "$f" "$e")")
+        cp+=("$pc")
+        cf+=("$fc")
+        if [ -n "$bp" ]; then
+            vb+=("$(ratio "$b" "$f")")
+            pb+=("$(ratio "$p" "$b")")
+            cb+=("$bc")
+        fi
     done
-    say "median proxy/floor $(printf '%s\n' "${vf[@]}" | median)x (rounds: ${vf[*]}); proxy/Express $(printf '%s\n' "${ve[@]}" | median)x (rounds: ${ve[*]})"
+    say "median proxy/floor $(printf '%s\n' "${vf[@]}" | median)x (rounds: ${vf[*]}); proxy/Express $(printf '%s\n' "${ve[@]}" | median)x (rounds: ${ve[*]}); floor/Express $(printf '%s\n' "${fe[@]}" | median)x (rounds: ${fe[*]})"
+    [ -n "$bp" ] && say "median before/floor $(printf '%s\n' "${vb[@]}" | median)x (rounds: ${vb[*]}); proxy/before $(printf '%s\n' "${pb[@]}" | median)x (rounds: ${pb[*]})"
+    say "median server CPU per request: proxy $(printf '%s\n' "${cp[@]}" | median) us${bp:+, before $(printf '%s\n' "${cb[@]}" | median) us}, floor $(printf '%s\n' "${cf[@]}" | median) us"
     for pid in "${PIDS[@]}"; do stop "$pid"; done
     PIDS=()
 }
@@ -190,20 +241,8 @@ EOF
     fpid=$(child_of "$LAST_PID")
     ready "http://127.0.0.1:$FLOOR_PORT/"
     # Besides req/s (which other load on the box moves a lot), the server's own CPU time per
-    # request (utime + stime over the run ÷ requests): steadier under contention, and the
-    # floor's CPU per request over the proxy's is the ratio an idle box would approach.
-    local tick_us=$((1000000 / $(getconf CLK_TCK)))
-    cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-    # measure PID URL [wrk args...]: "req/s µs-of-CPU-per-request".
-    measure() {
-        local pid=$1 t0 t1 r
-        shift
-        t0=$(cpu "$pid")
-        r=$(rps "$@")
-        t1=$(cpu "$pid")
-        awk -v r="$r" -v t=$((t1 - t0)) -v us="$tick_us" -v d="$DUR" \
-            'BEGIN {printf "%s %.1f\n", r, (r > 0 ? t * us / (r * d) : 0)}'
-    }
+    # request (`measure`): the floor's CPU per request over the proxy's is the ratio an idle
+    # box would approach.
     declare -A vd vs vc
     local query="user_id=u-42&attr.plan=plan-1&attr.country=NL&email=a%40c1.example"
     for r in $(seq 1 "$ROUNDS"); do
@@ -232,6 +271,65 @@ EOF
         say "${names[$i]}: median different-user/floor $(printf '%s\n' ${vd[$i]} | median)x (${vd[$i]% }); by CPU per request $(printf '%s\n' ${vc[$i]} | median)x (${vc[$i]% }); same-user/anonymous $(printf '%s\n' ${vs[$i]} | median)x (${vs[$i]% })"
     done
     for pid in "${PIDS[@]}"; do stop "$pid"; done
+    PIDS=()
+}
+
+# wrk_line [wrk args...]: "req/s, p50, p99" of one wrk run.
+wrk_line() {
+    timeout $((DUR + 20)) wrk -t2 -c"$CONNS" -d"${DUR}s" --latency "$@" \
+        | awk '/Requests\/sec/ {r=$2} /^ +50%/ {m=$2} /^ +99%/ {p=$2} END {print r " req/s, p50 " m ", p99 " p}'
+}
+
+section_routes() {
+    echo "== the native server's polling routes, local mode (examples/flags.json), wrk -t2 -c$CONNS -d${DUR}s"
+    start routes "$PROXY_BIN" --bind 127.0.0.1 --port $LOCAL_PORT --snapshot-file "" --log-level warn
+    local pid base=http://127.0.0.1:$LOCAL_PORT etag
+    pid=$(child_of "$LAST_PID")
+    ready "$base/ready"
+    etag=$(curl -sfI "$base/api/flags" | awk -F': ' 'tolower($1)=="etag" {print $2}' | tr -d '\r')
+    say "GET /api/flags (default context, pre-serialized body): $(wrk_line "$base/api/flags")"
+    say "GET /api/flags with If-None-Match (304): $(wrk_line -H "If-None-Match: $etag" "$base/api/flags")"
+    say "GET /api/flags/new-checkout: $(wrk_line "$base/api/flags/new-checkout")"
+    say "GET /api/flags?user_id=...&attr.plan=pro (rules evaluated per request): $(wrk_line "$base/api/flags?user_id=user-42&attr.plan=pro")"
+    say "server RSS after the runs: $(awk '/VmRSS/ {print $2, $3}' "/proc/$pid/status")"
+    for p in "${PIDS[@]}"; do stop "$p"; done
+    PIDS=()
+}
+
+section_compression() {
+    echo "== precompressed bodies, a 2,000-flag set: bytes on the wire and wrk -t2 -c$CONNS -d${DUR}s, identity vs br"
+    # 2,000 flags with keys like real ones and a reason each: the set of core/benches/snapshot.rs.
+    python3 - "$TMP/large2000.json" <<'PY'
+import json, sys
+teams = ["checkout", "search", "payments", "growth", "mobile", "platform", "ads", "infra"]
+words = ["new-ui", "rollout", "beta", "experiment", "killswitch", "migration", "v2", "dark-launch"]
+flags, reasons = {}, {}
+for i in range(2000):
+    key = f"{teams[i % 8]}-{words[(i // 8) % 8]}-{words[(i * 7 + 3) % 8]}-{i}"
+    flags[key] = i % 3 == 0
+    reasons[key] = [{"kind": "FALLTHROUGH"}, {"kind": "OFF"},
+                    {"kind": "RULE_MATCH", "ruleId": f"rule-{i}", "ruleIndex": 0}][i % 3]
+json.dump({"flags": flags, "reasons": reasons}, open(sys.argv[1], "w"))
+PY
+    mock --flags-file "$TMP/large2000.json"
+    proxy $PROXY_PORT
+    local base=http://127.0.0.1:$PROXY_PORT path id gz br
+    for path in /api/flags /api/v1/sdk/flags '/api/v1/sdk/flags?withReasons=true'; do
+        id=$(curl -s -o /dev/null -w '%{size_download}' "$base$path")
+        gz=$(curl -s -o /dev/null -w '%{size_download}' -H 'Accept-Encoding: gzip' "$base$path")
+        br=$(curl -s -o /dev/null -w '%{size_download}' -H 'Accept-Encoding: br' "$base$path")
+        # The decoded answers are the identity bytes.
+        if ! cmp -s <(curl -s "$base$path") <(curl -s --compressed -H 'Accept-Encoding: br' "$base$path"); then
+            echo "the br answer of $path differs from identity" >&2
+            return 1
+        fi
+        echo "bytes $path: identity $id, gzip $gz ($(ratio "$id" "$gz")x), br $br ($(ratio "$id" "$br")x)"
+    done
+    for path in /api/flags '/api/v1/sdk/flags?withReasons=true'; do
+        say "$path identity: $(wrk_line "$base$path")"
+        say "$path br: $(wrk_line -H 'Accept-Encoding: br' "$base$path")"
+    done
+    for p in "${PIDS[@]}"; do stop "$p"; done
     PIDS=()
 }
 

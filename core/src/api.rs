@@ -441,10 +441,10 @@ impl ApiResponse {
             .choose(accept_encoding)
             .map_or((Encoding::Identity, identity), |(e, b)| (e, b));
         let matches = if_none_match.is_some_and(|header| encoding::etag_matches_any(header, etag));
-        let mut headers = vec![
-            ("ETag", encoding.etag(etag)),
-            ("Cache-Control", NO_CACHE.to_owned()),
-        ];
+        // Room for `Content-Encoding` and the `Vary` every caller adds: one allocation.
+        let mut headers = Vec::with_capacity(4);
+        headers.push(("ETag", encoding.etag(etag)));
+        headers.push(("Cache-Control", NO_CACHE.to_owned()));
         if matches {
             return Self {
                 status: 304,

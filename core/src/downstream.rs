@@ -408,7 +408,12 @@ impl Downstream {
                             .vary_encoding(),
                     );
                 }
-                let ofrep_stream = ofrep::stream_uri(client_key.as_deref());
+                // Only the OFREP bulk answer names its stream: no string for the other routes.
+                let ofrep_stream = if matches!(route, Route::OfrepFlags) {
+                    ofrep::stream_uri(client_key.as_deref())
+                } else {
+                    String::new()
+                };
                 match self.resolve(snapshot, context.clone()) {
                     Resolved::Flags(flags) => respond(respond_with(
                         snapshot,

@@ -48,6 +48,7 @@ pub mod downstream;
 pub mod encoding;
 pub mod environments;
 pub mod eval;
+pub mod forwards;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;

@@ -600,6 +600,23 @@ impl Upstream {
         self.forward_holds[kind.index()].filter(|&at| at > now)
     }
 
+    /// Until when forwarded POSTs of `kind` are held back, if later than `now`: by a
+    /// `Retry-After` on that kind, one on every request (or the slow probe of a rejected key),
+    /// or the open breaker. What [`Upstream::admit_forward`] decides, without asking the
+    /// breaker (so no probe is taken): the verdict handed to adapters that forward elsewhere
+    /// ([`crate::forwards::ForwardGate::verdict`]).
+    pub fn forward_blocked_until(&self, now: Timestamp, kind: SideRequest) -> Option<Timestamp> {
+        let open = self.breaker.reopen_at().filter(|&at| at > now);
+        [
+            self.forward_held_until(now, kind),
+            self.held_until(now),
+            open,
+        ]
+        .into_iter()
+        .flatten()
+        .max()
+    }
+
     /// Tells the machine what upstream answered to a forwarded POST of `kind` that was not a
     /// success: a 429/503 `Retry-After` pauses **that kind** until it has passed (at most
     /// [`MAX_RETRY_AFTER`]; flag fetches and the other kinds go on), a 401 marks the key

@@ -1,6 +1,7 @@
 //! The Worker's fetch handler: CORS and the request id, core's admission (route, client key) and
-//! body limit, then the edge cache for polling, a shard object for streams, and the relay object
-//! for everything else. Stateless routes (probes, the demo page) are answered here by core.
+//! body limit, then the edge cache for polling, a shard object for streams, `forward.rs` for
+//! identify, events and telemetry, and the relay object for everything else. Stateless routes
+//! (probes, the demo page) are answered here by core.
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -225,13 +226,10 @@ async fn handle(
         )
         .await;
     }
-    let response = to_relay(env, config, &incoming, &body, true).await?;
-    if route == Route::SdkIdentify && response.status_code() == 200 {
-        // The stored attributes change this user's answers: this location must ask the relay
-        // (which merges them) before it answers that user from its own copy again.
-        crate::local::forget(config).await;
+    if crate::forward::is_forwarded(&route) {
+        return crate::forward::handle(env, ctx, config, &incoming, body, admitted).await;
     }
-    Ok(response)
+    to_relay(env, config, &incoming, &body, true).await
 }
 
 /// Where a request goes when several environments are configured.
@@ -349,7 +347,7 @@ async fn across_environments(env: &Env, front: &Front, route: &Route) -> worker:
     http::to_response(api)
 }
 
-async fn to_relay(
+pub(crate) async fn to_relay(
     env: &Env,
     config: &EdgeConfig,
     incoming: &Incoming,

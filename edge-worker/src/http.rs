@@ -1,9 +1,12 @@
 //! Conversions between core's plain-data answers and `worker` requests/responses.
 
 use bytes::Bytes;
+use std::time::Duration;
+
 use futures_util::StreamExt;
+use futures_util::future::{Either, select};
 use rollgate_proxy_core::api::{ApiError, ApiResponse};
-use worker::{Headers, Method, Request, Response, ResponseBody};
+use worker::{AbortController, Delay, Headers, Method, Request, Response, ResponseBody};
 
 /// Header carrying the snapshot event id from the relay to the Worker (stripped before clients).
 pub(crate) const EVENT_ID_HEADER: &str = "x-rollgate-event-id";
@@ -285,4 +288,25 @@ pub(crate) fn random_unit() -> f64 {
 /// Hides `secret` in a message that might contain it (a URL with `?token=`).
 pub(crate) fn redact(message: &str, secret: &str) -> String {
     rollgate_proxy_core::secret::Secret::new(secret).redact(message)
+}
+
+/// Runs `future` for at most `timeout`; on timeout, or when it returns `Err` (a
+/// request given up on, e.g. an oversize body), aborts the request through `controller`.
+pub(crate) async fn with_timeout<T, E>(
+    future: impl Future<Output = Result<T, E>>,
+    controller: AbortController,
+    timeout: Duration,
+) -> Option<Result<T, E>> {
+    let future = std::pin::pin!(future);
+    match select(future, Delay::from(timeout)).await {
+        Either::Left((Ok(value), _)) => Some(Ok(value)),
+        Either::Left((Err(error), _)) => {
+            controller.abort();
+            Some(Err(error))
+        }
+        Either::Right(((), _)) => {
+            controller.abort();
+            None
+        }
+    }
 }

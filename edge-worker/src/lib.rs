@@ -6,6 +6,8 @@
 //!              │  stateless routes: answered here by core's dispatcher
 //!              │  polling: Workers Cache API (pointer to the current event id) ─ miss ─┐
 //!              │  streams: one of ROLLGATE_PROXY_SSE_SHARDS shard objects (random)       │
+//!              │  identify, events, telemetry: POSTed upstream from here (forward.rs),   │
+//!              │    outcomes reported to the relay in batches                            │
 //!              ▼                                                                        ▼
 //!        SseShard[i] ◀── one internal stream of snapshots ── Relay (one per environment) ◀┘
 //!        core's Subscriber per client; per-user               owns core's `Upstream` (ONE upstream
@@ -21,11 +23,13 @@
 
 pub mod cache;
 pub mod config;
+pub mod tally;
 
 cfg_if::cfg_if! {
     if #[cfg(target_arch = "wasm32")] {
         mod entry;
         mod fanout;
+        mod forward;
         mod http;
         mod local;
         mod relay;

@@ -12,14 +12,16 @@ use bytes::Bytes;
 use futures_channel::oneshot;
 use futures_util::StreamExt;
 use futures_util::future::{Either, select};
-use rollgate_proxy_core::api::{ApiError, ApiResponse, Route};
+use rollgate_proxy_core::api::{ApiError, Route};
 use rollgate_proxy_core::breaker::Outcome;
-use rollgate_proxy_core::downstream::{Answer, Downstream, Forward, MetricsExtra, SourceReport};
+use rollgate_proxy_core::downstream::{Answer, Downstream, MetricsExtra, SourceReport};
+use rollgate_proxy_core::forwards::REPORT_GRACE;
 use rollgate_proxy_core::metrics::{MAX_SIDE_REQUESTS_IN_FLIGHT, SideOutcome, SideRequest};
 use rollgate_proxy_core::model::{EvaluatedFlags, RulesPayload};
 use rollgate_proxy_core::snapshot::{FlagSource, Freshness, Revision, Snapshot, SnapshotStore};
 use rollgate_proxy_core::sse::encode::{Event, KEEPALIVE};
 use rollgate_proxy_core::stream::StreamKind;
+use rollgate_proxy_core::time::Timestamp;
 use rollgate_proxy_core::upstream::{
     Action, FetchResult, RequestId, StreamEnd, StreamId, Upstream,
 };
@@ -34,6 +36,7 @@ use wasm_bindgen::{JsCast, JsValue};
 use crate::config::EdgeConfig;
 use crate::fanout::{Outlet, js_bytes};
 use crate::http::{self, EVENT_ID_HEADER, Incoming, now};
+use crate::tally::{self, Tally, Verdict};
 
 mod identify;
 pub(crate) mod refresh;
@@ -42,6 +45,8 @@ pub(crate) mod refresh;
 const SNAPSHOT_KEY: &str = "snapshot";
 /// Storage key of the environment's name (several environments), for alarms without a request.
 const ENVIRONMENT_KEY: &str = "environment";
+/// Most outcomes of one kind a report records in the breaker (its thresholds are far lower).
+const BREAKER_RECORDS: u64 = 1000;
 /// SSE event name of the internal relay → shard stream.
 pub(crate) const SNAPSHOT_EVENT: &str = "snapshot";
 
@@ -88,8 +93,16 @@ struct Core {
     side_in_flight: [usize; 4],
     /// A timer for core's next per-user refresh is pending.
     refresh_timer: bool,
-    /// `/identify` forwards in flight per user, and the fetches waiting for them.
+    /// `/identify` forwards in flight per user (forwarded by the fronts), and the fetches
+    /// waiting for them.
     identifies: HashMap<String, (usize, Vec<oneshot::Sender<()>>)>,
+    /// The open identify gates, by token: the user each is for.
+    identify_gates: HashMap<u64, String>,
+    /// The last identify gate token handed out.
+    identify_token: u64,
+    /// Requests this object served, by route label or internal path (a Worker-only metric:
+    /// what reaches the one object per environment).
+    requests: BTreeMap<&'static str, u64>,
 }
 
 /// What one shard last reported: clients and frames sent, per stream kind.
@@ -358,27 +371,6 @@ fn upstream_headers(config: &EdgeConfig, accept: &str) -> worker::Result<Headers
     Ok(headers)
 }
 
-/// Runs `future` for at most `timeout`; on timeout, or when it returns `Err` (a
-/// request given up on, e.g. an oversize body), aborts the request through `controller`.
-async fn with_timeout<T, E>(
-    future: impl Future<Output = Result<T, E>>,
-    controller: AbortController,
-    timeout: Duration,
-) -> Option<Result<T, E>> {
-    let future = std::pin::pin!(future);
-    match select(future, Delay::from(timeout)).await {
-        Either::Left((Ok(value), _)) => Some(Ok(value)),
-        Either::Left((Err(error), _)) => {
-            controller.abort();
-            Some(Err(error))
-        }
-        Either::Right(((), _)) => {
-            controller.abort();
-            None
-        }
-    }
-}
-
 /// Why a flags request gave no usable answer.
 enum GetError {
     Worker(worker::Error),
@@ -429,7 +421,7 @@ async fn get_flags(
         Ok::<_, GetError>((status, etag, retry_after, body))
     };
     let timeout = config.core.upstream_timeout;
-    match with_timeout(call, controller, timeout).await {
+    match http::with_timeout(call, controller, timeout).await {
         Some(Ok((status, etag, retry_after, body))) => FetchResult::Response {
             status,
             etag,
@@ -578,7 +570,12 @@ fn downstream_of(inner: &Inner) -> Option<Rc<Downstream>> {
 
 async fn handle(inner: &Rc<Inner>, mut req: Request) -> worker::Result<Response> {
     let incoming = Incoming::read(&req)?;
+    count_request(inner, &incoming);
     match incoming.path.as_str() {
+        crate::forward::REPORT_PATH => {
+            let body = req.text().await.unwrap_or_default();
+            return forwards_report(inner, &body);
+        }
         "/__rollgate/subscribe" => return subscribe(inner),
         "/__rollgate/shard-clients" => {
             shard_report(inner, &incoming.query);
@@ -599,6 +596,7 @@ async fn handle(inner: &Rc<Inner>, mut req: Request) -> worker::Result<Response>
     let request = incoming.request(&body);
     let route = Route::parse(&incoming.method, &incoming.path).ok();
     let snapshot = inner.core.borrow().snapshot();
+    let mut forward_token = None;
     let answer = downstream.handle(
         now(),
         &request,
@@ -616,14 +614,24 @@ async fn handle(inner: &Rc<Inner>, mut req: Request) -> worker::Result<Response>
                 };
             downstream.finish(pending, &flags)
         }
-        Answer::Forward(forward) => forward_upstream(inner, &config, forward),
+        Answer::Forward(forward) => {
+            // The front forwards it (`forward.rs`); an identify's gate holds that user's next
+            // fetch until the front reports the forward ended.
+            forward_token = Some(match (forward.kind, &forward.user_id) {
+                (SideRequest::Identify, Some(user)) => {
+                    identify::begin(inner, user, config.core.upstream_timeout)
+                }
+                _ => 0,
+            });
+            forward.response
+        }
         Answer::Health => downstream.health(
             now(),
             snapshot.as_deref(),
             &report(inner),
             config.core.api_key.as_ref(),
         ),
-        // Nothing is buffered here (forwards go out at once): nothing dropped.
+        // Nothing is buffered (the fronts forward at once): nothing dropped.
         Answer::Metrics => {
             let shard_clients = inner
                 .core
@@ -632,7 +640,7 @@ async fn handle(inner: &Rc<Inner>, mut req: Request) -> worker::Result<Response>
                 .iter()
                 .map(|(shard, report)| (*shard, report.clients.iter().sum()))
                 .collect();
-            downstream.metrics(
+            let mut metrics = downstream.metrics(
                 now(),
                 snapshot.as_deref(),
                 &report(inner),
@@ -640,7 +648,16 @@ async fn handle(inner: &Rc<Inner>, mut req: Request) -> worker::Result<Response>
                     shard_clients,
                     ..MetricsExtra::default()
                 },
-            )
+            );
+            // Only when asked (`/api/metrics?objects`): the plain scrape has exactly the native
+            // server's families (the parity scenario compares them).
+            if form_urlencoded::parse(incoming.query.as_bytes()).any(|(name, _)| name == "objects")
+            {
+                let mut text = metrics.body.to_vec();
+                text.extend_from_slice(requests_family(inner).as_bytes());
+                metrics.body = Bytes::from(text);
+            }
+            metrics
         }
         // The Worker sends streams to the shards, never here.
         Answer::Stream { .. } => ApiError::not_found(&incoming.path).into(),
@@ -664,7 +681,83 @@ async fn handle(inner: &Rc<Inner>, mut req: Request) -> worker::Result<Response>
     if let Some(event_id) = event_id {
         response.headers_mut().set(EVENT_ID_HEADER, &event_id)?;
     }
+    if let Some(token) = forward_token {
+        response
+            .headers_mut()
+            .set(crate::forward::FORWARD_HEADER, &token.to_string())?;
+    }
     Ok(response)
+}
+
+/// Counts a request in `rollgate_proxy_relay_requests_total`.
+fn count_request(inner: &Inner, incoming: &Incoming) {
+    let label = match incoming.path.as_str() {
+        crate::forward::REPORT_PATH => "forward_reports",
+        "/__rollgate/subscribe" => "shard_subscribe",
+        "/__rollgate/shard-clients" => "shard_reports",
+        "/__rollgate/user-streams-closed" => "shard_user_streams",
+        crate::local::SNAPSHOT_PATH => "snapshot_checks",
+        path => Route::parse(&incoming.method, path).map_or("unmatched", |r| r.label()),
+    };
+    *inner.core.borrow_mut().requests.entry(label).or_default() += 1;
+}
+
+/// `rollgate_proxy_relay_requests_total`, appended to this object's metrics on request.
+fn requests_family(inner: &Inner) -> String {
+    let mut text = String::from(
+        "# HELP rollgate_proxy_relay_requests_total Requests the environment's relay object \
+         served (Worker only), by route or internal path.\n\
+         # TYPE rollgate_proxy_relay_requests_total counter\n",
+    );
+    for (label, n) in &inner.core.borrow().requests {
+        text.push_str(&format!(
+            "rollgate_proxy_relay_requests_total{{route=\"{label}\"}} {n}\n"
+        ));
+    }
+    text
+}
+
+/// A front's batch of forward outcomes (`forward.rs`): upstream's refusals and every outcome go
+/// to the machine (breaker, `Retry-After` holds, the rejected key) and the metrics, ended
+/// identifies close their gates; the answer is the verdict for the front's next forwards.
+fn forwards_report(inner: &Rc<Inner>, body: &str) -> worker::Result<Response> {
+    let tally = Tally::decode(body);
+    for token in tally.ended() {
+        identify::end(inner, *token);
+    }
+    let at = now();
+    if let Some(downstream) = downstream_of(inner) {
+        for kind in tally::KINDS {
+            for outcome in SideOutcome::ALL {
+                downstream
+                    .metrics
+                    .side_requests(kind, outcome, tally.counted(kind, outcome));
+            }
+        }
+    }
+    let mut verdict = Verdict::default();
+    if let Some(upstream) = inner.core.borrow_mut().upstream.as_mut() {
+        for (i, kind) in tally::KINDS.into_iter().enumerate() {
+            if let Some((status, retry_after)) = tally.refusal(kind) {
+                upstream.record_forward_response(at, kind, status, retry_after);
+            }
+            // Successes first: a failure in the same batch then reopens a half-open breaker.
+            // Bounded: past the breaker's thresholds more of the same change nothing.
+            let ok = tally.counted(kind, SideOutcome::Ok).min(BREAKER_RECORDS);
+            let failed = tally.counted(kind, SideOutcome::Error).min(BREAKER_RECORDS);
+            for _ in 0..ok {
+                upstream.record_side_request(at, Outcome::Success);
+            }
+            for _ in 0..failed {
+                upstream.record_side_request(at, Outcome::Failure);
+            }
+            verdict.until[i] = upstream
+                .forward_blocked_until(at, kind)
+                .map(Timestamp::as_millis);
+        }
+    }
+    drive(inner);
+    Response::ok(verdict.encode())
 }
 
 /// The stateless Worker's revision check, `?have=<event id>`: 204 when that is still current,
@@ -803,7 +896,7 @@ async fn fetch_user(
 ) -> Option<EvaluatedFlags> {
     let downstream = downstream_of(inner)?;
     // The user's identify reaches Rollgate before this fetch does.
-    identify::wait(inner, user_id, config.core.upstream_timeout).await;
+    identify::wait(inner, user_id, config.core.upstream_timeout + REPORT_GRACE).await;
     if !take_side_slot(inner, &downstream, SideRequest::UserFlags) {
         return None;
     }
@@ -863,103 +956,6 @@ fn record_side_request(inner: &Rc<Inner>, downstream: &Downstream, kind: SideReq
     }
     downstream.metrics.side_request(kind, side);
     drive(inner);
-}
-
-/// Hands a client's body on to upstream in the background (breaker permitting; its outcome
-/// recorded) and returns the client's answer.
-fn forward_upstream(inner: &Rc<Inner>, config: &Rc<EdgeConfig>, forward: Forward) -> ApiResponse {
-    let Some(downstream) = downstream_of(inner) else {
-        return forward.response;
-    };
-    let Some(key) = config.core.api_key.clone() else {
-        return forward.response;
-    };
-    if !take_side_slot(inner, &downstream, forward.kind) {
-        return forward.response;
-    }
-    let admitted = inner
-        .core
-        .borrow_mut()
-        .upstream
-        .as_mut()
-        .is_some_and(|u| u.admit_forward(now(), forward.kind));
-    if !admitted {
-        release_side_slot(inner, forward.kind);
-        downstream
-            .metrics
-            .side_request(forward.kind, SideOutcome::Rejected);
-        return forward.response;
-    }
-    let url = format!("{}{}", config.core.base_url, forward.path());
-    let timeout = config.core.upstream_timeout;
-    let inner = Rc::clone(inner);
-    let Forward {
-        kind,
-        body,
-        response,
-        user_id,
-        ..
-    } = forward;
-    // Identified before it is answered: that user's next fetch waits for this forward.
-    let identified = user_id.filter(|_| kind == SideRequest::Identify);
-    if let Some(user) = &identified {
-        identify::begin(&inner, user);
-    }
-    wasm_bindgen_futures::spawn_local(async move {
-        let request = (|| {
-            let headers = Headers::new();
-            headers.set("authorization", &format!("Bearer {}", key.expose()))?;
-            headers.set("content-type", "application/json")?;
-            http::new_request(
-                &url,
-                &Method::Post,
-                &headers,
-                http::Redirect::Follow,
-                Some(&body[..]),
-            )
-        })();
-        let ok = match request {
-            Ok(request) => {
-                let controller = AbortController::default();
-                let signal = controller.signal();
-                let fetch = Fetch::Request(request);
-                let send = fetch.send_with_signal(&signal);
-                match with_timeout(send, controller, timeout).await {
-                    Some(Ok(answer)) if (200..300).contains(&answer.status_code()) => true,
-                    Some(Ok(answer)) => {
-                        // A 429/503 `Retry-After` pauses this kind; a 401 is the rejected
-                        // key; a 403 and the rest are ordinary failures.
-                        let retry_after = answer.headers().get("retry-after").ok().flatten();
-                        if let Some(upstream) = inner.core.borrow_mut().upstream.as_mut() {
-                            upstream.record_forward_response(
-                                now(),
-                                kind,
-                                answer.status_code(),
-                                retry_after.as_deref(),
-                            );
-                        }
-                        false
-                    }
-                    Some(Err(error)) => {
-                        console_error!(
-                            "relay: forwarding {} failed: {}",
-                            kind.label(),
-                            key.redact(&error.to_string())
-                        );
-                        false
-                    }
-                    None => false,
-                }
-            }
-            Err(_) => false,
-        };
-        if let Some(user) = &identified {
-            identify::end(&inner, user);
-        }
-        release_side_slot(&inner, kind);
-        record_side_request(&inner, &downstream, kind, ok);
-    });
-    response
 }
 
 /// The internal stream of a shard: the current snapshot at once, then every new one.

@@ -402,7 +402,19 @@ pub fn router(fleet: Arc<Fleet>) -> Router {
 
 static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
-async fn handle(State(fleet): State<Arc<Fleet>>, mut request: Request) -> Response {
+async fn handle(State(fleet): State<Arc<Fleet>>, request: Request) -> Response {
+    handle_fleet(&fleet, request).await
+}
+
+/// What the server calls: the same handler as [`router`]'s, without a router per request.
+impl crate::server::Handler for Arc<Fleet> {
+    fn call(&self, request: Request) -> impl Future<Output = Response> + Send {
+        handle_fleet(self, request)
+    }
+}
+
+/// One request to the environments: routed by its key (or path) to one environment's handler.
+async fn handle_fleet(fleet: &Arc<Fleet>, mut request: Request) -> Response {
     let generation = fleet.current();
     // There is always at least one environment (core's validation).
     let Some(first) = generation.apps.first() else {
@@ -430,7 +442,7 @@ async fn handle(State(fleet): State<Arc<Fleet>>, mut request: Request) -> Respon
             let answer = match route {
                 Route::Health => Some(health(&generation)),
                 Route::Ready => Some(ready(&generation)),
-                Route::Metrics => Some(metrics(&fleet, &generation)),
+                Route::Metrics => Some(metrics(fleet, &generation)),
                 _ => None,
             };
             let admission = match answer {

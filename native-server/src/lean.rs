@@ -17,7 +17,6 @@ use std::io::{self, IoSlice};
 use std::task::Poll;
 use std::time::SystemTime;
 
-use axum::Router;
 use axum::body::Body;
 use axum::response::Response;
 use bytes::Bytes;
@@ -30,7 +29,8 @@ use rollgate_proxy_core::api::Route;
 use tokio::io::ReadBuf;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
-use tower::ServiceExt as _;
+
+use crate::server::Handler;
 
 /// Size of the per-thread scratch buffer: the longest head the lean path takes (longer ones go
 /// to hyper, which enforces the configured limits).
@@ -141,20 +141,17 @@ pub enum Ended {
 ///
 /// # Errors
 /// The socket's error (the connection is then dropped).
-pub async fn serve(
+pub async fn serve<H: Handler>(
     stream: &TcpStream,
-    router: Router,
+    handler: &H,
     shutdown: &CancellationToken,
     request: Request<Body>,
     len: usize,
 ) -> io::Result<Ended> {
     consume(stream, len).await?;
     // Boxed, so the handler's state is freed once answered rather than reserved in this
-    // future for the stream's life. The router's error type is `Infallible`.
-    let response = match Box::pin(router.oneshot(request)).await {
-        Ok(response) => response,
-        Err(never) => match never {},
-    };
+    // future for the stream's life.
+    let response = Box::pin(handler.call(request)).await;
     let ended = write_response(stream, response).await?;
     Ok(if shutdown.is_cancelled() {
         Ended::Close

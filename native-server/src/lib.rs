@@ -174,8 +174,7 @@ pub async fn run(
         signal.await;
         trigger.cancel();
     });
-    let router = routes::router(Arc::clone(&app));
-    server::serve(listener, router, &app.settings, shutdown).await;
+    server::serve(listener, Arc::clone(&app), &app.settings, shutdown).await;
     // Background tasks flush (snapshot file, events, telemetry) within the same bound.
     let flush = futures_util::future::join_all(tasks);
     if tokio::time::timeout(app.settings.shutdown_timeout, flush)
@@ -206,8 +205,7 @@ async fn run_environments(
         signal.await;
         trigger.cancel();
     });
-    let router = environments::router(Arc::clone(&fleet));
-    server::serve(listener, router, &fleet.settings, shutdown).await;
+    server::serve(listener, Arc::clone(&fleet), &fleet.settings, shutdown).await;
     let mut tasks = fleet.take_tasks();
     tasks.push(watcher);
     let flush = futures_util::future::join_all(tasks);

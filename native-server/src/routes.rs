@@ -3,8 +3,9 @@
 //! adds only what is HTTP's: limits on the head and body, the request id, CORS headers from
 //! core's policy, latency metrics.
 
+use std::cell::Cell;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use axum::Router;
@@ -44,6 +45,13 @@ pub fn router(app: Arc<App>) -> Router {
 
 async fn handle(State(app): State<Arc<App>>, request: Request) -> Response {
     handle_in(&app, request, Admission::Core).await
+}
+
+/// What the server calls: the same handler as [`router`]'s, without a router per request.
+impl crate::server::Handler for Arc<App> {
+    fn call(&self, request: Request) -> impl Future<Output = Response> + Send {
+        handle_in(self, request, Admission::Core)
+    }
 }
 
 /// Who checks a request's client key.
@@ -87,7 +95,7 @@ pub(crate) async fn handle_counted(
         .filter(|v| is_usable_request_id(v.as_bytes()))
     {
         Some(value) => value.clone(),
-        None => sequence_id(app.request_seq.fetch_add(1, Ordering::Relaxed)),
+        None => sequence_id(next_request_seq()),
     };
     let mut response;
     let label;
@@ -210,6 +218,27 @@ fn set_cors(
             headers.insert(name, value);
         }
     }
+}
+
+/// The next generated request id's number, unique in the process. Each thread takes numbers
+/// from the shared counter a block at a time: one shared atomic per request would move its
+/// cache line between the cores on every request.
+fn next_request_seq() -> u64 {
+    const BLOCK: u64 = 1024;
+    static NEXT_BLOCK: AtomicU64 = AtomicU64::new(0);
+    thread_local! {
+        /// This thread's block: the next number and the end of the block.
+        static BLOCK_LEFT: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
+    }
+    BLOCK_LEFT.with(|left| {
+        let (mut next, mut end) = left.get();
+        if next == end {
+            next = NEXT_BLOCK.fetch_add(BLOCK, Ordering::Relaxed);
+            end = next.wrapping_add(BLOCK);
+        }
+        left.set((next.wrapping_add(1), end));
+        next
+    })
 }
 
 /// `seq` as 16 lowercase hex digits (what `format!("{seq:016x}")` gives, without a `String`).
@@ -360,11 +389,18 @@ fn check_limits(app: &App, parts: &Parts) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Headers a data answer carries: content type, `ETag`, `Cache-Control`, `Vary`,
+/// `Content-Encoding`, two of CORS and `X-Request-ID`.
+const ANSWER_HEADERS: usize = 8;
+
 /// Turns core's response into HTTP, adding nothing to the bytes.
 pub fn from_api(response: ApiResponse) -> Response {
     let mut out = Response::new(Body::from(response.body));
     *out.status_mut() = StatusCode::from_u16(response.status).unwrap_or(StatusCode::OK);
     let headers = out.headers_mut();
+    // Core's headers, CORS and the request id in one allocation: the map would otherwise
+    // grow (and rehash) past its first six entries on every data answer.
+    headers.reserve(ANSWER_HEADERS);
     if let Some(content_type) = response.content_type {
         let value = if content_type == rollgate_proxy_core::api::JSON {
             JSON.clone()

@@ -2,14 +2,20 @@
 //! per connection of `axum::serve`, machine-limits §4), the lean path for plain-TCP streams
 //! (`crate::lean`), and graceful shutdown.
 
+use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
+use axum::body::Body;
+use axum::response::Response;
+use http::Request;
+use hyper::body::Incoming;
 use hyper::server::conn::http1;
+use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -33,12 +39,39 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 const BACKLOG: i32 = 65_535;
 
+/// The application as the server calls it: hyper hands every request straight to it, with no
+/// axum `Router` in between (a router costs, per request, a clone of its shared state, an
+/// extension map and boxed futures: measurable next to a bare hyper server, BENCHMARKS.md).
+/// The lean path hands it stream requests the same way.
+pub trait Handler: Clone + Send + Sync + 'static {
+    /// The answer to `request`.
+    fn call(&self, request: Request<Body>) -> impl Future<Output = Response> + Send;
+}
+
+/// One connection's service: the handler behind an `Arc` of the connection's own, so the
+/// clone each request's future takes is a count no other connection touches (the handler's
+/// shared state is cloned once per connection, not per request).
+fn connection_service<H: Handler>(
+    handler: H,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Response, Infallible>> + Send,
+> + use<H> {
+    let handler = Arc::new(handler);
+    service_fn(move |request: Request<Incoming>| {
+        let handler = Arc::clone(&handler);
+        async move { Ok(handler.call(request.map(Body::new)).await) }
+    })
+}
+
 /// Serves `router` until `shutdown`, then stops accepting, lets in-flight requests finish (SSE
 /// streams end on the same signal) and returns within `settings.shutdown_timeout`. Plain-TCP
 /// stream requests take the lean path (`crate::lean`) through the same handler.
-pub async fn serve(
+pub async fn serve<H: Handler>(
     listener: TcpListener,
-    router: Router,
+    handler: H,
     settings: &Settings,
     shutdown: CancellationToken,
 ) {
@@ -63,11 +96,10 @@ pub async fn serve(
         match accepted {
             Ok((stream, _peer)) => {
                 let _ = stream.set_nodelay(true);
-                let service = TowerToHyperService::new(router.clone());
                 let Some(tls) = &settings.tls else {
                     let (builder, watcher) = (builder.clone(), graceful.watcher());
-                    let (router, task, cancelled) =
-                        (router.clone(), tasks.clone(), shutdown.clone());
+                    let (handler, task, cancelled) =
+                        (handler.clone(), tasks.clone(), shutdown.clone());
                     let head_timeout = settings.request_timeout;
                     tokio::spawn(async move {
                         let _task = task;
@@ -78,13 +110,14 @@ pub async fn serve(
                                 Ok(Ok(peeked)) => peeked,
                             };
                         if let Peeked::Stream(request, len) = peeked {
-                            match lean::serve(&stream, router, &cancelled, *request, len).await {
+                            match lean::serve(&stream, &handler, &cancelled, *request, len).await {
                                 Ok(Ended::KeepAlive) => {}
                                 Ok(Ended::Close) | Err(_) => return,
                             }
                         }
                         // Boxed: a lean stream's task must not reserve room for hyper's
                         // connection state (it is sized for the largest state).
+                        let service = connection_service(handler.clone());
                         let connection = builder.serve_connection(TokioIo::new(stream), service);
                         if let Err(error) = Box::pin(watcher.watch(connection)).await {
                             tracing::debug!(%error, "connection ended with an error");
@@ -95,6 +128,7 @@ pub async fn serve(
                 // The handshake runs in the connection's task, bounded like a request head,
                 // so a slow client never holds up the accept loop.
                 let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
+                let service = connection_service(handler.clone());
                 let (builder, watcher) = (builder.clone(), graceful.watcher());
                 let handshake_timeout = settings.request_timeout;
                 tokio::spawn(async move {

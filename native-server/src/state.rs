@@ -58,8 +58,6 @@ pub struct App {
     pub identifies: Arc<IdentifyGates>,
     /// Open per-user SSE connections, woken when their user's answer is refetched.
     pub user_streams: crate::refresh::UserStreams,
-    /// Sequence for generated request ids.
-    pub request_seq: AtomicU64,
     /// Requests being handled now, for overload shedding: process-wide, since every
     /// environment's state of one process shares it (`--max-concurrent-requests` bounds the
     /// process, not each environment).
@@ -80,7 +78,6 @@ impl App {
             user_fetches: Notify::new(),
             identifies: Arc::default(),
             user_streams: crate::refresh::UserStreams::default(),
-            request_seq: AtomicU64::new(0),
             in_flight: Arc::default(),
         }
     }

@@ -960,7 +960,9 @@ async fn sigterm_under_load_finishes_in_flight_requests() {
         "the pollers were answered before the shutdown"
     );
     assert!(
-        env.proxy.logs().contains("shutting down"),
+        env.proxy
+            .wait_log("shutting down", Duration::from_secs(10))
+            .await,
         "the shutdown is logged"
     );
     // The buffered event was flushed on the way out, and the snapshot file has the last change.

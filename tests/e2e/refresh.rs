@@ -25,22 +25,28 @@ pub(crate) fn scenarios() -> Vec<Scenario> {
 
 const USER: &str = "user-5";
 
-async fn a_per_user_targeting_change_reaches_the_users_stream_and_polls() {
-    // Rollgate's own notification style (a `flag-changed` per key), and a per-user TTL far
-    // longer than the test: only the change may refresh the user's answer.
-    let env = Env::with(
+/// Rollgate's own notification style (a `flag-changed` per key), a per-user TTL far longer than
+/// any test (only a change may refresh a user's answer), and a refresh budget of 20 per second
+/// with `concurrency` upstream requests at a time.
+async fn refresh_env(concurrency: u32) -> Env {
+    Env::with(
         MockConfig::basic().stream_mode(StreamMode::FlagChanged),
         |config| {
             config.refresh_interval = Some(Duration::from_secs(600));
             config
                 .settings
                 .push(("ROLLGATE_PROXY_USER_REFRESH_RPS".into(), "20".into()));
-            config
-                .settings
-                .push(("ROLLGATE_PROXY_USER_REFRESH_CONCURRENCY".into(), "2".into()));
+            config.settings.push((
+                "ROLLGATE_PROXY_USER_REFRESH_CONCURRENCY".into(),
+                concurrency.to_string(),
+            ));
         },
     )
-    .await;
+    .await
+}
+
+async fn a_per_user_targeting_change_reaches_the_users_stream_and_polls() {
+    let env = refresh_env(2).await;
     let anonymous = must_get(&env.url("/api/flags")).await.expect_json(200)["flags"].clone();
     let poll_url = env.url(&format!("/api/v1/sdk/flags?user_id={USER}"));
     let before = must_get(&poll_url).await.expect_json(200)["flags"].clone();
@@ -195,19 +201,7 @@ async fn identify_happens_before_the_users_next_fetch_and_evicts_its_answer() {
 /// printed (users ÷ the budget's rate, 3 s here), not asserted.
 async fn many_streaming_users_converge_with_one_upstream_request_each() {
     const USERS: usize = 60;
-    let env = Env::with(
-        MockConfig::basic().stream_mode(StreamMode::FlagChanged),
-        |config| {
-            config.refresh_interval = Some(Duration::from_secs(600));
-            config
-                .settings
-                .push(("ROLLGATE_PROXY_USER_REFRESH_RPS".into(), "20".into()));
-            config
-                .settings
-                .push(("ROLLGATE_PROXY_USER_REFRESH_CONCURRENCY".into(), "4".into()));
-        },
-    )
-    .await;
+    let env = refresh_env(4).await;
     let mut streams = Vec::new();
     for i in 0..USERS {
         let mut stream = sse(&env.url(&format!("/api/v1/sdk/stream?user_id=wave-{i}"))).await;

@@ -113,7 +113,9 @@ async fn https_and_sse_with_a_certificate_reloaded_on_change() {
         "new connections no longer get the old certificate"
     );
     assert!(
-        proxy.logs().contains("reloaded the TLS certificate"),
+        proxy
+            .wait_log("reloaded the TLS certificate", Duration::from_secs(10))
+            .await,
         "{}",
         proxy.logs()
     );

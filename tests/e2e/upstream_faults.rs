@@ -228,19 +228,8 @@ async fn redirects_are_not_followed() {
 
 async fn invalid_utf8_and_bad_keys_on_the_stream_change_nothing() {
     let env = Env::basic().await;
-    env.mock
-        .wait_for_open_streams(1, Duration::from_secs(10))
-        .await
-        .unwrap();
-    // Wait until the stream's own init has been taken in, so the counter below starts clean.
-    wait_metric_at_least(
-        &env.proxy,
-        "rollgate_proxy_upstream_events_total",
-        "",
-        1.0,
-        Duration::from_secs(10),
-    )
-    .await;
+    // The stream's own init taken in first, so the counters below start clean.
+    wait_first_stream_event(&env).await;
     let before = must_get(&env.url("/api/flags")).await;
     let etag = before.header("etag").unwrap().to_owned();
     let malformed = metric_sum(&env.proxy, "rollgate_proxy_upstream_malformed_total", "")
@@ -290,10 +279,12 @@ async fn a_rejected_key_is_reported_plainly() {
             Duration::from_secs(10),
         )
         .await;
-        let logs = env.proxy.logs();
         assert!(
-            logs.contains("rejected the server API key"),
-            "the log says it plainly"
+            env.proxy
+                .wait_log("rejected the server API key", Duration::from_secs(10))
+                .await,
+            "the log says it plainly: {}",
+            env.proxy.logs()
         );
     }
     // The last good flags are still served.
@@ -319,18 +310,7 @@ async fn one_streamed_change_is_one_revision() {
     // The stream pushes whole snapshots (values only); each change must be one revision and
     // one frame per client, with its reasons, not a values-only revision and then another.
     let env = Env::with(MockConfig::basic().stream_mode(StreamMode::Init), |_| {}).await;
-    env.mock
-        .wait_for_open_streams(1, Duration::from_secs(10))
-        .await
-        .unwrap();
-    wait_metric_at_least(
-        &env.proxy,
-        "rollgate_proxy_upstream_events_total",
-        "",
-        1.0,
-        Duration::from_secs(10),
-    )
-    .await;
+    wait_first_stream_event(&env).await;
     let mut client = sse(&env.url("/api/stream")).await;
     next_event(&mut client, Duration::from_secs(10)).await;
     let first = health(&env.proxy).await["revision"].as_u64().unwrap();
@@ -367,4 +347,20 @@ async fn one_streamed_change_is_one_revision() {
     let revision = health(&env.proxy).await["revision"].as_u64().unwrap();
     assert_eq!(revision - first, CHANGES, "revisions for {CHANGES} changes");
     assert_eq!(frames, CHANGES, "frames for {CHANGES} changes");
+}
+
+/// Waits until the proxy's upstream stream is open and its first event has been taken in.
+async fn wait_first_stream_event(env: &Env) {
+    env.mock
+        .wait_for_open_streams(1, Duration::from_secs(10))
+        .await
+        .unwrap();
+    wait_metric_at_least(
+        &env.proxy,
+        "rollgate_proxy_upstream_events_total",
+        "",
+        1.0,
+        Duration::from_secs(10),
+    )
+    .await;
 }

@@ -309,6 +309,23 @@ impl ProxyHandle {
         self.logs.lock().map(|l| l.join("\n")).unwrap_or_default()
     }
 
+    /// Waits (at most `timeout`) until a line containing `needle` has been read from the
+    /// process's output, and says whether it was. The output is read by other threads, so a
+    /// line the process has written may arrive here a moment after what it logged shows
+    /// elsewhere (a metric, a health field): check logs with this, not with [`Self::logs`] alone.
+    pub async fn wait_log(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.logs().contains(needle) {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// The process id (native only).
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)

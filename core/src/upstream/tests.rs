@@ -1281,6 +1281,42 @@ fn a_forward_retry_after_pauses_only_that_kind() {
 }
 
 #[test]
+fn the_forward_verdict_is_what_admit_forward_decides() {
+    use crate::breaker::Outcome;
+    use crate::metrics::SideRequest;
+    let mut config = UpstreamConfig::default();
+    config.breaker.failure_threshold = 2;
+    let mut machine = Upstream::new(config, Timestamp::ZERO);
+    let now = Timestamp::from_millis(1_000);
+    assert_eq!(
+        machine.forward_blocked_until(now, SideRequest::Events),
+        None
+    );
+    // A Retry-After on one kind.
+    machine.record_forward_response(now, SideRequest::Events, 429, Some("5"));
+    assert_eq!(
+        machine.forward_blocked_until(now, SideRequest::Events),
+        Some(Timestamp::from_millis(6_000))
+    );
+    assert_eq!(
+        machine.forward_blocked_until(now, SideRequest::Identify),
+        None
+    );
+    // The open breaker holds every kind until it admits a probe; asking takes no probe.
+    machine.record_side_request(now, Outcome::Failure);
+    machine.record_side_request(now, Outcome::Failure);
+    let open = machine.forward_blocked_until(now, SideRequest::Identify);
+    assert!(open.is_some_and(|at| at > now), "{open:?}");
+    assert!(!machine.admit_forward(now, SideRequest::Identify));
+    let reopen = open.unwrap();
+    assert_eq!(
+        machine.forward_blocked_until(reopen, SideRequest::Identify),
+        None
+    );
+    assert!(machine.admit_forward(reopen, SideRequest::Identify));
+}
+
+#[test]
 fn a_403_is_an_ordinary_failure_not_a_rejected_key() {
     use crate::metrics::SideRequest;
     let mut machine = Upstream::new(UpstreamConfig::default(), Timestamp::ZERO);

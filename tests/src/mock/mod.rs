@@ -26,7 +26,7 @@
 //! | `PUT /control/stream-auth` | `{"auth":"token-or-bearer\|token-only\|bearer-only"}` | |
 //! | `PUT`/`DELETE /control/heartbeat` | `{"interval_ms","comment"?,"event"?}` | |
 //! | `POST /control/faults` | `{"route","status","body"?,"content_type"?,"retry_after"?,"location"?,"body_bytes"?,"count"?}` | [`Fault`]; `DELETE` clears all, `DELETE /control/faults/{route}` one |
-//! | `PUT /control/delays/{route}` | `{"ms"}` | `DELETE /control/delays` clears |
+//! | `PUT /control/delays/{route}` | `{"ms"}` | `DELETE /control/delays` clears (and releases held answers) |
 //! | `POST /control/streams/{drop,stall,resume}` | drop: `{"kind":"clean\|abort"}`? | |
 //! | `POST /control/streams/raw` | `{"text"}` or `{"hex"}` | bytes on every stream |
 //! | `POST /control/streams/event` | `{"event","data"}` (string sent as is, else JSON) | |
@@ -372,6 +372,7 @@ impl MockControl {
     }
 
     /// Delays every answer on `route` (faults included) by `delay`; zero removes the delay.
+    /// Removing a delay also releases the answers it is holding.
     pub fn set_delay(&self, route: Route, delay: Duration) {
         self.shared.with(|inner| {
             if delay.is_zero() {

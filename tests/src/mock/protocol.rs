@@ -14,6 +14,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::frames::to_json;
+use super::server::ConnProbe;
 use super::state::Shared;
 use super::types::{Fault, RecordedRequest, Route, StreamAuth};
 use super::{query, stream};
@@ -162,7 +163,16 @@ async fn prelude(shared: &Shared, route: Route, parts: &http::request::Parts) ->
             .collect(),
     };
     if let Some(delay) = shared.record(recorded) {
-        tokio::time::sleep(delay).await;
+        // Removing the delay (`DELETE /control/delays`, a zero delay) also ends the waits in
+        // progress: a test can hold requests for as long as it needs, then release them.
+        let deadline = tokio::time::Instant::now() + delay;
+        let mut changes = shared.subscribe_changes();
+        while shared.read(|inner| inner.delays.contains_key(&route)) {
+            tokio::select! {
+                () = tokio::time::sleep_until(deadline) => break,
+                changed = changes.changed() => if changed.is_err() { break },
+            }
+        }
     }
     shared.take_fault(route).map(fault_response)
 }
@@ -244,7 +254,8 @@ async fn stream_route(State(shared): State<Arc<Shared>>, req: Request) -> Respon
     if !allowed {
         return unauthorized(&shared);
     }
-    let body = stream::open(&shared, user_id(q));
+    let probe = parts.extensions.get::<ConnProbe>().cloned();
+    let body = stream::open(&shared, user_id(q), probe);
     let mut resp = Response::new(body);
     let headers = resp.headers_mut();
     headers.insert(

@@ -2,15 +2,17 @@
 //! refuse connections, kill every open connection at once, and stop and rebind the same port.
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
+use axum::{Extension, Router};
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -77,7 +79,12 @@ async fn accept_loop(listener: TcpListener, router: Router, shared: Arc<Shared>,
         let _ = tcp.set_nodelay(true);
         let kill = (kind == Kind::Protocol).then(|| shared.conn_epoch.subscribe());
         let shutdown = shared.shutdown.subscribe();
-        let service = TowerToHyperService::new(router.clone());
+        // Each protocol connection carries a second handle on its socket, so a stream can see
+        // its client's close at once (see `ConnProbe`).
+        let service = match ConnProbe::of(&tcp).filter(|_| kind == Kind::Protocol) {
+            Some(probe) => TowerToHyperService::new(router.clone().layer(Extension(probe))),
+            None => TowerToHyperService::new(router.clone()),
+        };
         tokio::spawn(async move {
             let conn = http1::Builder::new().serve_connection(TokioIo::new(tcp), service);
             // Dropping the connection future closes the socket at once, mid-response if need be.
@@ -87,6 +94,30 @@ async fn accept_loop(listener: TcpListener, router: Router, shared: Arc<Shared>,
                 () = changed(Some(shutdown)) => {}
             }
         });
+    }
+}
+
+/// A second handle on a protocol connection's socket. A stream's body learns of its client's
+/// close only at its next write, so `open_streams` would lag behind a client that closed one
+/// stream and opened another; a pending EOF in the socket shows the close at once.
+#[derive(Clone, Debug)]
+pub(crate) struct ConnProbe(Arc<socket2::Socket>);
+
+impl ConnProbe {
+    fn of(tcp: &TcpStream) -> Option<Self> {
+        let fd = tcp.as_fd().try_clone_to_owned().ok()?;
+        Some(Self(Arc::new(socket2::Socket::from(fd))))
+    }
+
+    /// Whether the peer has closed its side (an EOF or a reset is waiting); never blocks, as
+    /// the socket is tokio's and non-blocking.
+    pub(crate) fn peer_closed(&self) -> bool {
+        let mut byte = [MaybeUninit::<u8>::uninit(); 1];
+        match self.0.peek(&mut byte) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) => e.kind() != io::ErrorKind::WouldBlock,
+        }
     }
 }
 

@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::config::MockConfig;
 use super::frames;
-use super::server::ListenerSlot;
+use super::server::{ConnProbe, ListenerSlot};
 use super::types::{DropKind, Fault, FlagSet, Heartbeat, RecordedRequest, Route, Stats};
 
 /// How many requests the log keeps; older ones are dropped so a long test cannot grow it forever.
@@ -122,6 +122,8 @@ pub(crate) struct StreamEntry {
     pub(crate) data: mpsc::UnboundedSender<Bytes>,
     /// Out-of-band end requests, honoured even while the stream is stalled.
     pub(crate) end: mpsc::UnboundedSender<DropKind>,
+    /// The connection's socket, to see the client's close before the stream's next write.
+    pub(crate) probe: Option<ConnProbe>,
 }
 
 /// Everything behind the one state mutex.

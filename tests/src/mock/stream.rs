@@ -10,6 +10,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::frames;
+use super::server::ConnProbe;
 use super::state::{Shared, StreamEntry};
 use super::types::{DropKind, Heartbeat};
 
@@ -44,10 +45,19 @@ struct StreamState {
 /// Registers a stream for `user` and returns its body. The initial frames are computed under
 /// the same lock that registers the stream, so no change can fall between snapshot and
 /// subscription (a change is either in the snapshot or delivered after it).
-pub(crate) fn open(shared: &Arc<Shared>, user: Option<String>) -> Body {
+///
+/// Streams whose clients have already closed are counted out first, so a client that closes a
+/// stream and then opens another is never seen with two open.
+pub(crate) fn open(shared: &Arc<Shared>, user: Option<String>, probe: Option<ConnProbe>) -> Body {
     let (data_tx, data_rx) = mpsc::unbounded_channel();
     let (end_tx, end_rx) = mpsc::unbounded_channel();
     let id = shared.with(|inner| {
+        let before = inner.streams.len();
+        inner
+            .streams
+            .retain(|_, stream| !stream.probe.as_ref().is_some_and(ConnProbe::peer_closed));
+        let closed = (before - inner.streams.len()) as u64;
+        inner.stats.open_streams = inner.stats.open_streams.saturating_sub(closed);
         for frame in inner.initial_frames(user.as_deref()) {
             let _ = data_tx.send(frame);
         }
@@ -59,6 +69,7 @@ pub(crate) fn open(shared: &Arc<Shared>, user: Option<String>) -> Body {
                 user,
                 data: data_tx,
                 end: end_tx,
+                probe,
             },
         );
         inner.stats.streams_accepted += 1;

@@ -552,6 +552,28 @@ async fn delays_hold_the_answer() {
 }
 
 #[tokio::test]
+async fn clearing_a_delay_releases_the_answers_it_holds() {
+    let mock = MockUpstream::basic().await.unwrap();
+    mock.set_delay(Route::Flags, Duration::from_secs(3600));
+    let held = tokio::spawn({
+        let url = format!("{}/api/v1/sdk/flags", mock.base_url());
+        let auth = bearer(&mock);
+        async move {
+            test_http_client()
+                .get(url)
+                .header("authorization", auth)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        }
+    });
+    mock.wait_until(T, |s| s.flags_requests == 1).await.unwrap();
+    mock.clear_delays();
+    let status = tokio::time::timeout(T, held).await.expect("released");
+    assert_eq!(status.unwrap().unwrap(), 200);
+}
+
+#[tokio::test]
 async fn drops_end_streams_cleanly_or_abort_them() {
     for (kind, want) in [
         (DropKind::Clean, StreamEnd::Clean),
@@ -1025,4 +1047,56 @@ async fn dedicated_control_listener_survives_stop() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 404);
+}
+
+/// Opens a stream over a bare socket and reads until the first event has arrived, so the
+/// stream is registered; dropping the socket closes it at once (no pool in between).
+async fn raw_stream(mock: &MockControl) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(mock.addr()).await.unwrap();
+    let request = format!(
+        "GET /api/v1/sdk/stream?token={} HTTP/1.1\r\nhost: mock\r\n\r\n",
+        mock.api_key()
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("event: init") {
+        let n = tokio::time::timeout(T, tcp.read(&mut buf))
+            .await
+            .expect("the init event in time")
+            .unwrap();
+        assert!(n > 0, "closed before the init event");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    tcp
+}
+
+#[tokio::test]
+async fn a_stream_closed_before_the_next_opens_is_never_counted_with_it() {
+    let mock = MockUpstream::basic().await.unwrap();
+    // Closed, then another opened at once: the mock has not written to the first since, yet
+    // counts it closed before it counts the second.
+    for _ in 0..5 {
+        drop(raw_stream(&mock).await);
+        let open = raw_stream(&mock).await;
+        let stats = mock.stats();
+        assert_eq!(
+            (stats.open_streams, stats.peak_open_streams),
+            (1, 1),
+            "{stats:?}"
+        );
+        drop(open);
+    }
+    // Two really open at once are counted as two.
+    let first = raw_stream(&mock).await;
+    let second = raw_stream(&mock).await;
+    let stats = mock.stats();
+    assert_eq!(
+        (stats.open_streams, stats.peak_open_streams),
+        (2, 2),
+        "{stats:?}"
+    );
+    drop((first, second));
+    mock.wait_for_open_streams(0, T).await.unwrap();
 }
