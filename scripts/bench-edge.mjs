@@ -1,6 +1,7 @@
-// Load client for scripts/bench-edge.sh: SSE fan-out, per-user polling and change latency
-// against the Worker under `wrangler dev`, with changes made on the Rust mock upstream.
+// Load client for scripts/bench-edge.sh: SSE and WebSocket fan-out, per-user polling and change
+// latency against the Worker under `wrangler dev`, with changes made on the Rust mock upstream.
 //   node scripts/bench-edge.mjs sse     <worker> <mock-control> <clients> <flag-key> <rss-pids>
+//   node scripts/bench-edge.mjs ws      <worker> <mock-control> <clients> <flag-key> <rss-pids>
 //   node scripts/bench-edge.mjs poll    <worker> <users> <rounds> <concurrency>
 //   node scripts/bench-edge.mjs latency <worker> <mock-control> <clients> <changes> <flag-key>
 // Prints one JSON line of results. Every wait is bounded; every loop has a count.
@@ -8,6 +9,8 @@
 import fs from 'node:fs';
 import http from 'node:http';
 import { performance } from 'node:perf_hooks';
+
+import WebSocket from 'ws';
 
 const [mode, worker, ...rest] = process.argv.slice(2);
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
@@ -74,11 +77,44 @@ function openStream(path) {
   });
 }
 
-async function openMany(count, pathOf) {
+/**
+ * Opens one WebSocket client on `path` (the stream's WebSocket transport): every message is one
+ * frame; messages over 64 bytes are flag frames. Same `frames`/`bytes`/`req.destroy()` shape as
+ * [`openStream`].
+ */
+function openSocket(path) {
+  return new Promise((resolve, reject) => {
+    const client = { frames: [], bytes: 0, req: null };
+    const socket = new WebSocket(`${worker.replace(/^http/, 'ws')}${path}`, { perMessageDeflate: false });
+    const timer = setTimeout(() => {
+      socket.terminate();
+      reject(new Error('no WebSocket within 120 s'));
+    }, 120_000);
+    socket.on('open', () => {
+      clearTimeout(timer);
+      resolve(client);
+    });
+    socket.on('unexpected-response', (_, res) => {
+      clearTimeout(timer);
+      reject(new Error(`status ${res.statusCode}`));
+    });
+    socket.on('message', (data) => {
+      client.bytes += data.length;
+      if (data.length > 64) client.frames.push(performance.now());
+    });
+    socket.on('error', (error) => {
+      clearTimeout(timer);
+      reject(error);
+    });
+    client.req = { destroy: () => socket.terminate() };
+  });
+}
+
+async function openMany(count, pathOf, open = openStream) {
   const clients = [];
   for (let i = 0; i < count; i += 50) {
     const batch = [];
-    for (let j = i; j < Math.min(count, i + 50); j += 1) batch.push(openStream(pathOf(j)));
+    for (let j = i; j < Math.min(count, i + 50); j += 1) batch.push(open(pathOf(j)));
     clients.push(...(await Promise.all(batch)));
   }
   return clients;
@@ -108,12 +144,12 @@ async function flipRule(mock, rules, key) {
   await control(mock, 'PUT', '/control/rules', rules);
 }
 
-async function sse() {
+async function sse(open = openStream) {
   const [mock, count, key, pidList] = rest;
   const pids = pidList.split(',').filter(Boolean).map(Number);
   const rules = JSON.parse(fs.readFileSync(process.env.BENCH_RULES_FILE, 'utf8'));
   const rssBefore = rssKiB(pids);
-  const clients = await openMany(Number(count), () => '/api/stream');
+  const clients = await openMany(Number(count), () => '/api/stream', open);
   const initial = await waitFor(() => clients.every((c) => c.frames.length >= 1), 120_000);
   await sleep(1000);
   const rssConnected = rssKiB(pids);
@@ -248,9 +284,9 @@ async function latency() {
   );
 }
 
-const modes = { sse, poll, latency };
+const modes = { sse: () => sse(openStream), ws: () => sse(openSocket), poll, latency };
 if (!modes[mode]) {
-  console.error('usage: bench-edge.mjs sse|poll|latency <worker> ...');
+  console.error('usage: bench-edge.mjs sse|ws|poll|latency <worker> ...');
   process.exit(2);
 }
 await modes[mode]();

@@ -2,9 +2,11 @@
 # Measures the Worker under `wrangler dev` with the Rust mock upstream (loopback only):
 #   1. SSE fan-out: N clients on /api/stream with a 2,000-flag rules set (~129 KB frame), one
 #      change upstream: time to the last delivery, workerd RSS growth.
+#   1b. The same over the WebSocket transport (hibernatable shard sockets, relay pushes): a fresh
+#      `wrangler dev`, so the RSS figures do not include phase 1's.
 #   2. Per-user polling in rules mode: share of requests that reached the relay object.
 #   3. Change latency, upstream → client, with a small flag set.
-# Usage: scripts/bench-edge.sh [clients=2000] [shards=4]   (BENCH_PHASES="sse poll latency" picks)
+# Usage: scripts/bench-edge.sh [clients=2000] [shards=4]   (BENCH_PHASES="sse ws poll latency" picks)
 # Run scripts/build-edge.sh first (and `cargo build -p rollgate-proxy-tests --bin mock-upstream`).
 # Every process runs under `timeout` and is stopped by its recorded pid; results go to stdout
 # with the load average.
@@ -13,7 +15,7 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 clients=${1:-2000}
 shards=${2:-4}
-phases=${BENCH_PHASES:-sse poll latency}
+phases=${BENCH_PHASES:-sse ws poll latency}
 key=bench-server-key
 mock_port=${BENCH_MOCK_PORT:-19311}
 control_port=${BENCH_CONTROL_PORT:-19312}
@@ -77,7 +79,7 @@ smallkey=$(python3 -c "import json;print(next(iter(json.load(open('$work/small.j
 
 has() { [[ " $phases " == *" $1 "* ]]; }
 echo "== load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
-if has sse || has poll; then
+if has sse || has ws || has poll; then
   start_mock "$work/big.json"
   start_worker
   # Warm the relay (upstream connected, rules loaded) before measuring.
@@ -87,6 +89,17 @@ fi
 if has sse; then
   echo "== 1. SSE fan-out: $clients clients, $shards shards, 2,000-flag rules set"
   BENCH_RULES_FILE="$work/big.json" timeout 300 node scripts/bench-edge.mjs sse "$w" "$c" "$clients" "$bigkey" "$(workerd_pids)"
+  echo "   load average $(cut -d' ' -f1-3 /proc/loadavg)"
+fi
+if has ws; then
+  if has sse; then
+    stop_all
+    start_mock "$work/big.json"
+    start_worker
+    for _ in $(seq 1 100); do curl -sf "$w/api/flags" -o /dev/null && break; sleep 0.2; done
+  fi
+  echo "== 1b. WebSocket fan-out: $clients clients, $shards shards, 2,000-flag rules set"
+  BENCH_RULES_FILE="$work/big.json" timeout 300 node scripts/bench-edge.mjs ws "$w" "$c" "$clients" "$bigkey" "$(workerd_pids)"
   echo "   load average $(cut -d' ' -f1-3 /proc/loadavg)"
 fi
 if has poll; then

@@ -195,6 +195,8 @@ pub struct MetricsExtra {
     pub dropped: Dropped,
     /// Open SSE clients per shard object (the Worker).
     pub shard_clients: Vec<(u32, u64)>,
+    /// WebSocket connects refused because their shard object was full (the Worker).
+    pub sockets_refused: u64,
 }
 
 /// One environment's downstream state. See the module docs.
@@ -752,6 +754,7 @@ impl Downstream {
             user_refresh: lock(&self.refresher).stats(now),
             dropped: extra.dropped,
             shard_clients: extra.shard_clients,
+            sockets_refused: extra.sockets_refused,
         };
         ApiResponse {
             status: 200,

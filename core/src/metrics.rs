@@ -273,6 +273,9 @@ pub struct Scrape {
     /// Open SSE clients per shard object (the Worker only; empty elsewhere, and then the
     /// family is not rendered).
     pub shard_clients: Vec<(u32, u64)>,
+    /// WebSocket connects refused because their shard object was full (the Worker; the native
+    /// server refuses none beyond what refuses an SSE stream).
+    pub sockets_refused: u64,
 }
 
 impl Metrics {
@@ -492,6 +495,18 @@ impl Metrics {
                 );
             }
         }
+        family(
+            &mut out,
+            "websocket_refused_total",
+            "counter",
+            "Stream WebSocket connects refused because their shard object was full.",
+        );
+        sample(
+            &mut out,
+            "websocket_refused_total",
+            &[],
+            scrape.sockets_refused,
+        );
         family(
             &mut out,
             "sse_frames_sent_total",

@@ -176,6 +176,18 @@ impl Subscriber {
         self.context.is_some()
     }
 
+    /// The hash of the per-user flags last sent: what a transport that keeps no `Subscriber`
+    /// between snapshots (a hibernated WebSocket) stores to decide the next one as this one
+    /// would. Stable within one build only.
+    pub fn sent_flags(&self) -> Option<u64> {
+        self.last_sent
+    }
+
+    /// Restores [`Subscriber::sent_flags`] on a subscriber re-created for the same client.
+    pub fn resume_sent_flags(&mut self, hash: Option<u64>) {
+        self.last_sent = hash;
+    }
+
     /// What `snapshot` means for this client.
     pub fn on_snapshot(&mut self, snapshot: &Snapshot) -> Next {
         if self
@@ -328,6 +340,17 @@ mod tests {
         let frame = sub.on_flags(&s1, &flags).unwrap();
         assert!(frame.starts_with(b"event: init\nid: 1-"));
         assert_eq!(sub.on_flags(&s2, &flags), None);
+        // A subscriber re-created for the same client (a woken WebSocket) decides the same.
+        let mut resumed = Subscriber::new(
+            Timestamp::ZERO,
+            StreamKind::Sdk,
+            Context::with_id("u1"),
+            None,
+            TIMING,
+            0.5,
+        );
+        resumed.resume_sent_flags(sub.sent_flags());
+        assert_eq!(resumed.on_flags(&s2, &flags), None);
         let mut changed = flags.clone();
         changed.flags.insert("a".into(), false);
         assert!(sub.on_flags(&s2, &changed).is_some());

@@ -147,6 +147,11 @@ async fn fetch(req: Request, env: Env, ctx: Context) -> worker::Result<Response>
             http::internal()?
         }
     };
+    if response.status_code() == 101 {
+        // A stream's WebSocket, accepted by its shard: rebuilding the answer to add headers
+        // would drop the socket (CORS does not apply to WebSockets).
+        return Ok(response);
+    }
     let mut headers = cors_pairs(&policy.response_headers(origin.as_deref()));
     headers.push((REQUEST_ID, request_id));
     http::with_headers(
@@ -201,6 +206,14 @@ async fn handle(
         let index = config.pick_shard(js_sys::Math::random());
         let mut extra = vec![(SHARD_HEADER, index.to_string())];
         extra.extend(environment_header(config));
+        // The WebSocket transport: the shard accepts the upgrade (hibernatable).
+        if let Some(upgrade) = req
+            .headers()
+            .get("upgrade")?
+            .filter(|v| v.eq_ignore_ascii_case("websocket"))
+        {
+            extra.push(("upgrade", upgrade));
+        }
         let request = incoming.to_object(&extra, true, &[])?;
         return env
             .durable_object("SSE_SHARD")?

@@ -3,7 +3,7 @@
 //! per-user cache, identities, metrics); it answers polling misses and feeds the SSE shards.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,6 +36,7 @@ use wasm_bindgen::{JsCast, JsValue};
 use crate::config::EdgeConfig;
 use crate::fanout::{Outlet, js_bytes};
 use crate::http::{self, EVENT_ID_HEADER, Incoming, now};
+use crate::shard::sockets;
 use crate::tally::{self, Tally, Verdict};
 
 mod identify;
@@ -43,6 +44,8 @@ pub(crate) mod refresh;
 
 /// Storage key of the persisted snapshot.
 const SNAPSHOT_KEY: &str = "snapshot";
+/// Storage key of the shards holding WebSocket clients (pushed to on every publish).
+const SOCKET_SHARDS_KEY: &str = "socket-shards";
 /// Storage key of the environment's name (several environments), for alarms without a request.
 const ENVIRONMENT_KEY: &str = "environment";
 /// Most outcomes of one kind a report records in the breaker (its thresholds are far lower).
@@ -50,8 +53,8 @@ const BREAKER_RECORDS: u64 = 1000;
 /// SSE event name of the internal relay → shard stream.
 pub(crate) const SNAPSHOT_EVENT: &str = "snapshot";
 
-/// The relay object.
-#[durable_object]
+/// The relay object (fetch and alarm handlers only: no `connect` or WebSocket glue in the wasm).
+#[durable_object(alarm)]
 pub struct Relay {
     inner: Rc<Inner>,
 }
@@ -74,6 +77,9 @@ struct Core {
     local: Option<Arc<Snapshot>>,
     /// Internal streams of the shard objects (each holds only the newest snapshot frame).
     subscribers: Vec<Outlet>,
+    /// Shards holding WebSocket clients: they hibernate and hold no internal stream, so every
+    /// publish and refreshed answer is pushed to them (`shard/sockets.rs`). Persisted.
+    socket_shards: BTreeSet<u32>,
     /// Notifications dropped on the shards' streams so far, as last logged.
     notifications_dropped: u64,
     /// Open upstream streams, to abort on `CloseStream`.
@@ -110,6 +116,8 @@ struct Core {
 struct ShardReport {
     clients: [u64; 3],
     frames: [u64; 3],
+    /// WebSocket connects refused because the shard was full.
+    sockets_refused: u64,
 }
 
 impl Core {
@@ -196,11 +204,23 @@ async fn start(inner: &Rc<Inner>, environment: Option<String>) -> worker::Result
     } else {
         None
     };
+    // A comma-separated list (a string, like the other keys: no other serializer linked).
+    let socket_shards: Vec<u32> = inner
+        .state
+        .storage()
+        .get::<String>(SOCKET_SHARDS_KEY)
+        .await
+        .unwrap_or(None)
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|n| n.parse().ok())
+        .collect();
     let mut core = inner.core.borrow_mut();
     if core.started {
         return Ok(());
     }
     core.started = true;
+    core.socket_shards.extend(socket_shards);
     let at = now();
     if config.core.api_key.is_some() {
         let mut upstream = Upstream::new(config.core.upstream.clone(), at);
@@ -265,7 +285,11 @@ fn drive(inner: &Rc<Inner>) {
                     }
                 });
             }
-            Action::Publish(snapshot) => broadcast(inner, &snapshot_frame(&snapshot)),
+            Action::Publish(snapshot) => {
+                let frame = snapshot_frame(&snapshot);
+                broadcast(inner, &frame);
+                push_to_sockets(inner, frame);
+            }
         }
     }
     let (deadline, armed) = {
@@ -336,8 +360,91 @@ fn broadcast(inner: &Inner, frame: &[u8]) {
         .retain(|outlet| outlet.offer(&js));
 }
 
-/// Hands every shard one JS copy of a notification `event` (queued, in order, bounded).
-fn notify(inner: &Inner, event: &[u8]) {
+/// Pushes an internal-stream `frame` (a publish or a user's refreshed answer) to every shard
+/// holding WebSocket clients, one request each (it wakes a hibernated shard); a shard without
+/// sockets left answers 410 and is dropped from the set.
+fn push_to_sockets(inner: &Rc<Inner>, frame: Bytes) {
+    let (shards, config) = {
+        let core = inner.core.borrow();
+        (
+            core.socket_shards.iter().copied().collect::<Vec<_>>(),
+            core.config.clone(),
+        )
+    };
+    let Some(config) = config else { return };
+    for index in shards {
+        let (inner, config, frame) = (Rc::clone(inner), Rc::clone(&config), frame.clone());
+        wasm_bindgen_futures::spawn_local(async move {
+            let mut headers = vec![(http::SHARD_HEADER, index.to_string())];
+            if config.environments.is_some() {
+                headers.push((http::ENVIRONMENT_HEADER, config.environment.clone()));
+            }
+            let pushed = async {
+                let request =
+                    http::internal_request(Method::Post, sockets::PUSH_PATH, &headers, &frame)?;
+                inner
+                    .env
+                    .durable_object("SSE_SHARD")?
+                    .id_from_name(&config.shard_name(index))?
+                    .get_stub()?
+                    .fetch_with_request(request)
+                    .await
+            }
+            .await;
+            match pushed {
+                Ok(response) if response.status_code() == sockets::NO_SOCKETS => {
+                    if inner.core.borrow_mut().socket_shards.remove(&index) {
+                        persist_socket_shards(&inner).await;
+                    }
+                }
+                Ok(_) => {}
+                Err(error) => console_error!("relay: push to shard {index} failed: {error}"),
+            }
+        });
+    }
+}
+
+async fn persist_socket_shards(inner: &Inner) {
+    let shards: Vec<String> = inner
+        .core
+        .borrow()
+        .socket_shards
+        .iter()
+        .map(u32::to_string)
+        .collect();
+    if let Err(error) = inner
+        .state
+        .storage()
+        .put(SOCKET_SHARDS_KEY, shards.join(","))
+        .await
+    {
+        console_error!("relay: persisting the WebSocket shards failed: {error}");
+    }
+}
+
+/// `?shard=N` from a shard that accepted WebSocket clients: pushed to from now on; answered
+/// with the current snapshot's internal frame (204 before the first snapshot).
+async fn register_sockets(inner: &Rc<Inner>, query: &str) -> worker::Result<Response> {
+    let shard = form_urlencoded::parse(query.as_bytes())
+        .find(|(name, _)| name == "shard")
+        .and_then(|(_, value)| value.parse::<u32>().ok());
+    let shards = config_of(inner).map_or(1, |c| c.sse_shards);
+    if let Some(shard) = shard.filter(|s| *s < shards)
+        && inner.core.borrow_mut().socket_shards.insert(shard)
+    {
+        persist_socket_shards(inner).await;
+    }
+    let snapshot = inner.core.borrow().snapshot();
+    match snapshot {
+        Some(snapshot) => Response::from_bytes(snapshot_frame(&snapshot).to_vec()),
+        None => Ok(Response::empty()?.with_status(204)),
+    }
+}
+
+/// Hands every shard one JS copy of a notification `event` (queued, in order, bounded), and
+/// pushes it to the shards holding WebSocket clients.
+fn notify(inner: &Rc<Inner>, event: &[u8]) {
+    push_to_sockets(inner, Bytes::copy_from_slice(event));
     let js = js_bytes(event);
     let mut core = inner.core.borrow_mut();
     core.subscribers.retain(|outlet| outlet.push(&js));
@@ -577,6 +684,7 @@ async fn handle(inner: &Rc<Inner>, mut req: Request) -> worker::Result<Response>
             return forwards_report(inner, &body);
         }
         "/__rollgate/subscribe" => return subscribe(inner),
+        sockets::REGISTER_PATH => return register_sockets(inner, &incoming.query).await,
         "/__rollgate/shard-clients" => {
             shard_report(inner, &incoming.query);
             return Response::ok("ok");
@@ -640,12 +748,20 @@ async fn handle(inner: &Rc<Inner>, mut req: Request) -> worker::Result<Response>
                 .iter()
                 .map(|(shard, report)| (*shard, report.clients.iter().sum()))
                 .collect();
+            let refused: u64 = inner
+                .core
+                .borrow()
+                .shard_reports
+                .values()
+                .map(|r| r.sockets_refused)
+                .sum();
             let mut metrics = downstream.metrics(
                 now(),
                 snapshot.as_deref(),
                 &report(inner),
                 MetricsExtra {
                     shard_clients,
+                    sockets_refused: refused,
                     ..MetricsExtra::default()
                 },
             );
@@ -793,6 +909,9 @@ fn shard_report(inner: &Inner, query: &str) {
     for (name, value) in form_urlencoded::parse(query.as_bytes()) {
         let value = value.parse::<u64>().ok();
         for kind in StreamKind::ALL {
+            if name == "sockets_refused" {
+                report.sockets_refused = value.unwrap_or(0);
+            }
             if name == kind.label() {
                 report.clients[kind.index()] = value.unwrap_or(0);
             } else if name.strip_prefix("frames_") == Some(kind.label()) {

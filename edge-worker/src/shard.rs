@@ -6,6 +6,11 @@
 //! then serves that many internal streams, however many clients there are. A per-user client's
 //! flags are asked of the relay (which merges `/identify` attributes, evaluates rules or uses
 //! its per-user cache), with the client's own key.
+//!
+//! WebSocket clients (`Upgrade: websocket` on the same routes) are held by the runtime on the
+//! hibernation API instead, fed by the relay's pushes: see [`sockets`].
+
+pub(crate) mod sockets;
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -24,7 +29,8 @@ use rollgate_proxy_core::sse::decode::{Decoder, DecoderLimits};
 use rollgate_proxy_core::sse::encode::KEEPALIVE;
 use rollgate_proxy_core::stream::{self, Next, StreamKind, Subscriber};
 use worker::{
-    Delay, Env, Headers, Method, Request, Response, State, console_error, durable_object,
+    Delay, Env, Headers, Method, Request, Response, State, WebSocket, WebSocketIncomingMessage,
+    console_error, durable_object,
 };
 
 use crate::config::EdgeConfig;
@@ -44,13 +50,15 @@ fn resubscribe_policy() -> ReconnectPolicy {
     }
 }
 
-/// A shard object.
-#[durable_object]
+/// A shard object (fetch and the hibernation API's WebSocket handlers; no `connect` or alarm
+/// glue in the wasm).
+#[durable_object(websocket)]
 pub struct SseShard {
     inner: Rc<Inner>,
 }
 
 struct Inner {
+    state: State,
     env: Env,
     core: RefCell<Core>,
 }
@@ -73,6 +81,13 @@ struct Core {
     next_client: u64,
     frames_sent: [u64; 3],
     reported: Option<([u64; 3], [u64; 3])>,
+    /// The snapshot the WebSocket clients are served from (pushed by the relay).
+    socket_snapshot: Option<Arc<Snapshot>>,
+    /// The relay pushes to this shard (registered since it last woke).
+    registered: bool,
+    /// WebSocket connects refused because the shard held [`sockets::MAX_SOCKETS`].
+    sockets_refused: u64,
+    refused_reported: u64,
 }
 
 struct Client {
@@ -96,32 +111,94 @@ impl std::fmt::Debug for SseShard {
 }
 
 impl worker::DurableObject for SseShard {
-    fn new(_state: State, env: Env) -> Self {
+    fn new(state: State, env: Env) -> Self {
+        let raw = state._inner();
+        // A client's `ping` is answered by the runtime: a hibernated object is not woken.
+        match worker::WebSocketRequestResponsePair::new(sockets::PING, sockets::PONG) {
+            Ok(pair) => {
+                if let Err(error) = raw.set_websocket_auto_response(&pair) {
+                    console_error!("shard: no WebSocket auto-response: {error:?}");
+                }
+            }
+            Err(error) => console_error!("shard: no WebSocket auto-response: {error:?}"),
+        }
         Self {
             inner: Rc::new(Inner {
+                state: State::from(raw),
                 env,
                 core: RefCell::new(Core::default()),
             }),
         }
     }
 
-    async fn fetch(&self, req: Request) -> worker::Result<Response> {
+    async fn fetch(&self, mut req: Request) -> worker::Result<Response> {
         let inner = Rc::clone(&self.inner);
         if inner.core.borrow().config.is_none() {
             let environment = req.headers().get(http::ENVIRONMENT_HEADER)?;
-            match crate::entry::load_config_for(&inner.env, environment.as_deref()) {
-                Ok(config) => {
-                    let mut core = inner.core.borrow_mut();
-                    core.downstream = Some(Rc::new(Downstream::new(config.core.clone())));
-                    core.config = Some(Rc::new(config));
-                }
-                Err(error) => {
-                    console_error!("shard: {error}");
-                    return http::internal();
-                }
+            if !configure(&inner, environment.as_deref()) {
+                return http::internal();
             }
         }
+        if req.path() == sockets::PUSH_PATH {
+            return sockets::push(&inner, &mut req).await;
+        }
+        let upgrade = req
+            .headers()
+            .get("upgrade")?
+            .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+        if upgrade {
+            if let Some(index) = req
+                .headers()
+                .get(SHARD_HEADER)?
+                .and_then(|v| v.parse::<u32>().ok())
+            {
+                inner.core.borrow_mut().index = index;
+            }
+            return sockets::connect(&inner, &req).await;
+        }
         connect(&inner, &req)
+    }
+
+    async fn websocket_message(
+        &self,
+        _ws: WebSocket,
+        _message: WebSocketIncomingMessage,
+    ) -> worker::Result<()> {
+        // `ping` is answered by the runtime; clients send nothing else that matters.
+        Ok(())
+    }
+
+    async fn websocket_close(
+        &self,
+        ws: WebSocket,
+        _code: usize,
+        _reason: String,
+        _was_clean: bool,
+    ) -> worker::Result<()> {
+        sockets::closed(&self.inner, &ws).await;
+        Ok(())
+    }
+
+    async fn websocket_error(&self, ws: WebSocket, _error: worker::Error) -> worker::Result<()> {
+        sockets::closed(&self.inner, &ws).await;
+        Ok(())
+    }
+}
+
+/// Loads the configuration of `environment` (once per instance; again after hibernation);
+/// `false` if it is invalid (logged).
+fn configure(inner: &Inner, environment: Option<&str>) -> bool {
+    match crate::entry::load_config_for(&inner.env, environment) {
+        Ok(config) => {
+            let mut core = inner.core.borrow_mut();
+            core.downstream = Some(Rc::new(Downstream::new(config.core.clone())));
+            core.config = Some(Rc::new(config));
+            true
+        }
+        Err(error) => {
+            console_error!("shard: {error}");
+            false
+        }
     }
 }
 
@@ -530,7 +607,7 @@ async fn ticker(inner: Rc<Inner>) {
         Delay::from(tick).await;
         let at = now();
         let mut closed = Vec::new();
-        let (report, index) = {
+        {
             let mut core = inner.core.borrow_mut();
             let comment = core
                 .keepalive
@@ -557,38 +634,65 @@ async fn ticker(inner: Rc<Inner>) {
                 }
                 keep
             });
-            let mut clients = [0u64; 3];
-            for client in &core.clients {
-                clients[client.subscriber.kind().index()] += 1;
-            }
-            let report = (clients, core.frames_sent);
-            let changed = core.reported != Some(report);
-            core.reported = Some(report);
-            (changed.then_some(report), core.index)
-        };
+        }
         report_closed(&inner, closed);
-        if let Some((clients, frames)) = report {
-            let mut path = format!("/__rollgate/shard-clients?shard={index}");
-            for kind in StreamKind::ALL {
-                let i = kind.index();
-                let label = kind.label();
-                path.push_str(&format!(
-                    "&{label}={}&frames_{label}={}",
-                    clients[i], frames[i]
-                ));
-            }
-            let headers: Vec<_> = environment_header(&inner).into_iter().collect();
-            if let Ok(request) = http::internal_request(Method::Get, &path, &headers, &[])
-                && let Ok(stub) = relay_stub(&inner)
-                && let Err(error) = stub.fetch_with_request(request).await
-            {
-                console_error!("shard: reporting clients failed: {error}");
-            }
+        if let Some(request) = report_request(&inner)
+            && let Ok(stub) = relay_stub(&inner)
+            && let Err(error) = stub.fetch_with_request(request).await
+        {
+            console_error!("shard: reporting clients failed: {error}");
         }
         let mut core = inner.core.borrow_mut();
-        if core.clients.is_empty() && core.reported == Some(([0; 3], core.frames_sent)) {
+        // WebSocket clients need no ticker (it would keep the object from hibernating).
+        if core.clients.is_empty() {
             core.ticking = false;
             return;
         }
     }
+}
+
+/// The report of this shard's clients (event-stream and WebSocket, per kind), frames sent and
+/// refused sockets to the relay, when it changed since the last one.
+fn report_request(inner: &Inner) -> Option<Request> {
+    let sockets = sockets::counts(inner);
+    let (clients, frames, refused, index) = {
+        let mut core = inner.core.borrow_mut();
+        let mut clients = sockets;
+        for client in &core.clients {
+            clients[client.subscriber.kind().index()] += 1;
+        }
+        let report = (clients, core.frames_sent);
+        if core.reported == Some(report) && core.refused_reported == core.sockets_refused {
+            return None;
+        }
+        core.reported = Some(report);
+        core.refused_reported = core.sockets_refused;
+        (clients, core.frames_sent, core.sockets_refused, core.index)
+    };
+    let mut path = format!("/__rollgate/shard-clients?shard={index}&sockets_refused={refused}");
+    for kind in StreamKind::ALL {
+        let i = kind.index();
+        let label = kind.label();
+        path.push_str(&format!(
+            "&{label}={}&frames_{label}={}",
+            clients[i], frames[i]
+        ));
+    }
+    let headers: Vec<_> = environment_header(inner).into_iter().collect();
+    http::internal_request(Method::Get, &path, &headers, &[]).ok()
+}
+
+/// Sends the report now (WebSocket connects and closes: no ticker runs for them).
+fn report_now(inner: &Rc<Inner>) {
+    let Some(request) = report_request(inner) else {
+        return;
+    };
+    let inner = Rc::clone(inner);
+    wasm_bindgen_futures::spawn_local(async move {
+        if let Ok(stub) = relay_stub(&inner)
+            && let Err(error) = stub.fetch_with_request(request).await
+        {
+            console_error!("shard: reporting clients failed: {error}");
+        }
+    });
 }

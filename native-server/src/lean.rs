@@ -410,6 +410,10 @@ mod tests {
         assert!(lean("GET /ofrep/v1/sse HTTP/1.1\r\n\r\n"));
         assert!(!lean("GET /api/flags HTTP/1.1\r\n\r\n"));
         assert!(!lean("HEAD /api/stream HTTP/1.1\r\n\r\n"));
+        // The WebSocket transport of the same route is hyper's (axum's upgrade).
+        assert!(!lean(
+            "GET /api/stream HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+        ));
         assert!(!lean("GET /api/stream HTTP/1.0\r\n\r\n"));
         assert!(!lean(
             "GET /api/stream HTTP/1.1\r\nConnection: close\r\n\r\n"

@@ -10,7 +10,9 @@ use std::time::Instant;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{FromRequestParts, Request, State};
+use axum::response::IntoResponse;
 use axum::response::Response;
 use bytes::Bytes;
 use http::request::Parts;
@@ -85,7 +87,9 @@ pub(crate) async fn handle_counted(
         Admission::Answered(response) => (Admission::Routed(None), Some(response)),
         other => (other, None),
     };
-    let (parts, body) = request.into_parts();
+    let (mut parts, body) = request.into_parts();
+    // A WebSocket upgrade is taken from the head here and used only if core opens a stream.
+    let upgrade = websocket_upgrade(&mut parts).await;
     let origin = parts.headers.get(header::ORIGIN).cloned();
     // The caller's id when it is usable, else a sequence number as 16 hex digits; kept as a
     // `HeaderValue` (a cheap clone of the caller's bytes) so it is formatted at most once.
@@ -147,10 +151,25 @@ pub(crate) async fn handle_counted(
             {
                 from_api(app.downstream.overloaded(random_unit()))
             }
+            (Ok(admitted), None)
+                if admitted.route.is_stream() && upgrade.as_ref().is_some_and(Result::is_err) =>
+            {
+                match upgrade {
+                    Some(Err(refused)) => refused,
+                    _ => from_api(ApiError::internal().into()),
+                }
+            }
             (Ok(admitted), None) => {
-                answer(app, &parts, head, body, admitted)
-                    .instrument(span.clone())
-                    .await
+                answer(
+                    app,
+                    &parts,
+                    head,
+                    body,
+                    admitted,
+                    upgrade.and_then(Result::ok),
+                )
+                .instrument(span.clone())
+                .await
             }
             (Err(error), _) => from_api(error.into()),
         };
@@ -267,13 +286,32 @@ pub(crate) fn head_of(parts: &Parts) -> downstream::Request<'_> {
     }
 }
 
-/// The answer to one admitted (non-preflight) request.
+/// The request's WebSocket upgrade (`Upgrade: websocket`), or the answer refusing a malformed
+/// one (axum's status and text); `None` for a plain request.
+async fn websocket_upgrade(parts: &mut Parts) -> Option<Result<WebSocketUpgrade, Response>> {
+    let asked = parts
+        .headers
+        .get(header::UPGRADE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+    if !asked {
+        return None;
+    }
+    Some(
+        WebSocketUpgrade::from_request_parts(parts, &())
+            .await
+            .map_err(IntoResponse::into_response),
+    )
+}
+
+/// The answer to one admitted (non-preflight) request; a stream goes over `upgrade` when the
+/// client asked for a WebSocket.
 async fn answer(
     app: &Arc<App>,
     parts: &Parts,
     head: downstream::Request<'_>,
     body: Body,
     admitted: Admitted,
+    upgrade: Option<WebSocketUpgrade>,
 ) -> Response {
     let body = if parts.method == Method::POST {
         match read_body(app, parts, body).await {
@@ -305,7 +343,10 @@ async fn answer(
     );
     match answer {
         Answer::Respond(response) => from_api(response),
-        Answer::Stream { subscriber, .. } => sse::response(app, subscriber),
+        Answer::Stream { subscriber, .. } => match upgrade {
+            Some(upgrade) => sse::websocket(app, subscriber, upgrade),
+            None => sse::response(app, subscriber),
+        },
         Answer::NeedUserFlags(pending) => {
             let flags = user_flags(app, pending.user_id(), pending.revision()).await;
             from_api(app.downstream.finish(pending, &flags))

@@ -15,7 +15,6 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -81,7 +80,6 @@ pub async fn serve<H: Handler>(
         .header_read_timeout(settings.request_timeout)
         .max_buf_size((settings.max_header_bytes + settings.max_uri_length + 4096).max(8192))
         .keep_alive(true);
-    let graceful = GracefulShutdown::new();
     // Every plain-TCP connection task holds a sender: shutdown waits until all are dropped.
     let (tasks, mut tasks_done) = mpsc::channel::<()>(1);
     if let Some(tls) = &settings.tls {
@@ -97,7 +95,7 @@ pub async fn serve<H: Handler>(
             Ok((stream, _peer)) => {
                 let _ = stream.set_nodelay(true);
                 let Some(tls) = &settings.tls else {
-                    let (builder, watcher) = (builder.clone(), graceful.watcher());
+                    let builder = builder.clone();
                     let (handler, task, cancelled) =
                         (handler.clone(), tasks.clone(), shutdown.clone());
                     let head_timeout = settings.request_timeout;
@@ -119,9 +117,7 @@ pub async fn serve<H: Handler>(
                         // connection state (it is sized for the largest state).
                         let service = connection_service(handler.clone());
                         let connection = builder.serve_connection(TokioIo::new(stream), service);
-                        if let Err(error) = Box::pin(watcher.watch(connection)).await {
-                            tracing::debug!(%error, "connection ended with an error");
-                        }
+                        Box::pin(until_shutdown(connection.with_upgrades(), &cancelled)).await;
                     });
                     continue;
                 };
@@ -129,9 +125,10 @@ pub async fn serve<H: Handler>(
                 // so a slow client never holds up the accept loop.
                 let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
                 let service = connection_service(handler.clone());
-                let (builder, watcher) = (builder.clone(), graceful.watcher());
+                let (builder, task, cancelled) = (builder.clone(), tasks.clone(), shutdown.clone());
                 let handshake_timeout = settings.request_timeout;
                 tokio::spawn(async move {
+                    let _task = task;
                     let stream = match tokio::time::timeout(
                         handshake_timeout,
                         acceptor.accept(stream),
@@ -149,9 +146,7 @@ pub async fn serve<H: Handler>(
                         }
                     };
                     let connection = builder.serve_connection(TokioIo::new(stream), service);
-                    if let Err(error) = watcher.watch(connection).await {
-                        tracing::debug!(%error, "connection ended with an error");
-                    }
+                    until_shutdown(connection.with_upgrades(), &cancelled).await;
                 });
             }
             Err(error) => {
@@ -165,9 +160,9 @@ pub async fn serve<H: Handler>(
     drop(listener);
     drop(tasks);
     tracing::info!("shutting down: no new connections, finishing in-flight requests");
+    // `None` once every connection task has ended (each shuts its connection down gracefully
+    // on the same signal, see `until_shutdown`).
     let all_closed = async {
-        graceful.shutdown().await;
-        // `None` once every connection task has ended.
         let _ = tasks_done.recv().await;
     };
     tokio::select! {
@@ -175,5 +170,43 @@ pub async fn serve<H: Handler>(
         () = tokio::time::sleep(settings.shutdown_timeout) => {
             tracing::warn!(timeout = ?settings.shutdown_timeout, "shutdown timeout: dropping remaining connections");
         }
+    }
+}
+
+/// Serves `connection` (upgrades allowed: the WebSocket transport of the streams) until it
+/// ends; on `shutdown` it finishes the request in flight and closes. hyper-util's graceful
+/// watcher does not take an upgradeable HTTP/1 connection, hence this.
+async fn until_shutdown<C>(connection: C, shutdown: &CancellationToken)
+where
+    C: Future<Output = hyper::Result<()>> + GracefulEnd,
+{
+    let mut connection = std::pin::pin!(connection);
+    let ended = tokio::select! {
+        ended = connection.as_mut() => ended,
+        () = shutdown.cancelled() => {
+            connection.as_mut().end_gracefully();
+            connection.await
+        }
+    };
+    if let Err(error) = ended {
+        tracing::debug!(%error, "connection ended with an error");
+    }
+}
+
+/// A connection that can be asked to finish its request in flight and close.
+trait GracefulEnd {
+    fn end_gracefully(self: std::pin::Pin<&mut Self>);
+}
+
+impl<I, S, B> GracefulEnd for http1::UpgradeableConnection<I, S>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn end_gracefully(self: std::pin::Pin<&mut Self>) {
+        self.graceful_shutdown();
     }
 }

@@ -1,5 +1,5 @@
 //! SSE connections: the I/O around core's `Subscriber` (the frontend stream, the Rollgate SDK
-//! stream and OFREP notifications).
+//! stream and OFREP notifications), over an event-stream body or a WebSocket.
 //!
 //! Core decides every frame; this module subscribes to the snapshot watch **before** reading the
 //! current snapshot (so no publish falls between the two), hands each snapshot to the
@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
+use axum::extract::ws::{Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
@@ -217,33 +218,7 @@ async fn resolve(
 
 /// The streaming response for `subscriber`.
 pub fn response(app: &Arc<App>, subscriber: Subscriber) -> Response {
-    // Subscribe first, then read: a publish in between is seen as a change, never lost.
-    let mut snapshots = app.snapshots.subscribe();
-    let initial = snapshots.borrow_and_update().clone();
-    let period = subscriber.keepalive_interval();
-    let started = Instant::now();
-    let deadline = subscriber.close_at().map(|at| {
-        Box::pin(tokio::time::sleep_until(
-            started + Duration::from_millis(at.as_millis().saturating_sub(now().as_millis())),
-        ))
-    });
-    let user = subscriber
-        .user_id()
-        .map(|user| UserGuard::new(Arc::clone(app), user));
-    let connection = Connection {
-        guard: ClientGuard::new(Arc::clone(app), subscriber.kind()),
-        user,
-        resolved: false,
-        preamble: Some(subscriber.preamble()),
-        subscriber,
-        snapshots,
-        initial,
-        keepalive: Box::pin(tokio::time::sleep_until(started + period)),
-        period,
-        last_sent: started,
-        deadline,
-        shutdown: Box::pin(app.shutdown.clone().cancelled_owned()),
-    };
+    let connection = connection(app, subscriber, true);
     let body = futures_util::stream::unfold(connection, |mut connection| async move {
         let bytes = connection.next().await?;
         Some((Ok::<_, Infallible>(bytes), connection))
@@ -257,4 +232,96 @@ pub fn response(app: &Arc<App>, subscriber: Subscriber) -> Response {
         );
     }
     response
+}
+
+/// What a WebSocket client sends to learn that the connection is alive, and the answer (the
+/// Worker's shard answers it without waking, see `edge-worker/src/shard.rs`).
+pub const PING: &str = "ping";
+/// The answer to [`PING`].
+pub const PONG: &str = "pong";
+
+/// The WebSocket transport of the same stream: each text message is exactly one frame core
+/// renders for the event stream (`event:`/`id:`/`data:`), the first the snapshot an SSE client
+/// gets after its `retry:` preamble. No preamble and no keepalive comments: the client keeps
+/// the connection alive with [`PING`] (the Worker's hibernated objects would wake for a
+/// server-side keepalive). Same metrics, limits and max-age close as the event stream.
+pub fn websocket(app: &Arc<App>, subscriber: Subscriber, upgrade: WebSocketUpgrade) -> Response {
+    let connection = connection(app, subscriber, false);
+    upgrade
+        // Clients only send pings: nothing large is ever read.
+        .max_message_size(4096)
+        .max_frame_size(4096)
+        .on_upgrade(move |socket| serve_socket(connection, socket))
+}
+
+/// Sends the connection's frames on `socket` until either side ends; answers pings.
+async fn serve_socket(mut connection: Connection, mut socket: WebSocket) {
+    loop {
+        // Kept across incoming messages: a frame being resolved is never abandoned.
+        let next = connection.next();
+        tokio::pin!(next);
+        let frame = loop {
+            tokio::select! {
+                frame = &mut next => break frame,
+                message = socket.recv() => match message {
+                    Some(Ok(Message::Text(text))) if text.as_str() == PING => {
+                        if socket.send(Message::Text(Utf8Bytes::from_static(PONG))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Some(Ok(Message::Close(_)) | Err(_)) | None => return,
+                    // Protocol pings are answered by the socket itself; other messages ignored.
+                    Some(Ok(_)) => {}
+                },
+            }
+        };
+        let Some(frame) = frame else {
+            // Shutdown or max age: a clean close; the client reconnects, maybe elsewhere.
+            let _ = socket.send(Message::Close(None)).await;
+            return;
+        };
+        // Frames are UTF-8 (JSON under ASCII field names); a text message like the SSE body.
+        let Ok(text) = Utf8Bytes::try_from(frame) else {
+            return;
+        };
+        if socket.send(Message::Text(text)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A connection's state; `sse`: with the `retry:` preamble and keepalive comments.
+fn connection(app: &Arc<App>, subscriber: Subscriber, sse: bool) -> Connection {
+    // Subscribe first, then read: a publish in between is seen as a change, never lost.
+    let mut snapshots = app.snapshots.subscribe();
+    let initial = snapshots.borrow_and_update().clone();
+    // WebSocket: no keepalive comment (see `websocket`); a timer that never fires in practice.
+    let period = if sse {
+        subscriber.keepalive_interval()
+    } else {
+        Duration::from_secs(365 * 86_400)
+    };
+    let started = Instant::now();
+    let deadline = subscriber.close_at().map(|at| {
+        Box::pin(tokio::time::sleep_until(
+            started + Duration::from_millis(at.as_millis().saturating_sub(now().as_millis())),
+        ))
+    });
+    let user = subscriber
+        .user_id()
+        .map(|user| UserGuard::new(Arc::clone(app), user));
+    Connection {
+        guard: ClientGuard::new(Arc::clone(app), subscriber.kind()),
+        user,
+        resolved: false,
+        preamble: sse.then(|| subscriber.preamble()),
+        subscriber,
+        snapshots,
+        initial,
+        keepalive: Box::pin(tokio::time::sleep_until(started + period)),
+        period,
+        last_sent: started,
+        deadline,
+        shutdown: Box::pin(app.shutdown.clone().cancelled_owned()),
+    }
 }

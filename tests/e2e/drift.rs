@@ -379,6 +379,7 @@ const SPEC_FAMILIES: &[(&str, &str, &[&str])] = &[
         "counter",
         &["stream"],
     ),
+    ("rollgate_proxy_websocket_refused_total", "counter", &[]),
     ("rollgate_proxy_upstream_connected", "gauge", &[]),
     (
         "rollgate_proxy_upstream_stream_connects_total",

@@ -31,6 +31,7 @@ mod signals;
 mod sse;
 mod tls;
 mod upstream_faults;
+mod websocket;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -79,6 +80,7 @@ fn all() -> Vec<Scenario> {
     all.extend(ops::scenarios());
     all.extend(drift::scenarios());
     all.extend(parity::scenarios());
+    all.extend(websocket::scenarios());
     all.extend(upstream_faults::scenarios());
     all.extend(request_limits::scenarios());
     all.extend(replicas::scenarios());

@@ -129,6 +129,17 @@ async fn a_retry_after_on_forwarded_events_pauses_events_only() {
         .wait_until(Duration::from_secs(15), |s| s.events_requests >= 1)
         .await
         .expect("the events reach upstream once and get the 429");
+    // The mock counts the request before its 429 is back at the proxy: the quiet window starts
+    // once the proxy has taken the answer in (the Worker forwards each POST at once, so a POST
+    // in between would be a second forward with no hold known yet).
+    wait_metric_at_least(
+        &env.proxy,
+        "rollgate_proxy_upstream_requests_total",
+        r#"kind="events",outcome="error""#,
+        1.0,
+        Duration::from_secs(15),
+    )
+    .await;
     // Without the hold: a retry every 200 ms flush (native), a forward per POST (Worker).
     let quiet = std::time::Instant::now() + Duration::from_secs(6);
     while std::time::Instant::now() < quiet {

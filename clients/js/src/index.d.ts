@@ -58,6 +58,27 @@ export interface EventSourceConstructor {
   new (url: string): EventSourceLike;
 }
 
+/** The part of a `WebSocket` the client uses (the browser's, or the `ws` package's). */
+export interface WebSocketLike {
+  onopen: ((event: unknown) => void) | null;
+  onmessage: ((event: { data: unknown }) => void) | null;
+  onclose: ((event: unknown) => void) | null;
+  onerror: ((event: unknown) => void) | null;
+  send(data: string): void;
+  close(): void;
+}
+
+/** A `WebSocket` constructor (the browser's global `WebSocket` fits). */
+export interface WebSocketConstructor {
+  new (url: string): WebSocketLike;
+}
+
+/**
+ * How stream mode connects: `sse` (default, an `EventSource`) or `websocket` (the same frames
+ * over a WebSocket; on the Cloudflare Worker the sockets hibernate, see the proxy's README).
+ */
+export type StreamTransport = 'sse' | 'websocket';
+
 export interface ClientOptions {
   /** The proxy's base URL, e.g. `https://flags.example.com`; `''` (default) means same origin. */
   url?: string;
@@ -79,6 +100,10 @@ export interface ClientOptions {
   fetch?: FetchLike;
   /** Default: the global `EventSource`; `null` means none (stream mode then polls). */
   EventSource?: EventSourceConstructor | null;
+  /** Stream mode's transport. Default `sse`. */
+  transport?: StreamTransport;
+  /** For `transport: 'websocket'`. Default: the global `WebSocket`; `null` means none (stream mode then polls). */
+  WebSocket?: WebSocketConstructor | null;
 }
 
 /** Called when at least one flag was added, removed or flipped. */

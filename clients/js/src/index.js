@@ -1,5 +1,6 @@
 // @rollgate-proxy/client: feature flags from a rollgate-proxy, by ETag-aware polling or
-// server-sent events with a polling fallback. One dependency-free ES module: it runs in
+// server-sent events (over EventSource, or the same frames over a WebSocket) with a polling
+// fallback. One dependency-free ES module: it runs in
 // browsers as is (the proxy serves this very file at /rollgate-proxy-client.js) and in Node >= 20.
 // Types: index.d.ts beside this file.
 
@@ -15,6 +16,8 @@
  * @typedef {import('./index.d.ts').FetchResponse} FetchResponse
  * @typedef {import('./index.d.ts').EventSourceLike} EventSourceLike
  * @typedef {import('./index.d.ts').EventSourceConstructor} EventSourceConstructor
+ * @typedef {import('./index.d.ts').WebSocketLike} WebSocketLike
+ * @typedef {import('./index.d.ts').WebSocketConstructor} WebSocketConstructor
  */
 
 const DEFAULT_POLL_INTERVAL_MS = 30_000;
@@ -39,6 +42,13 @@ const STREAM_REOPEN_MS = 1_000;
 // After such a stream, the first fallback poll waits a random part of this (at most the interval).
 const FALLBACK_SPREAD_MS = 5_000;
 
+// The WebSocket transport: the proxy sends no `retry:` there; a socket that had opened and
+// then closed is reopened after this (±10 %), as EventSource would after the proxy's `retry:`.
+const WEBSOCKET_RETRY_MS = 2_000;
+// The client says `ping` this often (the proxy answers `pong`; on the Worker without waking
+// the object that holds the socket); a socket that heard nothing for a whole period is dropped.
+const WEBSOCKET_PING_MS = 30_000;
+
 /**
  * `ms` scaled by a uniform factor in [1 - spread, 1 + spread].
  * @param {number} ms
@@ -56,6 +66,181 @@ function revisionOf(id) {
   if (typeof id !== 'string') return null;
   const match = /^(\d+)-/.exec(id);
   return match ? Number(match[1]) : null;
+}
+
+/**
+ * The `ws:`/`wss:` URL of a stream URL (a relative one resolved against the page, if any).
+ * @param {string} url
+ */
+function webSocketUrl(url) {
+  let absolute = url;
+  try {
+    absolute = new URL(url, /** @type {any} */ (globalThis).location?.href).href;
+  } catch {
+    // Not resolvable here: the WebSocket constructor reports it.
+  }
+  return absolute.replace(/^http(s?):/i, 'ws$1:');
+}
+
+/**
+ * Dispatch every event of a message holding whole SSE frames (`event:`, `id:`, `data:`;
+ * comments and `retry:` skipped), as EventSource would.
+ * @param {string} text
+ * @param {(type: string, event: { data: string, lastEventId: string }) => void} dispatch
+ */
+function dispatchFrames(text, dispatch) {
+  for (const block of text.split('\n\n')) {
+    let type = 'message';
+    let id = '';
+    /** @type {string[]} */
+    const data = [];
+    for (const line of block.split('\n')) {
+      if (line === '' || line.startsWith(':')) continue;
+      const colon = line.indexOf(':');
+      const field = colon < 0 ? line : line.slice(0, colon);
+      let value = colon < 0 ? '' : line.slice(colon + 1);
+      if (value.startsWith(' ')) value = value.slice(1);
+      if (field === 'event') type = value;
+      else if (field === 'id') id = value;
+      else if (field === 'data') data.push(value);
+    }
+    if (data.length > 0) dispatch(type, { data: data.join('\n'), lastEventId: id });
+  }
+}
+
+/**
+ * An EventSource over the proxy's WebSocket transport (same route, query and frames), so the
+ * stream logic (backoff, fallback, forward-only revisions) is the SSE path's own. Like an
+ * EventSource it reconnects by itself after a socket that had opened closes (readyState 0 and an
+ * `error` event); a socket that closes before opening is a refusal (readyState 2: browsers do
+ * not tell a WebSocket why its handshake failed; the fallback poll then says it).
+ * @param {WebSocketConstructor} WebSocketImpl
+ * @returns {EventSourceConstructor}
+ */
+function webSocketSource(WebSocketImpl) {
+  return class WebSocketSource {
+    /** @param {string} url */
+    constructor(url) {
+      this.url = webSocketUrl(url);
+      this.readyState = 0;
+      this.closed = false;
+      /** @type {Map<string, Set<(event: { data: string, lastEventId?: string }) => void>>} */
+      this.listeners = new Map();
+      /** @type {WebSocketLike | null} */
+      this.socket = null;
+      /** @type {ReturnType<typeof setTimeout> | null} */
+      this.timer = null;
+      this.heard = false;
+      this.connect();
+    }
+
+    /** @param {string} type @param {(event: { data: string, lastEventId?: string }) => void} listener */
+    addEventListener(type, listener) {
+      if (!this.listeners.has(type)) this.listeners.set(type, new Set());
+      this.listeners.get(type)?.add(listener);
+    }
+
+    /** @param {string} type @param {{ data: string, lastEventId?: string }} event */
+    dispatch(type, event) {
+      for (const listener of [...(this.listeners.get(type) ?? [])]) listener(event);
+    }
+
+    connect() {
+      this.clearTimer();
+      /** @type {WebSocketLike} */
+      let socket;
+      try {
+        socket = new WebSocketImpl(this.url);
+      } catch {
+        this.lost(null, false);
+        return;
+      }
+      this.socket = socket;
+      let opened = false;
+      socket.onopen = () => {
+        if (this.socket !== socket) return;
+        opened = true;
+        this.readyState = 1;
+        this.heard = true;
+        this.schedulePing();
+      };
+      socket.onmessage = (event) => {
+        if (this.socket !== socket) return;
+        this.heard = true;
+        const data = event.data;
+        const text = typeof data === 'string' ? data : data instanceof ArrayBuffer ? new TextDecoder().decode(data) : null;
+        if (text === null || text === 'pong') return;
+        dispatchFrames(text, (type, frame) => this.dispatch(type, frame));
+      };
+      socket.onclose = () => {
+        if (this.socket === socket) this.lost(socket, opened);
+      };
+      // An error is followed by a close: handled there.
+      socket.onerror = () => {};
+    }
+
+    /**
+     * The socket closed or went silent: an `error` like EventSource's, then a reconnect after
+     * one that had opened (unless the client closed this source meanwhile).
+     * @param {WebSocketLike | null} socket
+     * @param {boolean} opened
+     */
+    lost(socket, opened) {
+      this.socket = null;
+      this.clearTimer();
+      if (socket) {
+        try {
+          socket.close();
+        } catch {
+          // Already closed.
+        }
+      }
+      if (this.closed) return;
+      this.readyState = opened ? 0 : 2;
+      this.dispatch('error', { data: '' });
+      if (this.closed || this.readyState !== 0) return;
+      this.timer = setTimeout(() => {
+        this.timer = null;
+        if (!this.closed) this.connect();
+      }, jittered(WEBSOCKET_RETRY_MS, 0.1));
+    }
+
+    schedulePing() {
+      this.clearTimer();
+      this.timer = setTimeout(() => {
+        this.timer = null;
+        const socket = this.socket;
+        if (!socket || this.closed) return;
+        if (!this.heard) {
+          // Nothing since the last ping, not even its pong: the connection is dead.
+          this.lost(socket, true);
+          return;
+        }
+        this.heard = false;
+        try {
+          socket.send('ping');
+        } catch {
+          this.lost(socket, true);
+          return;
+        }
+        this.schedulePing();
+      }, WEBSOCKET_PING_MS);
+    }
+
+    clearTimer() {
+      if (this.timer !== null) clearTimeout(this.timer);
+      this.timer = null;
+    }
+
+    close() {
+      this.closed = true;
+      this.readyState = 2;
+      this.clearTimer();
+      const socket = this.socket;
+      this.socket = null;
+      if (socket) socket.close();
+    }
+  };
 }
 
 /** Why a request failed: the proxy's error code or one of the client's own. */
@@ -189,6 +374,10 @@ function positiveNumber(name, value, fallback) {
 export function createClient(options = {}) {
   const mode = options.mode ?? 'stream';
   if (mode !== 'stream' && mode !== 'poll') throw new TypeError(`mode must be 'stream' or 'poll'`);
+  const transport = options.transport ?? 'sse';
+  if (transport !== 'sse' && transport !== 'websocket') {
+    throw new TypeError(`transport must be 'sse' or 'websocket'`);
+  }
   const base = String(options.url ?? '').replace(/\/+$/, '');
   const clientKey = options.clientKey || null;
   const pollIntervalMs = positiveNumber('pollIntervalMs', options.pollIntervalMs, DEFAULT_POLL_INTERVAL_MS);
@@ -196,11 +385,17 @@ export function createClient(options = {}) {
   const streamRetryMs = positiveNumber('streamRetryMs', options.streamRetryMs, DEFAULT_STREAM_RETRY_MS);
   /** @type {FetchLike} */
   const fetchImpl = options.fetch ?? globalFetch();
+  /** @type {WebSocketConstructor | null} */
+  const WebSocketImpl =
+    options.WebSocket !== undefined ? options.WebSocket : /** @type {any} */ (globalThis).WebSocket ?? null;
+  // The WebSocket transport is an EventSource over a WebSocket: the stream logic below is one.
   /** @type {EventSourceConstructor | null} */
   const EventSourceImpl =
-    options.EventSource !== undefined
-      ? options.EventSource
-      : /** @type {any} */ (globalThis).EventSource ?? null;
+    transport === 'websocket'
+      ? WebSocketImpl && webSocketSource(WebSocketImpl)
+      : options.EventSource !== undefined
+        ? options.EventSource
+        : /** @type {any} */ (globalThis).EventSource ?? null;
 
   /** @type {FlagMap} */
   let flags = Object.freeze(options.initialFlags ? toFlagMap(options.initialFlags) : {});
@@ -396,7 +591,8 @@ export function createClient(options = {}) {
     if (closed) return;
     closeStream();
     if (!EventSourceImpl) {
-      fallBackToPolling(new RollgateProxyError('stream_unavailable', 'EventSource is not available here'));
+      const missing = transport === 'websocket' ? 'WebSocket' : 'EventSource';
+      fallBackToPolling(new RollgateProxyError('stream_unavailable', `${missing} is not available here`));
       return;
     }
     /** @type {EventSourceLike} */
@@ -492,7 +688,7 @@ export function createClient(options = {}) {
       startPolling(streamDelivered ? Math.random() * Math.min(FALLBACK_SPREAD_MS, pollIntervalMs) : 0);
       setState('connecting');
     }
-    // No EventSource at all: never worth retrying. Otherwise try the stream again later.
+    // No EventSource (or WebSocket) at all: never worth retrying. Otherwise try the stream again later.
     if (!EventSourceImpl) return;
     if (streamRetryTimer !== null) clearTimeout(streamRetryTimer);
     // ±20% so the browsers that fell back together do not all retry the stream together.

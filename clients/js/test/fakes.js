@@ -112,3 +112,66 @@ export class FakeEventSource {
 export async function settle(rounds = 5) {
   for (let i = 0; i < rounds; i += 1) await new Promise((resolve) => setImmediate(resolve));
 }
+
+/** A WebSocket driven by the test: `open()`, `emit()` (a whole SSE frame), `drop()`. */
+export class FakeWebSocket {
+  /** @type {FakeWebSocket[]} */
+  static instances = [];
+
+  /** @param {string} url */
+  constructor(url) {
+    this.url = url;
+    this.closed = false;
+    /** @type {string[]} */
+    this.sent = [];
+    /** @type {((event: any) => void) | null} */
+    this.onopen = null;
+    /** @type {((event: any) => void) | null} */
+    this.onmessage = null;
+    /** @type {((event: any) => void) | null} */
+    this.onclose = null;
+    /** @type {((event: any) => void) | null} */
+    this.onerror = null;
+    FakeWebSocket.instances.push(this);
+  }
+
+  /** @param {string} data */
+  send(data) {
+    this.sent.push(data);
+  }
+
+  close() {
+    this.closed = true;
+  }
+
+  open() {
+    this.onopen?.({});
+  }
+
+  /** A message: `event: flags` with `data` (an object is JSON-encoded) and `id:`. */
+  emit(/** @type {unknown} */ data, lastEventId = '', type = 'flags') {
+    const json = typeof data === 'string' ? data : JSON.stringify(data);
+    const id = lastEventId ? `id: ${lastEventId}\n` : '';
+    this.message(`event: ${type}\n${id}data: ${json}\n\n`);
+  }
+
+  /** @param {unknown} data */
+  message(data) {
+    this.onmessage?.({ data });
+  }
+
+  /** The connection ends (the server closed it, or it was refused before opening). */
+  drop() {
+    this.closed = true;
+    this.onerror?.({});
+    this.onclose?.({});
+  }
+
+  static reset() {
+    FakeWebSocket.instances = [];
+  }
+
+  static latest() {
+    return FakeWebSocket.instances[FakeWebSocket.instances.length - 1];
+  }
+}

@@ -108,7 +108,7 @@ async fn refresh_user(
 }
 
 /// Tells the shards that `user`'s cached answer was refetched.
-pub(super) fn user_refreshed(inner: &Inner, user: &str) {
+pub(super) fn user_refreshed(inner: &Rc<Inner>, user: &str) {
     let builder = Event::new();
     let builder = builder
         .clone()

@@ -2,7 +2,8 @@
 // - the demo page served by the proxy (`/`) shows the flags and follows a change at Rollgate
 //   within 1 s (stable selectors: [data-flag][data-enabled], #connection-state[data-state]);
 // - a page on a second origin (127.0.0.2) polls `/api/flags` over CORS (with If-None-Match, which
-//   needs a preflight, and reading the exposed ETag), and streams with the proxy's own JS client;
+//   needs a preflight, and reading the exposed ETag), and streams with the proxy's own JS client,
+//   over EventSource and over the browser's WebSocket (`transport: 'websocket'`);
 // - with client keys, `/?token=<key>` works and a page without a key shows a 401 error state.
 // Screenshots go to test-artifacts/ (not committed).
 
@@ -53,11 +54,12 @@ const CLIENT_PAGE = `<!doctype html>
 <html><head><meta charset="utf-8"><title>other origin: JS client</title></head>
 <body><h1>JS client from another origin</h1><pre id="out" data-state="loading"></pre>
 <script type="module">
-const proxy = new URLSearchParams(location.search).get('proxy');
+const params = new URLSearchParams(location.search);
+const proxy = params.get('proxy');
 const out = document.getElementById('out');
 try {
   const { createClient } = await import(proxy + '/rollgate-proxy-client.js');
-  const flags = createClient({ url: proxy, mode: 'stream' });
+  const flags = createClient({ url: proxy, mode: 'stream', transport: params.get('transport') ?? 'sse' });
   const render = () => {
     out.textContent = JSON.stringify(flags.getAll());
     out.dataset.state = flags.state();
@@ -151,6 +153,22 @@ describe('Chromium: demo page, second origin', () => {
     const page = await browser.context.newPage();
     await page.goto(`${other.origin}/client.html?proxy=${encodeURIComponent(proxy.url)}`);
     await page.waitForSelector('#out[data-state="open"]', { timeout: 8000 });
+    const expected = (await proxy.json('/api/flags')).flags;
+    assert.deepEqual(JSON.parse(await page.textContent('#out')), expected);
+    await mock.setFlag('config', false);
+    await page.waitForFunction(() => JSON.parse(document.querySelector('#out')?.textContent || '{}').config === false, null, { timeout: 1000 });
+    assert.equal(await page.getAttribute('#out', 'data-state'), 'open');
+    await mock.setFlag('config', true);
+    await page.close();
+  });
+
+  test('the same client over the browser’s WebSocket (transport: websocket)', async () => {
+    const page = await browser.context.newPage();
+    const sockets = [];
+    page.on('websocket', (ws) => sockets.push(ws.url()));
+    await page.goto(`${other.origin}/client.html?transport=websocket&proxy=${encodeURIComponent(proxy.url)}`);
+    await page.waitForSelector('#out[data-state="open"]', { timeout: 8000 });
+    assert.deepEqual(sockets, [`${proxy.url.replace(/^http/, 'ws')}/api/stream`]);
     const expected = (await proxy.json('/api/flags')).flags;
     assert.deepEqual(JSON.parse(await page.textContent('#out')), expected);
     await mock.setFlag('config', false);

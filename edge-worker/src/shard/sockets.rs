@@ -1,0 +1,476 @@
+//! The shard's WebSocket clients, on the hibernation API: each message is exactly one frame core
+//! renders for the event stream, and nothing the object holds for them keeps it in memory.
+//!
+//! An object holding an open response body or an outgoing streaming fetch cannot hibernate, so
+//! WebSocket clients use neither: the runtime holds the sockets (`acceptWebSocket`), each
+//! socket's state lives in its attachment (which survives hibernation), keepalives are the
+//! client's `ping` answered by the runtime (`setWebSocketAutoResponse`, no wake), and the relay
+//! *pushes* every publish and per-user refresh to the shards that registered sockets
+//! ([`PUSH_PATH`], a request that wakes the object). After waking, the object rebuilds each
+//! socket's core `Subscriber` from the attachment; revisions only move forward per socket.
+
+use js_sys::JsString;
+use wasm_bindgen::{JsCast, JsValue};
+use worker::{WebSocket, WebSocketPair};
+
+use super::{
+    Arc, Context, Decoder, DecoderLimits, Freshness, Incoming, Method, Next, Rc, Request, Response,
+    SHARD_HEADER, SNAPSHOT_EVENT, Snapshot, StreamKind, USER_REFRESHED_EVENT, console_error,
+    environment_header, http, now, relay_flags, relay_stub, report_closed,
+};
+use crate::shard::Inner;
+
+/// The relay's request carrying a publish (the same bytes as its internal stream) to a shard.
+pub(crate) const PUSH_PATH: &str = "/__rollgate/ws-push";
+/// The shard's request to the relay registering it for pushes; answered with the current
+/// snapshot frame.
+pub(crate) const REGISTER_PATH: &str = "/__rollgate/ws-shard";
+/// What a client sends to learn that the connection is alive, and the runtime's answer.
+pub(crate) const PING: &str = "ping";
+pub(crate) const PONG: &str = "pong";
+/// Hibernatable sockets one shard accepts; beyond that a connect gets 503 (counted). The
+/// runtime allows 32,768 per object; a publish is sent to every socket from one thread.
+pub(crate) const MAX_SOCKETS: usize = 10_000;
+/// Status of a push to a shard without sockets: the relay stops pushing to it.
+pub(crate) const NO_SOCKETS: u16 = 410;
+
+/// One socket's state, kept by the runtime with the socket.
+#[derive(Clone, Debug, Default)]
+struct Attachment {
+    /// The stream's path and query (context, `?token=`): core re-creates the subscriber.
+    path: String,
+    query: String,
+    /// A key sent as a header (non-browser clients), for the same re-creation.
+    authorization: Option<String>,
+    /// The environment (several configured): the object reloads its configuration on waking.
+    environment: Option<String>,
+    /// This shard's index, for its reports after waking on a close (which carries no header).
+    shard: u32,
+    /// Event id of the last frame sent (its revision and content hash).
+    sent_id: Option<String>,
+    /// Revision of the last snapshot a frame was decided for: never an older one after it.
+    revision: u64,
+    /// Hash of the per-user flags last sent (core's `Subscriber::sent_flags`).
+    sent_flags: Option<u64>,
+    /// The per-user client's user, once the relay tracks it.
+    tracked_user: Option<String>,
+}
+
+impl Attachment {
+    /// Stored as a form-encoded string through the runtime's methods directly: workers-rs's
+    /// `serialize_attachment` (and a serde derive) would link more (de)serializers into the
+    /// wasm, which is over its size budget already.
+    fn of(ws: &WebSocket) -> Option<Self> {
+        let text = call(ws, "deserializeAttachment", None).ok()?.as_string()?;
+        let mut attachment = Self::default();
+        for (name, value) in form_urlencoded::parse(text.as_bytes()) {
+            let value = value.into_owned();
+            match &*name {
+                "p" => attachment.path = value,
+                "q" => attachment.query = value,
+                "a" => attachment.authorization = Some(value),
+                "e" => attachment.environment = Some(value),
+                "i" => attachment.sent_id = Some(value),
+                "r" => attachment.revision = value.parse().unwrap_or(0),
+                "f" => attachment.sent_flags = value.parse().ok(),
+                "u" => attachment.tracked_user = Some(value),
+                "s" => attachment.shard = value.parse().unwrap_or(0),
+                _ => {}
+            }
+        }
+        Some(attachment)
+    }
+
+    fn store(&self, ws: &WebSocket) {
+        let mut text = form_urlencoded::Serializer::new(String::new());
+        text.append_pair("p", &self.path)
+            .append_pair("q", &self.query)
+            .append_pair("r", &self.revision.to_string())
+            .append_pair("s", &self.shard.to_string());
+        let optional = [
+            ("a", self.authorization.clone()),
+            ("e", self.environment.clone()),
+            ("i", self.sent_id.clone()),
+            ("f", self.sent_flags.map(|f| f.to_string())),
+            ("u", self.tracked_user.clone()),
+        ];
+        for (name, value) in optional {
+            if let Some(value) = value {
+                text.append_pair(name, &value);
+            }
+        }
+        let text = JsValue::from_str(&text.finish());
+        if let Err(error) = call(ws, "serializeAttachment", Some(&text)) {
+            console_error!("shard: socket attachment not stored: {error:?}");
+        }
+    }
+}
+
+/// `ws.<method>(arg)` on the runtime's socket.
+fn call(ws: &WebSocket, method: &str, arg: Option<&JsValue>) -> Result<JsValue, JsValue> {
+    let socket: &web_sys::WebSocket = ws.as_ref();
+    let function: js_sys::Function =
+        js_sys::Reflect::get(socket, &JsValue::from_str(method))?.dyn_into()?;
+    match arg {
+        Some(arg) => function.call1(socket, arg),
+        None => function.call0(socket),
+    }
+}
+
+/// Sockets of the open connections (a closing one is still listed while its handler runs).
+fn open_sockets(inner: &Inner) -> Vec<WebSocket> {
+    inner
+        .state
+        .get_websockets()
+        .into_iter()
+        .filter(|ws| AsRef::<web_sys::WebSocket>::as_ref(ws).ready_state() == 1)
+        .collect()
+}
+
+/// Open sockets per stream kind (tags), for the clients gauge.
+pub(super) fn counts(inner: &Inner) -> [u64; 3] {
+    let mut counts = [0u64; 3];
+    for kind in StreamKind::ALL {
+        counts[kind.index()] = inner
+            .state
+            .get_websockets_with_tag(kind.label())
+            .iter()
+            .filter(|ws| AsRef::<web_sys::WebSocket>::as_ref(*ws).ready_state() == 1)
+            .count() as u64;
+    }
+    counts
+}
+
+/// A client's `Upgrade: websocket` on a stream route: checked by core exactly as the event
+/// stream (the front already refused a bad key), accepted for hibernation, and sent the current
+/// snapshot's frame.
+pub(super) async fn connect(inner: &Rc<Inner>, req: &Request) -> worker::Result<Response> {
+    let incoming = Incoming::read(req)?;
+    if inner.state.get_websockets().len() >= MAX_SOCKETS {
+        inner.core.borrow_mut().sockets_refused += 1;
+        super::report_now(inner);
+        return http::error_response(&rollgate_proxy_core::api::ApiError::not_ready());
+    }
+    let attachment = Attachment {
+        path: incoming.path.clone(),
+        query: incoming.query.clone(),
+        authorization: req.headers().get("authorization")?,
+        environment: req.headers().get(http::ENVIRONMENT_HEADER)?,
+        shard: inner.core.borrow().index,
+        ..Attachment::default()
+    };
+    let Some(downstream) = inner.core.borrow().downstream.clone() else {
+        return http::internal();
+    };
+    // Core's answer without a snapshot: a stream (then fed below) or an error answer.
+    let kind = match downstream.handle(
+        now(),
+        &request_of(&attachment),
+        None,
+        Freshness::Missing,
+        http::random_unit(),
+    ) {
+        rollgate_proxy_core::downstream::Answer::Stream { subscriber, .. } => subscriber.kind(),
+        rollgate_proxy_core::downstream::Answer::Respond(response) => {
+            return http::to_response(response);
+        }
+        _ => {
+            return http::error_response(&rollgate_proxy_core::api::ApiError::not_found(
+                &incoming.path,
+            ));
+        }
+    };
+    let pair = WebSocketPair::new()?;
+    inner
+        .state
+        .accept_websocket_with_tags(&pair.server, &[kind.label()]);
+    attachment.store(&pair.server);
+    if let Some(snapshot) = current(inner).await {
+        deliver(inner, &pair.server, &snapshot, &SharedText::default());
+    }
+    super::report_now(inner);
+    Response::from_websocket(pair.client)
+}
+
+/// The snapshot the sockets are served from: the one pushed last, else the relay's (asked
+/// once after waking, which also registers this shard for pushes).
+async fn current(inner: &Rc<Inner>) -> Option<Arc<Snapshot>> {
+    let (snapshot, registered) = {
+        let core = inner.core.borrow();
+        (core.socket_snapshot.clone(), core.registered)
+    };
+    if let (Some(snapshot), true) = (&snapshot, registered) {
+        return Some(Arc::clone(snapshot));
+    }
+    match register(inner).await {
+        Ok(Some(fresh)) => {
+            accept_snapshot(inner, fresh);
+            inner.core.borrow_mut().registered = true;
+        }
+        Ok(None) => inner.core.borrow_mut().registered = true,
+        Err(error) => console_error!("shard: registering for pushes failed: {error}"),
+    }
+    inner.core.borrow().socket_snapshot.clone()
+}
+
+/// Registers this shard with the relay; its current snapshot if it has one.
+async fn register(inner: &Rc<Inner>) -> worker::Result<Option<Snapshot>> {
+    let index = inner.core.borrow().index;
+    let headers: Vec<_> = environment_header(inner).into_iter().collect();
+    let path = format!("{REGISTER_PATH}?shard={index}");
+    let request = http::internal_request(Method::Get, &path, &headers, &[])?;
+    let mut response = relay_stub(inner)?.fetch_with_request(request).await?;
+    if response.status_code() != 200 {
+        return Ok(None);
+    }
+    let body = response.bytes().await?;
+    let mut snapshot = None;
+    for_each_event(&body, |event, data| {
+        if event == SNAPSHOT_EVENT {
+            match Snapshot::from_shared_anonymous(data.as_bytes()) {
+                Ok(s) => snapshot = Some(s),
+                Err(error) => console_error!("shard: bad snapshot from relay: {error}"),
+            }
+        }
+    });
+    Ok(snapshot)
+}
+
+fn for_each_event(body: &[u8], mut each: impl FnMut(&str, &str)) {
+    let mut decoder = Decoder::new(DecoderLimits::default());
+    if let Err(error) = decoder.push(body) {
+        console_error!("shard: bad push from relay: {error}");
+        return;
+    }
+    while let Some(event) = decoder.next_event() {
+        each(&event.event, &event.data);
+    }
+}
+
+/// Keeps `snapshot` as the sockets' current one unless it is older; `false` if refused.
+fn accept_snapshot(inner: &Inner, snapshot: Snapshot) -> bool {
+    let mut core = inner.core.borrow_mut();
+    if let Some(current) = &core.socket_snapshot {
+        if snapshot.revision() < current.revision() {
+            core.stale_refused += 1;
+            return false;
+        }
+        if current.content_hash() == snapshot.content_hash() {
+            return false;
+        }
+    }
+    core.socket_snapshot = Some(Arc::new(snapshot));
+    true
+}
+
+/// The relay's push: a publish or a user's refreshed answer, the same events as its internal
+/// stream. 410 when this shard has no sockets left (the relay stops pushing).
+pub(super) async fn push(inner: &Rc<Inner>, req: &mut Request) -> worker::Result<Response> {
+    if let Some(index) = req
+        .headers()
+        .get(SHARD_HEADER)?
+        .and_then(|v| v.parse::<u32>().ok())
+    {
+        inner.core.borrow_mut().index = index;
+    }
+    inner.core.borrow_mut().registered = true;
+    if inner.state.get_websockets().is_empty() {
+        return Ok(Response::empty()?.with_status(NO_SOCKETS));
+    }
+    let body = req.bytes().await?;
+    let mut users = Vec::new();
+    let mut published = false;
+    for_each_event(&body, |event, data| {
+        if event == USER_REFRESHED_EVENT {
+            users.push(data.to_owned());
+        } else if event == SNAPSHOT_EVENT {
+            match Snapshot::from_shared_anonymous(data.as_bytes()) {
+                Ok(snapshot) => published |= accept_snapshot(inner, snapshot),
+                Err(error) => console_error!("shard: bad snapshot from relay: {error}"),
+            }
+        }
+    });
+    let Some(snapshot) = current(inner).await else {
+        return Response::ok("no snapshot");
+    };
+    let sockets: Vec<WebSocket> = open_sockets(inner)
+        .into_iter()
+        .filter(|ws| {
+            published
+                || Attachment::of(ws)
+                    .and_then(|a| a.tracked_user)
+                    .is_some_and(|user| users.contains(&user))
+        })
+        .collect();
+    // One JS string per shared frame, sent by reference to every socket.
+    let shared = SharedText::default();
+    for ws in &sockets {
+        deliver(inner, ws, &snapshot, &shared);
+    }
+    super::report_now(inner);
+    Response::ok("ok")
+}
+
+/// The JS strings of the current publish's shared frames.
+#[derive(Default)]
+struct SharedText {
+    texts: std::cell::RefCell<Vec<(bytes::Bytes, JsString)>>,
+}
+
+impl SharedText {
+    fn get(&self, frame: &bytes::Bytes) -> JsString {
+        let mut texts = self.texts.borrow_mut();
+        if let Some((_, text)) = texts
+            .iter()
+            .find(|(b, _)| b.as_ptr() == frame.as_ptr() && b.len() == frame.len())
+        {
+            return text.clone();
+        }
+        let text = JsString::from(String::from_utf8_lossy(frame).as_ref());
+        texts.push((frame.clone(), text.clone()));
+        text
+    }
+}
+
+/// Sends `ws` what core's subscriber, re-created from the attachment, decides for `snapshot`;
+/// a per-user socket's flags are asked of the relay in a task of their own.
+fn deliver(inner: &Rc<Inner>, ws: &WebSocket, snapshot: &Arc<Snapshot>, shared: &SharedText) {
+    let Some(mut attachment) = Attachment::of(ws) else {
+        return;
+    };
+    if snapshot.revision().get() < attachment.revision {
+        return;
+    }
+    let Some(downstream) = inner.core.borrow().downstream.clone() else {
+        return;
+    };
+    let answer = downstream.handle(
+        now(),
+        &request_of(&attachment),
+        Some(snapshot),
+        Freshness::Fresh,
+        http::random_unit(),
+    );
+    let rollgate_proxy_core::downstream::Answer::Stream {
+        mut subscriber,
+        client_key,
+    } = answer
+    else {
+        // The key was removed meanwhile: the client reconnects and gets core's answer.
+        let _ = ws.close(Some(1008), Some("refused"));
+        return;
+    };
+    subscriber.resume_sent_flags(attachment.sent_flags);
+    match subscriber.on_snapshot(snapshot) {
+        Next::Frame(frame) => {
+            attachment.sent_id = Some(snapshot.event_id().to_owned());
+            if send_text(ws, &shared.get(&frame)) {
+                inner.core.borrow_mut().frames_sent[subscriber.kind().index()] += 1;
+            }
+        }
+        Next::Nothing => {}
+        Next::Resolve(context) => {
+            let stream = if attachment.tracked_user.is_some() {
+                "cached"
+            } else {
+                attachment.tracked_user = context.id.clone();
+                "open"
+            };
+            attachment.store(ws);
+            wasm_bindgen_futures::spawn_local(resolve(
+                Rc::clone(inner),
+                ws.clone(),
+                Arc::clone(snapshot),
+                subscriber,
+                context,
+                client_key,
+                stream,
+            ));
+            return;
+        }
+    }
+    attachment.revision = snapshot.revision().get();
+    attachment.store(ws);
+}
+
+/// Asks the relay for a per-user socket's flags and sends the frame core makes of them.
+async fn resolve(
+    inner: Rc<Inner>,
+    ws: WebSocket,
+    snapshot: Arc<Snapshot>,
+    mut subscriber: rollgate_proxy_core::stream::Subscriber,
+    context: Context,
+    client_key: Option<String>,
+    stream: &'static str,
+) {
+    let flags = match relay_flags(&inner, &context, client_key.as_deref(), stream).await {
+        Ok(flags) => flags,
+        Err(error) => {
+            console_error!("shard: user flags unavailable: {error}");
+            return;
+        }
+    };
+    // Re-read: a newer snapshot may have been decided meanwhile.
+    let Some(mut attachment) = Attachment::of(&ws) else {
+        return;
+    };
+    if attachment.revision > snapshot.revision().get() {
+        return;
+    }
+    attachment.revision = snapshot.revision().get();
+    subscriber.resume_sent_flags(attachment.sent_flags);
+    if let Some(frame) = subscriber.on_flags(&snapshot, &flags) {
+        attachment.sent_id = Some(snapshot.event_id().to_owned());
+        let text = JsString::from(String::from_utf8_lossy(&frame).as_ref());
+        if send_text(&ws, &text) {
+            inner.core.borrow_mut().frames_sent[subscriber.kind().index()] += 1;
+        }
+    }
+    attachment.sent_flags = subscriber.sent_flags();
+    attachment.store(&ws);
+}
+
+/// `ws.send(text)` with a JS string made once per frame (`WebSocket::send_with_str` would
+/// convert the Rust string again for every socket).
+fn send_text(ws: &WebSocket, text: &JsString) -> bool {
+    call(ws, "send", Some(text)).is_ok()
+}
+
+/// Core's request for a socket's stream, as the client first sent it.
+fn request_of(attachment: &Attachment) -> rollgate_proxy_core::downstream::Request<'_> {
+    rollgate_proxy_core::downstream::Request {
+        method: "GET",
+        path: &attachment.path,
+        query: &attachment.query,
+        authorization: attachment.authorization.as_deref(),
+        api_key: None,
+        if_none_match: None,
+        // An anonymous client is not sent the snapshot it has; a per-user one decides by its
+        // flags (a refreshed answer comes with the same snapshot).
+        last_event_id: attachment
+            .sent_id
+            .as_deref()
+            .filter(|_| attachment.sent_flags.is_none()),
+        accept_encoding: None,
+        body: &[],
+    }
+}
+
+/// A socket closed or failed: its tracked user is reported closed, the gauge updated.
+pub(super) async fn closed(inner: &Rc<Inner>, ws: &WebSocket) {
+    let attachment = Attachment::of(ws);
+    if inner.core.borrow().config.is_none() {
+        // Woken by this close: the configuration and index come from the socket.
+        let environment = attachment.as_ref().and_then(|a| a.environment.clone());
+        super::configure(inner, environment.as_deref());
+        if let Some(attachment) = &attachment {
+            inner.core.borrow_mut().index = attachment.shard;
+        }
+    }
+    // Completes the closing handshake (the runtime may have done so already).
+    let _ = ws.close(Some(1000), Some("closed"));
+    if let Some(user) = attachment.and_then(|a| a.tracked_user) {
+        report_closed(inner, vec![user]);
+    }
+    super::report_now(inner);
+}

@@ -1,0 +1,242 @@
+//! The WebSocket transport of the streams: each message is exactly one frame of the event
+//! stream (the first the SSE stream's first frame), changes arrive, revisions only move
+//! forward, keys are checked as for SSE, and `ping` gets `pong`.
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use rollgate_proxy_tests::mock::MockConfig;
+use tokio_tungstenite::tungstenite::{self, Message};
+
+use crate::common::*;
+use crate::{Scenario, scenario};
+
+pub(crate) fn scenarios() -> Vec<Scenario> {
+    vec![
+        scenario!(first_message_is_the_sse_first_frame_then_changes),
+        scenario!(sdk_stream_over_websocket),
+        scenario!(per_user_stream_over_websocket),
+        scenario!(bad_key_is_refused_like_sse),
+        scenario!(ping_gets_pong_and_the_socket_is_counted),
+    ]
+}
+
+/// Generous: the Worker under `wrangler dev` on a loaded box.
+const WAIT: Duration = Duration::from_secs(15);
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+fn ws_url(http_url: &str) -> String {
+    http_url.replacen("http://", "ws://", 1)
+}
+
+/// Opens a WebSocket on `url` (an `http://` URL of the proxy); the refusal's status if any.
+async fn open(url: &str) -> Result<Socket, u16> {
+    let connect = tokio_tungstenite::connect_async(ws_url(url));
+    match tokio::time::timeout(WAIT, connect).await {
+        Ok(Ok((socket, response))) => {
+            assert_eq!(response.status().as_u16(), 101);
+            Ok(socket)
+        }
+        Ok(Err(tungstenite::Error::Http(response))) => Err(response.status().as_u16()),
+        Ok(Err(error)) => panic!("WebSocket {url}: {error}"),
+        Err(_) => panic!("WebSocket {url}: no answer within {WAIT:?}"),
+    }
+}
+
+async fn must_open(url: &str) -> Socket {
+    open(url)
+        .await
+        .unwrap_or_else(|status| panic!("WebSocket {url} refused with {status}"))
+}
+
+/// The next text message (pongs and protocol frames skipped unless `pong`).
+async fn next_text(socket: &mut Socket) -> String {
+    let read = async {
+        loop {
+            match socket.next().await {
+                Some(Ok(Message::Text(text))) => return text.as_str().to_owned(),
+                Some(Ok(Message::Close(frame))) => panic!("closed: {frame:?}"),
+                Some(Ok(_)) => {}
+                Some(Err(error)) => panic!("WebSocket failed: {error}"),
+                None => panic!("WebSocket ended"),
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, read)
+        .await
+        .unwrap_or_else(|_| panic!("no WebSocket message within {WAIT:?}"))
+}
+
+/// One SSE frame's `event`, `id` and `data` (panics unless it is exactly one event).
+struct Frame {
+    event: String,
+    id: String,
+    data: serde_json::Value,
+}
+
+fn parse(frame: &str) -> Frame {
+    assert!(frame.ends_with("\n\n"), "one whole frame: {frame:?}");
+    let (mut event, mut id, mut data) = (None, None, String::new());
+    for line in frame.trim_end_matches('\n').split('\n') {
+        let (field, value) = line.split_once(": ").unwrap_or((line, ""));
+        match field {
+            "event" => event = Some(value.to_owned()),
+            "id" => id = Some(value.to_owned()),
+            "data" => data.push_str(value),
+            other => panic!("unexpected field {other:?} in {frame:?}"),
+        }
+    }
+    Frame {
+        event: event.expect("event:"),
+        id: id.expect("id:"),
+        data: serde_json::from_str(&data).expect("JSON data"),
+    }
+}
+
+fn revision(id: &str) -> u64 {
+    id.split_once('-')
+        .and_then(|(revision, _)| revision.parse().ok())
+        .unwrap_or_else(|| panic!("id is <revision>-<hash>: {id}"))
+}
+
+/// The SSE stream's first frame as bytes: the raw body after the `retry:` preamble, up to the
+/// end of the first event.
+async fn sse_first_frame(url: &str) -> String {
+    let mut client = sse(url).await;
+    next_event(&mut client, WAIT).await;
+    let raw = String::from_utf8_lossy(client.raw()).into_owned();
+    let (_, rest) = raw.split_once("\n\n").expect("the retry: preamble");
+    let end = rest.find("\n\n").expect("a whole first frame") + 2;
+    rest[..end].to_owned()
+}
+
+async fn first_message_is_the_sse_first_frame_then_changes() {
+    let env = Env::basic().await;
+    let url = env.url("/api/stream");
+    let mut socket = must_open(&url).await;
+    let first = next_text(&mut socket).await;
+    assert_eq!(
+        first,
+        sse_first_frame(&url).await,
+        "the first message is the SSE stream's first frame, byte for byte"
+    );
+    let frame = parse(&first);
+    assert_eq!(frame.event, "flags");
+    assert_eq!(frame.data, served_flags(&env.proxy, "").await);
+
+    // Changes arrive, each a whole frame, revisions only moving forward.
+    let mut last = revision(&frame.id);
+    for (i, value) in [false, true, false].into_iter().enumerate() {
+        env.mock.set_flag("enabled-flag", value);
+        let changed = loop {
+            let frame = parse(&next_text(&mut socket).await);
+            let at = revision(&frame.id);
+            assert!(at >= last, "revision {at} after {last}");
+            last = at;
+            if frame.data["enabled-flag"] == value {
+                break frame;
+            }
+        };
+        assert_eq!(changed.event, "flags", "change {i}");
+    }
+    assert!(last > revision(&frame.id), "the changes moved the revision");
+
+    // What an SSE client gets now is where the socket ended up.
+    let now = parse(&sse_first_frame(&url).await);
+    assert_eq!(now.data["enabled-flag"], false);
+    assert_eq!(revision(&now.id), last);
+    socket.close(None).await.ok();
+}
+
+async fn sdk_stream_over_websocket() {
+    let env = Env::basic().await;
+    let url = env.url("/api/v1/sdk/stream");
+    let mut socket = must_open(&url).await;
+    let first = next_text(&mut socket).await;
+    assert_eq!(first, sse_first_frame(&url).await);
+    let frame = parse(&first);
+    assert_eq!(frame.event, "init");
+    assert_eq!(frame.data["flags"]["enabled-flag"], true, "{}", frame.data);
+    env.mock.set_flag("enabled-flag", false);
+    loop {
+        let frame = parse(&next_text(&mut socket).await);
+        if frame.data["flags"]["enabled-flag"] == false {
+            break;
+        }
+    }
+}
+
+async fn per_user_stream_over_websocket() {
+    let env = Env::basic().await;
+    let url = env.url("/api/v1/sdk/stream?user_id=ws-user");
+    let mut socket = must_open(&url).await;
+    let first = next_text(&mut socket).await;
+    assert_eq!(first, sse_first_frame(&url).await);
+    let frame = parse(&first);
+    assert_eq!(frame.event, "init");
+    assert_eq!(frame.data["flags"]["enabled-flag"], true, "{}", frame.data);
+    env.mock.set_flag("enabled-flag", false);
+    let mut last = revision(&frame.id);
+    loop {
+        let frame = parse(&next_text(&mut socket).await);
+        let at = revision(&frame.id);
+        assert!(at >= last, "revision {at} after {last}");
+        last = at;
+        if frame.data["flags"]["enabled-flag"] == false {
+            break;
+        }
+    }
+}
+
+const KEY: &str = "ck_e2e_socket";
+
+async fn bad_key_is_refused_like_sse() {
+    let env = Env::with(MockConfig::basic(), |c| {
+        c.client_keys = vec![KEY.into()];
+    })
+    .await;
+    for query in ["", "?token=ck_wrong"] {
+        let url = env.url(&format!("/api/stream{query}"));
+        let sse_status = get(&url).await.expect("SSE answer").status;
+        assert_eq!(sse_status, 401, "SSE {query}");
+        assert_eq!(
+            open(&url).await.err(),
+            Some(sse_status),
+            "WebSocket {query}"
+        );
+    }
+    let mut socket = must_open(&env.url(&format!("/api/stream?token={KEY}"))).await;
+    assert_eq!(parse(&next_text(&mut socket).await).event, "flags");
+}
+
+async fn ping_gets_pong_and_the_socket_is_counted() {
+    let env = Env::basic().await;
+    let mut socket = must_open(&env.url("/api/stream")).await;
+    next_text(&mut socket).await;
+    socket
+        .send(Message::Text("ping".into()))
+        .await
+        .expect("ping sent");
+    assert_eq!(next_text(&mut socket).await, "pong");
+    // Counted as an open stream of its kind, like an SSE client, until it closes.
+    wait_metric_at_least(
+        &env.proxy,
+        "rollgate_proxy_sse_clients",
+        "stream=\"frontend\"",
+        1.0,
+        WAIT,
+    )
+    .await;
+    socket.close(None).await.expect("close sent");
+    eventually("the closed socket uncounted", WAIT, || async {
+        let open = metric_sum(&env.proxy, "rollgate_proxy_sse_clients", "").await?;
+        (open == 0.0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        metric_sum(&env.proxy, "rollgate_proxy_websocket_refused_total", "").await,
+        Some(0.0)
+    );
+}
