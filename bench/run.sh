@@ -8,7 +8,9 @@
 #
 # Knobs (environment): PROXY_BIN (target/release/rollgate-proxy) the proxy measured;
 # BEFORE_BIN (none) a second proxy build measured in the same run (poll: e.g. the build before a
-# change); ROUNDS (3) wrk rounds per figure, medians reported; DUR (5) seconds per
+# change; peruser: in alternation with PROXY_BIN in every round); PORT_BASE (9010) the mock's
+# port, the others follow it (two runs can share the box); ROUNDS (3) wrk rounds per figure,
+# medians reported; DUR (5) seconds per
 # wrk run; CONNS (64) wrk connections; STREAMS (19000) streams for the RSS figure; FANOUT
 # (100000) clients over REPLICAS (6) proxy processes; FANOUT_ROUNDS (3) changes per mode;
 # SLOW (2000) never-reading clients; CHANGES (50) changes of the large set.
@@ -31,8 +33,10 @@ BIN=target/release
 PROXY_BIN=${PROXY_BIN:-$BIN/rollgate-proxy}
 TMP=$(mktemp -d)
 PIDS=()
-MOCK_PORT=9010 CONTROL_PORT=9011 PROXY_PORT=9020 FLOOR_PORT=9021 EXPRESS_PORT=9022 LOCAL_PORT=9023
-BEFORE_PORT=9024
+# PORT_BASE moves every port (9000-9100 are reserved while the script runs).
+P=${PORT_BASE:-9010}
+MOCK_PORT=$P CONTROL_PORT=$((P + 1)) PROXY_PORT=$((P + 10)) FLOOR_PORT=$((P + 11))
+EXPRESS_PORT=$((P + 12)) LOCAL_PORT=$((P + 13)) BEFORE_PORT=$((P + 14))
 KEY=test-api-key
 
 SYSCTLS=(net/core/somaxconn net/ipv4/tcp_mem net/ipv4/ip_local_reserved_ports)
@@ -44,7 +48,8 @@ cleanup() {
     rm -rf "$TMP"
 }
 trap cleanup EXIT
-if [ -w /proc/sys/net/core/somaxconn ]; then
+# Only the large runs need them (a polling run leaves the machine's settings alone).
+if [ -w /proc/sys/net/core/somaxconn ] && [[ " $SECTIONS " =~ \ (rss|fanout|slow)\  ]]; then
     for s in "${SYSCTLS[@]}"; do SAVED[$s]=$(cat "/proc/sys/$s"); done
     echo 65535 > /proc/sys/net/core/somaxconn
     echo "1048576 1572864 2097152" > /proc/sys/net/ipv4/tcp_mem
@@ -212,33 +217,58 @@ request = function()
   return wrk.format("GET", "/api/flags?user_id=u-" .. math.random(1, 1000000000) .. "&attr.plan=plan-1&attr.country=NL&email=a%40c1.example")
 end
 EOF
-    start local "$PROXY_BIN" --bind 127.0.0.1 --port $LOCAL_PORT --flags-file "$TMP/rules.json" --log-level warn
-    ready "http://127.0.0.1:$LOCAL_PORT/api/flags"
-    local ports=($LOCAL_PORT) names=(proxy)
-    if [ -n "${BEFORE_BIN:-}" ]; then
-        start local-before "$BEFORE_BIN" --bind 127.0.0.1 --port $BEFORE_PORT --flags-file "$TMP/rules.json" --log-level warn
-        ready "http://127.0.0.1:$BEFORE_PORT/api/flags"
-        ports+=($BEFORE_PORT)
-        names+=(before)
-    fi
+    # PROXY_BIN is measured; with BEFORE_BIN too, both builds are measured in alternation in
+    # every round (each against the same floor run of that round).
+    local names=(proxy) bins=("$PROXY_BIN")
+    if [ -n "${BEFORE_BIN:-}" ]; then names=(before after) bins=("$BEFORE_BIN" "$PROXY_BIN"); fi
+    local i port spids=()
+    for i in "${!bins[@]}"; do
+        port=$((LOCAL_PORT + i))
+        start "local-$i" "${bins[$i]}" --bind 127.0.0.1 --port $port --flags-file "$TMP/rules.json" --log-level warn
+        spids+=("$(child_of "$LAST_PID")")
+        ready "http://127.0.0.1:$port/api/flags"
+    done
     curl -s "http://127.0.0.1:$LOCAL_PORT/api/flags" > "$TMP/anon.json"
+    if [ -n "${BEFORE_BIN:-}" ]; then
+        # Both builds answer a user with the same bytes (but for the load time in `cachedAt`).
+        local u="/api/flags?user_id=u-7&attr.plan=plan-1&attr.country=NL&email=a%40c1.example"
+        cmp -s <(curl -s "http://127.0.0.1:$LOCAL_PORT$u" | sed 's/"cachedAt":"[^"]*"//') \
+            <(curl -s "http://127.0.0.1:$((LOCAL_PORT + 1))$u" | sed 's/"cachedAt":"[^"]*"//') \
+            || { echo "before and after answer differently" >&2; exit 1; }
+    fi
     start floor "$BIN/floor" --listen 127.0.0.1:$FLOOR_PORT --body-file "$TMP/anon.json"
+    local fpid
+    fpid=$(child_of "$LAST_PID")
     ready "http://127.0.0.1:$FLOOR_PORT/"
-    local i
-    for i in "${!ports[@]}"; do
-        local vd=() vs=() port=${ports[$i]} name=${names[$i]}
-        local same="http://127.0.0.1:$port/api/flags?user_id=u-42&attr.plan=plan-1&attr.country=NL&email=a%40c1.example"
-        for r in $(seq 1 "$ROUNDS"); do
-            local d s a f
-            d=$(rps "http://127.0.0.1:$port" -s "$TMP/users.lua")
-            s=$(rps "$same")
-            a=$(rps "http://127.0.0.1:$port/api/flags")
-            f=$(rps "http://127.0.0.1:$FLOOR_PORT/api/flags")
-            say "$name round $r: different users $d req/s, same user $s req/s, anonymous $a req/s, floor $f req/s"
-            vd+=("$(ratio "$d" "$f")")
-            vs+=("$(ratio "$s" "$a")")
+    # Besides req/s (which other load on the box moves a lot), the server's own CPU time per
+    # request (`measure`): the floor's CPU per request over the proxy's is the ratio an idle
+    # box would approach.
+    declare -A vd vs vc
+    local query="user_id=u-42&attr.plan=plan-1&attr.country=NL&email=a%40c1.example"
+    for r in $(seq 1 "$ROUNDS"); do
+        local f fc line="round $r:" order
+        declare -A dd dc ss aa
+        # Alternate which build goes first, so a load change within a round favours neither.
+        order=("${!bins[@]}")
+        if (( r % 2 == 0 )) && (( ${#bins[@]} == 2 )); then order=(1 0); fi
+        for i in "${order[@]}"; do
+            port=$((LOCAL_PORT + i))
+            read -r dd[$i] dc[$i] < <(measure "${spids[$i]}" "http://127.0.0.1:$port" -s "$TMP/users.lua")
+            ss[$i]=$(rps "http://127.0.0.1:$port/api/flags?$query")
+            aa[$i]=$(rps "http://127.0.0.1:$port/api/flags")
         done
-        say "$name: median different-user/floor $(printf '%s\n' "${vd[@]}" | median)x (${vd[*]}); same-user/anonymous $(printf '%s\n' "${vs[@]}" | median)x (${vs[*]})"
+        read -r f fc < <(measure "$fpid" "http://127.0.0.1:$FLOOR_PORT/api/flags")
+        for i in "${!bins[@]}"; do
+            line+=" ${names[$i]}: different users ${dd[$i]} req/s (${dc[$i]} µs CPU each), same user ${ss[$i]} req/s, anonymous ${aa[$i]} req/s;"
+            vd[$i]+="$(ratio "${dd[$i]}" "$f") "
+            vs[$i]+="$(ratio "${ss[$i]}" "${aa[$i]}") "
+            vc[$i]+="$(ratio "$fc" "${dc[$i]}") "
+        done
+        say "$line floor $f req/s ($fc µs CPU each)"
+    done
+    for i in "${!bins[@]}"; do
+        # shellcheck disable=SC2086
+        say "${names[$i]}: median different-user/floor $(printf '%s\n' ${vd[$i]} | median)x (${vd[$i]% }); by CPU per request $(printf '%s\n' ${vc[$i]} | median)x (${vc[$i]% }); same-user/anonymous $(printf '%s\n' ${vs[$i]} | median)x (${vs[$i]% })"
     done
     for pid in "${PIDS[@]}"; do stop "$pid"; done
     PIDS=()
@@ -320,8 +350,8 @@ section_fanout() {
     mock
     local urls=() pids=()
     for i in $(seq 0 $((REPLICAS - 1))); do
-        proxy $((9030 + i))
-        urls+=(--url "http://127.0.0.1:$((9030 + i))/api/stream")
+        proxy $((P + 20 + i))
+        urls+=(--url "http://127.0.0.1:$((P + 20 + i))/api/stream")
         pids+=(--pid "$(child_of "$LAST_PID")")
     done
     for mode in init flag-changed; do

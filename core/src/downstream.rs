@@ -492,8 +492,7 @@ impl Downstream {
         if_none_match: Option<&str>,
     ) -> ApiResponse {
         let context = self.merge_identity(context);
-        let context_key = rendered::context_key(&context);
-        let key = RenderedCache::key(kind, &context_key);
+        let key = rendered::cache_key(kind, &context);
         let revision = snapshot.revision();
         let cached = lock(&self.rendered).get(revision, &key);
         let Rendered { body, etag } = match cached {
@@ -512,7 +511,7 @@ impl Downstream {
                 };
                 let rendered = Rendered {
                     body,
-                    etag: rendered::context_etag(snapshot, &context_key),
+                    etag: rendered::context_etag(snapshot, rendered::context_part(&key)),
                 };
                 lock(&self.rendered).insert(revision, key, rendered.clone());
                 rendered

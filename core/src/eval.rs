@@ -141,6 +141,8 @@ pub struct Evaluated<'a> {
     pub value: bool,
     /// Why it has that value.
     pub reason: ReasonRef<'a>,
+    /// `"<key>":` as JSON (the key escaped), rendered once when the rules were compiled.
+    key_json: &'a str,
 }
 
 /// Every flag's value and reason for one context, in key order (the order of
@@ -183,6 +185,45 @@ impl<'a> Evaluation<'a> {
     /// Serialises as the `reasons` map of [`EvaluatedFlags`] (key → reason), byte for byte.
     pub fn reasons(&self) -> impl Serialize + '_ {
         Reasons(&self.flags)
+    }
+
+    /// Appends the `flags` map ([`Self::values`]) to `out` without a serializer: the keys'
+    /// JSON was rendered when the rules were compiled, so this is a concatenation of shared
+    /// fragments and `true`/`false`. Byte for byte what [`Self::values`] serialises to.
+    pub fn write_values(&self, out: &mut Vec<u8>) {
+        out.push(b'{');
+        for (i, flag) in self.flags.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(flag.key_json.as_bytes());
+            out.extend_from_slice(if flag.value { b"true" } else { b"false" });
+        }
+        out.push(b'}');
+    }
+
+    /// Appends the `reasons` map ([`Self::reasons`]) to `out`: the keys as in
+    /// [`Self::write_values`], each reason serialised as [`Self::reasons`] does.
+    pub fn write_reasons(&self, out: &mut Vec<u8>) {
+        out.push(b'{');
+        for (i, flag) in self.flags.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(flag.key_json.as_bytes());
+            // Writing a small struct of strings, numbers and booleans to a `Vec` cannot fail.
+            let _ = serde_json::to_writer(&mut *out, &flag.reason);
+        }
+        out.push(b'}');
+    }
+
+    /// Bytes [`Self::write_values`] appends, at most (for sizing the output once).
+    pub fn values_len_bound(&self) -> usize {
+        2 + self
+            .flags
+            .iter()
+            .map(|flag| flag.key_json.len() + ",false".len())
+            .sum::<usize>()
     }
 
     /// The owned maps.
@@ -245,6 +286,8 @@ struct Slots {
 
 #[derive(Clone, Debug)]
 struct CompiledFlag {
+    /// `"<key>":` as JSON, for [`Evaluation::write_values`].
+    key_json: Box<str>,
     enabled: bool,
     rollout: i64,
     /// Sorted and deduplicated, for binary search.
@@ -263,7 +306,7 @@ struct CompiledRule {
 }
 
 impl CompiledFlag {
-    fn compile(flag: &FlagRule, slots: &mut Slots) -> Self {
+    fn compile(key: &str, flag: &FlagRule, slots: &mut Slots) -> Self {
         let mut target_users = flag.target_users.clone();
         target_users.sort_unstable();
         target_users.dedup();
@@ -294,7 +337,11 @@ impl CompiledFlag {
                     .collect(),
             })
             .collect();
+        // Serialising a string cannot fail; the fallback is never used.
+        let mut key_json = serde_json::to_string(key).unwrap_or_default();
+        key_json.push(':');
         Self {
+            key_json: key_json.into_boxed_str(),
             enabled: flag.enabled,
             rollout: flag.rollout,
             target_users,
@@ -389,7 +436,7 @@ impl CompiledRules {
         let flags = payload
             .flags
             .iter()
-            .map(|(key, flag)| (key.clone(), CompiledFlag::compile(flag, &mut slots)))
+            .map(|(key, flag)| (key.clone(), CompiledFlag::compile(key, flag, &mut slots)))
             .collect();
         Self {
             payload: payload.clone(),
@@ -455,16 +502,58 @@ impl CompiledRules {
             .iter()
             .map(|(key, flag)| {
                 let (value, reason) = flag.evaluate(key, &mut attributes);
-                Evaluated { key, value, reason }
+                Evaluated {
+                    key,
+                    value,
+                    reason,
+                    key_json: &flag.key_json,
+                }
             })
             .collect();
         Evaluation { flags }
     }
 }
 
+/// SHA-256's initial hash value (FIPS 180-4 §5.3.3).
+const SHA256_INIT: [u32; 8] = [
+    0x6a09_e667,
+    0xbb67_ae85,
+    0x3c6e_f372,
+    0xa54f_f53a,
+    0x510e_527f,
+    0x9b05_688c,
+    0x1f83_d9ab,
+    0x5be0_cd19,
+];
+
 /// The rollout bucket of a user for a flag, in `0..100`: SHA-256 of `flag_key + ":" + user_id`,
 /// the first four bytes as a big-endian `u32`, modulo 100.
 pub fn rollout_bucket(flag_key: &str, user_id: &str) -> u32 {
+    // Most messages fit one block (≤ 55 bytes leaves room for the padding and the length):
+    // pad it here and run the compression function once, without the hasher's buffering.
+    // The first word of the state is the first four bytes of the digest, big-endian.
+    let len = flag_key.len() + 1 + user_id.len();
+    if len <= 55 {
+        let mut block = [0u8; 64];
+        let (key, rest) = block.split_at_mut(flag_key.len());
+        key.copy_from_slice(flag_key.as_bytes());
+        let (colon, rest) = rest.split_at_mut(1);
+        colon.copy_from_slice(b":");
+        let (id, rest) = rest.split_at_mut(user_id.len());
+        id.copy_from_slice(user_id.as_bytes());
+        let (end, _) = rest.split_at_mut(1);
+        end.copy_from_slice(&[0x80]);
+        let (_, bits) = block.split_at_mut(56);
+        bits.copy_from_slice(&(len as u64 * 8).to_be_bytes());
+        let mut state = SHA256_INIT;
+        sha2::compress256(&mut state, &[block.into()]);
+        return state[0] % 100;
+    }
+    rollout_bucket_reference(flag_key, user_id)
+}
+
+/// [`rollout_bucket`] through the general hasher (any length).
+fn rollout_bucket_reference(flag_key: &str, user_id: &str) -> u32 {
     let digest = Sha256::new()
         .chain_update(flag_key.as_bytes())
         .chain_update(b":")

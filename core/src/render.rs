@@ -28,8 +28,25 @@ pub fn flags_body(flags: &EvaluatedFlags, cached_at: Timestamp) -> Bytes {
     flags_body_of(&flags.flags, cached_at)
 }
 
-/// [`flags_body`] of a local evaluation, rendered without building the owned maps.
+/// [`flags_body`] of a local evaluation, rendered without building the owned maps and
+/// without a serializer for the flags: one pre-sized buffer of the keys' JSON fragments
+/// (rendered once per snapshot, see [`Evaluation::write_values`]) and the values. Byte for
+/// byte what serialising [`Evaluation::values`] gives ([`reference_evaluation_flags_body`]).
 pub fn evaluation_flags_body(evaluation: &Evaluation<'_>, cached_at: Timestamp) -> Bytes {
+    let cached_at = cached_at.to_rfc3339();
+    let mut out = Vec::with_capacity(evaluation.values_len_bound() + cached_at.len() + 40);
+    out.extend_from_slice(b"{\"flags\":");
+    evaluation.write_values(&mut out);
+    out.extend_from_slice(b",\"_meta\":{\"cachedAt\":");
+    // Serializing a string into a `Vec` cannot fail.
+    let _ = serde_json::to_writer(&mut out, &cached_at);
+    out.extend_from_slice(b"}}");
+    Bytes::from(out)
+}
+
+/// [`evaluation_flags_body`] through the serializer: the reference the fast path is tested
+/// against.
+pub fn reference_evaluation_flags_body(evaluation: &Evaluation<'_>, cached_at: Timestamp) -> Bytes {
     flags_body_of(evaluation.values(), cached_at)
 }
 
@@ -70,8 +87,33 @@ pub fn sdk_flags_body(flags: &EvaluatedFlags, with_reasons: bool) -> Bytes {
     sdk_flags_body_of(&flags.flags, with_reasons.then_some(&flags.reasons))
 }
 
-/// [`sdk_flags_body`] of a local evaluation, rendered without building the owned maps.
+/// [`sdk_flags_body`] of a local evaluation, rendered as [`evaluation_flags_body`] is: byte
+/// for byte [`reference_evaluation_sdk_flags_body`].
 pub fn evaluation_sdk_flags_body(evaluation: &Evaluation<'_>, with_reasons: bool) -> Bytes {
+    /// Room per flag for a reason (`{"kind":"RULE_MATCH","ruleId":..,"ruleIndex":..,..}`).
+    const REASON: usize = 80;
+    let reasons = if with_reasons {
+        evaluation.values_len_bound() + evaluation.len() * REASON + 12
+    } else {
+        0
+    };
+    let mut out = Vec::with_capacity(evaluation.values_len_bound() + reasons + 12);
+    out.extend_from_slice(b"{\"flags\":");
+    evaluation.write_values(&mut out);
+    if with_reasons {
+        out.extend_from_slice(b",\"reasons\":");
+        evaluation.write_reasons(&mut out);
+    }
+    out.push(b'}');
+    Bytes::from(out)
+}
+
+/// [`evaluation_sdk_flags_body`] through the serializer: the reference the fast path is tested
+/// against.
+pub fn reference_evaluation_sdk_flags_body(
+    evaluation: &Evaluation<'_>,
+    with_reasons: bool,
+) -> Bytes {
     sdk_flags_body_of(
         evaluation.values(),
         with_reasons.then(|| evaluation.reasons()),

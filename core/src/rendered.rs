@@ -42,6 +42,26 @@ impl BodyKind {
 /// The canonical bytes of a context: equal contexts give equal bytes, different contexts
 /// different bytes (every field is tagged and length-prefixed).
 pub fn context_key(context: &Context) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    write_context_key(&mut out, context);
+    out
+}
+
+/// The cache key of `kind` for `context`: [`RenderedCache::key`] of [`context_key`], built
+/// in one buffer. [`context_part`] gives the context's bytes back.
+pub fn cache_key(kind: BodyKind, context: &Context) -> Vec<u8> {
+    let mut out = Vec::with_capacity(96);
+    out.push(kind.tag());
+    write_context_key(&mut out, context);
+    out
+}
+
+/// The [`context_key`] bytes inside a [`cache_key`].
+pub fn context_part(cache_key: &[u8]) -> &[u8] {
+    cache_key.get(1..).unwrap_or_default()
+}
+
+fn write_context_key(out: &mut Vec<u8>, context: &Context) {
     fn text(out: &mut Vec<u8>, value: &str) {
         out.extend_from_slice(&(value.len() as u64).to_le_bytes());
         out.extend_from_slice(value.as_bytes());
@@ -55,16 +75,15 @@ pub fn context_key(context: &Context) -> Vec<u8> {
             }
         }
     }
-    let mut out = Vec::with_capacity(64);
-    optional(&mut out, context.id.as_deref());
-    optional(&mut out, context.email.as_deref());
+    optional(out, context.id.as_deref());
+    optional(out, context.email.as_deref());
     out.extend_from_slice(&(context.attributes.len() as u64).to_le_bytes());
     for (name, value) in &context.attributes {
-        text(&mut out, name);
+        text(out, name);
         match value {
             AttributeValue::String(s) => {
                 out.push(b's');
-                text(&mut out, s);
+                text(out, s);
             }
             AttributeValue::Number(n) => {
                 out.push(b'n');
@@ -76,7 +95,6 @@ pub fn context_key(context: &Context) -> Vec<u8> {
             }
         }
     }
-    out
 }
 
 /// The quoted ETag of `context_key`'s answers for `snapshot` (see the module docs).
@@ -279,6 +297,18 @@ mod tests {
             ..Context::default()
         };
         assert_ne!(context_key(&number), context_key(&text));
+    }
+
+    #[test]
+    fn the_cache_key_is_the_kind_and_the_context_key() {
+        let context = user("u1", "pro");
+        let key = cache_key(BodyKind::Sdk, &context);
+        assert_eq!(
+            key,
+            RenderedCache::key(BodyKind::Sdk, &context_key(&context))
+        );
+        assert_eq!(context_part(&key), context_key(&context).as_slice());
+        assert_eq!(context_part(&[]), &[] as &[u8]);
     }
 
     #[test]

@@ -525,10 +525,64 @@ fn context() -> impl Strategy<Value = Context> {
         })
 }
 
+/// The one-block fast path of the bucket is SHA-256 exactly, on both sides of the boundary
+/// where the message stops fitting one block (55 bytes with the padding and the length).
+#[test]
+fn one_block_bucket_is_the_hashers_at_every_length() {
+    for key_len in 0..70 {
+        for id_len in [0, 1, 7, 20, 40, 54, 55, 56, 64, 100] {
+            let key = "k".repeat(key_len);
+            let id = "é".repeat(id_len / 2) + &"u".repeat(id_len % 2);
+            assert_eq!(
+                rollout_bucket(&key, &id),
+                rollout_bucket_reference(&key, &id),
+                "{key_len} + {id_len}"
+            );
+        }
+    }
+}
+
 proptest! {
     #[test]
     fn bucket_is_below_100(key in any::<String>(), id in any::<String>()) {
         prop_assert!(rollout_bucket(&key, &id) < 100);
+    }
+
+    #[test]
+    fn fast_bucket_is_the_hashers(
+        key in any::<String>(),
+        id in any::<String>(),
+        short_key in "[a-z0-9_.-]{0,40}",
+        short_id in "[a-zA-Z0-9@.-]{0,24}",
+    ) {
+        prop_assert_eq!(rollout_bucket(&key, &id), rollout_bucket_reference(&key, &id));
+        prop_assert_eq!(
+            rollout_bucket(&short_key, &short_id),
+            rollout_bucket_reference(&short_key, &short_id)
+        );
+    }
+
+    /// The renderers' concatenation of pre-rendered key fragments gives the serializer's
+    /// bytes for random rules (keys needing escapes included) and random contexts.
+    #[test]
+    fn fast_renderers_write_the_reference_bytes(
+        payload in rules_payload(),
+        context in context(),
+        millis in 0u64..4_000_000_000_000,
+    ) {
+        let rules = CompiledRules::compile(&payload);
+        let evaluation = rules.evaluate_all(&context);
+        let at = crate::time::Timestamp::from_millis(millis);
+        prop_assert_eq!(
+            crate::render::evaluation_flags_body(&evaluation, at),
+            crate::render::reference_evaluation_flags_body(&evaluation, at)
+        );
+        for with_reasons in [false, true] {
+            prop_assert_eq!(
+                crate::render::evaluation_sdk_flags_body(&evaluation, with_reasons),
+                crate::render::reference_evaluation_sdk_flags_body(&evaluation, with_reasons)
+            );
+        }
     }
 
     #[test]
