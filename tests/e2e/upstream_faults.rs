@@ -28,6 +28,22 @@ const RETRY_AFTER_SECS: u64 = 20;
 /// How long a scenario watches for requests that should not come (well inside the hold).
 const QUIET_WINDOW: Duration = Duration::from_secs(8);
 
+/// The window to watch, starting now, for a hold that began no earlier than `armed` (when the
+/// fault was set: the proxy meets it after that): [`QUIET_WINDOW`], cut so that it ends a second
+/// before the earliest moment the hold can end. On a machine slow enough to take most of the
+/// hold to see the fault, a full window would run past the hold and count the proxy's
+/// legitimate next request.
+fn quiet_window(armed: std::time::Instant) -> Duration {
+    let hold_ends = armed + Duration::from_secs(RETRY_AFTER_SECS - 1);
+    let left = hold_ends.saturating_duration_since(std::time::Instant::now());
+    assert!(
+        left >= Duration::from_secs(2),
+        "the fault took {:?} to be seen: too little of the hold is left to watch",
+        armed.elapsed()
+    );
+    left.min(QUIET_WINDOW)
+}
+
 async fn health(proxy: &ProxyHandle) -> Value {
     must_get(&proxy.url("/api/health")).await.json()
 }
@@ -70,6 +86,7 @@ async fn retry_after_on_flags_is_honoured() {
     let mock = mock(MockConfig::basic()).await;
     let proxy = start_proxy(polling(&mock)).await;
     wait_ready(&proxy).await;
+    let armed = std::time::Instant::now();
     mock.fail(
         Route::Flags,
         Fault::status(429).retry_after(RETRY_AFTER_SECS.to_string()),
@@ -81,7 +98,7 @@ async fn retry_after_on_flags_is_honoured() {
     assert!(error.contains("429"), "{error}");
     // Without Retry-After this is four requests in 0.7 s (three retries), then a poll every
     // 500 ms; with it, silence.
-    let more = requests_during(&mock, Route::Flags, QUIET_WINDOW).await;
+    let more = requests_during(&mock, Route::Flags, quiet_window(armed)).await;
     assert_eq!(more, 0, "requests during the Retry-After: {more}");
     assert_eq!(mock.stats().faults_served, 1);
     // After the hold, the proxy asks again and recovers.
@@ -108,6 +125,7 @@ async fn retry_after_on_the_stream_is_honoured() {
         .wait_for_open_streams(1, Duration::from_secs(10))
         .await
         .unwrap();
+    let armed = std::time::Instant::now();
     env.mock.fail(
         Route::Stream,
         Fault::status(503).retry_after(RETRY_AFTER_SECS.to_string()),
@@ -122,7 +140,7 @@ async fn retry_after_on_the_stream_is_honoured() {
     // Neither the stream (backoff 1 s, 2 s, ...) nor the polls that stand in for it (every 2 s)
     // go upstream while the hold lasts.
     let before = env.mock.stats();
-    tokio::time::sleep(QUIET_WINDOW).await;
+    tokio::time::sleep(quiet_window(armed)).await;
     let after = env.mock.stats();
     assert_eq!(
         (after.stream_requests, after.flags_requests),
