@@ -7,10 +7,12 @@
 //! [`Metrics`], labelled [`UNROUTED_ENVIRONMENT`]).
 //!
 //! A reload starts what core's diff says was added, stops each restarted environment (server
-//! key or base URL changed) and waits for its tasks (its upstream stream closed, its last
+//! key or base URL changed) and waits for its tasks (its upstream stream dropped, its last
 //! snapshot write done) before starting its successor, swaps the router and the list in one
-//! step, then stops what was removed: there is never more than one upstream stream or snapshot
-//! writer per environment. Clients of an unchanged or re-keyed (client keys only) environment
+//! step, then stops what was removed: there is never more than one upstream stream task or
+//! snapshot writer per environment. (The dropped stream's socket is closed by the HTTP client's
+//! connection task, which can run a few milliseconds after the successor has connected: the e2e
+//! suite saw Rollgate's side hold both for that moment under load.) Clients of an unchanged or re-keyed (client keys only) environment
 //! keep their connection, since its state is the same `Arc`.
 
 use std::path::{Path, PathBuf};

@@ -753,8 +753,10 @@ async fn overload_sheds_data_routes_but_never_probes() {
         c.extra_args = vec![
             "--max-concurrent-requests".into(),
             "8".into(),
+            // Far longer than the wait for the shed below: the held requests must still be in
+            // flight when the shed is looked for, however slow the machine.
             "--request-timeout".into(),
-            "20s".into(),
+            "90s".into(),
         ];
     })
     .await;
@@ -770,16 +772,44 @@ async fn overload_sheds_data_routes_but_never_probes() {
             .expect("write");
         held.push(socket);
     }
-    // Shed once all eight are inside the handler.
+    // Shed once all eight are inside the handler. What the polls got meanwhile is kept for the
+    // failure message.
     let url = env.url("/api/flags");
-    let shed = eventually("a data request shed", Duration::from_secs(20), || {
-        let url = url.clone();
-        async move {
-            let resp = get(&url).await.ok()?;
-            (resp.status == 503).then_some(resp)
+    let seen = std::sync::Mutex::new(std::collections::BTreeMap::<String, u32>::new());
+    let seen_ref = &seen;
+    let shed = tokio::time::timeout(
+        Duration::from_secs(60),
+        eventually("a data request shed", Duration::from_secs(60), || {
+            let url = url.clone();
+            async move {
+                let outcome = get(&url).await;
+                let key = match &outcome {
+                    Ok(resp) => resp.status.to_string(),
+                    Err(error) => format!("error: {error}"),
+                };
+                *seen_ref.lock().unwrap().entry(key).or_default() += 1;
+                outcome.ok().filter(|resp| resp.status == 503)
+            }
+        }),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        // What became of the held requests: answered or closed early, or still waiting.
+        let mut held_state = Vec::new();
+        for socket in &held {
+            let mut buf = [0u8; 64];
+            held_state.push(match socket.try_read(&mut buf) {
+                Ok(0) => "closed".to_owned(),
+                Ok(n) => String::from_utf8_lossy(&buf[..n]).into_owned(),
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => "waiting".into(),
+                Err(error) => error.to_string(),
+            });
         }
-    })
-    .await;
+        panic!(
+            "no data request shed with 8 requests held; polls got {:?}; the held: {held_state:?}",
+            seen.lock().unwrap()
+        )
+    });
     shed.expect_error(503, "OVERLOADED");
     let mut retry_afters = std::collections::BTreeSet::new();
     for _ in 0..40 {
