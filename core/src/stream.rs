@@ -308,6 +308,18 @@ mod tests {
         );
     }
 
+    /// An SDK stream subscriber for user `u1`, as a client (or a woken WebSocket) opens it.
+    fn sdk_subscriber_for_u1() -> Subscriber {
+        Subscriber::new(
+            Timestamp::ZERO,
+            StreamKind::Sdk,
+            Context::with_id("u1"),
+            None,
+            TIMING,
+            0.5,
+        )
+    }
+
     #[test]
     fn per_user_frames_skip_unchanged_flags() {
         let payload = RulesPayload::from_json(
@@ -324,14 +336,7 @@ mod tests {
             Timestamp::ZERO,
             FlagSource::rules(&payload),
         );
-        let mut sub = Subscriber::new(
-            Timestamp::ZERO,
-            StreamKind::Sdk,
-            Context::with_id("u1"),
-            None,
-            TIMING,
-            0.5,
-        );
+        let mut sub = sdk_subscriber_for_u1();
         let Next::Resolve(context) = sub.on_snapshot(&s1) else {
             panic!("per-user clients resolve their flags");
         };
@@ -341,14 +346,7 @@ mod tests {
         assert!(frame.starts_with(b"event: init\nid: 1-"));
         assert_eq!(sub.on_flags(&s2, &flags), None);
         // A subscriber re-created for the same client (a woken WebSocket) decides the same.
-        let mut resumed = Subscriber::new(
-            Timestamp::ZERO,
-            StreamKind::Sdk,
-            Context::with_id("u1"),
-            None,
-            TIMING,
-            0.5,
-        );
+        let mut resumed = sdk_subscriber_for_u1();
         resumed.resume_sent_flags(sub.sent_flags());
         assert_eq!(resumed.on_flags(&s2, &flags), None);
         let mut changed = flags.clone();
