@@ -189,14 +189,7 @@ async fn handle(
     };
     let route = admitted.route.clone();
     if route.is_stateless() {
-        let answer = front.downstream.dispatch(
-            now(),
-            &incoming.request(&body),
-            admitted,
-            None,
-            Freshness::Missing,
-            http::random_unit(),
-        );
+        let answer = incoming.dispatch_without_snapshot(&front.downstream, &body, admitted);
         return match answer {
             Answer::Respond(response) => http::to_response(response),
             _ => http::internal(),

@@ -18,7 +18,6 @@ use rollgate_proxy_core::api::Route;
 use rollgate_proxy_core::downstream::{Admitted, Answer, Downstream};
 use rollgate_proxy_core::forwards::{ForwardGate, ForwardResult};
 use rollgate_proxy_core::metrics::SideRequest;
-use rollgate_proxy_core::snapshot::Freshness;
 use rollgate_proxy_core::time::Timestamp;
 use worker::{
     AbortController, Context, Delay, Env, Fetch, Headers, Method, Response, console_error,
@@ -92,14 +91,7 @@ pub(crate) async fn handle(
         return identify(env, ctx, config, incoming, body).await;
     }
     let downstream = with_state(config, |s| Rc::clone(&s.downstream));
-    let answer = downstream.dispatch(
-        now(),
-        &incoming.request(&body),
-        admitted,
-        None,
-        Freshness::Missing,
-        http::random_unit(),
-    );
+    let answer = incoming.dispatch_without_snapshot(&downstream, &body, admitted);
     match answer {
         Answer::Respond(response) => http::to_response(response),
         Answer::Forward(forward) => {

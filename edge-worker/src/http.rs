@@ -6,6 +6,8 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use futures_util::future::{Either, select};
 use rollgate_proxy_core::api::{ApiError, ApiResponse};
+use rollgate_proxy_core::downstream::{Admitted, Answer, Downstream};
+use rollgate_proxy_core::snapshot::Freshness;
 use worker::{AbortController, Delay, Headers, Method, Request, Response, ResponseBody};
 
 /// Header carrying the snapshot event id from the relay to the Worker (stripped before clients).
@@ -210,6 +212,24 @@ const FORWARDED: [&str; 4] = [
 ];
 
 impl Incoming {
+    /// Core's answer for an admitted request that needs no snapshot (a stateless route, or a
+    /// forward's own answer): the front and the forwarder ask it the same way.
+    pub(crate) fn dispatch_without_snapshot(
+        &self,
+        downstream: &Downstream,
+        body: &Bytes,
+        admitted: Admitted,
+    ) -> Answer {
+        downstream.dispatch(
+            now(),
+            &self.request(body),
+            admitted,
+            None,
+            Freshness::Missing,
+            random_unit(),
+        )
+    }
+
     /// Reads `req`'s method, path, query and the headers core reads.
     pub(crate) fn read(req: &Request) -> worker::Result<Self> {
         let (path, query) = path_and_query(req);
