@@ -9,10 +9,14 @@
 import fs from 'node:fs';
 import http from 'node:http';
 import { performance } from 'node:perf_hooks';
+import zlib from 'node:zlib';
 
 import WebSocket from 'ws';
 
 const [mode, worker, ...rest] = process.argv.slice(2);
+// What SSE clients accept: a browser's header by default (the stream is then gzip-coded for
+// large flag sets); BENCH_ACCEPT_ENCODING=identity measures the uncompressed stream.
+const acceptEncoding = process.env.BENCH_ACCEPT_ENCODING ?? 'gzip, deflate, br';
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
 /** Resident memory (KiB) summed over `pids` (workerd processes). */
@@ -39,11 +43,14 @@ function percentile(sorted, p) {
  * Opens one SSE client on `path`. A "frame" is what ends with a blank line; frames over 64
  * bytes are flag frames (the preamble and keepalives are small). Records when each flag frame
  * completes, from native Buffer searches only (2,000 clients × 129 KB must not be parsed in JS).
+ * A gzip-coded body is decoded as it arrives (as a browser does); `wireBytes` counts what came
+ * over the connection, `bytes` the decoded stream.
  */
 function openStream(path) {
   return new Promise((resolve, reject) => {
-    const client = { frames: [], bytes: 0, since: 0, lastNl: false, req: null };
-    const req = http.get(`${worker}${path}`, { agent: false, headers: { accept: 'text/event-stream' } }, (res) => {
+    const client = { frames: [], bytes: 0, wireBytes: 0, coding: 'identity', since: 0, lastNl: false, req: null };
+    const headers = { accept: 'text/event-stream', 'accept-encoding': acceptEncoding };
+    const req = http.get(`${worker}${path}`, { agent: false, headers }, (res) => {
       if (res.statusCode !== 200) {
         reject(new Error(`status ${res.statusCode}`));
         res.resume();
@@ -51,6 +58,15 @@ function openStream(path) {
       }
       resolve(client);
       res.on('data', (chunk) => {
+        client.wireBytes += chunk.length;
+      });
+      let body = res;
+      if (res.headers['content-encoding'] === 'gzip') {
+        client.coding = 'gzip';
+        body = res.pipe(zlib.createGunzip());
+        body.on('error', () => {});
+      }
+      body.on('data', (chunk) => {
         client.bytes += chunk.length;
         let from = 0;
         if (client.lastNl && chunk[0] === 0x0a) {
@@ -154,6 +170,9 @@ async function sse(open = openStream) {
   await sleep(1000);
   const rssConnected = rssKiB(pids);
   const frameBytes = Math.round(clients[0].bytes);
+  const wireBefore = clients.map((c) => c.wireBytes ?? c.bytes);
+  const codings = {};
+  for (const c of clients) codings[c.coding ?? 'websocket'] = (codings[c.coding ?? 'websocket'] ?? 0) + 1;
   const cpu0 = process.cpuUsage();
   const t0 = performance.now();
   await flipRule(mock, rules, key);
@@ -167,6 +186,7 @@ async function sse(open = openStream) {
     rssPeak = Math.max(rssPeak, rssKiB(pids));
   }
   const rssAfter = rssKiB(pids);
+  const wireChange = clients.reduce((sum, c, i) => sum + (c.wireBytes ?? c.bytes) - wireBefore[i], 0);
   for (const c of clients) c.req.destroy();
   console.log(
     JSON.stringify({
@@ -175,6 +195,9 @@ async function sse(open = openStream) {
       delivered: lat.length,
       delivered_all: delivered,
       first_body_bytes: frameBytes,
+      codings,
+      // Bytes over all connections for the change (compressed when gzip-coded).
+      change_wire_bytes: wireChange,
       first_ms: Math.round(lat[0] ?? -1),
       p10_ms: Math.round(percentile(lat, 10)),
       p50_ms: Math.round(percentile(lat, 50)),

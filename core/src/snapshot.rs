@@ -121,6 +121,10 @@ pub struct Snapshot {
     flags_frame: Bytes,
     init_frame: Bytes,
     ofrep_frame: Bytes,
+    /// The flags and init frames in a gzip-coded stream, compressed on first use (most
+    /// snapshots are never streamed to a client that accepts gzip).
+    #[cfg(feature = "stream-gzip")]
+    gzip_segments: [std::sync::OnceLock<crate::sse::gzip::Segment>; 2],
 }
 
 impl Snapshot {
@@ -158,6 +162,8 @@ impl Snapshot {
             flags_frame: render::flags_frame(&defaults, &event_id),
             init_frame: render::init_frame(&defaults, &event_id),
             ofrep_frame: render::ofrep_refetch_frame(&event_id, &etag, cached_at),
+            #[cfg(feature = "stream-gzip")]
+            gzip_segments: Default::default(),
             revision,
             cached_at,
             source,
@@ -273,6 +279,23 @@ impl Snapshot {
     /// OFREP `refetchEvaluation` notification frame for this snapshot.
     pub fn ofrep_frame(&self) -> &Bytes {
         &self.ofrep_frame
+    }
+
+    /// `frame` as a gzip-coded stream sends it: this snapshot's own flags and init frames are
+    /// compressed once, on first use, and shared by every client and connection; any other
+    /// frame (a per-user one, a keepalive) is encoded for the caller.
+    #[cfg(feature = "stream-gzip")]
+    pub fn gzip_segment(&self, frame: &Bytes) -> Cow<'_, crate::sse::gzip::Segment> {
+        use crate::sse::gzip::Segment;
+        let same = |own: &Bytes| own.as_ptr() == frame.as_ptr() && own.len() == frame.len();
+        let slot = if same(&self.flags_frame) {
+            &self.gzip_segments[0]
+        } else if same(&self.init_frame) {
+            &self.gzip_segments[1]
+        } else {
+            return Cow::Owned(Segment::encode(frame));
+        };
+        Cow::Borrowed(slot.get_or_init(|| Segment::encode(frame)))
     }
 
     /// Serializes the snapshot for disk or Durable Object storage: a JSON envelope
@@ -568,6 +591,35 @@ mod tests {
         assert!(snapshot.is_current_event_id(&format!("99-{hash}")));
         assert!(!snapshot.is_current_event_id("3"));
         assert!(!snapshot.is_current_event_id("3-0000000000000000"));
+    }
+
+    #[test]
+    fn stream_frames_are_gzip_coded_once_and_shared() {
+        use std::io::Read;
+        let s = Snapshot::build(
+            Revision::new(1),
+            Timestamp::ZERO,
+            evaluated(&[("a", true), ("b", false)]),
+        );
+        let first = s.gzip_segment(s.flags_frame());
+        let again = s.gzip_segment(&s.flags_frame().clone());
+        assert!(matches!(first, Cow::Borrowed(_)) && matches!(again, Cow::Borrowed(_)));
+        // The same bytes (one compression), not merely equal ones.
+        assert_eq!(first.bytes().as_ptr(), again.bytes().as_ptr());
+        assert!(matches!(s.gzip_segment(s.init_frame()), Cow::Borrowed(_)));
+        // An equal frame that is not the snapshot's own (a per-user one) is coded for the caller.
+        let copy = Bytes::copy_from_slice(s.flags_frame());
+        assert!(matches!(s.gzip_segment(&copy), Cow::Owned(_)));
+        let mut body = crate::sse::gzip::HEADER.to_vec();
+        body.extend_from_slice(first.bytes());
+        let mut trailer = crate::sse::gzip::Trailer::default();
+        trailer.add(&first);
+        body.extend_from_slice(&trailer.finish());
+        let mut decoded = Vec::new();
+        flate2::read::GzDecoder::new(&body[..])
+            .read_to_end(&mut decoded)
+            .expect("valid gzip");
+        assert_eq!(decoded, s.flags_frame().as_ref());
     }
 
     #[test]

@@ -149,6 +149,24 @@ impl Subscriber {
         ))
     }
 
+    /// The content coding of this stream's body for a client that sent `accept_encoding`,
+    /// given the `current` snapshot: gzip (frames compressed once each and shared, see
+    /// [`crate::sse::gzip`]) unless the flag frames are too small to gain from it; identity
+    /// otherwise. OFREP's notifications are always small.
+    pub fn coding(
+        &self,
+        accept_encoding: Option<&str>,
+        current: Option<&Snapshot>,
+    ) -> crate::encoding::Encoding {
+        #[cfg(feature = "stream-gzip")]
+        if self.kind != StreamKind::Ofrep {
+            let frame_len = current.map(|snapshot| snapshot.flags_frame().len());
+            return crate::sse::gzip::stream_coding(accept_encoding, frame_len);
+        }
+        let _ = (accept_encoding, current);
+        crate::encoding::Encoding::Identity
+    }
+
     /// How often to send [`Subscriber::keepalive`] when nothing else was sent.
     pub fn keepalive_interval(&self) -> Duration {
         self.keepalive
@@ -248,6 +266,52 @@ mod tests {
             Timestamp::ZERO,
             FlagSource::Evaluated(flags),
         )
+    }
+
+    #[test]
+    fn large_flag_frames_are_gzip_coded_for_clients_that_accept_it() {
+        use crate::encoding::Encoding;
+        let mut map = String::from(r#"{"flags":{"#);
+        for i in 0..100 {
+            map.push_str(&format!(r#""checkout-experiment-{i:05}":true,"#));
+        }
+        map.push_str(r#""last":false}}"#);
+        let large = snapshot(1, &map);
+        let small = snapshot(1, r#"{"flags":{"a":true}}"#);
+        let sub = |kind| {
+            Subscriber::new(
+                Timestamp::ZERO,
+                kind,
+                Context::anonymous(),
+                None,
+                TIMING,
+                0.5,
+            )
+        };
+        let gzip = Some("gzip, deflate, br");
+        assert_eq!(
+            sub(StreamKind::Frontend).coding(gzip, Some(&large)),
+            Encoding::Gzip
+        );
+        assert_eq!(
+            sub(StreamKind::Sdk).coding(gzip, Some(&large)),
+            Encoding::Gzip
+        );
+        // OFREP's notifications are small whatever the set; small sets gain nothing.
+        assert_eq!(
+            sub(StreamKind::Ofrep).coding(gzip, Some(&large)),
+            Encoding::Identity
+        );
+        assert_eq!(
+            sub(StreamKind::Frontend).coding(gzip, Some(&small)),
+            Encoding::Identity
+        );
+        assert_eq!(
+            sub(StreamKind::Frontend).coding(None, Some(&large)),
+            Encoding::Identity
+        );
+        // No snapshot yet: its size is unknown, small frames would be stored, not compressed.
+        assert_eq!(sub(StreamKind::Frontend).coding(gzip, None), Encoding::Gzip);
     }
 
     #[test]

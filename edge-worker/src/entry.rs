@@ -14,6 +14,7 @@ use rollgate_proxy_core::environments::{KeyRouter, merge_metrics};
 use rollgate_proxy_core::render;
 use rollgate_proxy_core::settings::SettingsError;
 use rollgate_proxy_core::snapshot::Freshness;
+use wasm_bindgen::JsValue;
 use worker::{Cache, Context, Env, Headers, Method, Request, Response, console_error, event};
 
 use crate::cache;
@@ -199,6 +200,10 @@ async fn handle(
         let index = config.pick_shard(js_sys::Math::random());
         let mut extra = vec![(SHARD_HEADER, index.to_string())];
         extra.extend(environment_header(config));
+        // The shard picks the stream's coding (core: gzip for large frames, if accepted).
+        if let Some(accept) = client_accept_encoding(&req)? {
+            extra.push(("accept-encoding", accept));
+        }
         // The WebSocket transport: the shard accepts the upgrade (hibernatable).
         if let Some(upgrade) = req
             .headers()
@@ -236,6 +241,23 @@ async fn handle(
         return crate::forward::handle(env, ctx, config, &incoming, body, admitted).await;
     }
     to_relay(env, config, &incoming, &body, true).await
+}
+
+/// What the client itself accepts: Cloudflare rewrites `Accept-Encoding` for the Worker (to
+/// `br, gzip`, and so does `wrangler dev`) and keeps the client's own header in
+/// `request.cf.clientAcceptEncoding`; a stream coded for a client that cannot decode it would
+/// be passed through as it is (`text/event-stream` is not a type the edge re-codes).
+fn client_accept_encoding(req: &Request) -> worker::Result<Option<String>> {
+    let cf = js_sys::Reflect::get(req.inner(), &JsValue::from_str("cf"))
+        .ok()
+        .filter(JsValue::is_object);
+    if let Some(cf) = cf
+        && let Ok(original) = js_sys::Reflect::get(&cf, &JsValue::from_str("clientAcceptEncoding"))
+        && let Some(original) = original.as_string()
+    {
+        return Ok(Some(original));
+    }
+    req.headers().get("accept-encoding")
 }
 
 /// Where a request goes when several environments are configured.

@@ -7,6 +7,10 @@
 //! Frames are JS `Uint8Array`s made once per object and publish ([`JsFrames`]) and handed to
 //! every reader's stream by reference, so memory per object is one copy per frame kind,
 //! whatever the number of readers, and a slow reader holds at most its newest frame.
+//!
+//! A gzip-coded body (core's [`gzip`] segments: each frame compressed once per object, for all
+//! its readers) carries each chunk's [`Segment`] beside its bytes, and counts it into the body's
+//! [`Trailer`] only when the body really takes it (a superseded frame never reaches the client).
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -17,8 +21,38 @@ use std::task::{Context, Poll, Waker};
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use js_sys::Uint8Array;
+use rollgate_proxy_core::snapshot::Snapshot;
+use rollgate_proxy_core::sse::gzip::{self, Segment, Trailer};
 use wasm_bindgen::{JsCast, JsValue};
-use worker::{Headers, Response, ResponseBuilder};
+use worker::{EncodeBody, Headers, Response, ResponseBuilder};
+
+/// What a body sends: the bytes, and in a gzip-coded body the segment they are (for its
+/// trailer).
+#[derive(Clone)]
+pub(crate) struct Chunk {
+    pub(crate) js: Uint8Array,
+    pub(crate) segment: Option<Segment>,
+}
+
+impl Chunk {
+    /// An identity-coded chunk.
+    pub(crate) fn plain(js: Uint8Array) -> Self {
+        Self { js, segment: None }
+    }
+
+    /// `frame` as one body of the given coding sends it, made for this body alone.
+    pub(crate) fn own(frame: &[u8], gzip: bool) -> Self {
+        if gzip {
+            let segment = Segment::encode(frame);
+            Self {
+                js: js_bytes(segment.bytes()),
+                segment: Some(segment),
+            }
+        } else {
+            Self::plain(js_bytes(frame))
+        }
+    }
+}
 
 /// A JS copy of `bytes`.
 pub(crate) fn js_bytes(bytes: &[u8]) -> Uint8Array {
@@ -33,10 +67,12 @@ struct Slot {
     head: Option<Uint8Array>,
     /// What the body has not taken yet, in order: at most one superseding frame (`true`, the
     /// newest snapshot) among notifications (`false`).
-    pending: VecDeque<(bool, Uint8Array)>,
-    /// Notifications dropped because the queue was full (a reader that stopped reading).
+    pending: VecDeque<(bool, Chunk)>,
     /// A keepalive comment is due (sent only when no frame is pending).
-    keepalive: Option<Uint8Array>,
+    keepalive: Option<Chunk>,
+    /// A gzip-coded body: what it has carried, for the trailer a clean end writes.
+    trailer: Option<Trailer>,
+    /// Notifications dropped because the queue was full (a reader that stopped reading).
     dropped: u64,
     /// The object ended this body.
     closed: bool,
@@ -61,8 +97,35 @@ impl Outlet {
         head: Option<Uint8Array>,
         headers: Headers,
     ) -> worker::Result<(Self, Response)> {
+        Self::open_with(head, None, headers)
+    }
+
+    /// An event-stream body that starts with `preamble`, gzip-coded when `gzip` (core's
+    /// header and the preamble's segment first; the bytes are sent as they are, with
+    /// `encodeBody: manual`): then every chunk offered must be of that coding.
+    pub(crate) fn open_coded(
+        preamble: &[u8],
+        headers: Headers,
+        gzip: bool,
+    ) -> worker::Result<(Self, Response)> {
+        if gzip {
+            let mut trailer = Trailer::default();
+            let head = js_bytes(&gzip::head(preamble, &mut trailer));
+            Self::open_with(Some(head), Some(trailer), headers)
+        } else {
+            Self::open_with(Some(js_bytes(preamble)), None, headers)
+        }
+    }
+
+    fn open_with(
+        head: Option<Uint8Array>,
+        trailer: Option<Trailer>,
+        headers: Headers,
+    ) -> worker::Result<(Self, Response)> {
+        let gzip = trailer.is_some();
         let slot = Rc::new(RefCell::new(Slot {
             head,
+            trailer,
             ..Slot::default()
         }));
         let body = Body {
@@ -73,19 +136,30 @@ impl Outlet {
             .into_raw()
             .dyn_into()
             .map_err(|_| worker::Error::RustError("not a ReadableStream".into()))?;
-        let response = ResponseBuilder::new().with_headers(headers).stream(raw);
-        Ok((Self { slot }, response))
+        let builder = ResponseBuilder::new().with_headers(headers);
+        let builder = if gzip {
+            // Already coded: the runtime must not compress (or decode) it again.
+            builder.with_encode_body(EncodeBody::Manual)
+        } else {
+            builder
+        };
+        Ok((Self { slot }, builder.stream(raw)))
     }
 
     /// Hands the reader `frame` (replacing one it has not taken yet); `false` once it is gone.
     pub(crate) fn offer(&self, frame: &Uint8Array) -> bool {
+        self.offer_chunk(&Chunk::plain(frame.clone()))
+    }
+
+    /// [`Outlet::offer`] for a chunk of the body's coding.
+    pub(crate) fn offer_chunk(&self, chunk: &Chunk) -> bool {
         let mut slot = self.slot.borrow_mut();
         if slot.gone {
             return false;
         }
         // A snapshot frame not taken yet is superseded: every such frame is a whole snapshot.
         slot.pending.retain(|(superseding, _)| !superseding);
-        slot.pending.push_back((true, frame.clone()));
+        slot.pending.push_back((true, chunk.clone()));
         slot.keepalive = None;
         if let Some(waker) = slot.waker.take() {
             waker.wake();
@@ -109,7 +183,7 @@ impl Outlet {
             slot.pending.remove(at);
             slot.dropped += 1;
         }
-        slot.pending.push_back((false, event.clone()));
+        slot.pending.push_back((false, Chunk::plain(event.clone())));
         slot.keepalive = None;
         if let Some(waker) = slot.waker.take() {
             waker.wake();
@@ -124,6 +198,11 @@ impl Outlet {
 
     /// Asks for a keepalive comment unless a frame is already on its way; `false` once gone.
     pub(crate) fn keepalive(&self, comment: &Uint8Array) -> bool {
+        self.keepalive_chunk(&Chunk::plain(comment.clone()))
+    }
+
+    /// [`Outlet::keepalive`] with a comment of the body's coding.
+    pub(crate) fn keepalive_chunk(&self, comment: &Chunk) -> bool {
         let mut slot = self.slot.borrow_mut();
         if slot.gone {
             return false;
@@ -159,15 +238,25 @@ impl Stream for Body {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<JsValue>> {
         let mut slot = self.slot.borrow_mut();
+        if let Some(head) = slot.head.take() {
+            return Poll::Ready(Some(head.into()));
+        }
         if let Some(next) = slot
-            .head
-            .take()
-            .or_else(|| slot.pending.pop_front().map(|(_, frame)| frame))
+            .pending
+            .pop_front()
+            .map(|(_, chunk)| chunk)
             .or_else(|| slot.keepalive.take())
         {
-            return Poll::Ready(Some(next.into()));
+            if let (Some(trailer), Some(segment)) = (slot.trailer.as_mut(), &next.segment) {
+                trailer.add(segment);
+            }
+            return Poll::Ready(Some(next.js.into()));
         }
         if slot.closed {
+            // A gzip body ends with its trailer, so the client's decoder sees a complete body.
+            if let Some(trailer) = slot.trailer.take() {
+                return Poll::Ready(Some(js_bytes(&trailer.finish()).into()));
+            }
             return Poll::Ready(None);
         }
         slot.waker = Some(cx.waker().clone());
@@ -189,31 +278,39 @@ impl Drop for Body {
 const MAX_QUEUED: usize = 1024;
 
 /// The JS copies of an object's shared frames: one per distinct frame (by identity of the
-/// `Bytes`), dropped when the snapshot they belong to is replaced.
+/// `Bytes`) and coding, dropped when the snapshot they belong to is replaced.
 #[derive(Default)]
 pub(crate) struct JsFrames {
-    frames: Vec<(Bytes, Uint8Array)>,
+    frames: Vec<(Bytes, bool, Chunk)>,
 }
 
-/// Distinct shared frames one snapshot has (flags, init, OFREP) and a little room.
-const MAX_SHARED_FRAMES: usize = 4;
+/// Distinct shared frames one snapshot has (flags, init, OFREP), in both codings, and a little
+/// room.
+const MAX_SHARED_FRAMES: usize = 8;
 
 impl JsFrames {
-    /// The JS copy of `frame`, made on first use.
-    pub(crate) fn get(&mut self, frame: &Bytes) -> Uint8Array {
-        if let Some((_, js)) = self
-            .frames
-            .iter()
-            .find(|(b, _)| b.as_ptr() == frame.as_ptr() && b.len() == frame.len())
-        {
-            return js.clone();
+    /// `frame`, one of `snapshot`'s, in a body's coding (gzip: the snapshot's segment,
+    /// compressed once for every body), copied to JS on first use.
+    pub(crate) fn get_chunk(&mut self, snapshot: &Snapshot, frame: &Bytes, gzip: bool) -> Chunk {
+        if let Some((_, _, chunk)) = self.frames.iter().find(|(b, coded, _)| {
+            *coded == gzip && b.as_ptr() == frame.as_ptr() && b.len() == frame.len()
+        }) {
+            return chunk.clone();
         }
-        let js = js_bytes(frame);
+        let chunk = if gzip {
+            let segment = snapshot.gzip_segment(frame).into_owned();
+            Chunk {
+                js: js_bytes(segment.bytes()),
+                segment: Some(segment),
+            }
+        } else {
+            Chunk::plain(js_bytes(frame))
+        };
         if self.frames.len() >= MAX_SHARED_FRAMES {
             self.frames.remove(0);
         }
-        self.frames.push((frame.clone(), js.clone()));
-        js
+        self.frames.push((frame.clone(), gzip, chunk.clone()));
+        chunk
     }
 
     /// Forgets every copy (a new snapshot).

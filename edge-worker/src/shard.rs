@@ -19,14 +19,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use js_sys::Uint8Array;
 use rollgate_proxy_core::api::{self, ApiError};
 use rollgate_proxy_core::backoff::{ReconnectBackoff, ReconnectPolicy};
 use rollgate_proxy_core::downstream::{Answer, Downstream};
+use rollgate_proxy_core::encoding::Encoding;
 use rollgate_proxy_core::model::{Context, EvaluatedFlags};
 use rollgate_proxy_core::snapshot::{Freshness, Snapshot};
 use rollgate_proxy_core::sse::decode::{Decoder, DecoderLimits};
 use rollgate_proxy_core::sse::encode::KEEPALIVE;
+use rollgate_proxy_core::sse::gzip;
 use rollgate_proxy_core::stream::{self, Next, StreamKind, Subscriber};
 use worker::{
     Delay, Env, Headers, Method, Request, Response, State, WebSocket, WebSocketIncomingMessage,
@@ -34,7 +35,7 @@ use worker::{
 };
 
 use crate::config::EdgeConfig;
-use crate::fanout::{JsFrames, Outlet, js_bytes};
+use crate::fanout::{Chunk, JsFrames, Outlet, js_bytes};
 use crate::http::{self, Incoming, SHARD_HEADER, now};
 use crate::relay::SNAPSHOT_EVENT;
 use crate::relay::refresh::{STREAM_HEADER, USER_REFRESHED_EVENT};
@@ -71,8 +72,8 @@ struct Core {
     snapshot: Option<Arc<Snapshot>>,
     /// The JS copies of the current snapshot's shared frames: one per kind, for all clients.
     frames: JsFrames,
-    /// The keepalive comment's JS copy, shared by all clients.
-    keepalive: Option<Uint8Array>,
+    /// The keepalive comment, identity and gzip-coded, shared by all clients.
+    keepalive: Option<[Chunk; 2]>,
     /// Snapshots from the relay refused because they were older than the current one.
     stale_refused: u64,
     clients: Vec<Client>,
@@ -97,6 +98,8 @@ struct Client {
     client_key: Option<String>,
     /// The client's body: holds the newest frame not yet sent, never a queue.
     outlet: Outlet,
+    /// The body is gzip-coded: it gets the shared frames' segments.
+    gzip: bool,
     /// Unix ms of the last byte sent (keepalives are due after the interval).
     last_sent: u64,
     /// A per-user client's user id once the relay tracks it (its first flags request said
@@ -239,7 +242,13 @@ fn connect(inner: &Rc<Inner>, req: &Request) -> worker::Result<Response> {
     for (name, value) in stream::HEADERS {
         headers.set(name, value)?;
     }
-    let (outlet, response) = Outlet::open(Some(js_bytes(&subscriber.preamble())), headers)?;
+    let accept_encoding = req.headers().get("accept-encoding")?;
+    let gzip = subscriber.coding(accept_encoding.as_deref(), snapshot.as_deref()) == Encoding::Gzip;
+    if gzip {
+        headers.set("content-encoding", "gzip")?;
+        headers.set("vary", "accept-encoding")?;
+    }
+    let (outlet, response) = Outlet::open_coded(&subscriber.preamble(), headers, gzip)?;
     let id = {
         let mut core = inner.core.borrow_mut();
         core.next_client += 1;
@@ -249,6 +258,7 @@ fn connect(inner: &Rc<Inner>, req: &Request) -> worker::Result<Response> {
             subscriber,
             client_key,
             outlet,
+            gzip,
             last_sent: now().as_millis(),
             tracked_user: None,
         });
@@ -342,9 +352,12 @@ fn send(inner: &Rc<Inner>, id: u64, frame: Shared<'_>) {
     let mut closed = Vec::new();
     {
         let mut core = inner.core.borrow_mut();
-        let js = match frame {
-            Shared::Yes(frame) => core.frames.get(frame),
-            Shared::No(frame) => js_bytes(frame),
+        let Some(gzip) = core.clients.iter().find(|c| c.id == id).map(|c| c.gzip) else {
+            return;
+        };
+        let chunk = match (frame, core.snapshot.clone()) {
+            (Shared::Yes(frame), Some(snapshot)) => core.frames.get_chunk(&snapshot, frame, gzip),
+            (Shared::Yes(frame) | Shared::No(frame), _) => Chunk::own(frame, gzip),
         };
         let mut sent = None;
         core.clients.retain_mut(|client| {
@@ -352,7 +365,7 @@ fn send(inner: &Rc<Inner>, id: u64, frame: Shared<'_>) {
                 return true;
             }
             client.last_sent = at;
-            let ok = client.outlet.offer(&js);
+            let ok = client.outlet.offer_chunk(&chunk);
             if ok {
                 sent = Some(client.subscriber.kind());
             } else {
@@ -573,7 +586,10 @@ fn publish(inner: &Rc<Inner>, snapshot: Arc<Snapshot>) {
             match next {
                 Next::Frame(frame) => {
                     client.last_sent = at;
-                    if client.outlet.offer(&frames.get(&frame)) {
+                    if client
+                        .outlet
+                        .offer_chunk(&frames.get_chunk(&snapshot, &frame, client.gzip))
+                    {
                         frames_sent[client.subscriber.kind().index()] += 1;
                         true
                     } else {
@@ -609,9 +625,18 @@ async fn ticker(inner: Rc<Inner>) {
         let mut closed = Vec::new();
         {
             let mut core = inner.core.borrow_mut();
-            let comment = core
+            let comments = core
                 .keepalive
-                .get_or_insert_with(|| js_bytes(KEEPALIVE))
+                .get_or_insert_with(|| {
+                    let coded = gzip::keepalive();
+                    [
+                        Chunk::plain(js_bytes(KEEPALIVE)),
+                        Chunk {
+                            js: js_bytes(coded.bytes()),
+                            segment: Some(coded.clone()),
+                        },
+                    ]
+                })
                 .clone();
             core.clients.retain_mut(|client| {
                 let keep = if client.subscriber.close_at().is_some_and(|end| at >= end) {
@@ -626,7 +651,9 @@ async fn ticker(inner: Rc<Inner>) {
                         !client.outlet.is_gone()
                     } else {
                         client.last_sent = at.as_millis();
-                        client.outlet.keepalive(&comment)
+                        client
+                            .outlet
+                            .keepalive_chunk(&comments[usize::from(client.gzip)])
                     }
                 };
                 if !keep {

@@ -345,7 +345,12 @@ async fn answer(
         Answer::Respond(response) => from_api(response),
         Answer::Stream { subscriber, .. } => match upgrade {
             Some(upgrade) => sse::websocket(app, subscriber, upgrade),
-            None => sse::response(app, subscriber),
+            None => sse::response(
+                app,
+                subscriber,
+                request.accept_encoding,
+                snapshot.as_deref(),
+            ),
         },
         Answer::NeedUserFlags(pending) => {
             let flags = user_flags(app, pending.user_id(), pending.revision()).await;

@@ -18,10 +18,13 @@ use axum::body::Body;
 use axum::extract::ws::{Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
 use bytes::Bytes;
+use http::header::{CONTENT_ENCODING, VARY};
 use http::{HeaderName, HeaderValue};
 use rollgate_proxy_core::downstream::Resolved;
+use rollgate_proxy_core::encoding::Encoding;
 use rollgate_proxy_core::model::{Context, EvaluatedFlags};
 use rollgate_proxy_core::snapshot::Snapshot;
+use rollgate_proxy_core::sse::gzip::{self, Trailer};
 use rollgate_proxy_core::stream::{self, Next, Subscriber};
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
@@ -97,6 +100,11 @@ struct Connection {
     subscriber: Subscriber,
     snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
     preamble: Option<Bytes>,
+    /// A gzip-coded body: what it carried so far, for the trailer of a clean end (boxed: most
+    /// streams are identity and idle connections are counted in KiB).
+    gzip: Option<Box<Trailer>>,
+    /// The body ended (after its trailer, if coded).
+    ended: bool,
     initial: Option<Arc<Snapshot>>,
     /// Fires `period` after the last frame of any kind (re-armed lazily, see above).
     keepalive: Pin<Box<Sleep>>,
@@ -108,7 +116,21 @@ struct Connection {
 }
 
 impl Connection {
+    /// The body's next bytes, in its coding; a gzip-coded body ends with its trailer.
     async fn next(&mut self) -> Option<Bytes> {
+        if self.ended {
+            return None;
+        }
+        if let Some(bytes) = self.next_frame().await {
+            return Some(bytes);
+        }
+        self.ended = true;
+        self.gzip
+            .take()
+            .map(|trailer| Bytes::copy_from_slice(&trailer.finish()))
+    }
+
+    async fn next_frame(&mut self) -> Option<Bytes> {
         if let Some(preamble) = self.preamble.take() {
             return Some(preamble);
         }
@@ -161,7 +183,14 @@ impl Connection {
                     if now >= due {
                         self.last_sent = now;
                         self.keepalive.as_mut().reset(now + self.period);
-                        return Some(self.subscriber.keepalive());
+                        return Some(match self.gzip.as_mut() {
+                            Some(trailer) => {
+                                let segment = gzip::keepalive();
+                                trailer.add(segment);
+                                segment.bytes().clone()
+                            }
+                            None => self.subscriber.keepalive(),
+                        });
                     }
                     // A frame went out since the timer was armed: wait out the rest.
                     self.keepalive.as_mut().reset(due);
@@ -190,7 +219,15 @@ impl Connection {
         self.guard.app.downstream.metrics.frames_sent(kind, 1);
         // A data frame is as good as a keepalive: the period restarts from here.
         self.last_sent = Instant::now();
-        Some(frame)
+        Some(match self.gzip.as_mut() {
+            Some(trailer) => {
+                // The snapshot's own frames are compressed once for every connection.
+                let segment = snapshot.gzip_segment(&frame);
+                trailer.add(&segment);
+                segment.bytes().clone()
+            }
+            None => frame,
+        })
     }
 }
 
@@ -216,9 +253,21 @@ async fn resolve(
     }
 }
 
-/// The streaming response for `subscriber`.
-pub fn response(app: &Arc<App>, subscriber: Subscriber) -> Response {
-    let connection = connection(app, subscriber, true);
+/// The streaming response for `subscriber`, gzip-coded when core says so for a client that
+/// sent `accept_encoding` (large flag frames, each compressed once for every connection).
+pub fn response(
+    app: &Arc<App>,
+    subscriber: Subscriber,
+    accept_encoding: Option<&str>,
+    current: Option<&Snapshot>,
+) -> Response {
+    let gzip = subscriber.coding(accept_encoding, current) == Encoding::Gzip;
+    let mut connection = connection(app, subscriber, true);
+    if gzip && let Some(preamble) = connection.preamble.take() {
+        let mut trailer = Box::<Trailer>::default();
+        connection.preamble = Some(gzip::head(&preamble, &mut trailer));
+        connection.gzip = Some(trailer);
+    }
     let body = futures_util::stream::unfold(connection, |mut connection| async move {
         let bytes = connection.next().await?;
         Some((Ok::<_, Infallible>(bytes), connection))
@@ -230,6 +279,10 @@ pub fn response(app: &Arc<App>, subscriber: Subscriber) -> Response {
             HeaderName::from_static(name),
             HeaderValue::from_static(value),
         );
+    }
+    if gzip {
+        headers.insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        headers.insert(VARY, HeaderValue::from_static("accept-encoding"));
     }
     response
 }
@@ -317,6 +370,8 @@ fn connection(app: &Arc<App>, subscriber: Subscriber, sse: bool) -> Connection {
         user,
         resolved: false,
         preamble: sse.then(|| subscriber.preamble()),
+        gzip: None,
+        ended: false,
         subscriber,
         snapshots,
         initial,

@@ -2,6 +2,8 @@
 
 pub mod decode;
 pub mod encode;
+#[cfg(feature = "stream-gzip")]
+pub mod gzip;
 
 pub use decode::{DecodeError, Decoder, DecoderLimits, SseEvent};
 pub use encode::{EncodeError, Event, KEEPALIVE, comment};
