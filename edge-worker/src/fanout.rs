@@ -54,6 +54,15 @@ impl Chunk {
     }
 }
 
+/// Clients an object hands a publish's frame to before it yields to the runtime (see the
+/// shard's `rollout`): 25 measured best among 25, 100 and unpaced, for both codings.
+pub(crate) const PUBLISH_BATCH: usize = 25;
+
+/// Lets the runtime run its I/O (the chunks handed so far are written out) before going on.
+pub(crate) async fn yield_to_runtime() {
+    worker::Delay::from(std::time::Duration::ZERO).await;
+}
+
 /// A JS copy of `bytes`.
 pub(crate) fn js_bytes(bytes: &[u8]) -> Uint8Array {
     let array = Uint8Array::new_with_length(u32::try_from(bytes.len()).unwrap_or(u32::MAX));

@@ -2,6 +2,7 @@
 // shards, updates within 1 s, poll fallback, breaker, and recovery from storage after a restart.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
+import WebSocket from "ws";
 import { mockUpstream, control, startWorker, openStream, parseFrame, waitFor, sleep, getJson, DEFAULT_API_KEY } from "./harness.mjs";
 
 let mock;
@@ -128,4 +129,42 @@ test("the API key never appears in responses", async () => {
     assert.ok(!text.includes(DEFAULT_API_KEY), p);
   }
   assert.ok(!worker.log().includes(DEFAULT_API_KEY), "wrangler log");
+});
+
+test("a publish reaches every client of a shard past its first paced batch; the newer of two quick changes wins", async () => {
+  // 80 clients over two shards: one shard holds at least 40, more than a batch (25) of the
+  // shard's paced hand-out, so later batches are exercised whatever the random spread.
+  const clients = [];
+  for (let i = 0; i < 80; i++) clients.push(await openStream(worker.url + "/api/stream"));
+  const lastFlags = (c) => c.frames.filter((f) => f.includes("event: flags")).at(-1) ?? "";
+  await waitFor(() => clients.every((c) => lastFlags(c) !== ""), 20_000, "first flags frames");
+  await control(mock, "PUT", "/control/flags/pace-check", { value: false });
+  await control(mock, "PUT", "/control/flags/pace-check", { value: true });
+  const newer = (c) => lastFlags(c).includes('"pace-check":true');
+  const behind = () => clients.filter((c) => !newer(c)).map((c) => lastFlags(c).slice(0, 300));
+  await waitFor(() => clients.every(newer), 20_000, "the newer change on every client");
+  // An older hand-out still running must not follow with the older frame.
+  await sleep(500);
+  assert.deepEqual(behind(), [], "a client went back to the older change");
+  for (const c of clients) c.close();
+});
+
+test("a WebSocket push reaches every socket of a shard past its first paced batch", async () => {
+  // The same spread as above, over the hibernatable WebSocket transport (the relay's push).
+  const sockets = [];
+  for (let i = 0; i < 80; i++) {
+    const socket = new WebSocket(worker.url.replace(/^http/, "ws") + "/api/stream");
+    const client = { socket, messages: [] };
+    socket.on("message", (data) => client.messages.push(String(data)));
+    await new Promise((resolve, reject) => {
+      socket.once("open", resolve);
+      socket.once("error", reject);
+    });
+    sockets.push(client);
+  }
+  const last = (c) => c.messages.filter((m) => m.includes("event: flags")).at(-1) ?? "";
+  await waitFor(() => sockets.every((c) => last(c) !== ""), 20_000, "first messages");
+  await control(mock, "PUT", "/control/flags/pace-socket", { value: true });
+  await waitFor(() => sockets.every((c) => last(c).includes('"pace-socket":true')), 20_000, "the change on every socket");
+  for (const c of sockets) c.socket.terminate();
 });

@@ -18,6 +18,7 @@ use super::{
     SHARD_HEADER, SNAPSHOT_EVENT, Snapshot, StreamKind, USER_REFRESHED_EVENT, console_error,
     environment_header, http, now, relay_flags, relay_stub, report_closed,
 };
+use crate::fanout::{PUBLISH_BATCH, yield_to_runtime};
 use crate::shard::Inner;
 
 /// The relay's request carrying a publish (the same bytes as its internal stream) to a shard.
@@ -302,9 +303,13 @@ pub(super) async fn push(inner: &Rc<Inner>, req: &mut Request) -> worker::Result
                     .is_some_and(|user| users.contains(&user))
         })
         .collect();
-    // One JS string per shared frame, sent by reference to every socket.
+    // One JS string per shared frame, sent by reference to every socket; paced like the
+    // event streams' hand-out (the runtime copies each socket's message into its own buffer).
     let shared = SharedText::default();
-    for ws in &sockets {
+    for (n, ws) in sockets.iter().enumerate() {
+        if n > 0 && n % PUBLISH_BATCH == 0 {
+            yield_to_runtime().await;
+        }
         deliver(inner, ws, &snapshot, &shared);
     }
     super::report_now(inner);
