@@ -283,7 +283,7 @@ impl Snapshot {
 
     /// `frame` as a gzip-coded stream sends it: this snapshot's own flags and init frames are
     /// compressed once, on first use, and shared by every client and connection; any other
-    /// frame (a per-user one, a keepalive) is encoded for the caller.
+    /// frame (a per-user one) is encoded for the caller, at the faster per-client level.
     #[cfg(feature = "stream-gzip")]
     pub fn gzip_segment(&self, frame: &Bytes) -> Cow<'_, crate::sse::gzip::Segment> {
         use crate::sse::gzip::Segment;
@@ -293,7 +293,7 @@ impl Snapshot {
         } else if same(&self.init_frame) {
             &self.gzip_segments[1]
         } else {
-            return Cow::Owned(Segment::encode(frame));
+            return Cow::Owned(Segment::encode_for_one(frame));
         };
         Cow::Borrowed(slot.get_or_init(|| Segment::encode(frame)))
     }

@@ -43,7 +43,7 @@ impl Chunk {
     /// `frame` as one body of the given coding sends it, made for this body alone.
     pub(crate) fn own(frame: &[u8], gzip: bool) -> Self {
         if gzip {
-            let segment = Segment::encode(frame);
+            let segment = Segment::encode_for_one(frame);
             Self {
                 js: js_bytes(segment.bytes()),
                 segment: Some(segment),

@@ -286,9 +286,11 @@ async fn large_streams_are_gzip_coded_when_accepted() {
     must_get(&env.url("/api/flags")).await;
     let first = |text: &str| text.contains("feature-1999") && text.ends_with("\n\n");
     let mut streams = Vec::new();
+    // The third is a per-user stream: its frame is coded for that client alone.
     for (path, marker) in [
         ("/api/stream", "event: flags"),
         ("/api/v1/sdk/stream", "event: init"),
+        ("/api/stream?user_id=gzip-user", "event: flags"),
     ] {
         let mut coded = CodedStream::open(&env.url(path)).await;
         coded.until(path, Duration::from_secs(15), first).await;
