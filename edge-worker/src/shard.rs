@@ -51,9 +51,9 @@ fn resubscribe_policy() -> ReconnectPolicy {
     }
 }
 
-/// A shard object (fetch and the hibernation API's WebSocket handlers; no `connect` or alarm
-/// glue in the wasm).
-#[durable_object(websocket)]
+/// A shard object: fetch, the hibernation API's WebSocket handlers, and the alarm that ends
+/// WebSocket clients at their maximum age.
+#[durable_object]
 pub struct SseShard {
     inner: Rc<Inner>,
 }
@@ -88,6 +88,9 @@ struct Core {
     socket_snapshot: Option<Arc<Snapshot>>,
     /// The relay pushes to this shard (registered since it last woke).
     registered: bool,
+    /// The alarm the WebSocket clients' maximum age set (unix ms; `Some(None)`: none; `None`:
+    /// not known since the object woke).
+    close_alarm: Option<Option<u64>>,
     /// WebSocket connects refused because the shard held [`sockets::MAX_SOCKETS`].
     sockets_refused: u64,
     refused_reported: u64,
@@ -162,6 +165,11 @@ impl worker::DurableObject for SseShard {
             return sockets::connect(&inner, &req).await;
         }
         connect(&inner, &req)
+    }
+
+    async fn alarm(&self) -> worker::Result<Response> {
+        sockets::expire(&self.inner).await;
+        Response::ok("ok")
     }
 
     async fn websocket_message(

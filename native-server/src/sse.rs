@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::ws::{Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code};
 use axum::response::Response;
 use bytes::Bytes;
 use http::header::{CONTENT_ENCODING, VARY};
@@ -332,7 +332,12 @@ async fn serve_socket(mut connection: Connection, mut socket: WebSocket) {
         };
         let Some(frame) = frame else {
             // Shutdown or max age: a clean close; the client reconnects, maybe elsewhere.
-            let _ = socket.send(Message::Close(None)).await;
+            let _ = socket
+                .send(Message::Close(Some(CloseFrame {
+                    code: close_code::NORMAL,
+                    reason: Utf8Bytes::from_static("max age"),
+                })))
+                .await;
             return;
         };
         // Frames are UTF-8 (JSON under ASCII field names); a text message like the SSE body.

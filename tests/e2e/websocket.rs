@@ -18,6 +18,7 @@ pub(crate) fn scenarios() -> Vec<Scenario> {
         scenario!(per_user_stream_over_websocket),
         scenario!(bad_key_is_refused_like_sse),
         scenario!(ping_gets_pong_and_the_socket_is_counted),
+        scenario!(max_age_closes_the_socket_cleanly),
     ]
 }
 
@@ -239,4 +240,38 @@ async fn ping_gets_pong_and_the_socket_is_counted() {
         metric_sum(&env.proxy, "rollgate_proxy_websocket_refused_total", "").await,
         Some(0.0)
     );
+}
+
+/// The maximum age ends a WebSocket cleanly too, as it ends an event stream (native: the
+/// connection's deadline; the Worker: the shard's alarm, as a hibernated object has no other
+/// timer), so clients move between replicas and shards over time; the socket is uncounted.
+async fn max_age_closes_the_socket_cleanly() {
+    let env = Env::with(MockConfig::basic(), |c| {
+        c.sse_max_age = Some(Duration::from_secs(2));
+    })
+    .await;
+    let mut socket = must_open(&env.url("/api/stream")).await;
+    assert_eq!(parse(&next_text(&mut socket).await).event, "flags");
+    // 2 s ± 10 % (the Worker closes up to a twentieth early): far inside the bound.
+    let close = async {
+        loop {
+            match socket.next().await {
+                Some(Ok(Message::Close(frame))) => return frame,
+                Some(Ok(_)) => {}
+                Some(Err(error)) => panic!("not a clean close: {error}"),
+                None => panic!("the socket ended without a close frame"),
+            }
+        }
+    };
+    let frame = tokio::time::timeout(Duration::from_secs(30), close)
+        .await
+        .expect("closed by the max age within 30 s")
+        .expect("a close frame with a status");
+    assert_eq!(u16::from(frame.code), 1000, "a normal close: {frame:?}");
+    assert_eq!(frame.reason.as_str(), "max age");
+    eventually("the closed socket uncounted", WAIT, || async {
+        let open = metric_sum(&env.proxy, "rollgate_proxy_sse_clients", "").await?;
+        (open == 0.0).then_some(())
+    })
+    .await;
 }

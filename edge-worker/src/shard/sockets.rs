@@ -55,6 +55,10 @@ struct Attachment {
     sent_flags: Option<u64>,
     /// The per-user client's user, once the relay tracks it.
     tracked_user: Option<String>,
+    /// When core's (jittered) maximum age ends the connection (unix ms): the shard's alarm
+    /// closes it cleanly, as the event stream ends, so clients move between shards and
+    /// locations over time.
+    close_at: Option<u64>,
 }
 
 impl Attachment {
@@ -76,6 +80,7 @@ impl Attachment {
                 "f" => attachment.sent_flags = value.parse().ok(),
                 "u" => attachment.tracked_user = Some(value),
                 "s" => attachment.shard = value.parse().unwrap_or(0),
+                "c" => attachment.close_at = value.parse().ok(),
                 _ => {}
             }
         }
@@ -94,6 +99,7 @@ impl Attachment {
             ("i", self.sent_id.clone()),
             ("f", self.sent_flags.map(|f| f.to_string())),
             ("u", self.tracked_user.clone()),
+            ("c", self.close_at.map(|at| at.to_string())),
         ];
         for (name, value) in optional {
             if let Some(value) = value {
@@ -152,7 +158,7 @@ pub(super) async fn connect(inner: &Rc<Inner>, req: &Request) -> worker::Result<
         super::report_now(inner);
         return http::error_response(&rollgate_proxy_core::api::ApiError::not_ready());
     }
-    let attachment = Attachment {
+    let mut attachment = Attachment {
         path: incoming.path.clone(),
         query: incoming.query.clone(),
         authorization: req.headers().get("authorization")?,
@@ -171,7 +177,10 @@ pub(super) async fn connect(inner: &Rc<Inner>, req: &Request) -> worker::Result<
         Freshness::Missing,
         http::random_unit(),
     ) {
-        rollgate_proxy_core::downstream::Answer::Stream { subscriber, .. } => subscriber.kind(),
+        rollgate_proxy_core::downstream::Answer::Stream { subscriber, .. } => {
+            attachment.close_at = subscriber.close_at().map(|at| at.as_millis());
+            subscriber.kind()
+        }
         rollgate_proxy_core::downstream::Answer::Respond(response) => {
             return http::to_response(response);
         }
@@ -189,8 +198,86 @@ pub(super) async fn connect(inner: &Rc<Inner>, req: &Request) -> worker::Result<
     if let Some(snapshot) = current(inner).await {
         deliver(inner, &pair.server, &snapshot, &SharedText::default());
     }
+    if let Some(at) = attachment.close_at {
+        schedule_close(inner, at).await;
+    }
     super::report_now(inner);
     Response::from_websocket(pair.client)
+}
+
+/// Makes sure the shard's alarm fires by `at` (a socket's maximum age). The alarm is the
+/// only timer a hibernated object has; one is kept, for the earliest close.
+async fn schedule_close(inner: &Rc<Inner>, at: u64) {
+    let known = inner.core.borrow().close_alarm;
+    let armed = match known {
+        Some(armed) => armed,
+        None => match inner.state.storage().get_alarm().await {
+            Ok(alarm) => alarm.and_then(|ms| u64::try_from(ms).ok()),
+            Err(error) => {
+                console_error!("shard: get_alarm failed: {error}");
+                None
+            }
+        },
+    };
+    if armed.is_some_and(|armed| armed <= at) {
+        inner.core.borrow_mut().close_alarm = Some(armed);
+        return;
+    }
+    inner.core.borrow_mut().close_alarm = Some(Some(at));
+    let offset = i64::try_from(at.saturating_sub(now().as_millis())).unwrap_or(i64::MAX);
+    if let Err(error) = inner.state.storage().set_alarm(offset).await {
+        console_error!("shard: set_alarm failed: {error}");
+        inner.core.borrow_mut().close_alarm = None;
+    }
+}
+
+/// The shard's alarm: closes every socket at or near its maximum age (within a twentieth of
+/// it, so one wake serves the sockets that connected close together) and arms the alarm for
+/// the next one.
+pub(super) async fn expire(inner: &Rc<Inner>) {
+    inner.core.borrow_mut().close_alarm = Some(None);
+    let sockets = open_sockets(inner);
+    let attachments: Vec<Option<Attachment>> = sockets.iter().map(Attachment::of).collect();
+    if inner.core.borrow().config.is_none() {
+        // Woken by the alarm: the configuration and index come from a socket.
+        let first = attachments.iter().flatten().next();
+        let environment = first.and_then(|a| a.environment.clone());
+        super::configure(inner, environment.as_deref());
+        if let Some(first) = first {
+            inner.core.borrow_mut().index = first.shard;
+        }
+    }
+    let slack = inner
+        .core
+        .borrow()
+        .config
+        .as_ref()
+        .and_then(|config| config.core.sse_max_age)
+        .map_or(0, |age| {
+            rollgate_proxy_core::time::duration_millis(age) / 20
+        });
+    let due = now().as_millis().saturating_add(slack);
+    let mut users = Vec::new();
+    let mut next: Option<u64> = None;
+    for (ws, attachment) in sockets.iter().zip(attachments) {
+        let Some(attachment) = attachment else {
+            continue;
+        };
+        match attachment.close_at {
+            Some(at) if at <= due => {
+                // A clean close: the client reconnects, maybe to another shard or location.
+                let _ = ws.close(Some(1000), Some("max age"));
+                users.extend(attachment.tracked_user);
+            }
+            Some(at) => next = Some(next.map_or(at, |next| next.min(at))),
+            None => {}
+        }
+    }
+    report_closed(inner, users);
+    if let Some(at) = next {
+        schedule_close(inner, at).await;
+    }
+    super::report_now(inner);
 }
 
 /// The snapshot the sockets are served from: the one pushed last, else the relay's (asked
