@@ -58,6 +58,7 @@ pub mod outbox;
 pub mod refresh;
 pub mod render;
 pub mod rendered;
+pub mod reports;
 pub mod secret;
 pub mod settings;
 pub mod snapshot;

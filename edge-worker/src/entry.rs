@@ -124,16 +124,8 @@ async fn fetch(req: Request, env: Env, ctx: Context) -> worker::Result<Response>
         .headers()
         .get(REQUEST_ID)?
         .filter(|v| is_usable_request_id(v.as_bytes()))
-        .unwrap_or_else(|| {
-            // Random, not a counter: isolates share no state.
-            #[allow(
-                clippy::cast_possible_truncation,
-                clippy::cast_sign_loss,
-                reason = "a random sample in [0, 2^53) as an id"
-            )]
-            let n = (js_sys::Math::random() * 9_007_199_254_740_992.0) as u64;
-            format!("{n:016x}")
-        });
+        // Random, not a counter: isolates share no state.
+        .unwrap_or_else(|| format!("{:016x}", http::random_id()));
     let policy = &front.config.core.cors;
     if req.method() == Method::Options {
         let mut headers = cors_pairs(&policy.preflight(origin.as_deref()));

@@ -305,6 +305,18 @@ pub(crate) fn random_unit() -> f64 {
     js_sys::Math::random()
 }
 
+/// A random id in `[1, 2^53)` (isolates and objects share no state, so ids are random, not
+/// counted).
+pub(crate) fn random_id() -> u64 {
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "a random sample in [0, 2^53) as an id"
+    )]
+    let n = (random_unit() * 9_007_199_254_740_992.0) as u64;
+    n.max(1)
+}
+
 /// Hides `secret` in a message that might contain it (a URL with `?token=`).
 pub(crate) fn redact(message: &str, secret: &str) -> String {
     rollgate_proxy_core::secret::Secret::new(secret).redact(message)

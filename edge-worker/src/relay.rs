@@ -18,6 +18,7 @@ use rollgate_proxy_core::downstream::{Answer, Downstream, MetricsExtra, SourceRe
 use rollgate_proxy_core::forwards::REPORT_GRACE;
 use rollgate_proxy_core::metrics::{MAX_SIDE_REQUESTS_IN_FLIGHT, SideOutcome, SideRequest};
 use rollgate_proxy_core::model::{EvaluatedFlags, RulesPayload};
+use rollgate_proxy_core::reports::RestartingCounters;
 use rollgate_proxy_core::snapshot::{FlagSource, Freshness, Revision, Snapshot, SnapshotStore};
 use rollgate_proxy_core::sse::encode::{Event, KEEPALIVE};
 use rollgate_proxy_core::stream::StreamKind;
@@ -88,8 +89,10 @@ struct Core {
     alarm_at: Option<u64>,
     /// Core's downstream of this environment (set at start).
     downstream: Option<Rc<Downstream>>,
-    /// SSE clients and frames sent per shard and stream kind, as the shards last reported.
+    /// SSE clients per shard and stream kind, as the shards last reported.
     shard_reports: BTreeMap<u32, ShardReport>,
+    /// The shards' counters (made with the configured shard count, on the first report).
+    shard_counters: Option<ShardCounters>,
     /// Bumped by every `/identify`: part of the edge cache key, so cached answers that did not
     /// see the new attributes are not served after one pointer TTL.
     identity_epoch: u64,
@@ -111,14 +114,18 @@ struct Core {
     requests: BTreeMap<&'static str, u64>,
 }
 
-/// What one shard last reported: clients and frames sent, per stream kind.
+/// What one shard last reported: its clients per stream kind (a gauge: the latest report
+/// stands, also for a shard that hibernated with its sockets open).
 #[derive(Clone, Copy, Debug, Default)]
 struct ShardReport {
     clients: [u64; 3],
-    frames: [u64; 3],
-    /// WebSocket connects refused because the shard was full.
-    sockets_refused: u64,
 }
+
+/// The shards' counters summed across their restarts: frames sent per stream kind, then
+/// WebSocket connects refused because the shard was full.
+type ShardCounters = RestartingCounters<4>;
+/// Index of the refused-connects counter in [`ShardCounters`].
+const REFUSED: usize = 3;
 
 impl Core {
     fn snapshot(&self) -> Option<Arc<Snapshot>> {
@@ -748,13 +755,12 @@ async fn handle(inner: &Rc<Inner>, mut req: Request) -> worker::Result<Response>
                 .iter()
                 .map(|(shard, report)| (*shard, report.clients.iter().sum()))
                 .collect();
-            let refused: u64 = inner
+            let refused = inner
                 .core
                 .borrow()
-                .shard_reports
-                .values()
-                .map(|r| r.sockets_refused)
-                .sum();
+                .shard_counters
+                .as_ref()
+                .map_or(0, |counters| counters.totals()[REFUSED]);
             let mut metrics = downstream.metrics(
                 now(),
                 snapshot.as_deref(),
@@ -901,37 +907,51 @@ fn snapshot_check(inner: &Inner, query: &str) -> worker::Result<Response> {
     Ok(response)
 }
 
-/// `?shard=N&frontend=..&sdk=..&ofrep=..&frames_frontend=..&frames_sdk=..&frames_ofrep=..`
-/// from a shard: its clients and frames sent, summed over shards into core's metrics.
+/// `?shard=N&boot=B&frontend=..&sdk=..&ofrep=..&frames_frontend=..&frames_sdk=..&frames_ofrep=..
+/// &sockets_refused=..` from a shard: its clients (summed over shards into the gauge) and its
+/// counters since it started `B` (summed across its restarts, see core's `reports`).
 fn shard_report(inner: &Inner, query: &str) {
     let mut shard = None;
+    let mut boot = 0;
     let mut report = ShardReport::default();
+    let mut counters = [0u64; 4];
     for (name, value) in form_urlencoded::parse(query.as_bytes()) {
         let value = value.parse::<u64>().ok();
+        match &*name {
+            "shard" => shard = value.and_then(|v| u32::try_from(v).ok()),
+            "boot" => boot = value.unwrap_or(0),
+            "sockets_refused" => counters[REFUSED] = value.unwrap_or(0),
+            _ => {}
+        }
         for kind in StreamKind::ALL {
-            if name == "sockets_refused" {
-                report.sockets_refused = value.unwrap_or(0);
-            }
             if name == kind.label() {
                 report.clients[kind.index()] = value.unwrap_or(0);
             } else if name.strip_prefix("frames_") == Some(kind.label()) {
-                report.frames[kind.index()] = value.unwrap_or(0);
+                counters[kind.index()] = value.unwrap_or(0);
             }
-        }
-        if name == "shard" {
-            shard = value.and_then(|v| u32::try_from(v).ok());
         }
     }
     let Some(shard) = shard else { return };
     let mut core = inner.core.borrow_mut();
+    let shards = core.config.as_ref().map_or(1, |config| config.sse_shards);
+    if shard >= shards {
+        // Not one of this environment's shards: nothing a shard sends (bounds the map).
+        return;
+    }
     core.shard_reports.insert(shard, report);
+    let totals = {
+        let tally = core
+            .shard_counters
+            .get_or_insert_with(|| ShardCounters::new(shards));
+        tally.report(shard, boot, counters);
+        tally.totals()
+    };
     if let Some(downstream) = &core.downstream {
         for kind in StreamKind::ALL {
             let i = kind.index();
             let clients = core.shard_reports.values().map(|r| r.clients[i]).sum();
-            let frames = core.shard_reports.values().map(|r| r.frames[i]).sum();
             downstream.metrics.set_stream_clients(kind, clients);
-            downstream.metrics.set_frames_sent(kind, frames);
+            downstream.metrics.set_frames_sent(kind, totals[i]);
         }
     }
 }

@@ -91,6 +91,9 @@ struct Core {
     /// The alarm the WebSocket clients' maximum age set (unix ms; `Some(None)`: none; `None`:
     /// not known since the object woke).
     close_alarm: Option<Option<u64>>,
+    /// This instance's start (random): the relay sums the counters below across restarts
+    /// (a woken or evicted shard counts from zero again).
+    boot: u64,
     /// WebSocket connects refused because the shard held [`sockets::MAX_SOCKETS`].
     sockets_refused: u64,
     refused_reported: u64,
@@ -204,6 +207,9 @@ fn configure(inner: &Inner, environment: Option<&str>) -> bool {
     match crate::entry::load_config_for(&inner.env, environment) {
         Ok(config) => {
             let mut core = inner.core.borrow_mut();
+            if core.boot == 0 {
+                core.boot = http::random_id();
+            }
             core.downstream = Some(Rc::new(Downstream::new(config.core.clone())));
             core.config = Some(Rc::new(config));
             true
@@ -740,7 +746,9 @@ fn report_request(inner: &Inner) -> Option<Request> {
         core.refused_reported = core.sockets_refused;
         (clients, core.frames_sent, core.sockets_refused, core.index)
     };
-    let mut path = format!("/__rollgate/shard-clients?shard={index}&sockets_refused={refused}");
+    let boot = inner.core.borrow().boot;
+    let mut path =
+        format!("/__rollgate/shard-clients?shard={index}&boot={boot}&sockets_refused={refused}");
     for kind in StreamKind::ALL {
         let i = kind.index();
         let label = kind.label();
