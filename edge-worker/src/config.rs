@@ -27,6 +27,14 @@ pub const SSE_SHARDS: Spec = Spec::new(
     Target::Edge,
     "SSE shard objects that share the stream clients (1 to 1024)",
 );
+/// WebSocket clients one shard accepts.
+pub const SOCKETS_PER_SHARD: Spec = Spec::new(
+    "sockets-per-shard",
+    "ROLLGATE_PROXY_SOCKETS_PER_SHARD",
+    Some("10000"),
+    Target::Edge,
+    "WebSocket clients one shard object holds; beyond that a connect gets 503 NOT_READY (1 to 32768, the runtime's limit)",
+);
 /// Edge cache TTL of the current-snapshot pointer.
 pub const EDGE_CACHE_TTL: Spec = Spec::new(
     "edge-cache-ttl",
@@ -59,6 +67,7 @@ pub const ENVIRONMENTS: Spec = Spec::new(
 pub const EDGE_SCHEMA: &[&Spec] = &[
     &ENVIRONMENT,
     &SSE_SHARDS,
+    &SOCKETS_PER_SHARD,
     &EDGE_CACHE_TTL,
     &STREAM_TOKEN_IN_URL,
     &ENVIRONMENTS,
@@ -73,6 +82,8 @@ pub struct EdgeConfig {
     pub environment: String,
     /// How many SSE shard objects share the stream clients.
     pub sse_shards: u32,
+    /// WebSocket clients one shard accepts.
+    pub sockets_per_shard: usize,
     /// How long an edge cache entry of the current revision is trusted before asking the relay.
     pub cache_ttl: Duration,
     /// See [`STREAM_TOKEN_IN_URL`].
@@ -95,6 +106,8 @@ impl EdgeConfig {
         let core = settings::Settings::from_lookup(by_spec, jitter_seed)?;
         let values = Values::new(by_spec);
         let sse_shards = u32::try_from(values.number(&SSE_SHARDS, 1, 1024)?).unwrap_or(4);
+        let sockets_per_shard =
+            usize::try_from(values.number(&SOCKETS_PER_SHARD, 1, 32_768)?).unwrap_or(10_000);
         let cache_ttl = values.duration(&EDGE_CACHE_TTL)?;
         if cache_ttl > Duration::from_secs(60) {
             return Err(SettingsError::new(&EDGE_CACHE_TTL, "must be at most 60s"));
@@ -110,6 +123,7 @@ impl EdgeConfig {
             core,
             environment: values.text(&ENVIRONMENT).unwrap_or_default(),
             sse_shards,
+            sockets_per_shard,
             cache_ttl,
             stream_token_in_url: values.boolean(&STREAM_TOKEN_IN_URL)?,
             environments,
@@ -174,6 +188,7 @@ mod tests {
         assert!(c.core.api_key.is_none());
         assert_eq!(c.environment, "default");
         assert_eq!(c.sse_shards, 4);
+        assert_eq!(c.sockets_per_shard, 10_000);
         assert_eq!(c.cache_ttl, Duration::from_secs(1));
         assert!(
             !c.stream_token_in_url,
@@ -192,6 +207,7 @@ mod tests {
             ("ROLLGATE_API_KEY", " sk-1 "),
             ("ROLLGATE_BASE_URL", "http://127.0.0.1:9/"),
             ("ROLLGATE_PROXY_SSE_SHARDS", "2"),
+            ("ROLLGATE_PROXY_SOCKETS_PER_SHARD", "3"),
             ("ROLLGATE_PROXY_REFRESH_INTERVAL", "250ms"),
             ("ROLLGATE_PROXY_USER_CACHE_SIZE", "7"),
             ("ROLLGATE_PROXY_EDGE_CACHE_TTL", "0"),
@@ -202,12 +218,15 @@ mod tests {
         assert_eq!(c.core.upstream.refresh_interval, Duration::from_millis(250));
         assert_eq!(c.core.user_cache_size, 7);
         assert!(c.cache_ttl.is_zero());
+        assert_eq!(c.sockets_per_shard, 3);
         assert_eq!(c.pick_shard(0.0), 0);
         assert_eq!(c.pick_shard(0.5), 1);
         assert_eq!(c.pick_shard(1.0), 1);
         for (name, value) in [
             ("ROLLGATE_PROXY_ENVIRONMENTS", "{\"environments\": {}}"),
             ("ROLLGATE_PROXY_SSE_SHARDS", "0"),
+            ("ROLLGATE_PROXY_SOCKETS_PER_SHARD", "0"),
+            ("ROLLGATE_PROXY_SOCKETS_PER_SHARD", "40000"),
             ("ROLLGATE_PROXY_EDGE_CACHE_TTL", "5m"),
             ("ROLLGATE_PROXY_REFRESH_INTERVAL", "1000"),
             ("ROLLGATE_PROXY_SDK_KEEPALIVE", "5s"),

@@ -94,7 +94,7 @@ struct Core {
     /// This instance's start (random): the relay sums the counters below across restarts
     /// (a woken or evicted shard counts from zero again).
     boot: u64,
-    /// WebSocket connects refused because the shard held [`sockets::MAX_SOCKETS`].
+    /// WebSocket connects refused because the shard held its `sockets_per_shard`.
     sockets_refused: u64,
     refused_reported: u64,
 }

@@ -29,9 +29,6 @@ pub(crate) const REGISTER_PATH: &str = "/__rollgate/ws-shard";
 /// What a client sends to learn that the connection is alive, and the runtime's answer.
 pub(crate) const PING: &str = "ping";
 pub(crate) const PONG: &str = "pong";
-/// Hibernatable sockets one shard accepts; beyond that a connect gets 503 (counted). The
-/// runtime allows 32,768 per object; a publish is sent to every socket from one thread.
-pub(crate) const MAX_SOCKETS: usize = 10_000;
 /// Status of a push to a shard without sockets: the relay stops pushing to it.
 pub(crate) const NO_SOCKETS: u16 = 410;
 
@@ -153,7 +150,16 @@ pub(super) fn counts(inner: &Inner) -> [u64; 3] {
 /// snapshot's frame.
 pub(super) async fn connect(inner: &Rc<Inner>, req: &Request) -> worker::Result<Response> {
     let incoming = Incoming::read(req)?;
-    if inner.state.get_websockets().len() >= MAX_SOCKETS {
+    // Hibernatable sockets one shard accepts (`ROLLGATE_PROXY_SOCKETS_PER_SHARD`, 10,000 by
+    // default; the runtime allows 32,768 per object, and a publish goes to every socket from
+    // one thread); beyond that a connect gets 503, counted.
+    let limit = inner
+        .core
+        .borrow()
+        .config
+        .as_ref()
+        .map_or(10_000, |config| config.sockets_per_shard);
+    if inner.state.get_websockets().len() >= limit {
         inner.core.borrow_mut().sockets_refused += 1;
         super::report_now(inner);
         return http::error_response(&rollgate_proxy_core::api::ApiError::not_ready());
