@@ -289,29 +289,23 @@ mod tests {
             )
         };
         let gzip = Some("gzip, deflate, br");
-        assert_eq!(
-            sub(StreamKind::Frontend).coding(gzip, Some(&large)),
-            Encoding::Gzip
-        );
-        assert_eq!(
-            sub(StreamKind::Sdk).coding(gzip, Some(&large)),
-            Encoding::Gzip
-        );
-        // OFREP's notifications are small whatever the set; small sets gain nothing.
-        assert_eq!(
-            sub(StreamKind::Ofrep).coding(gzip, Some(&large)),
-            Encoding::Identity
-        );
-        assert_eq!(
-            sub(StreamKind::Frontend).coding(gzip, Some(&small)),
-            Encoding::Identity
-        );
-        assert_eq!(
-            sub(StreamKind::Frontend).coding(None, Some(&large)),
-            Encoding::Identity
-        );
-        // No snapshot yet: its size is unknown, small frames would be stored, not compressed.
-        assert_eq!(sub(StreamKind::Frontend).coding(gzip, None), Encoding::Gzip);
+        let cases = [
+            (StreamKind::Frontend, gzip, Some(&large), Encoding::Gzip),
+            (StreamKind::Sdk, gzip, Some(&large), Encoding::Gzip),
+            // OFREP's notifications are small whatever the set; small sets gain nothing.
+            (StreamKind::Ofrep, gzip, Some(&large), Encoding::Identity),
+            (StreamKind::Frontend, gzip, Some(&small), Encoding::Identity),
+            (StreamKind::Frontend, None, Some(&large), Encoding::Identity),
+            // No snapshot yet: the size is unknown; small frames would be stored, not deflated.
+            (StreamKind::Frontend, gzip, None, Encoding::Gzip),
+        ];
+        for (kind, accept, snapshot, expected) in cases {
+            assert_eq!(
+                sub(kind).coding(accept, snapshot),
+                expected,
+                "{kind:?} {accept:?}"
+            );
+        }
     }
 
     #[test]

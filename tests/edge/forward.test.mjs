@@ -4,29 +4,22 @@
 // counted busy, never sent).
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { mockUpstream, control, startWorker, waitFor } from "./harness.mjs";
+import { upstreamWorker, control, waitFor } from "./harness.mjs";
 
 /** core's MAX_SIDE_REQUESTS_IN_FLIGHT. */
 const BOUND = 32;
 
+let setup;
 let mock;
 let worker;
 
 before(async () => {
-  mock = await mockUpstream();
-  worker = await startWorker({
-    vars: {
-      ROLLGATE_API_KEY: "test-api-key",
-      ROLLGATE_BASE_URL: mock.url,
-      // Held forwards must not time out while the test holds them.
-      ROLLGATE_PROXY_UPSTREAM_TIMEOUT: "60s",
-    },
-  });
-  await waitFor(async () => (await fetch(worker.url + "/ready")).status === 200, 20_000, "not ready");
+  // Held forwards must not time out while the test holds them.
+  setup = await upstreamWorker({ ROLLGATE_PROXY_UPSTREAM_TIMEOUT: "60s" });
+  ({ mock, worker } = setup);
 });
 after(async () => {
-  await worker?.stop();
-  await mock?.close();
+  await setup?.stop();
 });
 
 const stats = () => control(mock, "GET", "/control/stats");

@@ -135,6 +135,26 @@ function killGroup(child) {
   });
 }
 
+
+/**
+ * The mock upstream and a Worker in upstream mode against it (`vars` added to the key and the
+ * base URL), once `/ready` answers 200; `stop()` ends both.
+ */
+export async function upstreamWorker(vars = {}) {
+  const mock = await mockUpstream();
+  const worker = await startWorker({
+    vars: { ROLLGATE_API_KEY: DEFAULT_API_KEY, ROLLGATE_BASE_URL: mock.url, ...vars },
+  });
+  await waitFor(async () => (await fetch(worker.url + "/ready")).status === 200, 20_000, "not ready");
+  return {
+    mock,
+    worker,
+    stop: async () => {
+      await worker.stop();
+      await mock.close();
+    },
+  };
+}
 /** Polls `check` until it returns a truthy value (returned) or `timeoutMs` passes (throws). */
 export async function waitFor(check, timeoutMs = 20_000, message = "condition not met") {
   const deadline = Date.now() + timeoutMs;

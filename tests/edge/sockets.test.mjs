@@ -4,29 +4,23 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import WebSocket from "ws";
-import { mockUpstream, startWorker, waitFor } from "./harness.mjs";
+import { upstreamWorker, waitFor } from "./harness.mjs";
 
 const LIMIT = 3;
 
-let mock;
+let setup;
 let worker;
 
 before(async () => {
-  mock = await mockUpstream();
-  worker = await startWorker({
-    vars: {
-      ROLLGATE_API_KEY: "test-api-key",
-      ROLLGATE_BASE_URL: mock.url,
-      // One shard, so every socket lands on it.
-      ROLLGATE_PROXY_SSE_SHARDS: "1",
-      ROLLGATE_PROXY_SOCKETS_PER_SHARD: String(LIMIT),
-    },
+  // One shard, so every socket lands on it.
+  setup = await upstreamWorker({
+    ROLLGATE_PROXY_SSE_SHARDS: "1",
+    ROLLGATE_PROXY_SOCKETS_PER_SHARD: String(LIMIT),
   });
-  await waitFor(async () => (await fetch(worker.url + "/ready")).status === 200, 20_000, "not ready");
+  worker = setup.worker;
 });
 after(async () => {
-  await worker?.stop();
-  await mock?.close();
+  await setup?.stop();
 });
 
 /** Opens a WebSocket on the stream: `{ socket, messages }`, or `{ status, body }` if refused. */
