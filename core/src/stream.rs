@@ -268,6 +268,18 @@ mod tests {
         )
     }
 
+    /// A new anonymous subscriber of `kind` (no `Last-Event-ID`).
+    fn anonymous(kind: StreamKind) -> Subscriber {
+        Subscriber::new(
+            Timestamp::ZERO,
+            kind,
+            Context::anonymous(),
+            None,
+            TIMING,
+            0.5,
+        )
+    }
+
     #[test]
     fn large_flag_frames_are_gzip_coded_for_clients_that_accept_it() {
         use crate::encoding::Encoding;
@@ -278,16 +290,6 @@ mod tests {
         map.push_str(r#""last":false}}"#);
         let large = snapshot(1, &map);
         let small = snapshot(1, r#"{"flags":{"a":true}}"#);
-        let sub = |kind| {
-            Subscriber::new(
-                Timestamp::ZERO,
-                kind,
-                Context::anonymous(),
-                None,
-                TIMING,
-                0.5,
-            )
-        };
         let gzip = Some("gzip, deflate, br");
         let cases = [
             (StreamKind::Frontend, gzip, Some(&large), Encoding::Gzip),
@@ -301,7 +303,7 @@ mod tests {
         ];
         for (kind, accept, snapshot, expected) in cases {
             assert_eq!(
-                sub(kind).coding(accept, snapshot),
+                anonymous(kind).coding(accept, snapshot),
                 expected,
                 "{kind:?} {accept:?}"
             );
@@ -316,15 +318,7 @@ mod tests {
             (StreamKind::Sdk, s.init_frame()),
             (StreamKind::Ofrep, s.ofrep_frame()),
         ] {
-            let mut sub = Subscriber::new(
-                Timestamp::ZERO,
-                kind,
-                Context::anonymous(),
-                None,
-                TIMING,
-                0.5,
-            );
-            assert_eq!(sub.on_snapshot(&s), Next::Frame(frame.clone()));
+            assert_eq!(anonymous(kind).on_snapshot(&s), Next::Frame(frame.clone()));
         }
         // OFREP is never per user.
         let sub = Subscriber::new(
