@@ -217,13 +217,17 @@ async fn schedule_close(inner: &Rc<Inner>, at: u64) {
     let known = inner.core.borrow().close_alarm;
     let armed = match known {
         Some(armed) => armed,
-        None => match inner.state.storage().get_alarm().await {
-            Ok(alarm) => alarm.and_then(|ms| u64::try_from(ms).ok()),
-            Err(error) => {
-                console_error!("shard: get_alarm failed: {error}");
-                None
-            }
-        },
+        None => {
+            let stored = match inner.state.storage().get_alarm().await {
+                Ok(alarm) => alarm.and_then(|ms| u64::try_from(ms).ok()),
+                Err(error) => {
+                    console_error!("shard: get_alarm failed: {error}");
+                    None
+                }
+            };
+            // Another connect may have armed it while this one waited for the storage.
+            inner.core.borrow().close_alarm.unwrap_or(stored)
+        }
     };
     if armed.is_some_and(|armed| armed <= at) {
         inner.core.borrow_mut().close_alarm = Some(armed);
@@ -266,14 +270,19 @@ pub(super) async fn expire(inner: &Rc<Inner>) {
     let mut users = Vec::new();
     let mut next: Option<u64> = None;
     for (ws, attachment) in sockets.iter().zip(attachments) {
-        let Some(attachment) = attachment else {
+        let Some(mut attachment) = attachment else {
             continue;
         };
         match attachment.close_at {
             Some(at) if at <= due => {
+                // Reported closed here, once: the close handler that runs when the client
+                // answers then finds no tracked user.
+                if let Some(user) = attachment.tracked_user.take() {
+                    attachment.store(ws);
+                    users.push(user);
+                }
                 // A clean close: the client reconnects, maybe to another shard or location.
                 let _ = ws.close(Some(1000), Some("max age"));
-                users.extend(attachment.tracked_user);
             }
             Some(at) => next = Some(next.map_or(at, |next| next.min(at))),
             None => {}
