@@ -4,7 +4,8 @@
 // - a page on a second origin (127.0.0.2) polls `/api/flags` over CORS (with If-None-Match, which
 //   needs a preflight, and reading the exposed ETag), and streams with the proxy's own JS client,
 //   over EventSource and over the browser's WebSocket (`transport: 'websocket'`);
-// - with client keys, `/?token=<key>` works and a page without a key shows a 401 error state.
+// - with client keys, `/?token=<key>` works and a page without a key shows a 401 error state;
+// - a large flag set streams gzip-coded, and the page follows a change on the same stream.
 // Screenshots go to test-artifacts/ (not committed).
 
 import { after, before, describe, test } from 'node:test';
@@ -175,6 +176,49 @@ describe('Chromium: demo page, second origin', () => {
     await page.waitForFunction(() => JSON.parse(document.querySelector('#out')?.textContent || '{}').config === false, null, { timeout: 1000 });
     assert.equal(await page.getAttribute('#out', 'data-state'), 'open');
     await mock.setFlag('config', true);
+    await page.close();
+  });
+});
+
+describe('Chromium: a large flag set', () => {
+  /** @type {Mock} */ let mock;
+  /** @type {Proxy} */ let proxy;
+  let browser;
+  const many = {};
+  for (let i = 0; i < 400; i++) many[`bulk-experiment-${String(i).padStart(4, '0')}-checkout-flow`] = i % 2 === 0;
+
+  before(async () => {
+    mock = await Mock.start();
+    await mock.control('PUT', 'flags', { flags: many });
+    proxy = await Proxy.start(mock);
+    browser = await launchChromium();
+  });
+
+  after(async () => {
+    await browser?.close();
+    await proxy?.stop();
+    await mock?.stop();
+  });
+
+  test('the demo page streams it gzip-coded (the browser decodes each frame as it arrives)', async () => {
+    const page = await browser.context.newPage();
+    const codings = [];
+    page.on('response', (r) => {
+      if (new URL(r.url()).pathname === '/api/stream') codings.push(r.headers()['content-encoding'] ?? 'identity');
+    });
+    const consoleErrors = [];
+    page.on('console', (m) => m.type() === 'error' && consoleErrors.push(m.text()));
+    await page.goto(`${proxy.url}/`);
+    await page.waitForSelector('#connection-state[data-state="streaming"]', { timeout: 20_000 });
+    const last = 'bulk-experiment-0399-checkout-flow';
+    await page.waitForSelector(`[data-flag="${last}"][data-enabled="false"]`, { timeout: 20_000 });
+    assert.deepEqual(await shownFlags(page), (await proxy.json('/api/flags')).flags);
+    // A change is one more gzip segment on the same stream.
+    await mock.setFlag(last, true);
+    await page.waitForSelector(`[data-flag="${last}"][data-enabled="true"]`, { timeout: 20_000 });
+    assert.equal(await page.getAttribute('#connection-state', 'data-state'), 'streaming');
+    assert.ok(codings.length >= 1 && codings.every((c) => c === 'gzip'), `stream codings: ${codings}`);
+    assert.deepEqual(consoleErrors, []);
     await page.close();
   });
 });
