@@ -400,3 +400,37 @@ def test_client_keys_the_sdk_key_is_the_proxys_client_key(mock: Mock, proxy: Pro
     asyncio.run(run())
     r = httpx.get(f"{proxy.url}/api/v1/sdk/flags")
     assert r.status_code == 401 and r.json()["error"]["code"] == "UNAUTHORIZED"
+
+
+def test_a_large_flag_set_streams_gzip_coded_and_the_sdk_reads_it(mock: Mock, proxy: Proxy) -> None:
+    """httpx asks for gzip, so a 400-flag set's stream comes gzip-coded (each frame compressed
+    once by the proxy for every client); httpx decodes it as it arrives, and the SDK sees the
+    whole map and then a change on the same stream."""
+    many = {f"bulk-experiment-{i:04d}-checkout-flow": i % 2 == 0 for i in range(400)}
+    mock.control("PUT", "flags", {"flags": many})
+    wait_until(lambda: len(proxy_flags(proxy)["flags"]) == 400, 10.0, "the proxy serving the large set")
+    with httpx.stream(
+        "GET",
+        f"{proxy.url}/api/v1/sdk/stream",
+        headers={"Authorization": f"Bearer {SDK_KEY}"},
+        timeout=10.0,
+    ) as response:
+        assert response.headers.get("content-encoding") == "gzip"
+
+    async def run() -> None:
+        client = make_client(proxy, streaming=True)
+        rec = Recorder()
+        rec.attach(client)
+        try:
+            await client.init()
+            await wait_async(lambda: len(rec.flags_updated) >= 2, 10.0, "the stream's first snapshot")
+            assert client.get_all_flags() == many
+            last = "bulk-experiment-0399-checkout-flow"
+            mock.set_flag(last, True)
+            await rec.wait_change(last, True, 10.0)
+            assert client.get_all_flags() == {**many, last: True}
+            assert rec.errors == []
+        finally:
+            await client.close()
+
+    asyncio.run(run())
