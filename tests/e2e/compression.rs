@@ -279,7 +279,8 @@ impl CodedStream {
 /// a small answer stay identity.
 async fn large_streams_are_gzip_coded_when_accepted() {
     let env = Env::with(large_set(), |c| {
-        c.sse_max_age = Some(Duration::from_secs(5));
+        // Long enough that a loaded machine sends every first frame well before it.
+        c.sse_max_age = Some(Duration::from_secs(10));
     })
     .await;
     // Served once first, so every target decides the coding knowing the set's size.
