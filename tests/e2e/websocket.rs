@@ -151,27 +151,12 @@ async fn first_message_is_the_sse_first_frame_then_changes() {
     socket.close(None).await.ok();
 }
 
-async fn sdk_stream_over_websocket() {
+/// The SDK stream at `path` over a WebSocket: its first message is the SSE stream's first frame
+/// (an `init` with `enabled-flag` on), and a change at Rollgate arrives with revisions that
+/// never go back.
+async fn sdk_stream_follows_a_change(path: &str) {
     let env = Env::basic().await;
-    let url = env.url("/api/v1/sdk/stream");
-    let mut socket = must_open(&url).await;
-    let first = next_text(&mut socket).await;
-    assert_eq!(first, sse_first_frame(&url).await);
-    let frame = parse(&first);
-    assert_eq!(frame.event, "init");
-    assert_eq!(frame.data["flags"]["enabled-flag"], true, "{}", frame.data);
-    env.mock.set_flag("enabled-flag", false);
-    loop {
-        let frame = parse(&next_text(&mut socket).await);
-        if frame.data["flags"]["enabled-flag"] == false {
-            break;
-        }
-    }
-}
-
-async fn per_user_stream_over_websocket() {
-    let env = Env::basic().await;
-    let url = env.url("/api/v1/sdk/stream?user_id=ws-user");
+    let url = env.url(path);
     let mut socket = must_open(&url).await;
     let first = next_text(&mut socket).await;
     assert_eq!(first, sse_first_frame(&url).await);
@@ -189,6 +174,14 @@ async fn per_user_stream_over_websocket() {
             break;
         }
     }
+}
+
+async fn sdk_stream_over_websocket() {
+    sdk_stream_follows_a_change("/api/v1/sdk/stream").await;
+}
+
+async fn per_user_stream_over_websocket() {
+    sdk_stream_follows_a_change("/api/v1/sdk/stream?user_id=ws-user").await;
 }
 
 const KEY: &str = "ck_e2e_socket";

@@ -70,6 +70,21 @@ def make_client(proxy: Proxy, *, streaming: bool = False, api_key: str = SDK_KEY
     )
 
 
+async def streaming_client(proxy: Proxy, timeout_s: float) -> tuple[RollgateClient, Recorder]:
+    """A streaming SDK client, initialised, once its stream's first snapshot arrived: `init()`
+    fetches once, and the stream's first `init` event is the second update. Close it."""
+    client = make_client(proxy, streaming=True)
+    rec = Recorder()
+    rec.attach(client)
+    try:
+        await client.init()
+        await wait_async(lambda: len(rec.flags_updated) >= 2, timeout_s, "the stream's first snapshot")
+    except BaseException:
+        await client.close()
+        raise
+    return client, rec
+
+
 def proxy_flags(proxy: Proxy, user: Optional[str] = None) -> dict[str, Any]:
     params = {"withReasons": "true"}
     if user:
@@ -216,13 +231,8 @@ def test_identify_gets_each_users_flags_as_the_proxy_evaluates_them(mock: Mock, 
 
 def test_streaming_change_at_rollgate_reaches_the_sdk(mock: Mock, proxy: Proxy) -> None:
     async def run() -> None:
-        client = make_client(proxy, streaming=True)
-        rec = Recorder()
-        rec.attach(client)
+        client, rec = await streaming_client(proxy, 10.0)
         try:
-            await client.init()
-            # init() fetched once; the stream's first `init` event is the second update.
-            await wait_async(lambda: len(rec.flags_updated) >= 2, 5.0, "the stream's first snapshot")
             for key, value in [("enabled-flag", False), ("enabled-flag", True), ("brand-new", True)]:
                 mock.set_flag(key, value)
                 # A generous bound, never a timing assertion; the time is printed as a figure.
@@ -419,12 +429,8 @@ def test_a_large_flag_set_streams_gzip_coded_and_the_sdk_reads_it(mock: Mock, pr
         assert response.headers.get("content-encoding") == "gzip"
 
     async def run() -> None:
-        client = make_client(proxy, streaming=True)
-        rec = Recorder()
-        rec.attach(client)
+        client, rec = await streaming_client(proxy, 10.0)
         try:
-            await client.init()
-            await wait_async(lambda: len(rec.flags_updated) >= 2, 10.0, "the stream's first snapshot")
             assert client.get_all_flags() == many
             last = "bulk-experiment-0399-checkout-flow"
             mock.set_flag(last, True)

@@ -82,6 +82,26 @@ async function shownFlags(page) {
   );
 }
 
+/**
+ * A mock upstream, a proxy on it (with `args`) and Chromium, for one `describe`: started in its
+ * `before` (`prepare(mock)` runs before the proxy starts), stopped in its `after`.
+ */
+function stack(args = [], prepare = async () => {}) {
+  const parts = { /** @type {Mock} */ mock: null, /** @type {Proxy} */ proxy: null, browser: null };
+  before(async () => {
+    parts.mock = await Mock.start();
+    await prepare(parts.mock);
+    parts.proxy = await Proxy.start(parts.mock, args);
+    parts.browser = await launchChromium();
+  });
+  after(async () => {
+    await parts.browser?.close();
+    await parts.proxy?.stop();
+    await parts.mock?.stop();
+  });
+  return parts;
+}
+
 describe('Chromium: demo page, second origin', () => {
   /** @type {Mock} */ let mock;
   /** @type {Proxy} */ let proxy;
@@ -182,26 +202,12 @@ describe('Chromium: demo page, second origin', () => {
 });
 
 describe('Chromium: a large flag set', () => {
-  /** @type {Mock} */ let mock;
-  /** @type {Proxy} */ let proxy;
-  let browser;
   const many = {};
   for (let i = 0; i < 400; i++) many[`bulk-experiment-${String(i).padStart(4, '0')}-checkout-flow`] = i % 2 === 0;
-
-  before(async () => {
-    mock = await Mock.start();
-    await mock.control('PUT', 'flags', { flags: many });
-    proxy = await Proxy.start(mock);
-    browser = await launchChromium();
-  });
-
-  after(async () => {
-    await browser?.close();
-    await proxy?.stop();
-    await mock?.stop();
-  });
+  const parts = stack([], (mock) => mock.control('PUT', 'flags', { flags: many }));
 
   test('the demo page streams it gzip-coded (the browser decodes each frame as it arrives)', async () => {
+    const { mock, proxy, browser } = parts;
     const page = await browser.context.newPage();
     const codings = [];
     page.on('response', (r) => {
@@ -225,23 +231,10 @@ describe('Chromium: a large flag set', () => {
 });
 
 describe('Chromium: demo page with client keys', () => {
-  /** @type {Mock} */ let mock;
-  /** @type {Proxy} */ let proxy;
-  let browser;
-
-  before(async () => {
-    mock = await Mock.start();
-    proxy = await Proxy.start(mock, ['--client-keys', CLIENT_KEY]);
-    browser = await launchChromium();
-  });
-
-  after(async () => {
-    await browser?.close();
-    await proxy?.stop();
-    await mock?.stop();
-  });
+  const parts = stack(['--client-keys', CLIENT_KEY]);
 
   test('/?token=<key> streams the flags', async () => {
+    const { mock, proxy, browser } = parts;
     const page = await browser.context.newPage();
     await page.goto(`${proxy.url}/?token=${CLIENT_KEY}`);
     await page.waitForSelector('#connection-state[data-state="streaming"]', { timeout: 10_000 });
@@ -254,6 +247,7 @@ describe('Chromium: demo page with client keys', () => {
   });
 
   test('without a key the page shows a clear 401 error state and no flags', async () => {
+    const { proxy, browser } = parts;
     const page = await browser.context.newPage();
     await page.goto(`${proxy.url}/`);
     await page.waitForSelector('#connection-state[data-state="error"]', { timeout: 10_000 });
