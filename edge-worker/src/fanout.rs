@@ -40,14 +40,18 @@ impl Chunk {
         Self { js, segment: None }
     }
 
+    /// A gzip-coded chunk: `segment`'s bytes (copied to JS), carried with it for the trailer.
+    pub(crate) fn coded(segment: Segment) -> Self {
+        Self {
+            js: js_bytes(segment.bytes()),
+            segment: Some(segment),
+        }
+    }
+
     /// `frame` as one body of the given coding sends it, made for this body alone.
     pub(crate) fn own(frame: &[u8], gzip: bool) -> Self {
         if gzip {
-            let segment = Segment::encode_for_one(frame);
-            Self {
-                js: js_bytes(segment.bytes()),
-                segment: Some(segment),
-            }
+            Self::coded(Segment::encode_for_one(frame))
         } else {
             Self::plain(js_bytes(frame))
         }
@@ -307,11 +311,7 @@ impl JsFrames {
             return chunk.clone();
         }
         let chunk = if gzip {
-            let segment = snapshot.gzip_segment(frame).into_owned();
-            Chunk {
-                js: js_bytes(segment.bytes()),
-                segment: Some(segment),
-            }
+            Chunk::coded(snapshot.gzip_segment(frame).into_owned())
         } else {
             Chunk::plain(js_bytes(frame))
         };

@@ -678,13 +678,9 @@ async fn ticker(inner: Rc<Inner>) {
             let comments = core
                 .keepalive
                 .get_or_insert_with(|| {
-                    let coded = gzip::keepalive();
                     [
                         Chunk::plain(js_bytes(KEEPALIVE)),
-                        Chunk {
-                            js: js_bytes(coded.bytes()),
-                            segment: Some(coded.clone()),
-                        },
+                        Chunk::coded(gzip::keepalive().clone()),
                     ]
                 })
                 .clone();

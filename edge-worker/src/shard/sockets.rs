@@ -248,15 +248,8 @@ pub(super) async fn expire(inner: &Rc<Inner>) {
     inner.core.borrow_mut().close_alarm = Some(None);
     let sockets = open_sockets(inner);
     let attachments: Vec<Option<Attachment>> = sockets.iter().map(Attachment::of).collect();
-    if inner.core.borrow().config.is_none() {
-        // Woken by the alarm: the configuration and index come from a socket.
-        let first = attachments.iter().flatten().next();
-        let environment = first.and_then(|a| a.environment.clone());
-        super::configure(inner, environment.as_deref());
-        if let Some(first) = first {
-            inner.core.borrow_mut().index = first.shard;
-        }
-    }
+    // Woken by the alarm: the configuration and index come from a socket.
+    wake_from(inner, attachments.iter().flatten().next());
     let slack = inner
         .core
         .borrow()
@@ -563,17 +556,24 @@ fn request_of(attachment: &Attachment) -> rollgate_proxy_core::downstream::Reque
     }
 }
 
+/// An object woken by a handler that carries no request headers (a close, the alarm): its
+/// environment's configuration and its index come from a socket's attachment.
+fn wake_from(inner: &Rc<Inner>, attachment: Option<&Attachment>) {
+    if inner.core.borrow().config.is_some() {
+        return;
+    }
+    let environment = attachment.and_then(|a| a.environment.clone());
+    super::configure(inner, environment.as_deref());
+    if let Some(attachment) = attachment {
+        inner.core.borrow_mut().index = attachment.shard;
+    }
+}
+
 /// A socket closed or failed: its tracked user is reported closed, the gauge updated.
 pub(super) async fn closed(inner: &Rc<Inner>, ws: &WebSocket) {
     let attachment = Attachment::of(ws);
-    if inner.core.borrow().config.is_none() {
-        // Woken by this close: the configuration and index come from the socket.
-        let environment = attachment.as_ref().and_then(|a| a.environment.clone());
-        super::configure(inner, environment.as_deref());
-        if let Some(attachment) = &attachment {
-            inner.core.borrow_mut().index = attachment.shard;
-        }
-    }
+    // Woken by this close: the configuration and index come from the socket.
+    wake_from(inner, attachment.as_ref());
     // Completes the closing handshake (the runtime may have done so already).
     let _ = ws.close(Some(1000), Some("closed"));
     if let Some(user) = attachment.and_then(|a| a.tracked_user) {
