@@ -1,11 +1,12 @@
-//! Snapshot builds of a 2,000-flag set: what one upstream change costs, and the share of it
-//! spent compressing the polling bodies (the `compression` feature).
+//! Snapshot builds of a 2,000-flag set: what one upstream change costs, the share of it spent
+//! compressing the polling bodies (the `compression` feature), and parsing the `rules-full`
+//! event that brings such a set in rules mode.
 
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use rollgate_proxy_core::encoding::Variants;
-use rollgate_proxy_core::model::EvaluatedFlags;
+use rollgate_proxy_core::model::{EvaluatedFlags, RulesPayload};
 use rollgate_proxy_core::snapshot::{FlagSource, Revision, Snapshot};
 use rollgate_proxy_core::time::Timestamp;
 
@@ -80,7 +81,26 @@ fn build(c: &mut Criterion) {
                 .sum::<usize>()
         });
     });
+    let rules = rules_full();
+    group.bench_function("parse_rules_full", |b| {
+        b.iter(|| RulesPayload::from_json(black_box(rules.as_bytes())).map(|r| r.flags.len()));
+    });
     group.finish();
+}
+
+/// A `rules-full` payload of 2,000 flags, each with a target user and one rule (the shape and
+/// size `scripts/bench-edge.sh` uses: ~616 KB).
+fn rules_full() -> String {
+    let flags: Vec<String> = (0..2000)
+        .map(|i| {
+            let key = format!("checkout-experiment-{i:05}-{}", "x".repeat(31));
+            format!(
+                r#""{key}":{{"key":"{key}","enabled":{},"rollout":100,"targetUsers":["user-{i}"],"rules":[{{"id":"r{i}","enabled":true,"rollout":100,"conditions":[{{"attribute":"plan","operator":"equals","value":"pro"}}]}}]}}"#,
+                i % 3 != 0
+            )
+        })
+        .collect();
+    format!(r#"{{"version":"bench","flags":{{{}}}}}"#, flags.join(","))
 }
 
 criterion_group!(benches, build);
