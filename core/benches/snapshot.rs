@@ -66,11 +66,18 @@ fn build(c: &mut Criterion) {
     group.sample_size(20);
     group.bench_function("build", |b| {
         b.iter(|| {
-            Snapshot::build(
+            let snapshot = Snapshot::build(
                 Revision::new(1),
                 Timestamp::ZERO,
                 FlagSource::Evaluated(black_box(flags.clone())),
-            )
+            );
+            // Everything a server renders for it (each once, on first use).
+            snapshot.flags_body_variants();
+            snapshot.sdk_body_variants(false);
+            snapshot.sdk_body_variants(true);
+            snapshot.flags_frame();
+            snapshot.init_frame();
+            snapshot
         });
     });
     group.bench_function("compress_three_bodies", |b| {

@@ -223,6 +223,12 @@ pub struct EvaluatedFlags {
 }
 
 impl EvaluatedFlags {
+    /// No flags.
+    pub const EMPTY: Self = Self {
+        flags: BTreeMap::new(),
+        reasons: BTreeMap::new(),
+    };
+
     /// Parses `{"flags":{key:bool},"reasons"?:{...}}`.
     ///
     /// Unknown top-level fields are ignored. Reasons whose shape is unusable are dropped rather

@@ -11,7 +11,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -99,36 +99,54 @@ pub enum ContextFlags<'a> {
     NeedsUpstream,
 }
 
-/// One immutable revision of the flag set, with its bodies and SSE frames pre-serialized.
+/// The anonymous answers a snapshot renders, in its `bodies` order.
+#[derive(Clone, Copy, Debug)]
+enum Body {
+    Flags,
+    Sdk,
+    SdkWithReasons,
+}
+
+impl Body {
+    fn sdk(with_reasons: bool) -> Self {
+        if with_reasons {
+            Self::SdkWithReasons
+        } else {
+            Self::Sdk
+        }
+    }
+}
+
+/// One immutable revision of the flag set; its bodies and SSE frames are serialized once each.
 #[derive(Debug)]
 pub struct Snapshot {
     revision: Revision,
     cached_at: Timestamp,
     source: FlagSource,
-    /// The anonymous context's values and reasons, computed once.
-    defaults: EvaluatedFlags,
+    /// The anonymous context's values and reasons, computed once in rules mode (in evaluated
+    /// mode they are the source's own: no second copy).
+    evaluated_defaults: Option<EvaluatedFlags>,
     hash: String,
     etag: String,
     event_id: String,
-    flags_body: Bytes,
-    sdk_body: Bytes,
-    sdk_body_with_reasons: Bytes,
-    /// gzip/br of the three bodies above (empty when small or without `compression`); SSE
-    /// frames are never compressed.
-    flags_body_variants: Variants,
-    sdk_body_variants: Variants,
-    sdk_body_with_reasons_variants: Variants,
-    flags_frame: Bytes,
-    init_frame: Bytes,
+    /// The anonymous answers, each rendered once on first use, with its gzip/br variants
+    /// (empty when small or without `compression`), in [`Body`] order. Lazily, because not
+    /// every holder serves every answer: a Worker shard serves only stream frames, and
+    /// rendering the polling bodies it never sends would hold ~575 KB more per snapshot of a
+    /// 2,000-flag set, twice over while a change replaces one.
+    bodies: [OnceLock<(Bytes, Variants)>; 3],
+    /// The `event: flags` and `event: init` frames, rendered once on first use (SSE frames
+    /// are never compressed as bodies are; see `gzip_segments`).
+    frames: [OnceLock<Bytes>; 2],
     ofrep_frame: Bytes,
     /// The flags and init frames in a gzip-coded stream, compressed on first use (most
     /// snapshots are never streamed to a client that accepts gzip).
     #[cfg(feature = "stream-gzip")]
-    gzip_segments: [std::sync::OnceLock<crate::sse::gzip::Segment>; 2],
+    gzip_segments: [OnceLock<crate::sse::gzip::Segment>; 2],
 }
 
 impl Snapshot {
-    /// Builds a snapshot, serializing every shared body and frame once.
+    /// Builds a snapshot; every shared body and frame is serialized once, when first asked for.
     pub fn build(revision: Revision, cached_at: Timestamp, source: FlagSource) -> Self {
         let hash = render::content_hash(&source.canonical());
         Self::build_with_hash(revision, cached_at, source, hash)
@@ -140,38 +158,43 @@ impl Snapshot {
         source: FlagSource,
         hash: String,
     ) -> Self {
-        let defaults = match &source {
-            FlagSource::Evaluated(flags) => flags.clone(),
-            FlagSource::Rules(rules) => rules.evaluate_all(&Context::anonymous()).to_flags(),
+        let evaluated_defaults = match &source {
+            FlagSource::Evaluated(_) => None,
+            FlagSource::Rules(rules) => Some(rules.evaluate_all(&Context::anonymous()).to_flags()),
         };
         let etag = format!("\"{hash}\"");
         // The id carries the content hash as well as the revision: a client reconnecting to
         // another replica (whose revision numbers differ) is still recognised as up to date
         // exactly when the content it last saw is the content we have.
         let event_id = format!("{revision}-{hash}");
-        let flags_body = render::flags_body(&defaults, cached_at);
-        let sdk_body = render::sdk_flags_body(&defaults, false);
-        let sdk_body_with_reasons = render::sdk_flags_body(&defaults, true);
         Self {
-            flags_body_variants: Variants::compress(&flags_body),
-            sdk_body_variants: Variants::compress(&sdk_body),
-            sdk_body_with_reasons_variants: Variants::compress(&sdk_body_with_reasons),
-            flags_body,
-            sdk_body,
-            sdk_body_with_reasons,
-            flags_frame: render::flags_frame(&defaults, &event_id),
-            init_frame: render::init_frame(&defaults, &event_id),
+            bodies: Default::default(),
+            frames: Default::default(),
             ofrep_frame: render::ofrep_refetch_frame(&event_id, &etag, cached_at),
             #[cfg(feature = "stream-gzip")]
             gzip_segments: Default::default(),
             revision,
             cached_at,
             source,
-            defaults,
+            evaluated_defaults,
             hash,
             etag,
             event_id,
         }
+    }
+
+    /// Anonymous answer `body`, rendered (and compressed) on first use.
+    fn body(&self, body: Body) -> &(Bytes, Variants) {
+        self.bodies[body as usize].get_or_init(|| {
+            let defaults = self.defaults();
+            let bytes = match body {
+                Body::Flags => render::flags_body(defaults, self.cached_at),
+                Body::Sdk => render::sdk_flags_body(defaults, false),
+                Body::SdkWithReasons => render::sdk_flags_body(defaults, true),
+            };
+            let variants = Variants::compress(&bytes);
+            (bytes, variants)
+        })
     }
 
     /// This snapshot's revision.
@@ -199,14 +222,22 @@ impl Snapshot {
 
     /// Values and reasons for the anonymous context.
     pub fn defaults(&self) -> &EvaluatedFlags {
-        &self.defaults
+        match (&self.evaluated_defaults, &self.source) {
+            (Some(defaults), _) => defaults,
+            (None, FlagSource::Evaluated(flags)) => flags,
+            // Never built (rules mode always computes its defaults); no flags, not a panic.
+            (None, FlagSource::Rules(_)) => {
+                static NO_FLAGS: EvaluatedFlags = EvaluatedFlags::EMPTY;
+                &NO_FLAGS
+            }
+        }
     }
 
     /// Flags for `context`: borrowed for the anonymous context, evaluated locally in rules mode,
     /// [`ContextFlags::NeedsUpstream`] otherwise.
     pub fn flags_for(&self, context: &Context) -> ContextFlags<'_> {
         if context.is_anonymous() {
-            return ContextFlags::Ready(Cow::Borrowed(&self.defaults));
+            return ContextFlags::Ready(Cow::Borrowed(self.defaults()));
         }
         match &self.source {
             FlagSource::Rules(rules) => {
@@ -240,40 +271,32 @@ impl Snapshot {
 
     /// `GET /api/flags` body for the anonymous context.
     pub fn flags_body(&self) -> &Bytes {
-        &self.flags_body
+        &self.body(Body::Flags).0
     }
 
     /// `GET /api/v1/sdk/flags` body for the anonymous context, with or without reasons.
     pub fn sdk_body(&self, with_reasons: bool) -> &Bytes {
-        if with_reasons {
-            &self.sdk_body_with_reasons
-        } else {
-            &self.sdk_body
-        }
+        &self.body(Body::sdk(with_reasons)).0
     }
 
     /// Compressed variants of [`Self::flags_body`].
     pub fn flags_body_variants(&self) -> &Variants {
-        &self.flags_body_variants
+        &self.body(Body::Flags).1
     }
 
     /// Compressed variants of [`Self::sdk_body`].
     pub fn sdk_body_variants(&self, with_reasons: bool) -> &Variants {
-        if with_reasons {
-            &self.sdk_body_with_reasons_variants
-        } else {
-            &self.sdk_body_variants
-        }
+        &self.body(Body::sdk(with_reasons)).1
     }
 
     /// `event: flags` frame of `GET /api/stream` for the anonymous context.
     pub fn flags_frame(&self) -> &Bytes {
-        &self.flags_frame
+        self.frames[0].get_or_init(|| render::flags_frame(self.defaults(), &self.event_id))
     }
 
     /// `event: init` frame of `GET /api/v1/sdk/stream` for the anonymous context.
     pub fn init_frame(&self) -> &Bytes {
-        &self.init_frame
+        self.frames[1].get_or_init(|| render::init_frame(self.defaults(), &self.event_id))
     }
 
     /// OFREP `refetchEvaluation` notification frame for this snapshot.
@@ -287,10 +310,14 @@ impl Snapshot {
     #[cfg(feature = "stream-gzip")]
     pub fn gzip_segment(&self, frame: &Bytes) -> Cow<'_, crate::sse::gzip::Segment> {
         use crate::sse::gzip::Segment;
-        let same = |own: &Bytes| own.as_ptr() == frame.as_ptr() && own.len() == frame.len();
-        let slot = if same(&self.flags_frame) {
+        // Only a frame already rendered can be the one asked about.
+        let same = |own: &OnceLock<Bytes>| {
+            own.get()
+                .is_some_and(|own| own.as_ptr() == frame.as_ptr() && own.len() == frame.len())
+        };
+        let slot = if same(&self.frames[0]) {
             &self.gzip_segments[0]
-        } else if same(&self.init_frame) {
+        } else if same(&self.frames[1]) {
             &self.gzip_segments[1]
         } else {
             return Cow::Owned(Segment::encode_for_one(frame));
@@ -344,7 +371,7 @@ impl Snapshot {
                 upstream_etag: None,
                 kind: PersistedKind::Evaluated,
                 hash: Some(self.hash.as_str()),
-                data: &self.defaults,
+                data: self.defaults(),
             })
             .unwrap_or_default(),
         )
