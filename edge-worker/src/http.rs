@@ -190,6 +190,12 @@ pub(crate) fn now() -> rollgate_proxy_core::time::Timestamp {
     rollgate_proxy_core::time::Timestamp::from_millis(worker::Date::now().as_millis())
 }
 
+/// This instance's WebAssembly memory in bytes: the object's Rust heap, which grows to its
+/// high-water mark and never shrinks (Cloudflare allows 128 MB per isolate, JS heap included).
+pub(crate) fn wasm_memory_bytes() -> u64 {
+    core::arch::wasm32::memory_size(0) as u64 * 65_536
+}
+
 /// The parts of a client request core's dispatcher reads, owned (a `worker::Request` hands out
 /// owned strings), and passed on to an object as the same headers.
 #[derive(Debug, Default)]

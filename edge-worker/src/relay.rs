@@ -119,6 +119,8 @@ struct Core {
 #[derive(Clone, Copy, Debug, Default)]
 struct ShardReport {
     clients: [u64; 3],
+    /// The shard's wasm memory in bytes.
+    wasm_memory: u64,
 }
 
 /// The shards' counters summed across their restarts: frames sent per stream kind, then
@@ -831,9 +833,26 @@ fn requests_family(inner: &Inner) -> String {
          served (Worker only), by route or internal path.\n\
          # TYPE rollgate_proxy_relay_requests_total counter\n",
     );
-    for (label, n) in &inner.core.borrow().requests {
+    let core = inner.core.borrow();
+    for (label, n) in &core.requests {
         text.push_str(&format!(
             "rollgate_proxy_relay_requests_total{{route=\"{label}\"}} {n}\n"
+        ));
+    }
+    text.push_str(
+        "# HELP rollgate_proxy_wasm_memory_bytes WebAssembly memory of the relay and of each \
+         shard as last reported (Worker only): its high-water mark, never shrinking; objects \
+         sharing an isolate share one.\n\
+         # TYPE rollgate_proxy_wasm_memory_bytes gauge\n",
+    );
+    text.push_str(&format!(
+        "rollgate_proxy_wasm_memory_bytes{{object=\"relay\"}} {}\n",
+        http::wasm_memory_bytes()
+    ));
+    for (shard, report) in &core.shard_reports {
+        text.push_str(&format!(
+            "rollgate_proxy_wasm_memory_bytes{{object=\"shard\",shard=\"{shard}\"}} {}\n",
+            report.wasm_memory
         ));
     }
     text
@@ -908,8 +927,9 @@ fn snapshot_check(inner: &Inner, query: &str) -> worker::Result<Response> {
 }
 
 /// `?shard=N&boot=B&frontend=..&sdk=..&ofrep=..&frames_frontend=..&frames_sdk=..&frames_ofrep=..
-/// &sockets_refused=..` from a shard: its clients (summed over shards into the gauge) and its
-/// counters since it started `B` (summed across its restarts, see core's `reports`).
+/// &sockets_refused=..&wasm_memory=..` from a shard: its clients (summed over shards into the
+/// gauge), its memory, and its counters since it started `B` (summed across its restarts, see
+/// core's `reports`).
 fn shard_report(inner: &Inner, query: &str) {
     let mut shard = None;
     let mut boot = 0;
@@ -921,6 +941,7 @@ fn shard_report(inner: &Inner, query: &str) {
             "shard" => shard = value.and_then(|v| u32::try_from(v).ok()),
             "boot" => boot = value.unwrap_or(0),
             "sockets_refused" => counters[REFUSED] = value.unwrap_or(0),
+            "wasm_memory" => report.wasm_memory = value.unwrap_or(0),
             _ => {}
         }
         for kind in StreamKind::ALL {

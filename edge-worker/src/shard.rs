@@ -83,7 +83,8 @@ struct Core {
     ticking: bool,
     next_client: u64,
     frames_sent: [u64; 3],
-    reported: Option<([u64; 3], [u64; 3])>,
+    /// Clients, frames and wasm memory as last reported.
+    reported: Option<([u64; 3], [u64; 3], u64)>,
     /// The snapshot the WebSocket clients are served from (pushed by the relay).
     socket_snapshot: Option<Arc<Snapshot>>,
     /// The relay pushes to this shard (registered since it last woke).
@@ -724,17 +725,18 @@ async fn ticker(inner: Rc<Inner>) {
     }
 }
 
-/// The report of this shard's clients (event-stream and WebSocket, per kind), frames sent and
-/// refused sockets to the relay, when it changed since the last one.
+/// The report of this shard's clients (event-stream and WebSocket, per kind), frames sent,
+/// refused sockets and wasm memory to the relay, when it changed since the last one.
 fn report_request(inner: &Inner) -> Option<Request> {
     let sockets = sockets::counts(inner);
+    let memory = http::wasm_memory_bytes();
     let (clients, frames, refused, index) = {
         let mut core = inner.core.borrow_mut();
         let mut clients = sockets;
         for client in &core.clients {
             clients[client.subscriber.kind().index()] += 1;
         }
-        let report = (clients, core.frames_sent);
+        let report = (clients, core.frames_sent, memory);
         if core.reported == Some(report) && core.refused_reported == core.sockets_refused {
             return None;
         }
@@ -743,8 +745,9 @@ fn report_request(inner: &Inner) -> Option<Request> {
         (clients, core.frames_sent, core.sockets_refused, core.index)
     };
     let boot = inner.core.borrow().boot;
-    let mut path =
-        format!("/__rollgate/shard-clients?shard={index}&boot={boot}&sockets_refused={refused}");
+    let mut path = format!(
+        "/__rollgate/shard-clients?shard={index}&boot={boot}&sockets_refused={refused}&wasm_memory={memory}"
+    );
     for kind in StreamKind::ALL {
         let i = kind.index();
         let label = kind.label();

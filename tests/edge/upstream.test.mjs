@@ -54,6 +54,18 @@ test("upstream data is served; many stream clients over two shards share ONE ups
   }, 3000, "health.sseClients does not count every client");
   assert.equal(health.source, "upstream");
   assert.equal(health.upstream.stream, "connected");
+  // The objects' wasm memory (Worker only: in `?objects`, never in the native families).
+  const memory = await waitFor(async () => {
+    const text = await (await fetch(worker.url + "/api/metrics?objects")).text();
+    const samples = Object.fromEntries(
+      [...text.matchAll(/^rollgate_proxy_wasm_memory_bytes\{object="(relay|shard)"(?:,shard="(\d+)")?\} (\d+)$/gm)]
+        .map((m) => [m[2] === undefined ? m[1] : `shard-${m[2]}`, Number(m[3])]));
+    return Object.keys(samples).length === 3 && samples;
+  }, 5000, "no wasm memory for the relay and both shards");
+  for (const [object, bytes] of Object.entries(memory)) {
+    assert.ok(bytes >= 65536 && bytes % 65536 === 0, `${object}: ${bytes} is not a count of wasm pages`);
+  }
+  assert.doesNotMatch(await (await fetch(worker.url + "/api/metrics")).text(), /wasm_memory_bytes/);
   const s = await stats();
   assert.equal(s.open_streams, 1, "exactly one upstream stream for the environment");
 
