@@ -357,12 +357,17 @@ impl Snapshot {
         })
     }
 
-    /// This snapshot as a reader that serves only anonymous answers and frames needs it (an SSE
-    /// shard fed by the relay): the persisted envelope of the anonymous answer (kind
-    /// `evaluated`, a fraction of a rules set's size) with this snapshot's content hash, so
-    /// that [`Snapshot::from_shared_anonymous`] rebuilds the same frames, event id and ETag
-    /// without parsing, compiling or hashing the rules.
+    /// This snapshot as a reader that serves only anonymous stream frames needs it (an SSE
+    /// or WebSocket shard fed by the relay): the persisted envelope of the anonymous values
+    /// (kind `evaluated`, without reasons, which no stream frame carries: ~130 KB for a
+    /// 2,000-flag set whose rules are ~600 KB) with this snapshot's content hash, so that
+    /// [`Snapshot::from_shared_anonymous`] rebuilds the same frames, event id and ETag without
+    /// parsing, compiling or hashing the rules.
     pub fn to_shared_anonymous(&self) -> Bytes {
+        #[derive(Serialize)]
+        struct Values<'a> {
+            flags: &'a std::collections::BTreeMap<String, bool>,
+        }
         Bytes::from(
             serde_json::to_vec(&Persisted {
                 format: PERSIST_FORMAT,
@@ -371,7 +376,9 @@ impl Snapshot {
                 upstream_etag: None,
                 kind: PersistedKind::Evaluated,
                 hash: Some(self.hash.as_str()),
-                data: self.defaults(),
+                data: Values {
+                    flags: &self.defaults().flags,
+                },
             })
             .unwrap_or_default(),
         )
@@ -379,7 +386,8 @@ impl Snapshot {
 
     /// Restores what [`Snapshot::to_shared_anonymous`] wrote. The content hash is taken as
     /// given: only for bytes from this deployment over an internal channel, never from disk.
-    /// Per-user answers cannot be computed from it (it holds no rules).
+    /// It serves the same stream frames and reason-free bodies as the original; per-user
+    /// answers cannot be computed from it (it holds no rules), nor answers with reasons.
     ///
     /// # Errors
     /// [`SnapshotError`] when the bytes are not such an envelope or its flags are invalid.
@@ -723,6 +731,12 @@ mod tests {
         assert_eq!(copy.flags_frame(), original.flags_frame());
         assert_eq!(copy.init_frame(), original.init_frame());
         assert_eq!(copy.ofrep_frame(), original.ofrep_frame());
+        assert_eq!(copy.flags_body(), original.flags_body());
+        assert_eq!(copy.sdk_body(false), original.sdk_body(false));
+        // Values only: no stream frame carries reasons.
+        assert!(!original.defaults().reasons.is_empty());
+        assert!(copy.defaults().reasons.is_empty());
+        assert!(!String::from_utf8_lossy(&shared).contains("reasons"));
         // It is not a persisted snapshot, nor is a persisted snapshot a shared one.
         assert!(matches!(
             Snapshot::from_shared_anonymous(&original.to_persisted(None)),
