@@ -288,8 +288,9 @@ fn drive(inner: &Rc<Inner>) {
             Action::Persist(bytes) => {
                 let inner = Rc::clone(inner);
                 wasm_bindgen_futures::spawn_local(async move {
-                    let text = String::from_utf8_lossy(&bytes).into_owned();
-                    if let Err(error) = put_unconfirmed(&inner, SNAPSHOT_KEY, text).await {
+                    // Borrowed (core writes UTF-8): the only copy made is the runtime's.
+                    let text = String::from_utf8_lossy(&bytes);
+                    if let Err(error) = put_unconfirmed(&inner, SNAPSHOT_KEY, &text).await {
                         console_error!("relay: persisting the snapshot failed: {error}");
                     }
                 });
@@ -333,7 +334,7 @@ fn drive(inner: &Rc<Inner>) {
 /// is on disk, which put the storage's write latency into every change's delivery. The
 /// persisted snapshot only speeds up a restart: one lost with the machine leaves an older
 /// one, which the shards refuse (revisions only move forward) until upstream's next.
-async fn put_unconfirmed(inner: &Inner, key: &str, value: String) -> worker::Result<()> {
+async fn put_unconfirmed(inner: &Inner, key: &str, value: &str) -> worker::Result<()> {
     let Some(storage) = &inner.storage else {
         return inner.state.storage().put(key, value).await;
     };
