@@ -19,19 +19,94 @@ const [mode, worker, ...rest] = process.argv.slice(2);
 const acceptEncoding = process.env.BENCH_ACCEPT_ENCODING ?? 'gzip, deflate, br';
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
-/** Resident memory (KiB) summed over `pids` (workerd processes). */
-function rssKiB(pids) {
+/** Resident memory (KiB) summed over `pids` (workerd processes): `VmRSS`, or one of its parts. */
+function rssKiB(pids, field = 'VmRSS') {
   let total = 0;
   for (const pid of pids) {
     try {
       const status = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
-      const match = /VmRSS:\s+(\d+) kB/.exec(status);
+      const match = new RegExp(`${field}:\\s+(\\d+) kB`).exec(status);
       if (match) total += Number(match[1]);
     } catch {
       // gone
     }
   }
   return total;
+}
+
+/** RSS split into anonymous memory, mapped files (the objects' storage) and shared memory, MiB. */
+function rssParts(pids) {
+  const mib = (field) => +(rssKiB(pids, field) / 1024).toFixed(1);
+  return { anon: mib('RssAnon'), file: mib('RssFile'), shmem: mib('RssShmem') };
+}
+
+/**
+ * The Worker isolates' own memory, from workerd's inspector (`BENCH_INSPECTOR`, the
+ * `--inspector-port` of `wrangler dev`): V8's heap in use after a full garbage collection
+ * (what is still referenced), summed over its isolates, in MiB, or `null` without it. Under
+ * `wrangler dev` the front, the Relay and every shard share one isolate, and one wasm
+ * instance: its memory (the objects' Rust heap, at its high-water mark) is the largest
+ * `rollgate_proxy_wasm_memory_bytes` in `/api/metrics?objects`.
+ */
+async function isolateMemory() {
+  const base = process.env.BENCH_INSPECTOR;
+  if (!base) return null;
+  const targets = await (await fetch(`${base}/json`)).json();
+  let heap = 0;
+  for (const target of targets) {
+    const session = await inspectorSession(target.webSocketDebuggerUrl);
+    try {
+      await session.call('HeapProfiler.collectGarbage');
+      heap += (await session.call('Runtime.getHeapUsage')).usedSize;
+    } finally {
+      session.close();
+    }
+  }
+  const metrics = await (await fetch(`${worker}/api/metrics?objects`)).text();
+  const wasm = Math.max(
+    0,
+    ...metrics
+      .split('\n')
+      .filter((line) => line.startsWith('rollgate_proxy_wasm_memory_bytes{'))
+      .map((line) => Number(line.trim().split(/\s+/).pop())),
+  );
+  const mib = (bytes) => +(bytes / 1048576).toFixed(1);
+  return { heap_after_gc_mib: mib(heap), wasm_memory_mib: mib(wasm) };
+}
+
+/** A DevTools protocol session: `call(method, params)` answers within 10 s or throws. */
+async function inspectorSession(url) {
+  const socket = new WebSocket(url);
+  await new Promise((resolve, reject) => {
+    socket.once('open', resolve);
+    socket.once('error', reject);
+  });
+  let next = 0;
+  const waiting = new Map();
+  socket.on('message', (data) => {
+    const message = JSON.parse(data);
+    const entry = waiting.get(message.id);
+    if (!entry) return;
+    waiting.delete(message.id);
+    clearTimeout(entry.timer);
+    if (message.error) entry.reject(new Error(`inspector: ${message.error.message}`));
+    else entry.resolve(message.result);
+  });
+  return {
+    call(method, params = {}) {
+      next += 1;
+      const id = next;
+      return new Promise((resolve, reject) => {
+        const timer = setTimeout(() => {
+          waiting.delete(id);
+          reject(new Error(`inspector: no answer to ${method} within 10 s`));
+        }, 10_000);
+        waiting.set(id, { resolve, reject, timer });
+        socket.send(JSON.stringify({ id, method, params }));
+      });
+    },
+    close: () => socket.close(),
+  };
 }
 
 function percentile(sorted, p) {
@@ -168,7 +243,11 @@ async function sse(open = openStream) {
   const clients = await openMany(Number(count), () => '/api/stream', open);
   const initial = await waitFor(() => clients.every((c) => c.frames.length >= 1), 120_000);
   await sleep(1000);
+  // After a full collection (isolateMemory), so the change's growth does not include
+  // the connects' garbage being collected (or not) meanwhile.
+  const isolateConnected = await isolateMemory();
   const rssConnected = rssKiB(pids);
+  const partsConnected = rssParts(pids);
   const frameBytes = Math.round(clients[0].bytes);
   const wireBefore = clients.map((c) => c.wireBytes ?? c.bytes);
   const codings = {};
@@ -180,12 +259,34 @@ async function sse(open = openStream) {
   const wall = performance.now() - t0;
   const cpu = process.cpuUsage(cpu0);
   const lat = clients.filter((c) => c.frames.length >= 2).map((c) => c.frames[1] - t0).sort((a, b) => a - b);
-  let rssPeak = rssKiB(pids);
-  for (let i = 0; i < 10; i += 1) {
-    await sleep(100);
-    rssPeak = Math.max(rssPeak, rssKiB(pids));
-  }
+  const settledPeak = async () => {
+    let peak = rssKiB(pids);
+    for (let i = 0; i < 10; i += 1) {
+      await sleep(100);
+      peak = Math.max(peak, rssKiB(pids));
+    }
+    return peak;
+  };
+  const rssPeak = await settledPeak();
   const rssAfter = rssKiB(pids);
+  const isolateAfter = await isolateMemory();
+  // BENCH_CHANGES > 1: further changes, one at a time, each measured the same way. The first
+  // change's growth includes the high-water marks every later one reuses; these show whether a
+  // publish keeps costing memory (it must not).
+  const changes = Math.max(1, Number(process.env.BENCH_CHANGES ?? 1));
+  const laterLastMs = [];
+  const laterPeaksMib = [];
+  const laterIsolate = [];
+  for (let n = 2; n <= changes; n += 1) {
+    await sleep(500);
+    const t = performance.now();
+    await flipRule(mock, rules, key);
+    await waitFor(() => clients.every((c) => c.frames.length >= n + 1), 30_000);
+    laterLastMs.push(Math.round(Math.max(...clients.map((c) => (c.frames[n] ?? Infinity) - t))));
+    laterPeaksMib.push(+((await settledPeak()) / 1024).toFixed(1));
+    laterIsolate.push(await isolateMemory());
+  }
+  const partsEnd = rssParts(pids);
   const wireChange = clients.reduce((sum, c, i) => sum + (c.wireBytes ?? c.bytes) - wireBefore[i], 0);
   for (const c of clients) c.req.destroy();
   console.log(
@@ -210,6 +311,16 @@ async function sse(open = openStream) {
       rss_connected_mib: +(rssConnected / 1024).toFixed(1),
       rss_after_change_peak_mib: +(rssPeak / 1024).toFixed(1),
       rss_after_change_mib: +(rssAfter / 1024).toFixed(1),
+      rss_parts_connected_mib: partsConnected,
+      rss_parts_end_mib: partsEnd,
+      ...(isolateConnected ? { isolate_connected: isolateConnected, isolate_after_change: isolateAfter } : {}),
+      ...(changes > 1
+        ? {
+            later_changes_last_ms: laterLastMs,
+            later_changes_rss_peak_mib: laterPeaksMib,
+            ...(isolateConnected ? { later_changes_isolate: laterIsolate } : {}),
+          }
+        : {}),
     }),
   );
 }

@@ -6,6 +6,9 @@
 #      `wrangler dev`, so the RSS figures do not include phase 1's.
 #   2. Per-user polling in rules mode: share of requests that reached the relay object.
 #   3. Change latency, upstream → client, with a small flag set.
+#   4. (`devcost`, not in the default phases) What `wrangler dev` itself keeps per request: the
+#      workerd RSS growth over 1,000 requests to a one-line JS Worker, then to this Worker's
+#      `/live` (answered by the front alone), as a yardstick for the RSS figures above.
 # Usage: scripts/bench-edge.sh [clients=2000] [shards=4]   (BENCH_PHASES="sse ws poll latency" picks)
 # Run scripts/build-edge.sh first (and `cargo build -p rollgate-proxy-tests --bin mock-upstream`).
 # Every process runs under `timeout` and is stopped by its recorded pid; results go to stdout
@@ -20,6 +23,7 @@ key=bench-server-key
 mock_port=${BENCH_MOCK_PORT:-19311}
 control_port=${BENCH_CONTROL_PORT:-19312}
 worker_port=${BENCH_WORKER_PORT:-19313}
+inspector_port=${BENCH_INSPECTOR_PORT:-19314}
 mock_bin=${MOCK_UPSTREAM_BIN:-$ROOT/target/debug/mock-upstream}
 work=$(mktemp -d)
 pids=()
@@ -58,7 +62,7 @@ start_mock() { # $1: rules file
 }
 start_worker() {
   setsid timeout 900 scripts/edge-dev.sh "$worker_port" "http://127.0.0.1:$mock_port" "$key" \
-    --var "ROLLGATE_PROXY_SSE_SHARDS:$shards" >"$work/worker.log" 2>&1 &
+    --var "ROLLGATE_PROXY_SSE_SHARDS:$shards" --inspector-port "$inspector_port" >"$work/worker.log" 2>&1 &
   worker_pid=$!
   pids+=($worker_pid)
   for _ in $(seq 1 300); do grep -q "listening on" "$work/worker.log" && return 0; sleep 0.1; done
@@ -67,6 +71,21 @@ start_worker() {
 workerd_pids() { # workerd processes in the worker's process group
   ps -o pid=,comm= -g "$worker_pid" | awk '$2 ~ /workerd/ {print $1}' | paste -sd, -
 }
+rss_kib() { # summed VmRSS of the workerd processes in the worker's process group
+  local total=0 pid
+  for pid in $(workerd_pids | tr ',' ' '); do
+    total=$(( total + $(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0) ))
+  done
+  echo "$total"
+}
+requests_growth() { # $1: url; prints the RSS growth over 1,000 requests, 8 at a time
+  local before after
+  before=$(rss_kib)
+  seq 1 1000 | timeout 300 xargs -P 8 -I{} curl -s -m 10 -o /dev/null "$1?n={}"
+  sleep 2
+  after=$(rss_kib)
+  echo "+$(( (after - before) / 1024 )) MiB, $(( (after - before) / 1000 )) KiB per request"
+}
 stop_all() {
   for pid in "${pids[@]}"; do kill -- "-$pid" 2>/dev/null || true; done
   pids=()
@@ -74,6 +93,8 @@ stop_all() {
 }
 w="http://127.0.0.1:$worker_port"
 c="http://127.0.0.1:$control_port"
+# The load client reads the isolates' heap from the inspector (see isolateMemory).
+export BENCH_INSPECTOR="http://127.0.0.1:$inspector_port"
 bigkey=$(python3 -c "import json;print(next(iter(json.load(open('$work/big.json'))['flags'])))")
 smallkey=$(python3 -c "import json;print(next(iter(json.load(open('$work/small.json'))['flags'])))")
 
@@ -117,5 +138,28 @@ if has latency; then
   for _ in $(seq 1 100); do curl -sf "$w/api/flags" -o /dev/null && break; sleep 0.2; done
   echo "== 3. change latency upstream → client: 20 clients, 30 changes, 7 flags"
   BENCH_RULES_FILE="$work/small.json" timeout 300 node scripts/bench-edge.mjs latency "$w" "$c" 20 30 "$smallkey"
+  echo "   load average $(cut -d' ' -f1-3 /proc/loadavg)"
+fi
+if has devcost; then
+  mkdir -p "$work/control"
+  printf 'export default { fetch: () => new Response("ok") };\n' >"$work/control/index.js"
+  printf 'name = "control"\nmain = "index.js"\ncompatibility_date = "2026-11-01"\n' >"$work/control/wrangler.toml"
+  echo "== 4. what wrangler dev keeps per request (1,000 requests, 8 at a time)"
+  # Its own process group (as start_worker's), so workerd_pids finds it and stop_all ends it.
+  PATH="$ROOT/node_modules/.bin:$PATH" WRANGLER_SEND_METRICS=false CI=true \
+    setsid timeout 300 bash -c 'cd "$1" && exec wrangler dev --ip 127.0.0.1 --port "$2" \
+      --inspector-port "$3" --show-interactive-dev-session=false --log-level warn' \
+    control "$work/control" "$worker_port" "$inspector_port" >"$work/worker.log" 2>&1 &
+  worker_pid=$!
+  pids+=($worker_pid)
+  for _ in $(seq 1 300); do curl -sf "$w/" -o /dev/null && break; sleep 0.2; done
+  sleep 2
+  for round in 1 2; do echo "   one-line JS Worker, round $round: $(requests_growth "$w/")"; done
+  stop_all
+  start_mock "$work/small.json"
+  start_worker
+  for _ in $(seq 1 100); do curl -sf "$w/api/flags" -o /dev/null && break; sleep 0.2; done
+  sleep 2
+  for round in 1 2; do echo "   this Worker's /live, round $round: $(requests_growth "$w/live")"; done
   echo "   load average $(cut -d' ' -f1-3 /proc/loadavg)"
 fi
