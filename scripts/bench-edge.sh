@@ -72,9 +72,10 @@ workerd_pids() { # workerd processes in the worker's process group
   ps -o pid=,comm= -g "$worker_pid" | awk '$2 ~ /workerd/ {print $1}' | paste -sd, -
 }
 rss_kib() { # summed VmRSS of the workerd processes in the worker's process group
-  local total=0 pid
+  local total=0 pid kib
   for pid in $(workerd_pids | tr ',' ' '); do
-    total=$(( total + $(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0) ))
+    kib=$(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status" 2>/dev/null || true)
+    total=$(( total + ${kib:-0} )) # none for a process that is gone or a zombie
   done
   echo "$total"
 }
@@ -89,7 +90,11 @@ requests_growth() { # $1: url; prints the RSS growth over 1,000 requests, 8 at a
 stop_all() {
   for pid in "${pids[@]}"; do kill -- "-$pid" 2>/dev/null || true; done
   pids=()
-  sleep 1
+  # The next phase binds the same port: wait until nothing answers there (at most 30 s).
+  for _ in $(seq 1 150); do
+    curl -s -o /dev/null -m 1 "http://127.0.0.1:$worker_port/" || [ $? -ne 7 ] || break
+    sleep 0.2
+  done
 }
 w="http://127.0.0.1:$worker_port"
 c="http://127.0.0.1:$control_port"
@@ -141,6 +146,7 @@ if has latency; then
   echo "   load average $(cut -d' ' -f1-3 /proc/loadavg)"
 fi
 if has devcost; then
+  stop_all
   mkdir -p "$work/control"
   printf 'export default { fetch: () => new Response("ok") };\n' >"$work/control/index.js"
   printf 'name = "control"\nmain = "index.js"\ncompatibility_date = "2026-11-01"\n' >"$work/control/wrangler.toml"
@@ -152,7 +158,10 @@ if has devcost; then
     control "$work/control" "$worker_port" "$inspector_port" >"$work/worker.log" 2>&1 &
   worker_pid=$!
   pids+=($worker_pid)
-  for _ in $(seq 1 300); do curl -sf "$w/" -o /dev/null && break; sleep 0.2; done
+  for _ in $(seq 1 300); do [ "$(curl -sf "$w/" 2>/dev/null)" = ok ] && break; sleep 0.2; done
+  if [ "$(curl -sf "$w/" 2>/dev/null)" != ok ]; then
+    echo "the one-line Worker did not start" >&2; cat "$work/worker.log" >&2; exit 1
+  fi
   sleep 2
   for round in 1 2; do echo "   one-line JS Worker, round $round: $(requests_growth "$w/")"; done
   stop_all
