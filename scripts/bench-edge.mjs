@@ -270,6 +270,8 @@ async function sse(open = openStream) {
   const rssPeak = await settledPeak();
   const rssAfter = rssKiB(pids);
   const isolateAfter = await isolateMemory();
+  // What is left of the change once the isolate's garbage is collected.
+  const rssAfterGc = rssKiB(pids);
   // BENCH_CHANGES > 1: further changes, one at a time, each measured the same way. The first
   // change's growth includes the high-water marks every later one reuses; these show whether a
   // publish keeps costing memory (it must not).
@@ -311,6 +313,7 @@ async function sse(open = openStream) {
       rss_connected_mib: +(rssConnected / 1024).toFixed(1),
       rss_after_change_peak_mib: +(rssPeak / 1024).toFixed(1),
       rss_after_change_mib: +(rssAfter / 1024).toFixed(1),
+      ...(isolateAfter ? { rss_after_change_gc_mib: +(rssAfterGc / 1024).toFixed(1) } : {}),
       rss_parts_connected_mib: partsConnected,
       rss_parts_end_mib: partsEnd,
       ...(isolateConnected ? { isolate_connected: isolateConnected, isolate_after_change: isolateAfter } : {}),
