@@ -14,7 +14,7 @@
 //! - [`render`]: response bodies and SSE frames, rendered once for both adapters.
 //! - [`encoding`]: gzip/br variants of the shared bodies and `Accept-Encoding` negotiation.
 //! - [`rendered`]: per-context answers of rules mode, rendered once per revision and cached.
-//! - [`snapshot`]: one immutable revision with every body and SSE frame serialized once.
+//! - [`snapshot`]: one immutable revision; each body and SSE frame serialized once, on first use.
 //! - [`sse`]: an SSE event encoder and an incremental, size-limited WHATWG decoder.
 //! - [`breaker`]: the circuit breaker with Rollgate's defaults.
 //! - [`backoff`]: request retry and stream reconnect schedules; jitter is an input.
