@@ -53,11 +53,14 @@ async function isolateMemory() {
   if (!base) return null;
   const targets = await (await fetch(`${base}/json`)).json();
   let heap = 0;
+  let heapTotal = 0;
   for (const target of targets) {
     const session = await inspectorSession(target.webSocketDebuggerUrl);
     try {
       await session.call('HeapProfiler.collectGarbage');
-      heap += (await session.call('Runtime.getHeapUsage')).usedSize;
+      const usage = await session.call('Runtime.getHeapUsage');
+      heap += usage.usedSize;
+      heapTotal += usage.totalSize;
     } finally {
       session.close();
     }
@@ -71,7 +74,7 @@ async function isolateMemory() {
       .map((line) => Number(line.trim().split(/\s+/).pop())),
   );
   const mib = (bytes) => +(bytes / 1048576).toFixed(1);
-  return { heap_after_gc_mib: mib(heap), wasm_memory_mib: mib(wasm) };
+  return { heap_after_gc_mib: mib(heap), heap_committed_mib: mib(heapTotal), wasm_memory_mib: mib(wasm) };
 }
 
 /** A DevTools protocol session: `call(method, params)` answers within 10 s or throws. */
