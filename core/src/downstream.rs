@@ -571,12 +571,17 @@ impl Downstream {
     }
 
     /// A per-user stream of `user_id` is known to be open (the Worker's shards say so on each
-    /// request): tracked again if it was not (after the relay object restarted).
-    pub fn user_stream_seen(&self, user_id: &str) {
+    /// request): tracked again if it was not. Returns `true` then: this instance did not
+    /// refresh the user's cached answer on the changes it missed (the relay object restarted,
+    /// or the user's streams were counted short since, so that an earlier close untracked it),
+    /// and that answer must not be served as current.
+    pub fn user_stream_seen(&self, user_id: &str) -> bool {
         let mut refresher = lock(&self.refresher);
-        if !refresher.is_streaming(user_id) {
-            refresher.handle_stream_opened(user_id);
+        if refresher.is_streaming(user_id) {
+            return false;
         }
+        refresher.handle_stream_opened(user_id);
+        true
     }
 
     /// A per-user stream of `user_id` closed (pairs with [`Downstream::user_stream_opened`]).

@@ -569,3 +569,27 @@ fn rules_mode_answers_are_rendered_once_per_revision_and_context() {
         text(&scrape)
     );
 }
+
+#[test]
+fn a_streaming_user_this_instance_does_not_track_is_tracked_again_and_reported_so() {
+    // A Worker relay after a restart: shards still hold user streams it never saw open.
+    let d = upstream(&[]);
+    let now = Timestamp::from_millis(1_000);
+    assert!(
+        d.user_stream_seen("u1"),
+        "unknown here: tracked again, and said so"
+    );
+    assert!(
+        !d.user_stream_seen("u1"),
+        "known now: its cached answer is kept current"
+    );
+    // Tracked for real: the next change queues its refresh.
+    assert!(d.upstream_changed(now, 1));
+    let (refresh, _ticket) = d.poll_refresh(now, &evaluated()).expect("u1 is refreshed");
+    assert_eq!(refresh.user_id, "u1");
+    // Counted short (two streams, seen as one): the first close untracks the user, and the
+    // next request of its other stream is told again.
+    assert!(d.user_stream_seen("u2"));
+    d.user_stream_closed("u2");
+    assert!(d.user_stream_seen("u2"));
+}

@@ -118,7 +118,8 @@ pub(super) fn user_refreshed(inner: &Rc<Inner>, user: &str) {
 }
 
 /// A shard's per-user flags request: with `open`, the user is tracked; with `cached`, the
-/// cached answer (any age) when there is one, `None` when the request must go the usual way.
+/// cached answer (any age: the refresher keeps a tracked user's current) when the user is
+/// tracked and has one, `None` when the request must go the usual way.
 pub(super) fn shard_request(
     downstream: &Downstream,
     pending: &Pending,
@@ -130,8 +131,12 @@ pub(super) fn shard_request(
             None
         }
         Some("cached") => {
-            // Tracked again if this relay instance does not know it (it restarted).
-            downstream.user_stream_seen(pending.user_id());
+            if downstream.user_stream_seen(pending.user_id()) {
+                // Not tracked here (this relay restarted, or the user's streams were counted
+                // short): tracked again, but nobody kept its cached answer current, so this
+                // request goes the usual way (the per-user cache for the current revision).
+                return None;
+            }
             downstream
                 .user_cached(pending.user_id())
                 .map(UserFlags::Stale)
