@@ -779,7 +779,7 @@ async fn handle(inner: &Rc<Inner>, mut req: Request) -> worker::Result<Response>
             if form_urlencoded::parse(incoming.query.as_bytes()).any(|(name, _)| name == "objects")
             {
                 let mut text = metrics.body.to_vec();
-                text.extend_from_slice(requests_family(inner).as_bytes());
+                text.extend_from_slice(object_families(inner).as_bytes());
                 metrics.body = Bytes::from(text);
             }
             metrics
@@ -827,8 +827,9 @@ fn count_request(inner: &Inner, incoming: &Incoming) {
     *inner.core.borrow_mut().requests.entry(label).or_default() += 1;
 }
 
-/// `rollgate_proxy_relay_requests_total`, appended to this object's metrics on request.
-fn requests_family(inner: &Inner) -> String {
+/// The Worker-only families (`rollgate_proxy_relay_requests_total`, and the objects'
+/// `rollgate_proxy_wasm_memory_bytes`), appended to this object's metrics on `?objects`.
+fn object_families(inner: &Inner) -> String {
     let mut text = String::from(
         "# HELP rollgate_proxy_relay_requests_total Requests the environment's relay object \
          served (Worker only), by route or internal path.\n\
