@@ -26,6 +26,7 @@ use tracing::Instrument;
 
 use crate::forward;
 use crate::runtime::{lock, now, random_unit};
+use crate::server::ConnectionHold;
 use crate::sse;
 use crate::state::App;
 use crate::users::user_flags;
@@ -344,7 +345,10 @@ async fn answer(
     match answer {
         Answer::Respond(response) => from_api(response),
         Answer::Stream { subscriber, .. } => match upgrade {
-            Some(upgrade) => sse::websocket(app, subscriber, upgrade),
+            Some(upgrade) => {
+                let hold = parts.extensions.get::<ConnectionHold>().cloned();
+                sse::websocket(app, subscriber, upgrade, hold)
+            }
             None => sse::response(
                 app,
                 subscriber,

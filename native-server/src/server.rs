@@ -50,8 +50,12 @@ pub trait Handler: Clone + Send + Sync + 'static {
 /// One connection's service: the handler behind an `Arc` of the connection's own, so the
 /// clone each request's future takes is a count no other connection touches (the handler's
 /// shared state is cloned once per connection, not per request).
+///
+/// An upgrade request also carries the connection's [`ConnectionHold`], for the upgraded
+/// connection to keep (only those: a poll gets no extension map).
 fn connection_service<H: Handler>(
     handler: H,
+    hold: ConnectionHold,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
     Response = Response,
@@ -61,8 +65,21 @@ fn connection_service<H: Handler>(
     let handler = Arc::new(handler);
     service_fn(move |request: Request<Incoming>| {
         let handler = Arc::clone(&handler);
-        async move { Ok(handler.call(request.map(Body::new)).await) }
+        let mut request = request.map(Body::new);
+        if request.headers().contains_key(http::header::UPGRADE) {
+            request.extensions_mut().insert(hold.clone());
+        }
+        async move { Ok(handler.call(request).await) }
     })
+}
+
+/// Keeps graceful shutdown waiting while it lives, as a connection's own task does. An upgraded
+/// connection (a WebSocket) outlives the HTTP connection it came from, so it takes one from its
+/// request's extensions: without it the server could exit before the socket's close frame is
+/// written.
+#[derive(Clone, Debug)]
+pub struct ConnectionHold {
+    _task: mpsc::Sender<()>,
 }
 
 /// Serves `router` until `shutdown`, then stops accepting, lets in-flight requests finish (SSE
@@ -100,7 +117,8 @@ pub async fn serve<H: Handler>(
                         (handler.clone(), tasks.clone(), shutdown.clone());
                     let head_timeout = settings.request_timeout;
                     tokio::spawn(async move {
-                        let _task = task;
+                        // Held for the connection task's life (then by its service's clones).
+                        let hold = ConnectionHold { _task: task };
                         // The first segment decides: a stream goes lean, the rest to hyper.
                         let peeked =
                             match tokio::time::timeout(head_timeout, lean::peek(&stream)).await {
@@ -115,7 +133,7 @@ pub async fn serve<H: Handler>(
                         }
                         // Boxed: a lean stream's task must not reserve room for hyper's
                         // connection state (it is sized for the largest state).
-                        let service = connection_service(handler.clone());
+                        let service = connection_service(handler.clone(), hold);
                         let connection = builder.serve_connection(TokioIo::new(stream), service);
                         Box::pin(until_shutdown(connection.with_upgrades(), &cancelled)).await;
                     });
@@ -124,7 +142,10 @@ pub async fn serve<H: Handler>(
                 // The handshake runs in the connection's task, bounded like a request head,
                 // so a slow client never holds up the accept loop.
                 let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
-                let service = connection_service(handler.clone());
+                let hold = ConnectionHold {
+                    _task: tasks.clone(),
+                };
+                let service = connection_service(handler.clone(), hold);
                 let (builder, task, cancelled) = (builder.clone(), tasks.clone(), shutdown.clone());
                 let handshake_timeout = settings.request_timeout;
                 tokio::spawn(async move {

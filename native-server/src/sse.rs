@@ -28,9 +28,10 @@ use rollgate_proxy_core::sse::gzip::{self, Trailer};
 use rollgate_proxy_core::stream::{self, Next, Subscriber};
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
-use tokio_util::sync::WaitForCancellationFutureOwned;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::runtime::now;
+use crate::server::ConnectionHold;
 use crate::state::App;
 use crate::users::user_flags;
 
@@ -298,19 +299,35 @@ pub const PONG: &str = "pong";
 /// gets after its `retry:` preamble. No preamble and no keepalive comments: the client keeps
 /// the connection alive with [`PING`] (the Worker's hibernated objects would wake for a
 /// server-side keepalive). Same metrics, limits and max-age close as the event stream.
-pub fn websocket(app: &Arc<App>, subscriber: Subscriber, upgrade: WebSocketUpgrade) -> Response {
+///
+/// `hold` (from the request, see [`ConnectionHold`]) lives as long as the socket, so graceful
+/// shutdown waits for its close frame.
+pub fn websocket(
+    app: &Arc<App>,
+    subscriber: Subscriber,
+    upgrade: WebSocketUpgrade,
+    hold: Option<ConnectionHold>,
+) -> Response {
     let connection = connection(app, subscriber, false);
+    let shutdown = app.shutdown.clone();
     upgrade
         // Clients only send pings: nothing large is ever read, so a small read buffer (the
         // default reserves 128 KiB per connection) and small message limits.
         .read_buffer_size(4096)
         .max_message_size(4096)
         .max_frame_size(4096)
-        .on_upgrade(move |socket| serve_socket(connection, socket))
+        .on_upgrade(move |socket| async move {
+            serve_socket(connection, socket, &shutdown).await;
+            drop(hold);
+        })
 }
 
 /// Sends the connection's frames on `socket` until either side ends; answers pings.
-async fn serve_socket(mut connection: Connection, mut socket: WebSocket) {
+async fn serve_socket(
+    mut connection: Connection,
+    mut socket: WebSocket,
+    shutdown: &CancellationToken,
+) {
     loop {
         // Kept across incoming messages: a frame being resolved is never abandoned.
         let next = connection.next();
@@ -332,10 +349,16 @@ async fn serve_socket(mut connection: Connection, mut socket: WebSocket) {
         };
         let Some(frame) = frame else {
             // Shutdown or max age: a clean close; the client reconnects, maybe elsewhere.
+            // "Going away" (1001) is the code for a server going down.
+            let (code, reason) = if shutdown.is_cancelled() {
+                (close_code::AWAY, "shutting down")
+            } else {
+                (close_code::NORMAL, "max age")
+            };
             let _ = socket
                 .send(Message::Close(Some(CloseFrame {
-                    code: close_code::NORMAL,
-                    reason: Utf8Bytes::from_static("max age"),
+                    code,
+                    reason: Utf8Bytes::from_static(reason),
                 })))
                 .await;
             return;

@@ -1,4 +1,4 @@
-//! Operations: graceful shutdown with open streams, local mode from a rules file.
+//! Operations: graceful shutdown with open streams and sockets, local mode from a rules file.
 
 use std::time::{Duration, Instant};
 
@@ -7,6 +7,7 @@ use rollgate_proxy_tests::target::{ProxyConfig, TempDir};
 use serde_json::json;
 
 use crate::common::*;
+use crate::websocket;
 use crate::{Scenario, scenario};
 
 pub(crate) fn scenarios() -> Vec<Scenario> {
@@ -40,9 +41,15 @@ async fn sigterm_ends_streams_cleanly_and_exits_zero() {
         let _ = collect_for(&mut c, Duration::from_millis(100)).await;
         clients.push(c);
     }
+    // A WebSocket outlives the HTTP connection it upgraded: shutdown still waits for its close.
+    let mut socket = websocket::must_open(&env.url("/api/stream")).await;
+    let _ = websocket::next_text(&mut socket).await;
     let port = env.proxy.port();
     let t0 = Instant::now();
     env.proxy.terminate().unwrap();
+    let close = websocket::next_close(&mut socket, bound + Duration::from_secs(2)).await;
+    assert_eq!(u16::from(close.code), 1001, "going away: {close:?}");
+    assert_eq!(close.reason.as_str(), "shutting down");
     for c in &mut clients {
         let end = c
             .wait_end(bound + Duration::from_secs(2))

@@ -25,7 +25,7 @@ pub(crate) fn scenarios() -> Vec<Scenario> {
 /// Generous: the Worker under `wrangler dev` on a loaded box.
 const WAIT: Duration = Duration::from_secs(15);
 
-type Socket =
+pub(crate) type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 fn ws_url(http_url: &str) -> String {
@@ -46,14 +46,14 @@ async fn open(url: &str) -> Result<Socket, u16> {
     }
 }
 
-async fn must_open(url: &str) -> Socket {
+pub(crate) async fn must_open(url: &str) -> Socket {
     open(url)
         .await
         .unwrap_or_else(|status| panic!("WebSocket {url} refused with {status}"))
 }
 
 /// The next text message (pongs and protocol frames skipped unless `pong`).
-async fn next_text(socket: &mut Socket) -> String {
+pub(crate) async fn next_text(socket: &mut Socket) -> String {
     let read = async {
         loop {
             match socket.next().await {
@@ -68,6 +68,28 @@ async fn next_text(socket: &mut Socket) -> String {
     tokio::time::timeout(WAIT, read)
         .await
         .unwrap_or_else(|_| panic!("no WebSocket message within {WAIT:?}"))
+}
+
+/// The close frame that ends `socket` within `bound` (other messages skipped); panics on an
+/// end without one (an error, or the connection simply dropped).
+pub(crate) async fn next_close(
+    socket: &mut Socket,
+    bound: Duration,
+) -> tungstenite::protocol::CloseFrame {
+    let close = async {
+        loop {
+            match socket.next().await {
+                Some(Ok(Message::Close(frame))) => return frame,
+                Some(Ok(_)) => {}
+                Some(Err(error)) => panic!("not a clean close: {error}"),
+                None => panic!("the socket ended without a close frame"),
+            }
+        }
+    };
+    tokio::time::timeout(bound, close)
+        .await
+        .unwrap_or_else(|_| panic!("no close frame within {bound:?}"))
+        .expect("a close frame with a status")
 }
 
 /// One SSE frame's `event`, `id` and `data` (panics unless it is exactly one event).
@@ -246,20 +268,7 @@ async fn max_age_closes_the_socket_cleanly() {
     let mut socket = must_open(&env.url("/api/stream")).await;
     assert_eq!(parse(&next_text(&mut socket).await).event, "flags");
     // 2 s ± 10 % (the Worker closes up to a twentieth early): far inside the bound.
-    let close = async {
-        loop {
-            match socket.next().await {
-                Some(Ok(Message::Close(frame))) => return frame,
-                Some(Ok(_)) => {}
-                Some(Err(error)) => panic!("not a clean close: {error}"),
-                None => panic!("the socket ended without a close frame"),
-            }
-        }
-    };
-    let frame = tokio::time::timeout(Duration::from_secs(30), close)
-        .await
-        .expect("closed by the max age within 30 s")
-        .expect("a close frame with a status");
+    let frame = next_close(&mut socket, Duration::from_secs(30)).await;
     assert_eq!(u16::from(frame.code), 1000, "a normal close: {frame:?}");
     assert_eq!(frame.reason.as_str(), "max age");
     eventually("the closed socket uncounted", WAIT, || async {
