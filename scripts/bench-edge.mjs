@@ -20,6 +20,16 @@ const acceptEncoding = process.env.BENCH_ACCEPT_ENCODING ?? 'gzip, deflate, br';
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
 /** Resident memory (KiB) summed over `pids` (workerd processes): `VmRSS`, or one of its parts. */
+/** A short form of a process's command line, to tell wrangler dev's workerd processes apart. */
+function processArgs(pid) {
+  try {
+    const args = fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').filter(Boolean);
+    return args.slice(1).filter((a) => !a.startsWith('/')).join(' ').slice(0, 80);
+  } catch {
+    return 'gone';
+  }
+}
+
 function rssKiB(pids, field = 'VmRSS') {
   let total = 0;
   for (const pid of pids) {
@@ -245,11 +255,14 @@ async function sse(open = openStream) {
   const rssBefore = rssKiB(pids);
   const clients = await openMany(Number(count), () => '/api/stream', open);
   const initial = await waitFor(() => clients.every((c) => c.frames.length >= 1), 120_000);
-  await sleep(1000);
+  // BENCH_SETTLE_MS: how long the connected clients idle before the baseline is read (1 s by
+  // default; more than the 15 s keepalive lets every stream carry its first keepalive).
+  await sleep(Number(process.env.BENCH_SETTLE_MS ?? 1000));
   // After a full collection (isolateMemory), so the change's growth does not include
   // the connects' garbage being collected (or not) meanwhile.
   const isolateConnected = await isolateMemory();
   const rssConnected = rssKiB(pids);
+  const byProcessConnected = pids.map((pid) => rssKiB([pid]));
   const partsConnected = rssParts(pids);
   const frameBytes = Math.round(clients[0].bytes);
   const wireBefore = clients.map((c) => c.wireBytes ?? c.bytes);
@@ -275,6 +288,7 @@ async function sse(open = openStream) {
   const isolateAfter = await isolateMemory();
   // What is left of the change once the isolate's garbage is collected.
   const rssAfterGc = rssKiB(pids);
+  const byProcessAfterGc = pids.map((pid) => rssKiB([pid]));
   // BENCH_CHANGES > 1: further changes, one at a time, each measured the same way. The first
   // change's growth includes the high-water marks every later one reuses; these show whether a
   // publish keeps costing memory (it must not).
@@ -317,6 +331,13 @@ async function sse(open = openStream) {
       rss_after_change_peak_mib: +(rssPeak / 1024).toFixed(1),
       rss_after_change_mib: +(rssAfter / 1024).toFixed(1),
       ...(isolateAfter ? { rss_after_change_gc_mib: +(rssAfterGc / 1024).toFixed(1) } : {}),
+      // Each workerd process (wrangler dev runs its own proxy beside the Worker's): connected,
+      // and after change 1 once collected.
+      rss_by_process_mib: pids.map((pid, i) => [
+        `${pid}:${processArgs(pid)}`,
+        +(byProcessConnected[i] / 1024).toFixed(1),
+        +(byProcessAfterGc[i] / 1024).toFixed(1),
+      ]),
       rss_parts_connected_mib: partsConnected,
       rss_parts_end_mib: partsEnd,
       ...(isolateConnected ? { isolate_connected: isolateConnected, isolate_after_change: isolateAfter } : {}),

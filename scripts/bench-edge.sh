@@ -10,6 +10,10 @@
 #      workerd RSS growth over 1,000 requests to a one-line JS Worker, then to this Worker's
 #      `/live` (answered by the front alone), as a yardstick for the RSS figures above.
 # Usage: scripts/bench-edge.sh [clients=2000] [shards=4]   (BENCH_PHASES="sse ws poll latency" picks)
+# Knobs of phases 1/1b: BENCH_CHANGES (changes measured, 1), BENCH_SETTLE_MS (idle time of the
+# connected clients before the baseline, 1000), BENCH_ACCEPT_ENCODING (the SSE clients' header,
+# a browser's by default; `identity` for uncompressed streams). The RSS is also printed per
+# workerd process (`rss_by_process_mib`): wrangler dev runs its proxy beside the Worker's.
 # Run scripts/build-edge.sh first (and `cargo build -p rollgate-proxy-tests --bin mock-upstream`).
 # Every process runs under `timeout` and is stopped by its recorded pid; results go to stdout
 # with the load average.
