@@ -10,6 +10,9 @@ use rollgate_proxy_core::model::{EvaluatedFlags, RulesPayload};
 use rollgate_proxy_core::snapshot::{FlagSource, Revision, Snapshot};
 use rollgate_proxy_core::time::Timestamp;
 
+mod fixtures;
+use fixtures::rules_full;
+
 /// 2,000 flags with keys like real ones (team, area, variant, number) and a reason each.
 fn large_set() -> EvaluatedFlags {
     const TEAMS: [&str; 8] = [
@@ -93,21 +96,6 @@ fn build(c: &mut Criterion) {
         b.iter(|| RulesPayload::from_json(black_box(rules.as_bytes())).map(|r| r.flags.len()));
     });
     group.finish();
-}
-
-/// A `rules-full` payload of 2,000 flags, each with a target user and one rule (the shape and
-/// size `scripts/bench-edge.sh` uses: ~616 KB).
-fn rules_full() -> String {
-    let flags: Vec<String> = (0..2000)
-        .map(|i| {
-            let key = format!("checkout-experiment-{i:05}-{}", "x".repeat(31));
-            format!(
-                r#""{key}":{{"key":"{key}","enabled":{},"rollout":100,"targetUsers":["user-{i}"],"rules":[{{"id":"r{i}","enabled":true,"rollout":100,"conditions":[{{"attribute":"plan","operator":"equals","value":"pro"}}]}}]}}"#,
-                i % 3 != 0
-            )
-        })
-        .collect();
-    format!(r#"{{"version":"bench","flags":{{{}}}}}"#, flags.join(","))
 }
 
 criterion_group!(benches, build);

@@ -58,6 +58,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 use serde::ser::Serializer;
+use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
 use self::condition::{Attributes, CompiledCondition, Outcome};
@@ -267,7 +268,13 @@ impl Serialize for Reasons<'_, '_> {
 /// (which can never match) are dropped.
 #[derive(Clone, Debug)]
 pub struct CompiledRules {
-    payload: RulesPayload,
+    /// The payload as `serde_json` writes it (maps in key order, so equal content gives equal
+    /// bytes), kept for the content hash and persistence. Not the typed payload: for a
+    /// 2,000-flag set that is ~2 MiB of small allocations against ~0.6 MB of text, and the
+    /// Worker's wasm memory keeps its high-water mark (`examples/change_memory.rs`).
+    payload_json: Box<RawValue>,
+    /// Upstream's version label of the payload.
+    version: String,
     /// Sorted by key (the payload's map order), for binary search and ordered output.
     flags: Vec<(String, CompiledFlag)>,
     /// The number of distinct custom attribute names, i.e. of attribute cache slots.
@@ -439,21 +446,26 @@ impl CompiledRules {
             .map(|(key, flag)| (key.clone(), CompiledFlag::compile(key, flag, &mut slots)))
             .collect();
         Self {
-            payload: payload.clone(),
+            // Serializing strings, numbers, booleans and string-keyed maps cannot fail; were it
+            // to, `null` persists nothing restorable and hashes like no other payload.
+            payload_json: serde_json::value::to_raw_value(payload)
+                .unwrap_or_else(|_| RawValue::NULL.to_owned()),
+            version: payload.version.clone(),
             flags,
             attribute_slots: slots.attributes.len(),
             condition_slots: slots.conditions.len(),
         }
     }
 
-    /// The payload these rules were compiled from, kept for persistence.
-    pub fn payload(&self) -> &RulesPayload {
-        &self.payload
+    /// The payload these rules were compiled from, as canonical JSON: for the content hash
+    /// and persistence ([`RulesPayload::from_json`] reads it back).
+    pub fn payload_json(&self) -> &RawValue {
+        &self.payload_json
     }
 
     /// Upstream's version label of the payload.
     pub fn version(&self) -> &str {
-        &self.payload.version
+        &self.version
     }
 
     /// The number of flags.

@@ -187,7 +187,16 @@ pub fn etag_for(content: &[u8]) -> String {
 /// 16 lowercase hex digits of the SHA-256 of `content` (64 bits: collisions are not a concern
 /// for telling two versions of one flag set apart).
 pub fn content_hash(content: &[u8]) -> String {
-    let digest = Sha256::digest(content);
+    content_hash_of(&[content])
+}
+
+/// [`content_hash`] of `parts` one after the other, without joining them first.
+pub fn content_hash_of(parts: &[&[u8]]) -> String {
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update(part);
+    }
+    let digest = hasher.finalize();
     let mut hex = String::with_capacity(16);
     for byte in &digest[..8] {
         hex.push(char::from(HEX[usize::from(byte >> 4)]));

@@ -77,16 +77,19 @@ impl FlagSource {
         }
     }
 
-    /// Canonical bytes of the content, hashed into the ETag. Maps are ordered, so equal content
-    /// always gives equal bytes; the prefix keeps a rule set and an evaluated set apart.
-    fn canonical(&self) -> Vec<u8> {
-        let (prefix, json) = match self {
-            Self::Evaluated(flags) => (&b"evaluated:"[..], serde_json::to_vec(flags)),
-            Self::Rules(rules) => (&b"rules:"[..], serde_json::to_vec(rules.payload())),
-        };
-        let mut bytes = prefix.to_vec();
-        bytes.extend(json.unwrap_or_default());
-        bytes
+    /// The hash of the content's canonical bytes, which goes into the ETag: a prefix that keeps
+    /// a rule set and an evaluated set apart, then the JSON. Maps are ordered, so equal content
+    /// always gives equal bytes. Rules hash the JSON their compilation kept, with no copy.
+    fn content_hash(&self) -> String {
+        match self {
+            Self::Evaluated(flags) => {
+                let json = serde_json::to_vec(flags).unwrap_or_default();
+                render::content_hash_of(&[b"evaluated:", &json])
+            }
+            Self::Rules(rules) => {
+                render::content_hash_of(&[b"rules:", rules.payload_json().get().as_bytes()])
+            }
+        }
     }
 }
 
@@ -148,7 +151,7 @@ pub struct Snapshot {
 impl Snapshot {
     /// Builds a snapshot; every shared body and frame is serialized once, when first asked for.
     pub fn build(revision: Revision, cached_at: Timestamp, source: FlagSource) -> Self {
-        let hash = render::content_hash(&source.canonical());
+        let hash = source.content_hash();
         Self::build_with_hash(revision, cached_at, source, hash)
     }
 
@@ -330,7 +333,7 @@ impl Snapshot {
     pub fn to_persisted(&self, upstream_etag: Option<&str>) -> Bytes {
         // The source is serialized straight into the envelope (no intermediate
         // `serde_json::Value`): a 2,000-flag rules set is ~0.5 MB, written on every change.
-        fn write<T: Serialize>(
+        fn write<T: Serialize + ?Sized>(
             snapshot: &Snapshot,
             upstream_etag: Option<&str>,
             kind: PersistedKind,
@@ -351,9 +354,12 @@ impl Snapshot {
             FlagSource::Evaluated(flags) => {
                 write(self, upstream_etag, PersistedKind::Evaluated, flags)
             }
-            FlagSource::Rules(rules) => {
-                write(self, upstream_etag, PersistedKind::Rules, rules.payload())
-            }
+            FlagSource::Rules(rules) => write(
+                self,
+                upstream_etag,
+                PersistedKind::Rules,
+                rules.payload_json(),
+            ),
         })
     }
 
@@ -497,7 +503,7 @@ impl SnapshotStore {
     /// Makes `source` current if its content differs from the current snapshot's, returning the
     /// new snapshot (with the next revision), or `None` when nothing changed.
     pub fn replace(&mut self, now: Timestamp, source: FlagSource) -> Option<Arc<Snapshot>> {
-        let hash = render::content_hash(&source.canonical());
+        let hash = source.content_hash();
         if self
             .current
             .as_ref()
@@ -766,6 +772,27 @@ mod tests {
         assert_eq!(etag, None);
         assert_eq!(restored.etag(), snapshot.etag());
         assert_eq!(restored.rules().unwrap().version(), "v9");
+    }
+
+    #[test]
+    fn a_rule_sets_hash_and_persisted_data_are_its_payloads_canonical_json() {
+        // What ETags and persisted snapshots of earlier versions were made from: both must stay
+        // the same for the same rules, or an upgrade would look like a change to every client.
+        let rules = RulesPayload::from_json(
+            br#"{"version":"v2","flags":{"b":{"enabled":true,"rules":[{"id":"r","conditions":[{"attribute":"plan","operator":"in","value":"a, b"}]}]},"a":{"enabled":false,"targetUsers":["u"]}}}"#,
+        )
+        .unwrap();
+        let canonical = serde_json::to_vec(&rules).unwrap();
+        let snapshot =
+            Snapshot::build(Revision::new(1), Timestamp::ZERO, FlagSource::rules(&rules));
+        let mut prefixed = b"rules:".to_vec();
+        prefixed.extend(&canonical);
+        assert_eq!(snapshot.content_hash(), render::content_hash(&prefixed));
+        let persisted: serde_json::Value =
+            serde_json::from_slice(&snapshot.to_persisted(None)).unwrap();
+        let data: serde_json::Value = serde_json::from_slice(&canonical).unwrap();
+        assert_eq!(persisted["data"], data);
+        assert_eq!(persisted["kind"], "rules");
     }
 
     #[test]

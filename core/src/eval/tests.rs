@@ -322,7 +322,8 @@ fn compiled_rules_keep_their_payload_and_duplicate_targets() {
         r#"{"version":"9","flags":{"f":{"enabled":true,"rollout":0,"targetUsers":["b","a","b"]}}}"#,
     );
     let rules = CompiledRules::compile(&source);
-    assert_eq!(rules.payload(), &source);
+    let kept = RulesPayload::from_json(rules.payload_json().get().as_bytes()).unwrap();
+    assert_eq!(kept, source);
     let target = Detail::new(true, Reason::new(ReasonKind::TargetMatch));
     assert_eq!(rules.evaluate("f", &user("b")), target);
     assert_eq!(rules.evaluate("f", &user("a")), target);

@@ -1,0 +1,95 @@
+//! Heap bytes of one `rules-full` change, step by step, as the Worker's Relay (and the native
+//! upstream task) takes it: what a snapshot keeps, and the peak a change reaches above it.
+//!
+//! `cargo run --release -p rollgate-proxy-core --example change_memory`
+//!
+//! The Worker's wasm memory only grows: a change's peak above what the previous snapshot
+//! keeps is what its first change adds to the isolate (`BENCHMARKS.md`). The figures here are
+//! the native allocator's requests, not wasm pages, so read them as proportions.
+
+use rollgate_proxy_core::model::RulesPayload;
+use rollgate_proxy_core::snapshot::{FlagSource, SnapshotStore};
+use rollgate_proxy_core::sse::decode::Decoder;
+use rollgate_proxy_core::time::Timestamp;
+
+#[path = "../benches/fixtures/mod.rs"]
+mod fixtures;
+
+#[global_allocator]
+static ALLOCATOR: dhat::Alloc = dhat::Alloc;
+
+/// Bytes allocated since the current profiler started and still live.
+fn live() -> usize {
+    dhat::HeapStats::get().curr_bytes
+}
+
+fn kib(bytes: usize) -> String {
+    format!("{:>8.1} KiB", bytes as f64 / 1024.0)
+}
+
+/// One change as the Relay takes it: the event through the SSE decoder in 16 KiB reads, parsed,
+/// compiled into a snapshot that replaces the current one, its persisted form and the shards'
+/// envelope made, then what the change does not keep dropped. Prints each step's live bytes
+/// above `base`.
+fn change(store: &mut SnapshotStore, at: u64, text: &str, base: usize, print: bool) {
+    let step = |name: &str| {
+        if print {
+            let stats = dhat::HeapStats::get();
+            println!(
+                "  {name:<40} live {}   peak so far {}",
+                kib(stats.curr_bytes.saturating_sub(base)),
+                kib(stats.max_bytes.saturating_sub(base))
+            );
+        }
+    };
+    let mut decoder = Decoder::default();
+    decoder
+        .push(b"event: rules-full\ndata: ")
+        .expect("a valid stream");
+    for read in text.as_bytes().chunks(16 * 1024) {
+        decoder.push(read).expect("a valid stream");
+    }
+    decoder.push(b"\n\n").expect("a valid stream");
+    let event = decoder.next_event().expect("one event");
+    step("decoded event");
+    let payload = RulesPayload::from_json(event.data.as_bytes()).expect("valid rules");
+    step("parsed payload");
+    let source = FlagSource::rules(&payload);
+    drop(payload);
+    drop(event);
+    step("compiled (payload and event dropped)");
+    let snapshot = store
+        .replace(Timestamp::from_millis(at), source)
+        .expect("new content");
+    step("snapshot current (old one still held)");
+    let persisted = snapshot.to_persisted(None);
+    step("persisted form");
+    let shared = snapshot.to_shared_anonymous();
+    step("shards' envelope");
+    drop((persisted, shared, snapshot, decoder));
+    step("after the change");
+}
+
+fn main() {
+    let first = fixtures::rules_full();
+    // The change: one flag switched, as `scripts/bench-edge.sh` does.
+    let second = first.replacen("\"enabled\":true", "\"enabled\":false", 1);
+    let mut store = SnapshotStore::new();
+    // dhat counts what is allocated while a profiler runs (`testing`: no file written).
+    let profiler = dhat::Profiler::builder().testing().build();
+    change(&mut store, 1, &first, 0, false);
+    let kept = live();
+    drop(profiler);
+    println!("rules-full event: {} bytes, 2,000 flags", first.len());
+    println!("a snapshot keeps {}", kib(kept));
+    println!("a change, live bytes it allocated, after each step:");
+    let profiler = dhat::Profiler::builder().testing().build();
+    change(&mut store, 2, &second, 0, true);
+    let stats = dhat::HeapStats::get();
+    drop(profiler);
+    println!("peak of the change's own bytes {}", kib(stats.max_bytes));
+    println!(
+        "peak with the previous snapshot, which it replaces {}",
+        kib(stats.max_bytes + kept)
+    );
+}
