@@ -7,7 +7,6 @@
 //! keeps is what its first change adds to the isolate (`BENCHMARKS.md`). The figures here are
 //! the native allocator's requests, not wasm pages, so read them as proportions.
 
-use rollgate_proxy_core::model::RulesPayload;
 use rollgate_proxy_core::snapshot::{FlagSource, SnapshotStore};
 use rollgate_proxy_core::sse::decode::Decoder;
 use rollgate_proxy_core::time::Timestamp;
@@ -52,12 +51,9 @@ fn change(store: &mut SnapshotStore, at: u64, text: &str, base: usize, print: bo
     decoder.push(b"\n\n").expect("a valid stream");
     let event = decoder.next_event().expect("one event");
     step("decoded event");
-    let payload = RulesPayload::from_json(event.data.as_bytes()).expect("valid rules");
-    step("parsed payload");
-    let source = FlagSource::rules(&payload);
-    drop(payload);
+    let source = FlagSource::rules_from_json(event.data.as_bytes()).expect("valid rules");
     drop(event);
-    step("compiled (payload and event dropped)");
+    step("parsed and compiled (event dropped)");
     let snapshot = store
         .replace(Timestamp::from_millis(at), source)
         .expect("new content");

@@ -56,14 +56,16 @@ pub(crate) mod js;
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::de::{MapAccess, Visitor};
 use serde::ser::Serializer;
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
 use self::condition::{Attributes, CompiledCondition, Outcome};
 use crate::model::{
-    Context, ErrorKind, EvaluatedFlags, FlagRule, Reason, ReasonKind, RulesPayload,
+    Context, ErrorKind, EvaluatedFlags, FlagRule, ModelError, Reason, ReasonKind, RulesPayload,
+    check_key,
 };
 
 /// The value of one flag for one context, and why.
@@ -435,6 +437,33 @@ fn partial_rollout(flag_key: &str, user_id: &str, percentage: i64) -> bool {
     }
 }
 
+/// A JSON object's entries in document order, each value as raw text: a rules payload's flags
+/// before they are parsed one at a time.
+struct FlagEntries<'a>(Vec<(String, &'a RawValue)>);
+
+impl<'de> Deserialize<'de> for FlagEntries<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Entries;
+        impl<'de> Visitor<'de> for Entries {
+            type Value = FlagEntries<'de>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object of flags")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                // The hint is the parser's own bound (serde_json gives none): no input sizes it.
+                let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0).min(4096));
+                while let Some(entry) = map.next_entry::<String, &'de RawValue>()? {
+                    entries.push(entry);
+                }
+                Ok(FlagEntries(entries))
+            }
+        }
+        deserializer.deserialize_map(Entries)
+    }
+}
+
 impl CompiledRules {
     /// Compiles a rules payload. Never fails: problems in a flag (an unsupported regex) surface
     /// as an `ERROR` reason when that flag is evaluated.
@@ -455,6 +484,55 @@ impl CompiledRules {
             attribute_slots: slots.attributes.len(),
             condition_slots: slots.conditions.len(),
         }
+    }
+
+    /// Parses and compiles a `rules-full` payload one flag at a time: each flag is parsed,
+    /// written into the canonical JSON and compiled on its own, so the typed payload of a large
+    /// set (~2 MiB for 2,000 flags, against ~0.6 MB of JSON) never exists whole. The same rules
+    /// as [`CompiledRules::compile`] of [`RulesPayload::from_json`], and the same errors.
+    ///
+    /// # Errors
+    /// [`ModelError`] as [`RulesPayload::from_json`] gives it.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, ModelError> {
+        let (version, flags) = RulesPayload::split_json(bytes)?;
+        // Every entry, values still text, in key order; duplicates keep their document order.
+        let mut flags = serde_json::from_str::<FlagEntries<'_>>(flags)?.0;
+        flags.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut flags = flags.into_iter().peekable();
+        // What `serde_json` writes for the typed payload: `{"version":…,"flags":{…}}`.
+        let mut json = String::with_capacity(bytes.len());
+        json.push_str("{\"version\":");
+        json.push_str(&serde_json::to_string(&version)?);
+        json.push_str(",\"flags\":{");
+        let mut slots = Slots::default();
+        let mut compiled = Vec::with_capacity(flags.len());
+        while let Some((key, raw)) = flags.next() {
+            let flag: FlagRule = serde_json::from_str(raw.get())?;
+            if flags.peek().is_some_and(|(next, _)| *next == key) {
+                // A later duplicate wins, as in the typed map; this one had to parse all the same.
+                continue;
+            }
+            if !compiled.is_empty() {
+                json.push(',');
+            }
+            json.push_str(&serde_json::to_string(&key)?);
+            json.push(':');
+            json.push_str(&serde_json::to_string(&flag)?);
+            let flag = CompiledFlag::compile(&key, &flag, &mut slots);
+            compiled.push((key, flag));
+        }
+        json.push_str("}}");
+        // After every flag parsed, as the typed parse reports a malformed flag first.
+        for (key, _) in &compiled {
+            check_key(key)?;
+        }
+        Ok(Self {
+            payload_json: RawValue::from_string(json)?,
+            version,
+            flags: compiled,
+            attribute_slots: slots.attributes.len(),
+            condition_slots: slots.conditions.len(),
+        })
     }
 
     /// The payload these rules were compiled from, as canonical JSON: for the content hash

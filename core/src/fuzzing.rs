@@ -157,9 +157,10 @@ pub fn sse_decoder(data: &[u8]) {
 // ---------------------------------------------------------------------------------------------
 // upstream_json
 
-/// The upstream JSON parsers: `EvaluatedFlags::from_json`, `RulesPayload::from_json` and
-/// `Snapshot::from_persisted` never panic, and what they accept survives a round trip through
-/// what core writes (the flags body, the rules payload, the persisted snapshot).
+/// The upstream JSON parsers: `EvaluatedFlags::from_json`, `RulesPayload::from_json`,
+/// `CompiledRules::from_json` and `Snapshot::from_persisted` never panic, the two rules parsers
+/// agree, and what they accept survives a round trip through what core writes (the flags body,
+/// the rules payload, the persisted snapshot).
 pub fn upstream_json(data: &[u8]) {
     if let Ok(flags) = EvaluatedFlags::from_json(data) {
         let json = serde_json::to_vec(&flags).unwrap_or_else(|e| panic!("serialize: {e}"));
@@ -172,15 +173,42 @@ pub fn upstream_json(data: &[u8]) {
             FlagSource::Evaluated(flags),
         ));
     }
-    if let Ok(rules) = RulesPayload::from_json(data) {
-        let json = serde_json::to_vec(&rules).unwrap_or_else(|e| panic!("serialize: {e}"));
-        let again = RulesPayload::from_json(&json).unwrap_or_else(|e| panic!("reparse: {e}"));
-        assert_eq!(rules, again, "rules payload round trip");
-        check_persist_round_trip(&Snapshot::build(
-            Revision::new(2),
-            Timestamp::from_millis(1),
-            FlagSource::rules(&rules),
-        ));
+    // The one-pass parse and compile takes and refuses exactly what the typed parse does, and
+    // keeps the JSON the typed payload serializes to.
+    let one_pass = CompiledRules::from_json(data);
+    match (RulesPayload::from_json(data), &one_pass) {
+        (Ok(rules), Ok(compiled)) => {
+            let json = serde_json::to_vec(&rules).unwrap_or_else(|e| panic!("serialize: {e}"));
+            assert_eq!(
+                compiled.payload_json().get().as_bytes(),
+                json,
+                "one-pass JSON"
+            );
+            let again = RulesPayload::from_json(&json).unwrap_or_else(|e| panic!("reparse: {e}"));
+            assert_eq!(rules, again, "rules payload round trip");
+            let snapshot = Snapshot::build(
+                Revision::new(2),
+                Timestamp::from_millis(1),
+                FlagSource::rules(&rules),
+            );
+            let one_pass = Snapshot::build(
+                Revision::new(2),
+                Timestamp::from_millis(1),
+                FlagSource::Rules(compiled.clone()),
+            );
+            assert_same_snapshot(&snapshot, &one_pass);
+            check_persist_round_trip(&snapshot);
+        }
+        (Err(typed), Err(one_pass)) => assert_eq!(
+            std::mem::discriminant(&typed),
+            std::mem::discriminant(one_pass),
+            "refused differently: {typed} / {one_pass}"
+        ),
+        (typed, one_pass) => panic!(
+            "the parses disagree: typed {:?}, one pass {:?}",
+            typed.map(|_| ()),
+            one_pass.as_ref().map(|_| ())
+        ),
     }
     if let Ok((snapshot, etag)) = Snapshot::from_persisted(data) {
         let persisted = snapshot.to_persisted(etag.as_deref());

@@ -45,7 +45,7 @@ pub enum ModelError {
 }
 
 /// Checks an upstream flag key with [`FlagKey::parse`].
-fn check_key(key: &str) -> Result<(), ModelError> {
+pub(crate) fn check_key(key: &str) -> Result<(), ModelError> {
     FlagKey::parse(key)
         .map(|_| ())
         .map_err(|reason| ModelError::InvalidKey {
@@ -291,6 +291,20 @@ impl RulesPayload {
         // Straight into the typed model, never through a `serde_json::Value` tree: a 2,000-flag
         // set is ~0.6 MB of JSON, whose tree would be several times that, held beside the
         // rules in use on every change (on the Worker in wasm memory, which never shrinks).
+        let (version, flags) = Self::split_json(bytes)?;
+        let flags: BTreeMap<String, FlagRule> = serde_json::from_str(flags)?;
+        for key in flags.keys() {
+            check_key(key)?;
+        }
+        Ok(Self { version, flags })
+    }
+
+    /// The `version` of a `rules-full` payload and its `flags` object as raw JSON, not parsed
+    /// yet (`CompiledRules::from_json` parses it one flag at a time).
+    ///
+    /// # Errors
+    /// As [`RulesPayload::from_json`], for the envelope.
+    pub(crate) fn split_json(bytes: &[u8]) -> Result<(String, &str), ModelError> {
         #[derive(Deserialize)]
         struct Wire<'a> {
             #[serde(default, deserialize_with = "lenient_string")]
@@ -299,18 +313,10 @@ impl RulesPayload {
             flags: Option<&'a serde_json::value::RawValue>,
         }
         let wire: Wire<'_> = serde_json::from_slice(bytes)?;
-        let flags = match wire.flags {
-            Some(raw) if raw.get().starts_with('{') => raw.get(),
-            _ => return Err(ModelError::MissingFlags),
-        };
-        let flags: BTreeMap<String, FlagRule> = serde_json::from_str(flags)?;
-        for key in flags.keys() {
-            check_key(key)?;
+        match wire.flags {
+            Some(raw) if raw.get().starts_with('{') => Ok((wire.version, raw.get())),
+            _ => Err(ModelError::MissingFlags),
         }
-        Ok(Self {
-            version: wire.version,
-            flags,
-        })
     }
 }
 

@@ -50,7 +50,7 @@ use crate::breaker::{
     Outcome,
 };
 use crate::metrics::SideRequest;
-use crate::model::{EvaluatedFlags, RulesPayload};
+use crate::model::EvaluatedFlags;
 use crate::snapshot::{FlagSource, Freshness, Snapshot, SnapshotError, SnapshotStore};
 use crate::sse::decode::{DecodeError, Decoder, DecoderLimits, SseEvent};
 use crate::time::Timestamp;
@@ -1018,12 +1018,12 @@ impl Upstream {
                 flags.reasons.remove(&update.key);
                 self.apply(now, FlagSource::Evaluated(flags));
             }
-            "rules-full" => match RulesPayload::from_json(event.data.as_bytes()) {
+            "rules-full" => match FlagSource::rules_from_json(event.data.as_bytes()) {
                 Ok(rules) => {
                     self.rules_active = true;
                     // Rules replace evaluated values, held ones too.
                     self.held = None;
-                    self.apply(now, FlagSource::rules(&rules));
+                    self.apply(now, rules);
                 }
                 Err(error) => self.malformed(event, error.to_string()),
             },

@@ -17,7 +17,7 @@ use rollgate_proxy_core::breaker::Outcome;
 use rollgate_proxy_core::downstream::{Answer, Downstream, MetricsExtra, SourceReport};
 use rollgate_proxy_core::forwards::REPORT_GRACE;
 use rollgate_proxy_core::metrics::{MAX_SIDE_REQUESTS_IN_FLIGHT, SideOutcome, SideRequest};
-use rollgate_proxy_core::model::{EvaluatedFlags, RulesPayload};
+use rollgate_proxy_core::model::EvaluatedFlags;
 use rollgate_proxy_core::reports::RestartingCounters;
 use rollgate_proxy_core::snapshot::{FlagSource, Freshness, Revision, Snapshot, SnapshotStore};
 use rollgate_proxy_core::sse::encode::{Event, KEEPALIVE};
@@ -242,9 +242,9 @@ async fn start(inner: &Rc<Inner>, environment: Option<String>) -> worker::Result
         core.upstream = Some(upstream);
         console_log!("relay: upstream mode, {}", config.core.base_url);
     } else {
-        let payload = RulesPayload::from_json(crate::LOCAL_FLAGS.as_bytes())
+        let rules = FlagSource::rules_from_json(crate::LOCAL_FLAGS.as_bytes())
             .map_err(|e| worker::Error::RustError(e.to_string()))?;
-        core.local = SnapshotStore::new().replace(at, FlagSource::rules(&payload));
+        core.local = SnapshotStore::new().replace(at, rules);
         console_log!("relay: local mode, serving examples/flags.json (no ROLLGATE_API_KEY)");
     }
     core.downstream = Some(Rc::new(Downstream::new(config.core.clone())));
@@ -286,11 +286,13 @@ fn drive(inner: &Rc<Inner>) {
                 }
             }
             Action::Persist(bytes) => {
+                // Made a JS string here and the bytes dropped (core writes UTF-8, so borrowed):
+                // the wasm copy is not held through the publish below and the storage write.
+                let text = JsValue::from_str(&String::from_utf8_lossy(&bytes));
+                drop(bytes);
                 let inner = Rc::clone(inner);
                 wasm_bindgen_futures::spawn_local(async move {
-                    // Borrowed (core writes UTF-8): the only copy made is the runtime's.
-                    let text = String::from_utf8_lossy(&bytes);
-                    if let Err(error) = put_unconfirmed(&inner, SNAPSHOT_KEY, &text).await {
+                    if let Err(error) = put_unconfirmed(&inner, SNAPSHOT_KEY, text).await {
                         console_error!("relay: persisting the snapshot failed: {error}");
                     }
                 });
@@ -334,15 +336,15 @@ fn drive(inner: &Rc<Inner>) {
 /// is on disk, which put the storage's write latency into every change's delivery. The
 /// persisted snapshot only speeds up a restart: one lost with the machine leaves an older
 /// one, which the shards refuse (revisions only move forward) until upstream's next.
-async fn put_unconfirmed(inner: &Inner, key: &str, value: &str) -> worker::Result<()> {
+async fn put_unconfirmed(inner: &Inner, key: &str, value: JsValue) -> worker::Result<()> {
     let Some(storage) = &inner.storage else {
-        return inner.state.storage().put(key, value).await;
+        return inner.state.storage().put_raw(key, value).await;
     };
     let options = js_sys::Object::new();
     js_sys::Reflect::set(&options, &"allowUnconfirmed".into(), &JsValue::TRUE)?;
     let put: js_sys::Function = js_sys::Reflect::get(storage, &"put".into())?.dyn_into()?;
     let promise: js_sys::Promise = put
-        .call3(storage, &key.into(), &value.into(), &options)?
+        .call3(storage, &key.into(), &value, &options)?
         .dyn_into()?;
     wasm_bindgen_futures::JsFuture::from(promise).await?;
     Ok(())

@@ -671,3 +671,47 @@ fn borrowed_evaluation_renders_exactly_as_the_owned_maps() {
         }
     }
 }
+
+#[test]
+fn one_pass_compile_matches_the_typed_parse_and_refuses_alike() {
+    let text = br#"{"version":7,"flags":{"z":{"enabled":true,"rollout":50.0},"a":{"enabled":false},"\u0062":{"enabled":true,"targetUsers":["u"],"rules":[{"id":"r","enabled":true,"rollout":100,"conditions":[{"attribute":"plan","operator":"in","value":["Pro","free"]}]}]},"a":{"enabled":true,"rollout":100}}}"#;
+    let typed = CompiledRules::compile(&RulesPayload::from_json(text).unwrap());
+    let one_pass = CompiledRules::from_json(text).unwrap();
+    assert_eq!(one_pass.payload_json().get(), typed.payload_json().get());
+    assert_eq!(one_pass.version(), "7");
+    // The later duplicate "a" won; "\u0062" is "b".
+    for key in ["a", "b", "z"] {
+        for context in [Context::anonymous(), user("u")] {
+            assert_eq!(
+                one_pass.evaluate(key, &context),
+                typed.evaluate(key, &context)
+            );
+        }
+    }
+    assert!(one_pass.evaluate("a", &Context::anonymous()).value);
+
+    type Expected = fn(&ModelError) -> bool;
+    let refused: [(&[u8], Expected); 4] = [
+        // An earlier duplicate must still parse, as in the typed map.
+        (br#"{"flags":{"a":{"rules":"x"},"a":{}}}"#, |e| {
+            matches!(e, ModelError::Json(_))
+        }),
+        (br#"{"flags":{"a b":{}}}"#, |e| {
+            matches!(e, ModelError::InvalidKey { .. })
+        }),
+        (br#"{"flags":[]}"#, |e| {
+            matches!(e, ModelError::MissingFlags)
+        }),
+        (br#"{"flags":{"a":{}},"#, |e| {
+            matches!(e, ModelError::Json(_))
+        }),
+    ];
+    for (text, expected) in refused {
+        let typed = RulesPayload::from_json(text).unwrap_err();
+        let one_pass = CompiledRules::from_json(text).unwrap_err();
+        assert!(
+            expected(&typed) && expected(&one_pass),
+            "{typed} / {one_pass}"
+        );
+    }
+}
