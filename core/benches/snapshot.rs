@@ -95,6 +95,22 @@ fn build(c: &mut Criterion) {
     group.bench_function("parse_rules_full", |b| {
         b.iter(|| RulesPayload::from_json(black_box(rules.as_bytes())).map(|r| r.flags.len()));
     });
+    // A whole change from the event's bytes: the rules (typed payload then compile, or the
+    // one-pass parse and compile the upstream uses), the snapshot (its content hash and
+    // anonymous values) and its persisted form.
+    let change = |source: FlagSource| {
+        let snapshot = Snapshot::build(Revision::new(2), Timestamp::ZERO, source);
+        snapshot.to_persisted(None).len()
+    };
+    group.bench_function("rules_full_change/typed", |b| {
+        b.iter(|| {
+            RulesPayload::from_json(black_box(rules.as_bytes()))
+                .map(|p| change(FlagSource::rules(&p)))
+        });
+    });
+    group.bench_function("rules_full_change/one_pass", |b| {
+        b.iter(|| FlagSource::rules_from_json(black_box(rules.as_bytes())).map(change));
+    });
     group.finish();
 }
 

@@ -500,10 +500,10 @@ impl CompiledRules {
         flags.sort_by(|a, b| a.0.cmp(&b.0));
         let mut flags = flags.into_iter().peekable();
         // What `serde_json` writes for the typed payload: `{"version":…,"flags":{…}}`.
-        let mut json = String::with_capacity(bytes.len());
-        json.push_str("{\"version\":");
-        json.push_str(&serde_json::to_string(&version)?);
-        json.push_str(",\"flags\":{");
+        let mut json = Vec::with_capacity(bytes.len());
+        json.extend_from_slice(b"{\"version\":");
+        serde_json::to_writer(&mut json, &version)?;
+        json.extend_from_slice(b",\"flags\":{");
         let mut slots = Slots::default();
         let mut compiled = Vec::with_capacity(flags.len());
         while let Some((key, raw)) = flags.next() {
@@ -513,19 +513,23 @@ impl CompiledRules {
                 continue;
             }
             if !compiled.is_empty() {
-                json.push(',');
+                json.push(b',');
             }
-            json.push_str(&serde_json::to_string(&key)?);
-            json.push(':');
-            json.push_str(&serde_json::to_string(&flag)?);
+            serde_json::to_writer(&mut json, &key)?;
+            json.push(b':');
+            serde_json::to_writer(&mut json, &flag)?;
             let flag = CompiledFlag::compile(&key, &flag, &mut slots);
             compiled.push((key, flag));
         }
-        json.push_str("}}");
+        json.extend_from_slice(b"}}");
         // After every flag parsed, as the typed parse reports a malformed flag first.
         for (key, _) in &compiled {
             check_key(key)?;
         }
+        // `serde_json` writes UTF-8: the check cannot fail.
+        let json = String::from_utf8(json).map_err(|_| {
+            <serde_json::Error as serde::de::Error>::custom("canonical rules are not UTF-8")
+        })?;
         Ok(Self {
             payload_json: RawValue::from_string(json)?,
             version,
