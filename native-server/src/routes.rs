@@ -84,10 +84,6 @@ pub(crate) async fn handle_counted(
     counted: &Metrics,
 ) -> Response {
     let started = Instant::now();
-    let (admission, answered) = match admission {
-        Admission::Answered(response) => (Admission::Routed(None), Some(response)),
-        other => (other, None),
-    };
     let (mut parts, body) = request.into_parts();
     // A WebSocket upgrade is taken from the head here and used only if core opens a stream.
     let upgrade = websocket_upgrade(&mut parts).await;
@@ -116,23 +112,21 @@ pub(crate) async fn handle_counted(
         label = "preflight";
     } else {
         let head = head_of(&parts);
-        // The head's limits first (414/431 whatever the route), then core's routing and keys.
-        let admitted = check_limits(app, &parts).and_then(|()| match admission {
-            Admission::Core => app.downstream.admit(&head),
-            Admission::Routed(client_key) => {
-                rollgate_proxy_core::api::Route::parse(head.method, head.path)
-                    .map(|route| Admitted { route, client_key })
-            }
-            Admission::Rejected(error) => Err(error),
-            Admission::Answered(_) => {
-                rollgate_proxy_core::api::Route::parse(head.method, head.path).map(|route| {
-                    Admitted {
-                        route,
-                        client_key: None,
-                    }
-                })
-            }
-        });
+        // The head's limits first (414/431 whatever the route), then core's routing and keys;
+        // an answer the environments router already made is sent for a known route only.
+        let routed = |client_key| {
+            rollgate_proxy_core::api::Route::parse(head.method, head.path)
+                .map(|route| Admitted { route, client_key })
+        };
+        let (admitted, answered) = match check_limits(app, &parts) {
+            Err(error) => (Err(error), None),
+            Ok(()) => match admission {
+                Admission::Core => (app.downstream.admit(&head), None),
+                Admission::Routed(client_key) => (routed(client_key), None),
+                Admission::Rejected(error) => (Err(error), None),
+                Admission::Answered(response) => (routed(None), Some(response)),
+            },
+        };
         label = admitted.as_ref().map_or("unmatched", |a| a.route.label());
         let span = tracing::debug_span!(
             "request",
