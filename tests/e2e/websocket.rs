@@ -52,22 +52,40 @@ pub(crate) async fn must_open(url: &str) -> Socket {
         .unwrap_or_else(|status| panic!("WebSocket {url} refused with {status}"))
 }
 
-/// The next text message (pongs and protocol frames skipped unless `pong`).
-pub(crate) async fn next_text(socket: &mut Socket) -> String {
+/// The first message `pick` takes within `bound` (it returns `None` for those to skip); panics,
+/// naming `what`, if the socket fails or ends before.
+async fn next_picked<T>(
+    socket: &mut Socket,
+    bound: Duration,
+    what: &str,
+    mut pick: impl FnMut(Message) -> Option<T>,
+) -> T {
     let read = async {
         loop {
             match socket.next().await {
-                Some(Ok(Message::Text(text))) => return text.as_str().to_owned(),
-                Some(Ok(Message::Close(frame))) => panic!("closed: {frame:?}"),
-                Some(Ok(_)) => {}
-                Some(Err(error)) => panic!("WebSocket failed: {error}"),
-                None => panic!("WebSocket ended"),
+                Some(Ok(message)) => {
+                    if let Some(picked) = pick(message) {
+                        return picked;
+                    }
+                }
+                Some(Err(error)) => panic!("waiting for {what}: WebSocket failed: {error}"),
+                None => panic!("waiting for {what}: WebSocket ended"),
             }
         }
     };
-    tokio::time::timeout(WAIT, read)
+    tokio::time::timeout(bound, read)
         .await
-        .unwrap_or_else(|_| panic!("no WebSocket message within {WAIT:?}"))
+        .unwrap_or_else(|_| panic!("no {what} within {bound:?}"))
+}
+
+/// The next text message (pongs and protocol frames skipped); panics on a close.
+pub(crate) async fn next_text(socket: &mut Socket) -> String {
+    next_picked(socket, WAIT, "WebSocket message", |message| match message {
+        Message::Text(text) => Some(text.as_str().to_owned()),
+        Message::Close(frame) => panic!("closed: {frame:?}"),
+        _ => None,
+    })
+    .await
 }
 
 /// The close frame that ends `socket` within `bound` (other messages skipped); panics on an
@@ -76,20 +94,12 @@ pub(crate) async fn next_close(
     socket: &mut Socket,
     bound: Duration,
 ) -> tungstenite::protocol::CloseFrame {
-    let close = async {
-        loop {
-            match socket.next().await {
-                Some(Ok(Message::Close(frame))) => return frame,
-                Some(Ok(_)) => {}
-                Some(Err(error)) => panic!("not a clean close: {error}"),
-                None => panic!("the socket ended without a close frame"),
-            }
-        }
-    };
-    tokio::time::timeout(bound, close)
-        .await
-        .unwrap_or_else(|_| panic!("no close frame within {bound:?}"))
-        .expect("a close frame with a status")
+    next_picked(socket, bound, "close frame", |message| match message {
+        Message::Close(frame) => Some(frame),
+        _ => None,
+    })
+    .await
+    .expect("a close frame with a status")
 }
 
 /// One SSE frame's `event`, `id` and `data` (panics unless it is exactly one event).
