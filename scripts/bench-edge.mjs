@@ -67,7 +67,15 @@ async function isolateMemory() {
   for (const target of targets) {
     const session = await inspectorSession(target.webSocketDebuggerUrl);
     try {
-      await session.call('HeapProfiler.collectGarbage');
+      // workerd collects when the isolate next runs: an idle one (the floor Worker between
+      // changes) is woken by a request to the front's `/`, only if the answer is late.
+      const collected = session.call('HeapProfiler.collectGarbage');
+      const poke = setInterval(() => fetch(`${worker}/`).then((r) => r.text()).catch(() => {}), 500);
+      try {
+        await collected;
+      } finally {
+        clearInterval(poke);
+      }
       const usage = await session.call('Runtime.getHeapUsage');
       heap += usage.usedSize;
       heapTotal += usage.totalSize;
@@ -75,7 +83,9 @@ async function isolateMemory() {
       session.close();
     }
   }
-  const metrics = await (await fetch(`${worker}/api/metrics?objects`)).text();
+  // The floor Worker has no metrics (404): no wasm there.
+  const answer = await fetch(`${worker}/api/metrics?objects`);
+  const metrics = answer.ok ? await answer.text() : '';
   const wasm = Math.max(
     0,
     ...metrics
@@ -90,10 +100,17 @@ async function isolateMemory() {
 /** A DevTools protocol session: `call(method, params)` answers within 10 s or throws. */
 async function inspectorSession(url) {
   const socket = new WebSocket(url);
+  // wrangler's inspector proxy attaches to the runtime once a client connects, and drops what
+  // is sent before that: wait for its first message (the execution context), 2 s at most.
+  const attached = new Promise((resolve) => {
+    socket.once('message', resolve);
+    setTimeout(resolve, 2000);
+  });
   await new Promise((resolve, reject) => {
     socket.once('open', resolve);
     socket.once('error', reject);
   });
+  await attached;
   let next = 0;
   const waiting = new Map();
   socket.on('message', (data) => {
@@ -248,10 +265,15 @@ async function flipRule(mock, rules, key) {
   await control(mock, 'PUT', '/control/rules', rules);
 }
 
-async function sse(open = openStream) {
+/**
+ * Phase 1 (and 1b, and 5): `count` clients opened with `open`, then changes made by `publish`
+ * (default: a rule flipped at the mock upstream), each measured.
+ */
+async function sse(open = openStream, publish = null) {
   const [mock, count, key, pidList] = rest;
   const pids = pidList.split(',').filter(Boolean).map(Number);
-  const rules = JSON.parse(fs.readFileSync(process.env.BENCH_RULES_FILE, 'utf8'));
+  const rules = publish ? null : JSON.parse(fs.readFileSync(process.env.BENCH_RULES_FILE, 'utf8'));
+  const change = publish ?? (() => flipRule(mock, rules, key));
   const rssBefore = rssKiB(pids);
   const clients = await openMany(Number(count), () => '/api/stream', open);
   const initial = await waitFor(() => clients.every((c) => c.frames.length >= 1), 120_000);
@@ -270,7 +292,7 @@ async function sse(open = openStream) {
   for (const c of clients) codings[c.coding ?? 'websocket'] = (codings[c.coding ?? 'websocket'] ?? 0) + 1;
   const cpu0 = process.cpuUsage();
   const t0 = performance.now();
-  await flipRule(mock, rules, key);
+  await change();
   const delivered = await waitFor(() => clients.every((c) => c.frames.length >= 2), 30_000);
   const wall = performance.now() - t0;
   const cpu = process.cpuUsage(cpu0);
@@ -299,7 +321,7 @@ async function sse(open = openStream) {
   for (let n = 2; n <= changes; n += 1) {
     await sleep(500);
     const t = performance.now();
-    await flipRule(mock, rules, key);
+    await change();
     await waitFor(() => clients.every((c) => c.frames.length >= n + 1), 30_000);
     laterLastMs.push(Math.round(Math.max(...clients.map((c) => (c.frames[n] ?? Infinity) - t))));
     laterPeaksMib.push(+((await settledPeak()) / 1024).toFixed(1));
@@ -445,9 +467,27 @@ async function latency() {
   );
 }
 
-const modes = { sse: () => sse(openStream), ws: () => sse(openSocket), poll, latency };
+/**
+ * Phase 5's change: the floor Worker pushes one frame of BENCH_FLOOR_FRAME_BYTES to all,
+ * BENCH_FLOOR_BATCH at a time (25, as the shards; 0: all at once).
+ */
+async function floorPublish() {
+  const bytes = Number(process.env.BENCH_FLOOR_FRAME_BYTES ?? 17000);
+  const batch = Number(process.env.BENCH_FLOOR_BATCH ?? 25);
+  const res = await fetch(`${worker}/publish?bytes=${bytes}&batch=${batch}`, { method: 'POST' });
+  if (!res.ok) throw new Error(`publish: ${res.status}`);
+  await res.text();
+}
+
+const modes = {
+  sse: () => sse(openStream),
+  ws: () => sse(openSocket),
+  floor: () => sse(openStream, floorPublish),
+  poll,
+  latency,
+};
 if (!modes[mode]) {
-  console.error('usage: bench-edge.mjs sse|ws|poll|latency <worker> ...');
+  console.error('usage: bench-edge.mjs sse|ws|floor|poll|latency <worker> ...');
   process.exit(2);
 }
 await modes[mode]();

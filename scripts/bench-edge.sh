@@ -9,6 +9,11 @@
 #   4. (`devcost`, not in the default phases) What `wrangler dev` itself keeps per request: the
 #      workerd RSS growth over 1,000 requests to a one-line JS Worker, then to this Worker's
 #      `/live` (answered by the front alone), as a yardstick for the RSS figures above.
+#   5. (`floor`, not in the default phases) Phase 1's measurement on a minimal JS Durable Object
+#      (scripts/bench-edge-floor/) that holds the N streams and pushes one shared frame of
+#      BENCH_FLOOR_FRAME_BYTES (17,000: phase 1's gzip-coded change) to all, BENCH_FLOOR_BATCH
+#      at a time (25, as the shards do; 0: all at once): what any Worker pays under
+#      `wrangler dev`, with no code of this project.
 # Usage: scripts/bench-edge.sh [clients=2000] [shards=4]   (BENCH_PHASES="sse ws poll latency" picks)
 # Knobs of phases 1/1b: BENCH_CHANGES (changes measured, 1), BENCH_SETTLE_MS (idle time of the
 # connected clients before the baseline, 1000), BENCH_ACCEPT_ENCODING (the SSE clients' header,
@@ -71,6 +76,18 @@ start_worker() {
   pids+=($worker_pid)
   for _ in $(seq 1 300); do grep -q "listening on" "$work/worker.log" && return 0; sleep 0.1; done
   echo "wrangler dev did not start" >&2; cat "$work/worker.log" >&2; exit 1
+}
+start_js_worker() { # $1: a directory with a JS Worker's wrangler.toml, answering "ok" on /
+  # Its own process group (as start_worker's), so workerd_pids finds it and stop_all ends it.
+  PATH="$ROOT/node_modules/.bin:$PATH" WRANGLER_SEND_METRICS=false CI=true \
+    setsid timeout 900 bash -c 'cd "$1" && exec wrangler dev --ip 127.0.0.1 --port "$2" \
+      --inspector-port "$3" --show-interactive-dev-session=false --log-level warn \
+      --persist-to "$4"' \
+    js-worker "$1" "$worker_port" "$inspector_port" "$work/js-worker-state" >"$work/worker.log" 2>&1 &
+  worker_pid=$!
+  pids+=($worker_pid)
+  for _ in $(seq 1 300); do [ "$(curl -sf "$w/" 2>/dev/null)" = ok ] && return 0; sleep 0.2; done
+  echo "the JS Worker in $1 did not start" >&2; cat "$work/worker.log" >&2; exit 1
 }
 workerd_pids() { # workerd processes in the worker's process group
   ps -o pid=,comm= -g "$worker_pid" | awk '$2 ~ /workerd/ {print $1}' | paste -sd, -
@@ -155,17 +172,7 @@ if has devcost; then
   printf 'export default { fetch: () => new Response("ok") };\n' >"$work/control/index.js"
   printf 'name = "control"\nmain = "index.js"\ncompatibility_date = "2026-11-01"\n' >"$work/control/wrangler.toml"
   echo "== 4. what wrangler dev keeps per request (1,000 requests, 8 at a time)"
-  # Its own process group (as start_worker's), so workerd_pids finds it and stop_all ends it.
-  PATH="$ROOT/node_modules/.bin:$PATH" WRANGLER_SEND_METRICS=false CI=true \
-    setsid timeout 300 bash -c 'cd "$1" && exec wrangler dev --ip 127.0.0.1 --port "$2" \
-      --inspector-port "$3" --show-interactive-dev-session=false --log-level warn' \
-    control "$work/control" "$worker_port" "$inspector_port" >"$work/worker.log" 2>&1 &
-  worker_pid=$!
-  pids+=($worker_pid)
-  for _ in $(seq 1 300); do [ "$(curl -sf "$w/" 2>/dev/null)" = ok ] && break; sleep 0.2; done
-  if [ "$(curl -sf "$w/" 2>/dev/null)" != ok ]; then
-    echo "the one-line Worker did not start" >&2; cat "$work/worker.log" >&2; exit 1
-  fi
+  start_js_worker "$work/control"
   sleep 2
   for round in 1 2; do echo "   one-line JS Worker, round $round: $(requests_growth "$w/")"; done
   stop_all
@@ -174,5 +181,14 @@ if has devcost; then
   for _ in $(seq 1 100); do curl -sf "$w/api/flags" -o /dev/null && break; sleep 0.2; done
   sleep 2
   for round in 1 2; do echo "   this Worker's /live, round $round: $(requests_growth "$w/live")"; done
+  echo "   load average $(cut -d' ' -f1-3 /proc/loadavg)"
+fi
+if has floor; then
+  stop_all
+  echo "== 5. the floor: $clients SSE streams on a minimal JS Durable Object, one shared frame of ${BENCH_FLOOR_FRAME_BYTES:-17000} bytes pushed to all"
+  start_js_worker "$ROOT/scripts/bench-edge-floor"
+  sleep 2
+  BENCH_FLOOR_FRAME_BYTES=${BENCH_FLOOR_FRAME_BYTES:-17000} BENCH_FLOOR_BATCH=${BENCH_FLOOR_BATCH:-25} timeout 300 \
+    node scripts/bench-edge.mjs floor "$w" - "$clients" - "$(workerd_pids)"
   echo "   load average $(cut -d' ' -f1-3 /proc/loadavg)"
 fi
