@@ -269,13 +269,13 @@ async function flipRule(mock, rules, key) {
  * Phase 1 (and 1b, and 5): `count` clients opened with `open`, then changes made by `publish`
  * (default: a rule flipped at the mock upstream), each measured.
  */
-async function sse(open = openStream, publish = null) {
+async function sse(open = openStream, publish = null, path = '/api/stream') {
   const [mock, count, key, pidList] = rest;
   const pids = pidList.split(',').filter(Boolean).map(Number);
   const rules = publish ? null : JSON.parse(fs.readFileSync(process.env.BENCH_RULES_FILE, 'utf8'));
   const change = publish ?? (() => flipRule(mock, rules, key));
   const rssBefore = rssKiB(pids);
-  const clients = await openMany(Number(count), () => '/api/stream', open);
+  const clients = await openMany(Number(count), () => path, open);
   const initial = await waitFor(() => clients.every((c) => c.frames.length >= 1), 120_000);
   // BENCH_SETTLE_MS: how long the connected clients idle before the baseline is read (1 s by
   // default; more than the 15 s keepalive lets every stream carry its first keepalive).
@@ -482,7 +482,9 @@ async function floorPublish() {
 const modes = {
   sse: () => sse(openStream),
   ws: () => sse(openSocket),
-  floor: () => sse(openStream, floorPublish),
+  // BENCH_FLOOR_SOURCE=pull: pull-based streams (the shards' shape) instead of writers.
+  floor: () =>
+    sse(openStream, floorPublish, `/api/stream?source=${process.env.BENCH_FLOOR_SOURCE ?? 'writer'}`),
   poll,
   latency,
 };

@@ -3,7 +3,9 @@
 // goes to one Durable Object (a plain Worker may not write to another request's stream), which
 // keeps each stream's writer and, on POST /publish, writes one shared frame of
 // `?bytes=` bytes (default 17,000, what the real stream carries per change of the 2,000-flag
-// set, gzip-coded) to every stream, `?batch=` at a time. No code of this project runs here.
+// set, gzip-coded) to every stream, `?batch=` at a time. A stream opened with `?source=pull`
+// is a pull-based ReadableStream instead of a TransformStream's readable side (the shards'
+// shape). No code of this project runs here.
 
 const encoder = new TextEncoder();
 
@@ -41,11 +43,35 @@ export class Floor {
       return new Response(`published to ${written}\n`);
     }
     if (url.pathname !== '/api/stream') return new Response('not found\n', { status: 404 });
+    const headers = { 'content-type': 'text/event-stream' };
+    if (url.searchParams.get('source') === 'pull') {
+      // A pull source holding the newest frame, as the shards' Rust-made streams are: the
+      // runtime asks for the next chunk, which waits until a publish offers one.
+      const slot = { frame: this.current, wake: null };
+      const source = {
+        write: (frame) => {
+          slot.frame = frame;
+          if (slot.wake) slot.wake();
+          return Promise.resolve();
+        },
+      };
+      this.writers.add(source);
+      const readable = new ReadableStream({
+        pull: async (controller) => {
+          while (!slot.frame) await new Promise((resolve) => (slot.wake = resolve));
+          slot.wake = null;
+          controller.enqueue(slot.frame);
+          slot.frame = null;
+        },
+        cancel: () => this.writers.delete(source),
+      });
+      return new Response(readable, { headers });
+    }
     const { readable, writable } = new TransformStream();
     const writer = writable.getWriter();
     this.writers.add(writer);
     writer.write(this.current).catch(() => this.writers.delete(writer));
-    return new Response(readable, { headers: { 'content-type': 'text/event-stream' } });
+    return new Response(readable, { headers });
   }
 }
 
