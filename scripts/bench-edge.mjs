@@ -19,7 +19,6 @@ const [mode, worker, ...rest] = process.argv.slice(2);
 const acceptEncoding = process.env.BENCH_ACCEPT_ENCODING ?? 'gzip, deflate, br';
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
-/** Resident memory (KiB) summed over `pids` (workerd processes): `VmRSS`, or one of its parts. */
 /** A short form of a process's command line, to tell wrangler dev's workerd processes apart. */
 function processArgs(pid) {
   try {
@@ -30,6 +29,7 @@ function processArgs(pid) {
   }
 }
 
+/** Resident memory (KiB) summed over `pids` (workerd processes): `VmRSS`, or one of its parts. */
 function rssKiB(pids, field = 'VmRSS') {
   let total = 0;
   for (const pid of pids) {
