@@ -270,10 +270,23 @@ async function flipRule(mock, rules, key) {
  * (default: a rule flipped at the mock upstream), each measured.
  */
 async function sse(open = openStream, publish = null, path = '/api/stream') {
-  const [mock, count, key, pidList] = rest;
-  const pids = pidList.split(',').filter(Boolean).map(Number);
+  // BENCH_ROUNDS > 1: the whole phase again on the same `wrangler dev`, with new clients, to
+  // tell what a process pays once (its first change ever) from what each connect costs.
+  const [mock, , key] = rest;
+  // Read once: the rule's state carries over from round to round, as upstream's does.
   const rules = publish ? null : JSON.parse(fs.readFileSync(process.env.BENCH_RULES_FILE, 'utf8'));
   const change = publish ?? (() => flipRule(mock, rules, key));
+  const rounds = Math.max(1, Number(process.env.BENCH_ROUNDS ?? 1));
+  for (let round = 1; round <= rounds; round += 1) {
+    if (round > 1) await sleep(3000);
+    await sseRound(open, change, path, rounds > 1 ? round : undefined);
+  }
+}
+
+/** One round of [`sse`], its changes made by `change`; `round` is printed when there are several. */
+async function sseRound(open, change, path, round) {
+  const [, count, , pidList] = rest;
+  const pids = pidList.split(',').filter(Boolean).map(Number);
   const rssBefore = rssKiB(pids);
   const clients = await openMany(Number(count), () => path, open);
   const initial = await waitFor(() => clients.every((c) => c.frames.length >= 1), 120_000);
@@ -332,6 +345,7 @@ async function sse(open = openStream, publish = null, path = '/api/stream') {
   for (const c of clients) c.req.destroy();
   console.log(
     JSON.stringify({
+      ...(round ? { round } : {}),
       clients: clients.length,
       initial_all: initial,
       delivered: lat.length,

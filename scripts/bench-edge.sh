@@ -15,7 +15,8 @@
 #      at a time (25, as the shards do; 0: all at once): what any Worker pays under
 #      `wrangler dev`, with no code of this project.
 # Usage: scripts/bench-edge.sh [clients=2000] [shards=4]   (BENCH_PHASES="sse ws poll latency" picks)
-# Knobs of phases 1/1b: BENCH_CHANGES (changes measured, 1), BENCH_SETTLE_MS (idle time of the
+# Knobs of phases 1/1b: BENCH_CHANGES (changes measured, 1), BENCH_ROUNDS (the phase again with
+# new clients on the same wrangler dev, 1), BENCH_SETTLE_MS (idle time of the
 # connected clients before the baseline, 1000), BENCH_ACCEPT_ENCODING (the SSE clients' header,
 # a browser's by default; `identity` for uncompressed streams). The RSS is also printed per
 # workerd process (`rss_by_process_mib`): wrangler dev runs its proxy beside the Worker's.
