@@ -924,7 +924,8 @@ fn snapshot_check(inner: &Inner, query: &str) -> worker::Result<Response> {
     let mut response = if have == event_id {
         Response::empty()?.with_status(204)
     } else {
-        Response::from_bytes(snapshot.to_persisted(None).to_vec())?
+        // `Vec::from` takes the buffer core wrote (no copy: the `Bytes` is its only holder).
+        Response::from_bytes(Vec::from(snapshot.to_persisted(None)))?
     };
     response.headers_mut().set(EVENT_ID_HEADER, &event_id)?;
     Ok(response)
