@@ -129,6 +129,11 @@ impl Body {
     }
 }
 
+/// Where the `event: flags` and `event: init` frames (and their gzip segments) sit in a
+/// snapshot's `frames` and `gzip_segments`.
+const FLAGS_FRAME: usize = 0;
+const INIT_FRAME: usize = 1;
+
 /// One immutable revision of the flag set; its bodies and SSE frames are serialized once each.
 #[derive(Debug)]
 pub struct Snapshot {
@@ -147,8 +152,8 @@ pub struct Snapshot {
     /// rendering the polling bodies it never sends would hold ~575 KB more per snapshot of a
     /// 2,000-flag set, twice over while a change replaces one.
     bodies: [OnceLock<(Bytes, Variants)>; 3],
-    /// The `event: flags` and `event: init` frames, rendered once on first use (SSE frames
-    /// are never compressed as bodies are; see `gzip_segments`).
+    /// The `event: flags` and `event: init` frames ([`FLAGS_FRAME`], [`INIT_FRAME`]), rendered
+    /// once on first use (SSE frames are never compressed as bodies are; see `gzip_segments`).
     frames: [OnceLock<Bytes>; 2],
     ofrep_frame: Bytes,
     /// The flags and init frames in a gzip-coded stream, compressed on first use (most
@@ -303,12 +308,13 @@ impl Snapshot {
 
     /// `event: flags` frame of `GET /api/stream` for the anonymous context.
     pub fn flags_frame(&self) -> &Bytes {
-        self.frames[0].get_or_init(|| render::flags_frame(self.defaults(), &self.event_id))
+        self.frames[FLAGS_FRAME]
+            .get_or_init(|| render::flags_frame(self.defaults(), &self.event_id))
     }
 
     /// `event: init` frame of `GET /api/v1/sdk/stream` for the anonymous context.
     pub fn init_frame(&self) -> &Bytes {
-        self.frames[1].get_or_init(|| render::init_frame(self.defaults(), &self.event_id))
+        self.frames[INIT_FRAME].get_or_init(|| render::init_frame(self.defaults(), &self.event_id))
     }
 
     /// OFREP `refetchEvaluation` notification frame for this snapshot.
@@ -327,14 +333,16 @@ impl Snapshot {
             own.get()
                 .is_some_and(|own| own.as_ptr() == frame.as_ptr() && own.len() == frame.len())
         };
-        let slot = if same(&self.frames[0]) {
-            &self.gzip_segments[0]
-        } else if same(&self.frames[1]) {
-            &self.gzip_segments[1]
-        } else {
-            return Cow::Owned(Segment::encode_for_one(frame));
-        };
-        Cow::Borrowed(slot.get_or_init(|| Segment::encode(frame)))
+        // Each frame's segment sits at the frame's own index.
+        match self
+            .frames
+            .iter()
+            .zip(&self.gzip_segments)
+            .find(|(own, _)| same(own))
+        {
+            Some((_, slot)) => Cow::Borrowed(slot.get_or_init(|| Segment::encode(frame))),
+            None => Cow::Owned(Segment::encode_for_one(frame)),
+        }
     }
 
     /// Serializes the snapshot for disk or Durable Object storage: a JSON envelope
