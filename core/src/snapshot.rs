@@ -427,21 +427,7 @@ impl Snapshot {
     /// # Errors
     /// [`SnapshotError`] when the bytes are not such an envelope or its flags are invalid.
     pub fn from_shared_anonymous(bytes: &[u8]) -> Result<Self, SnapshotError> {
-        let persisted: Persisted<&serde_json::value::RawValue, String> =
-            serde_json::from_slice(bytes).map_err(SnapshotError::Format)?;
-        if persisted.format != PERSIST_FORMAT {
-            return Err(SnapshotError::UnknownFormat(persisted.format));
-        }
-        let (PersistedKind::Evaluated, Some(hash)) = (persisted.kind, persisted.hash) else {
-            return Err(SnapshotError::NotShared);
-        };
-        let flags = EvaluatedFlags::from_json(persisted.data.get().as_bytes())?;
-        Ok(Self::build_with_hash(
-            persisted.revision,
-            persisted.cached_at,
-            FlagSource::Evaluated(flags),
-            hash,
-        ))
+        SharedEnvelope::parse(bytes)?.build()
     }
 
     /// Restores a snapshot written by [`Snapshot::to_persisted`], with the upstream ETag it
@@ -464,6 +450,110 @@ impl Snapshot {
         };
         let snapshot = Self::build(persisted.revision, persisted.cached_at, source);
         Ok((snapshot, persisted.upstream_etag))
+    }
+}
+
+/// The head of a [`Snapshot::to_shared_anonymous`] envelope, its flags still unparsed.
+struct SharedEnvelope<'a> {
+    revision: Revision,
+    cached_at: Timestamp,
+    hash: String,
+    flags: &'a [u8],
+}
+
+impl<'a> SharedEnvelope<'a> {
+    fn parse(bytes: &'a [u8]) -> Result<Self, SnapshotError> {
+        let persisted: Persisted<&serde_json::value::RawValue, String> =
+            serde_json::from_slice(bytes).map_err(SnapshotError::Format)?;
+        if persisted.format != PERSIST_FORMAT {
+            return Err(SnapshotError::UnknownFormat(persisted.format));
+        }
+        let (PersistedKind::Evaluated, Some(hash)) = (persisted.kind, persisted.hash) else {
+            return Err(SnapshotError::NotShared);
+        };
+        Ok(Self {
+            revision: persisted.revision,
+            cached_at: persisted.cached_at,
+            hash,
+            flags: persisted.data.get().as_bytes(),
+        })
+    }
+
+    /// Whether `snapshot` is what this envelope rebuilds. A relay stamps each publish with its
+    /// revision, time and content hash; envelopes that agree on all three carry the values of
+    /// the same content, so their snapshots serve the same frames, bodies, event id and ETag.
+    fn describes(&self, snapshot: &Snapshot) -> bool {
+        snapshot.revision == self.revision
+            && snapshot.cached_at == self.cached_at
+            && snapshot.hash == self.hash
+    }
+
+    fn build(self) -> Result<Snapshot, SnapshotError> {
+        let flags = EvaluatedFlags::from_json(self.flags)?;
+        Ok(Snapshot::build_with_hash(
+            self.revision,
+            self.cached_at,
+            FlagSource::Evaluated(flags),
+            self.hash,
+        ))
+    }
+}
+
+/// Rebuilds snapshots from shared envelopes ([`Snapshot::from_shared_anonymous`]), one copy per
+/// publish for every holder of this value: readers that share a heap (several Durable Objects
+/// that the platform placed in one isolate) hold one snapshot, with its frames and gzip
+/// segments rendered once, instead of one each.
+///
+/// It remembers snapshots weakly: one lives while some reader holds it, never longer, and the
+/// envelope's flags are parsed only when no live snapshot matches.
+#[derive(Debug, Default)]
+pub struct SharedSnapshots {
+    /// Oldest first; entries whose snapshot was dropped are pruned on every restore.
+    remembered: Vec<std::sync::Weak<Snapshot>>,
+    /// Restores answered with a snapshot another reader had rebuilt.
+    reused: u64,
+}
+
+impl SharedSnapshots {
+    /// The most snapshots remembered at once. A reader holds one (two while a change replaces
+    /// it) per environment, so more than this live at once only when more environments than
+    /// this share one heap; the oldest are then forgotten (their readers keep them).
+    pub const MAX_REMEMBERED: usize = 32;
+
+    /// The snapshot in `bytes`: the live one another reader rebuilt from the same publish, or
+    /// a new one.
+    ///
+    /// # Errors
+    /// As [`Snapshot::from_shared_anonymous`].
+    pub fn restore(&mut self, bytes: &[u8]) -> Result<Arc<Snapshot>, SnapshotError> {
+        let envelope = SharedEnvelope::parse(bytes)?;
+        self.remembered.retain(|weak| weak.strong_count() > 0);
+        if let Some(live) = self
+            .remembered
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .find(|live| envelope.describes(live))
+        {
+            self.reused += 1;
+            return Ok(live);
+        }
+        let snapshot = Arc::new(envelope.build()?);
+        if self.remembered.len() >= Self::MAX_REMEMBERED {
+            self.remembered.remove(0);
+        }
+        self.remembered.push(Arc::downgrade(&snapshot));
+        Ok(snapshot)
+    }
+
+    /// How many restores were answered with a snapshot another reader had rebuilt.
+    pub fn reused(&self) -> u64 {
+        self.reused
+    }
+
+    /// How many snapshots are remembered (each one some reader still holds, or held at the
+    /// last restore).
+    pub fn remembered(&self) -> usize {
+        self.remembered.len()
     }
 }
 
@@ -777,6 +867,68 @@ mod tests {
             Snapshot::from_shared_anonymous(&original.to_persisted(None)),
             Err(SnapshotError::NotShared)
         ));
+    }
+
+    #[test]
+    fn shared_snapshots_keep_one_copy_per_publish_while_someone_holds_it() {
+        let rules = RulesPayload::from_json(
+            br#"{"flags":{"a":{"enabled":true,"rollout":100},"b":{"enabled":false}}}"#,
+        )
+        .unwrap();
+        let publish = |revision: u64, cached_at: u64| {
+            Snapshot::build(
+                Revision::new(revision),
+                Timestamp::from_millis(cached_at),
+                FlagSource::rules(&rules),
+            )
+            .to_shared_anonymous()
+        };
+        let mut shared = SharedSnapshots::default();
+        let first = shared.restore(&publish(3, 10)).unwrap();
+        let second = shared.restore(&publish(3, 10)).unwrap();
+        assert!(Arc::ptr_eq(&first, &second), "one copy for both readers");
+        assert_eq!(shared.reused(), 1);
+        assert_eq!(
+            first.flags_frame(),
+            Snapshot::from_shared_anonymous(&publish(3, 10))
+                .unwrap()
+                .flags_frame()
+        );
+
+        // Another publish of the same content is another snapshot: its event id differs.
+        let later = shared.restore(&publish(4, 10)).unwrap();
+        assert!(!Arc::ptr_eq(&first, &later));
+        assert_eq!(shared.remembered(), 2);
+
+        // Nobody holds revision 3 any more: it is forgotten and rebuilt when asked again.
+        drop((first, second));
+        let again = shared.restore(&publish(3, 10)).unwrap();
+        assert_eq!(shared.reused(), 1);
+        assert_eq!(shared.remembered(), 2);
+        drop(again);
+
+        // Bad input changes nothing.
+        assert!(shared.restore(b"{}").is_err());
+        assert!(shared.restore(&later.to_persisted(None)).is_err());
+        assert_eq!(shared.remembered(), 2);
+    }
+
+    #[test]
+    fn shared_snapshots_remember_a_bounded_number() {
+        let mut shared = SharedSnapshots::default();
+        let held: Vec<_> = (0..SharedSnapshots::MAX_REMEMBERED as u64 + 5)
+            .map(|revision| {
+                let bytes = Snapshot::build(
+                    Revision::new(revision),
+                    Timestamp::ZERO,
+                    evaluated(&[("a", true)]),
+                )
+                .to_shared_anonymous();
+                shared.restore(&bytes).unwrap()
+            })
+            .collect();
+        assert_eq!(held.len(), SharedSnapshots::MAX_REMEMBERED + 5);
+        assert_eq!(shared.remembered(), SharedSnapshots::MAX_REMEMBERED);
     }
 
     #[test]

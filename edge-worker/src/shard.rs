@@ -5,7 +5,8 @@
 //! the clients of an environment are spread over `ROLLGATE_PROXY_SSE_SHARDS` of these; the relay
 //! then serves that many internal streams, however many clients there are. A per-user client's
 //! flags are asked of the relay (which merges `/identify` attributes, evaluates rules or uses
-//! its per-user cache), with the client's own key.
+//! its per-user cache), with the client's own key. Shards that the platform placed in one
+//! isolate hold one copy of each snapshot (`restore_snapshot`).
 //!
 //! WebSocket clients (`Upgrade: websocket` on the same routes) are held by the runtime on the
 //! hibernation API instead, fed by the relay's pushes: see [`sockets`].
@@ -24,7 +25,7 @@ use rollgate_proxy_core::backoff::{ReconnectBackoff, ReconnectPolicy};
 use rollgate_proxy_core::downstream::{Answer, Downstream};
 use rollgate_proxy_core::encoding::Encoding;
 use rollgate_proxy_core::model::{Context, EvaluatedFlags};
-use rollgate_proxy_core::snapshot::{Freshness, Snapshot};
+use rollgate_proxy_core::snapshot::{Freshness, SharedSnapshots, Snapshot, SnapshotError};
 use rollgate_proxy_core::sse::decode::{Decoder, DecoderLimits};
 use rollgate_proxy_core::sse::encode::KEEPALIVE;
 use rollgate_proxy_core::sse::gzip;
@@ -39,6 +40,18 @@ use crate::fanout::{Chunk, JsFrames, Outlet, PUBLISH_BATCH, js_bytes, yield_to_r
 use crate::http::{self, Incoming, SHARD_HEADER, now};
 use crate::relay::SNAPSHOT_EVENT;
 use crate::relay::refresh::{STREAM_HEADER, USER_REFRESHED_EVENT};
+
+thread_local! {
+    /// The snapshots this isolate's shards rebuilt from the relay's publishes. The platform
+    /// may place several shard objects in one isolate (so does `wrangler dev`, all of them):
+    /// they then hold one copy of each publish, its frames and gzip segments rendered once.
+    static RESTORED: RefCell<SharedSnapshots> = RefCell::default();
+}
+
+/// The snapshot in a relay's `event: snapshot` data, shared with this isolate's other shards.
+pub(crate) fn restore_snapshot(data: &str) -> Result<Arc<Snapshot>, SnapshotError> {
+    RESTORED.with(|restored| restored.borrow_mut().restore(data.as_bytes()))
+}
 
 /// How the shard re-subscribes to the relay after the internal stream ended: quickly at first
 /// (clients miss changes meanwhile), backing off with jitter while the relay keeps failing, so
@@ -548,10 +561,10 @@ async fn follow_relay(inner: &Rc<Inner>) -> worker::Result<bool> {
             if event.event != SNAPSHOT_EVENT {
                 continue;
             }
-            match Snapshot::from_shared_anonymous(event.data.as_bytes()) {
+            match restore_snapshot(&event.data) {
                 Ok(snapshot) => {
                     delivered = true;
-                    publish(inner, Arc::new(snapshot));
+                    publish(inner, snapshot);
                 }
                 Err(error) => console_error!("shard: bad snapshot from relay: {error}"),
             }

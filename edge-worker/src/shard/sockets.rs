@@ -310,7 +310,7 @@ async fn current(inner: &Rc<Inner>) -> Option<Arc<Snapshot>> {
 }
 
 /// Registers this shard with the relay; its current snapshot if it has one.
-async fn register(inner: &Rc<Inner>) -> worker::Result<Option<Snapshot>> {
+async fn register(inner: &Rc<Inner>) -> worker::Result<Option<Arc<Snapshot>>> {
     let index = inner.core.borrow().index;
     let headers: Vec<_> = environment_header(inner).into_iter().collect();
     let path = format!("{REGISTER_PATH}?shard={index}");
@@ -323,7 +323,7 @@ async fn register(inner: &Rc<Inner>) -> worker::Result<Option<Snapshot>> {
     let mut snapshot = None;
     for_each_event(&body, |event, data| {
         if event == SNAPSHOT_EVENT {
-            match Snapshot::from_shared_anonymous(data.as_bytes()) {
+            match super::restore_snapshot(data) {
                 Ok(s) => snapshot = Some(s),
                 Err(error) => console_error!("shard: bad snapshot from relay: {error}"),
             }
@@ -344,7 +344,7 @@ fn for_each_event(body: &[u8], mut each: impl FnMut(&str, &str)) {
 }
 
 /// Keeps `snapshot` as the sockets' current one unless it is older; `false` if refused.
-fn accept_snapshot(inner: &Inner, snapshot: Snapshot) -> bool {
+fn accept_snapshot(inner: &Inner, snapshot: Arc<Snapshot>) -> bool {
     let mut core = inner.core.borrow_mut();
     if let Some(current) = &core.socket_snapshot {
         if snapshot.revision() < current.revision() {
@@ -355,7 +355,7 @@ fn accept_snapshot(inner: &Inner, snapshot: Snapshot) -> bool {
             return false;
         }
     }
-    core.socket_snapshot = Some(Arc::new(snapshot));
+    core.socket_snapshot = Some(snapshot);
     true
 }
 
@@ -380,7 +380,7 @@ pub(super) async fn push(inner: &Rc<Inner>, req: &mut Request) -> worker::Result
         if event == USER_REFRESHED_EVENT {
             users.push(data.to_owned());
         } else if event == SNAPSHOT_EVENT {
-            match Snapshot::from_shared_anonymous(data.as_bytes()) {
+            match super::restore_snapshot(data) {
                 Ok(snapshot) => published |= accept_snapshot(inner, snapshot),
                 Err(error) => console_error!("shard: bad snapshot from relay: {error}"),
             }
