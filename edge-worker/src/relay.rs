@@ -81,6 +81,9 @@ struct Core {
     /// Shards holding WebSocket clients: they hibernate and hold no internal stream, so every
     /// publish and refreshed answer is pushed to them (`shard/sockets.rs`). Persisted.
     socket_shards: BTreeSet<u32>,
+    /// Registrations of socket shards so far: a shard's 410 to a push drops it only if no
+    /// shard registered while that push was under way (its new socket would miss every push).
+    socket_registrations: u64,
     /// Notifications dropped on the shards' streams so far, as last logged.
     notifications_dropped: u64,
     /// Open upstream streams, to abort on `CloseStream`.
@@ -384,6 +387,7 @@ fn push_to_sockets(inner: &Rc<Inner>, frame: Bytes) {
         )
     };
     let Some(config) = config else { return };
+    let registrations = inner.core.borrow().socket_registrations;
     for index in shards {
         let (inner, config, frame) = (Rc::clone(inner), Rc::clone(&config), frame.clone());
         wasm_bindgen_futures::spawn_local(async move {
@@ -405,7 +409,14 @@ fn push_to_sockets(inner: &Rc<Inner>, frame: Bytes) {
             .await;
             match pushed {
                 Ok(response) if response.status_code() == sockets::NO_SOCKETS => {
-                    if inner.core.borrow_mut().socket_shards.remove(&index) {
+                    // A registration meanwhile may be this shard's new socket: kept, and the
+                    // next push asks again.
+                    let removed = {
+                        let mut core = inner.core.borrow_mut();
+                        core.socket_registrations == registrations
+                            && core.socket_shards.remove(&index)
+                    };
+                    if removed {
                         persist_socket_shards(&inner).await;
                     }
                 }
@@ -441,10 +452,15 @@ async fn register_sockets(inner: &Rc<Inner>, query: &str) -> worker::Result<Resp
         .find(|(name, _)| name == "shard")
         .and_then(|(_, value)| value.parse::<u32>().ok());
     let shards = config_of(inner).map_or(1, |c| c.sse_shards);
-    if let Some(shard) = shard.filter(|s| *s < shards)
-        && inner.core.borrow_mut().socket_shards.insert(shard)
-    {
-        persist_socket_shards(inner).await;
+    if let Some(shard) = shard.filter(|s| *s < shards) {
+        let added = {
+            let mut core = inner.core.borrow_mut();
+            core.socket_registrations += 1;
+            core.socket_shards.insert(shard)
+        };
+        if added {
+            persist_socket_shards(inner).await;
+        }
     }
     let snapshot = inner.core.borrow().snapshot();
     match snapshot {

@@ -1,10 +1,11 @@
 // A shard holds at most ROLLGATE_PROXY_SOCKETS_PER_SHARD WebSocket clients: past that a connect
 // is refused with core's 503 NOT_READY and counted, and the sockets it holds keep working; a
-// place freed by a close is taken again.
+// place freed by a close is taken again. A shard whose last socket went away (the relay then
+// stops pushing to it) registers again for its next socket.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import WebSocket from "ws";
-import { upstreamWorker, waitFor } from "./harness.mjs";
+import { control, upstreamWorker, waitFor } from "./harness.mjs";
 
 const LIMIT = 3;
 
@@ -69,4 +70,32 @@ test("past the limit a connect gets 503 NOT_READY, counted; a freed place is tak
   }, 20_000, "the freed place is not taken again");
   await waitFor(() => again.messages.some((m) => m.includes("event: flags")), 20_000, "no first frame");
   for (const client of [...held.slice(1), again]) client.socket.terminate();
+});
+
+/** Open WebSocket clients as the shard last reported them (the clients gauge). */
+const openSockets = async () => {
+  const text = await (await fetch(worker.url + "/api/metrics")).text();
+  return [...text.matchAll(/^rollgate_proxy_sse_clients\{[^}]*\} (\d+)$/gm)].reduce((sum, m) => sum + Number(m[1]), 0);
+};
+
+test("a shard whose sockets all closed registers again, so its next socket gets every change", async () => {
+  const first = await open();
+  assert.ok(first.socket);
+  await waitFor(() => first.messages.some((m) => m.includes("event: flags")), 20_000, "first frame");
+  first.socket.close();
+  await waitFor(async () => (await openSockets()) === 0, 20_000, "the closed socket still counted");
+
+  // A change while the shard holds no socket: it answers the relay's push with 410 and the
+  // relay stops pushing to it.
+  await control(setup.mock, "PUT", "/control/flags/dark-mode", { value: true });
+  const polled = async () => (await (await fetch(worker.url + "/api/flags")).json()).flags["dark-mode"];
+  await waitFor(async () => (await polled()) === true, 20_000, "the change not served");
+
+  // The next socket gets the current flags, and later changes.
+  const next = await open();
+  assert.ok(next.socket);
+  await waitFor(() => next.messages.some((m) => m.includes('"dark-mode":true')), 20_000, "the new socket got stale flags");
+  await control(setup.mock, "PUT", "/control/flags/dark-mode", { value: false });
+  await waitFor(() => next.messages.some((m) => m.includes('"dark-mode":false')), 20_000, "a later change did not reach the new socket");
+  next.socket.terminate();
 });

@@ -369,10 +369,15 @@ pub(super) async fn push(inner: &Rc<Inner>, req: &mut Request) -> worker::Result
     {
         inner.core.borrow_mut().index = index;
     }
-    inner.core.borrow_mut().registered = true;
     if inner.state.get_websockets().is_empty() {
+        // The relay stops pushing on this answer: the next socket must register again, or it
+        // would be served a snapshot nobody updates.
+        let mut core = inner.core.borrow_mut();
+        core.registered = false;
+        core.socket_snapshot = None;
         return Ok(Response::empty()?.with_status(NO_SOCKETS));
     }
+    inner.core.borrow_mut().registered = true;
     let body = req.bytes().await?;
     let mut users = Vec::new();
     let mut published = false;
