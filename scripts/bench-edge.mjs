@@ -200,13 +200,20 @@ function openStream(path) {
 
 /**
  * Opens one WebSocket client on `path` (the stream's WebSocket transport): every message is one
- * frame; messages over 64 bytes are flag frames. Same `frames`/`bytes`/`req.destroy()` shape as
- * [`openStream`].
+ * frame; messages over 64 bytes are flag frames. With gzip in BENCH_ACCEPT_ENCODING (the
+ * default) it asks `?coding=gzip`, as the JS client does: large frames then come as binary gzip
+ * members. A frame counts when its message arrives (decoding is the client's own CPU); the
+ * first sockets decode theirs, to check them and report the decoded size. Same
+ * `frames`/`bytes`/`wireBytes`/`req.destroy()` shape as [`openStream`].
  */
+let socketsToCheck = 3;
 function openSocket(path) {
   return new Promise((resolve, reject) => {
-    const client = { frames: [], bytes: 0, req: null };
-    const socket = new WebSocket(`${worker.replace(/^http/, 'ws')}${path}`, { perMessageDeflate: false });
+    const check = socketsToCheck > 0;
+    socketsToCheck -= 1;
+    const client = { frames: [], bytes: 0, wireBytes: 0, coding: 'websocket', req: null };
+    const coded = /gzip/.test(acceptEncoding) ? `${path}${path.includes('?') ? '&' : '?'}coding=gzip` : path;
+    const socket = new WebSocket(`${worker.replace(/^http/, 'ws')}${coded}`, { perMessageDeflate: false });
     const timer = setTimeout(() => {
       socket.terminate();
       reject(new Error('no WebSocket within 120 s'));
@@ -219,7 +226,20 @@ function openSocket(path) {
       clearTimeout(timer);
       reject(new Error(`status ${res.statusCode}`));
     });
-    socket.on('message', (data) => {
+    socket.on('message', (data, isBinary) => {
+      client.wireBytes += data.length;
+      if (isBinary) {
+        client.coding = 'websocket-gzip';
+        client.frames.push(performance.now());
+        if (check) {
+          const text = zlib.gunzipSync(data);
+          if (!text.toString('latin1', 0, 6).startsWith('event:')) throw new Error('a binary message is not a gzip-coded frame');
+          client.bytes += text.length;
+        } else {
+          client.bytes += data.length;
+        }
+        return;
+      }
       client.bytes += data.length;
       if (data.length > 64) client.frames.push(performance.now());
     });

@@ -18,7 +18,8 @@
 # Knobs of phases 1/1b: BENCH_CHANGES (changes measured, 1), BENCH_ROUNDS (the phase again with
 # new clients on the same wrangler dev, 1), BENCH_SETTLE_MS (idle time of the
 # connected clients before the baseline, 1000), BENCH_ACCEPT_ENCODING (the SSE clients' header,
-# a browser's by default; `identity` for uncompressed streams). The RSS is also printed per
+# a browser's by default; `identity` for uncompressed streams; with gzip in it the WebSocket
+# clients ask `?coding=gzip`, as the JS client does). The RSS is also printed per
 # workerd process (`rss_by_process_mib`): wrangler dev runs its proxy beside the Worker's.
 # Run scripts/build-edge.sh first (and `cargo build -p rollgate-proxy-tests --bin mock-upstream`).
 # Every process runs under `timeout` and is stopped by its recorded pid; results go to stdout

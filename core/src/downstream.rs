@@ -354,7 +354,8 @@ impl Downstream {
                         request.last_event_id,
                         timing,
                         jitter,
-                    ),
+                    )
+                    .with_socket_coding(request.query),
                     client_key,
                 })
             }

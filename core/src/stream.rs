@@ -9,7 +9,9 @@
 //! - a client that reconnected with `Last-Event-ID` equal to the snapshot's id is not sent it again;
 //! - a per-user client gets its own frame, and none when a new snapshot leaves its flags
 //!   unchanged;
-//! - keepalive period and the jittered maximum age.
+//! - keepalive period and the jittered maximum age;
+//! - over the WebSocket transport, which frames go as a binary gzip member instead of text
+//!   ([`Subscriber::socket_message`]).
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
@@ -25,6 +27,21 @@ use crate::time::Timestamp;
 
 /// How long clients wait before reconnecting (the `retry:` sent first), before jitter.
 pub const RETRY: Duration = Duration::from_millis(2000);
+
+/// The query parameter by which a WebSocket client asks for large frames gzip-coded
+/// (`?coding=gzip`): a browser cannot set `Accept-Encoding` on a WebSocket, and a client must
+/// opt in since each such frame arrives as a binary message it has to decompress. Other values
+/// and other streams ignore it, as older proxies ignore the parameter altogether.
+pub const SOCKET_CODING_PARAM: &str = "coding";
+
+/// One frame as a WebSocket message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SocketMessage {
+    /// The frame's bytes (UTF-8) as a text message.
+    Text(Bytes),
+    /// The frame alone as one whole gzip member (RFC 1952), as a binary message.
+    Gzip(Bytes),
+}
 
 /// Which stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -93,6 +110,8 @@ pub struct Subscriber {
     keepalive: Duration,
     retry: Duration,
     close_at: Option<Timestamp>,
+    /// A WebSocket client asked for gzip-coded frames ([`SOCKET_CODING_PARAM`]).
+    socket_gzip: bool,
 }
 
 /// How a stream behaves: from the settings, plus the adapter's random inputs.
@@ -134,7 +153,34 @@ impl Subscriber {
             close_at: timing
                 .max_age
                 .map(|age| now.saturating_add(age.mul_f64(spread))),
+            socket_gzip: false,
         }
+    }
+
+    /// Reads the request's `query` for [`SOCKET_CODING_PARAM`]: `coding=gzip` makes
+    /// [`Subscriber::socket_message`] send large frames gzip-coded.
+    #[must_use]
+    pub fn with_socket_coding(mut self, query: &str) -> Self {
+        self.socket_gzip = crate::api::query_pairs(query)
+            .any(|(name, value)| name == SOCKET_CODING_PARAM && value == "gzip");
+        self
+    }
+
+    /// `frame` (from [`Subscriber::on_snapshot`] or [`Subscriber::on_flags`] for `snapshot`)
+    /// as a WebSocket message: a gzip member for a client that asked for it when the frame is
+    /// large enough to gain (the snapshot's own frames are compressed once for every socket;
+    /// a per-user frame for its client alone), text otherwise. Each message stands alone, so
+    /// small frames stay text and a client decodes every binary message by itself.
+    pub fn socket_message(&self, snapshot: &Snapshot, frame: Bytes) -> SocketMessage {
+        #[cfg(feature = "stream-gzip")]
+        if self.socket_gzip
+            && self.kind != StreamKind::Ofrep
+            && frame.len() >= crate::encoding::MIN_COMPRESS_BYTES
+        {
+            return SocketMessage::Gzip(snapshot.gzip_segment(&frame).member().clone());
+        }
+        let _ = snapshot;
+        SocketMessage::Text(frame)
     }
 
     /// Which stream this is.
@@ -308,6 +354,88 @@ mod tests {
                 "{kind:?} {accept:?}"
             );
         }
+    }
+
+    #[cfg(feature = "stream-gzip")]
+    #[test]
+    fn sockets_that_ask_get_large_frames_as_one_shared_gzip_member_each() {
+        use std::io::Read;
+        let gunzip = |member: &[u8]| {
+            let mut out = Vec::new();
+            flate2::read::GzDecoder::new(member)
+                .read_to_end(&mut out)
+                .expect("a whole gzip member");
+            out
+        };
+        let mut map = String::from(r#"{"flags":{"#);
+        for i in 0..100 {
+            map.push_str(&format!(r#""checkout-experiment-{i:05}":true,"#));
+        }
+        map.push_str(r#""last":false}}"#);
+        let large = snapshot(1, &map);
+        let small = snapshot(1, r#"{"flags":{"a":true}}"#);
+        let asking = |kind, query: &str| anonymous(kind).with_socket_coding(query);
+
+        let frame = large.flags_frame().clone();
+        let SocketMessage::Gzip(member) =
+            asking(StreamKind::Frontend, "coding=gzip").socket_message(&large, frame.clone())
+        else {
+            panic!("a large frame is gzip-coded for a socket that asked");
+        };
+        assert_eq!(gunzip(&member), frame);
+        assert!(member.len() * 5 < frame.len());
+        // Compressed once for every socket: the same bytes again.
+        let SocketMessage::Gzip(again) = asking(StreamKind::Frontend, "user_id=&coding=gzip")
+            .socket_message(&large, frame.clone())
+        else {
+            panic!("gzip");
+        };
+        assert_eq!(again.as_ptr(), member.as_ptr());
+
+        // Not asked, asked for something else, a small frame, OFREP: text, the frame itself.
+        let sdk_frame = large.init_frame().clone();
+        for (kind, query, snapshot, frame) in [
+            (StreamKind::Frontend, "", &large, frame.clone()),
+            (StreamKind::Frontend, "coding=br", &large, frame.clone()),
+            (StreamKind::Frontend, "codings=gzip", &large, frame),
+            (
+                StreamKind::Sdk,
+                "coding=gzip",
+                &small,
+                small.init_frame().clone(),
+            ),
+            (
+                StreamKind::Ofrep,
+                "coding=gzip",
+                &large,
+                large.ofrep_frame().clone(),
+            ),
+        ] {
+            assert_eq!(
+                asking(kind, query).socket_message(snapshot, frame.clone()),
+                SocketMessage::Text(frame),
+                "{kind:?} {query:?}"
+            );
+        }
+
+        // A per-user frame is coded for its client alone.
+        let mut user = Subscriber::new(
+            Timestamp::ZERO,
+            StreamKind::Sdk,
+            Context::with_id("u1"),
+            None,
+            TIMING,
+            0.5,
+        )
+        .with_socket_coding("user_id=u1&coding=gzip");
+        let flags = EvaluatedFlags::from_json(map.as_bytes()).unwrap();
+        let own = user.on_flags(&large, &flags).expect("a first frame");
+        // Its own rendering, not the snapshot's frame (even with the same bytes).
+        assert_ne!(own.as_ptr(), sdk_frame.as_ptr());
+        let SocketMessage::Gzip(member) = user.socket_message(&large, own.clone()) else {
+            panic!("gzip");
+        };
+        assert_eq!(gunzip(&member), own);
     }
 
     #[test]

@@ -25,7 +25,7 @@ use rollgate_proxy_core::encoding::Encoding;
 use rollgate_proxy_core::model::{Context, EvaluatedFlags};
 use rollgate_proxy_core::snapshot::Snapshot;
 use rollgate_proxy_core::sse::gzip::{self, Trailer};
-use rollgate_proxy_core::stream::{self, Next, Subscriber};
+use rollgate_proxy_core::stream::{self, Next, SocketMessage, Subscriber};
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
@@ -106,6 +106,8 @@ struct Connection {
     gzip: Option<Box<Trailer>>,
     /// The body ended (after its trailer, if coded).
     ended: bool,
+    /// A WebSocket: frames become core's [`SocketMessage`]s (text, or a gzip member).
+    socket: bool,
     initial: Option<Arc<Snapshot>>,
     /// Fires `period` after the last frame of any kind (re-armed lazily, see above).
     keepalive: Pin<Box<Sleep>>,
@@ -122,8 +124,11 @@ impl Connection {
         if self.ended {
             return None;
         }
-        if let Some(bytes) = self.next_frame().await {
-            return Some(bytes);
+        if let Some(message) = self.next_frame().await {
+            // An event-stream connection makes only text (body bytes).
+            return Some(match message {
+                SocketMessage::Text(bytes) | SocketMessage::Gzip(bytes) => bytes,
+            });
         }
         self.ended = true;
         self.gzip
@@ -131,9 +136,11 @@ impl Connection {
             .map(|trailer| Bytes::copy_from_slice(&trailer.finish()))
     }
 
-    async fn next_frame(&mut self) -> Option<Bytes> {
+    /// The next frame: for an event stream as body bytes (`Text`, in the body's coding), for
+    /// a socket as core decides its message.
+    async fn next_frame(&mut self) -> Option<SocketMessage> {
         if let Some(preamble) = self.preamble.take() {
-            return Some(preamble);
+            return Some(SocketMessage::Text(preamble));
         }
         loop {
             if let Some(snapshot) = self.initial.take() {
@@ -184,14 +191,14 @@ impl Connection {
                     if now >= due {
                         self.last_sent = now;
                         self.keepalive.as_mut().reset(now + self.period);
-                        return Some(match self.gzip.as_mut() {
+                        return Some(SocketMessage::Text(match self.gzip.as_mut() {
                             Some(trailer) => {
                                 let segment = gzip::keepalive();
                                 trailer.add(segment);
                                 segment.bytes().clone()
                             }
                             None => self.subscriber.keepalive(),
-                        });
+                        }));
                     }
                     // A frame went out since the timer was armed: wait out the rest.
                     self.keepalive.as_mut().reset(due);
@@ -202,7 +209,7 @@ impl Connection {
 
     /// The frame for `snapshot`, or `None` when there is nothing new for this client. `fetch`:
     /// a per-user answer not cached is fetched (at connect); else the cached one is used.
-    async fn frame(&mut self, snapshot: &Arc<Snapshot>, fetch: bool) -> Option<Bytes> {
+    async fn frame(&mut self, snapshot: &Arc<Snapshot>, fetch: bool) -> Option<SocketMessage> {
         let frame = match self.subscriber.on_snapshot(snapshot) {
             Next::Frame(frame) => Some(frame),
             Next::Nothing => None,
@@ -220,7 +227,10 @@ impl Connection {
         self.guard.app.downstream.metrics.frames_sent(kind, 1);
         // A data frame is as good as a keepalive: the period restarts from here.
         self.last_sent = Instant::now();
-        Some(match self.gzip.as_mut() {
+        if self.socket {
+            return Some(self.subscriber.socket_message(snapshot, frame));
+        }
+        Some(SocketMessage::Text(match self.gzip.as_mut() {
             Some(trailer) => {
                 // The snapshot's own frames are compressed once for every connection.
                 let segment = snapshot.gzip_segment(&frame);
@@ -228,7 +238,7 @@ impl Connection {
                 segment.bytes().clone()
             }
             None => frame,
-        })
+        }))
     }
 }
 
@@ -298,7 +308,9 @@ pub const PONG: &str = "pong";
 /// renders for the event stream (`event:`/`id:`/`data:`), the first the snapshot an SSE client
 /// gets after its `retry:` preamble. No preamble and no keepalive comments: the client keeps
 /// the connection alive with [`PING`] (the Worker's hibernated objects would wake for a
-/// server-side keepalive). Same metrics, limits and max-age close as the event stream.
+/// server-side keepalive). Same metrics, limits and max-age close as the event stream. A client
+/// that asked `?coding=gzip` gets each large frame as a binary message instead: the frame alone
+/// as one gzip member, compressed once for every socket (core's [`SocketMessage`]).
 ///
 /// `hold` (from the request, see [`ConnectionHold`]) lives as long as the socket, so graceful
 /// shutdown waits for its close frame.
@@ -330,7 +342,7 @@ async fn serve_socket(
 ) {
     loop {
         // Kept across incoming messages: a frame being resolved is never abandoned.
-        let next = connection.next();
+        let next = connection.next_frame();
         tokio::pin!(next);
         let frame = loop {
             tokio::select! {
@@ -363,11 +375,16 @@ async fn serve_socket(
                 .await;
             return;
         };
-        // Frames are UTF-8 (JSON under ASCII field names); a text message like the SSE body.
-        let Ok(text) = Utf8Bytes::try_from(frame) else {
-            return;
+        let message = match frame {
+            // Frames are UTF-8 (JSON under ASCII field names); a text message like the SSE body.
+            SocketMessage::Text(frame) => match Utf8Bytes::try_from(frame) {
+                Ok(text) => Message::Text(text),
+                Err(_) => return,
+            },
+            // A large frame for a client that asked `coding=gzip`: one gzip member, shared.
+            SocketMessage::Gzip(member) => Message::Binary(member),
         };
-        if socket.send(Message::Text(text)).await.is_err() {
+        if socket.send(message).await.is_err() {
             return;
         }
     }
@@ -400,6 +417,7 @@ fn connection(app: &Arc<App>, subscriber: Subscriber, sse: bool) -> Connection {
         preamble: sse.then(|| subscriber.preamble()),
         gzip: None,
         ended: false,
+        socket: !sse,
         subscriber,
         snapshots,
         initial,

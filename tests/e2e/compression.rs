@@ -18,7 +18,7 @@ pub(crate) fn scenarios() -> Vec<Scenario> {
 }
 
 /// 2,000 flags with realistic keys: ~100 KB of JSON, the size the feature is for.
-fn large_set() -> MockConfig {
+pub(crate) fn large_set() -> MockConfig {
     MockConfig::basic().flags(FlagSet::from_bools((0..2000).map(|i| {
         (
             format!("team-{}-feature-{i:04}-rollout", i % 17),

@@ -1,7 +1,9 @@
 //! The WebSocket transport of the streams: each message is exactly one frame of the event
 //! stream (the first the SSE stream's first frame), changes arrive, revisions only move
-//! forward, keys are checked as for SSE, and `ping` gets `pong`.
+//! forward, keys are checked as for SSE, and `ping` gets `pong`; a client that asks
+//! `?coding=gzip` gets large frames as binary messages, each the frame alone as one gzip member.
 
+use std::io::Read;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -19,6 +21,7 @@ pub(crate) fn scenarios() -> Vec<Scenario> {
         scenario!(bad_key_is_refused_like_sse),
         scenario!(ping_gets_pong_and_the_socket_is_counted),
         scenario!(max_age_closes_the_socket_cleanly),
+        scenario!(large_frames_are_gzip_members_when_asked),
     ]
 }
 
@@ -286,4 +289,87 @@ async fn max_age_closes_the_socket_cleanly() {
         (open == 0.0).then_some(())
     })
     .await;
+}
+
+/// The next frame and whether it came as a binary message (a gzip member, checked whole: its
+/// CRC and length, and nothing after it); pongs and protocol frames skipped.
+async fn next_frame_message(socket: &mut Socket) -> (String, bool) {
+    next_picked(socket, WAIT, "WebSocket frame", |message| match message {
+        Message::Text(text) => Some((text.as_str().to_owned(), false)),
+        Message::Binary(member) => {
+            let mut decoder = flate2::read::GzDecoder::new(&member[..]);
+            let mut frame = String::new();
+            decoder
+                .read_to_string(&mut frame)
+                .unwrap_or_else(|e| panic!("a binary message is one whole gzip member: {e}"));
+            assert!(
+                decoder.into_inner().is_empty(),
+                "one member, nothing after it"
+            );
+            assert!(
+                member.len() * 4 < frame.len(),
+                "{} B for a {} B frame",
+                member.len(),
+                frame.len()
+            );
+            Some((frame, true))
+        }
+        Message::Close(frame) => panic!("closed: {frame:?}"),
+        _ => None,
+    })
+    .await
+}
+
+/// `?coding=gzip`: the large frames of a 2,000-flag set arrive as binary gzip members that
+/// decode to the SSE stream's frames byte for byte (anonymous, SDK and per-user streams, and a
+/// change); without it, and for a small set, frames stay text.
+async fn large_frames_are_gzip_members_when_asked() {
+    let env = Env::with(crate::compression::large_set(), |_| {}).await;
+    for path in [
+        "/api/stream",
+        "/api/v1/sdk/stream",
+        "/api/stream?user_id=ws-gzip-user",
+    ] {
+        let separator = if path.contains('?') { '&' } else { '?' };
+        let url = env.url(&format!("{path}{separator}coding=gzip"));
+        let mut socket = must_open(&url).await;
+        let (frame, binary) = next_frame_message(&mut socket).await;
+        assert!(binary, "{path}: a large frame, asked for gzip");
+        assert_eq!(frame, sse_first_frame(&env.url(path)).await, "{path}");
+        socket.close(None).await.ok();
+    }
+
+    // Not asked: text, the same frame.
+    let url = env.url("/api/stream");
+    let mut plain = must_open(&url).await;
+    let (frame, binary) = next_frame_message(&mut plain).await;
+    assert!(!binary, "not asked for, not coded");
+    assert_eq!(frame, sse_first_frame(&url).await);
+
+    // A change reaches a coded socket as one more member.
+    let mut coded = must_open(&env.url("/api/stream?coding=gzip")).await;
+    let (first, _) = next_frame_message(&mut coded).await;
+    let mut last = revision(&parse(&first).id);
+    env.mock.set_flag("team-1-feature-0001-rollout", true);
+    loop {
+        let (text, binary) = next_frame_message(&mut coded).await;
+        assert!(binary);
+        let frame = parse(&text);
+        let at = revision(&frame.id);
+        assert!(at >= last, "revision {at} after {last}");
+        last = at;
+        if frame.data["team-1-feature-0001-rollout"] == true {
+            break;
+        }
+    }
+    coded.close(None).await.ok();
+    plain.close(None).await.ok();
+
+    // A small set's frames gain nothing from gzip: text even when asked.
+    let small = Env::basic().await;
+    let url = small.url("/api/stream?coding=gzip");
+    let mut socket = must_open(&url).await;
+    let (frame, binary) = next_frame_message(&mut socket).await;
+    assert!(!binary, "a small frame stays text");
+    assert_eq!(frame, sse_first_frame(&url).await);
 }

@@ -64,6 +64,8 @@ export interface WebSocketLike {
   onmessage: ((event: { data: unknown }) => void) | null;
   onclose: ((event: unknown) => void) | null;
   onerror: ((event: unknown) => void) | null;
+  /** Set to `'arraybuffer'` by the client (binary messages are gzip-coded frames). */
+  binaryType?: string;
   send(data: string): void;
   close(): void;
 }

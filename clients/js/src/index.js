@@ -48,6 +48,9 @@ const WEBSOCKET_RETRY_MS = 2_000;
 // The client says `ping` this often (the proxy answers `pong`; on the Worker without waking
 // the object that holds the socket); a socket that heard nothing for a whole period is dropped.
 const WEBSOCKET_PING_MS = 30_000;
+// The query parameter asking the proxy for large frames as binary gzip messages (its
+// `?coding=gzip`), sent when this runtime can decompress them; older proxies ignore it.
+const WEBSOCKET_CODING = 'coding=gzip';
 
 /**
  * `ms` scaled by a uniform factor in [1 - spread, 1 + spread].
@@ -83,6 +86,38 @@ function webSocketUrl(url) {
 }
 
 /**
+ * Whether this runtime can decode the proxy's binary gzip messages (`DecompressionStream`:
+ * browsers since 2023, Node >= 18).
+ */
+function canGunzip() {
+  const g = /** @type {any} */ (globalThis);
+  return typeof g.DecompressionStream === 'function' && typeof g.Response === 'function' && typeof g.Blob === 'function';
+}
+
+/** `url` with `param` added to its query. @param {string} url @param {string} param */
+function withQuery(url, param) {
+  return url + (url.includes('?') ? '&' : '?') + param;
+}
+
+/**
+ * A binary message's text: a gzip member (the proxy's `?coding=gzip` frames) decompressed,
+ * anything else decoded as UTF-8.
+ * @param {ArrayBuffer | ArrayBufferView | Blob} data
+ * @returns {Promise<string>}
+ */
+async function binaryText(data) {
+  const g = /** @type {any} */ (globalThis);
+  const buffer =
+    typeof g.Blob === 'function' && data instanceof g.Blob ? await /** @type {Blob} */ (data).arrayBuffer() : data;
+  const bytes = ArrayBuffer.isView(buffer)
+    ? new Uint8Array(buffer.buffer, buffer.byteOffset, buffer.byteLength)
+    : new Uint8Array(/** @type {ArrayBuffer} */ (buffer));
+  if (bytes[0] !== 0x1f || bytes[1] !== 0x8b) return new TextDecoder().decode(bytes);
+  const stream = new g.Blob([bytes]).stream().pipeThrough(new g.DecompressionStream('gzip'));
+  return new g.Response(stream).text();
+}
+
+/**
  * Dispatch every event of a message holding whole SSE frames (`event:`, `id:`, `data:`;
  * comments and `retry:` skipped), as EventSource would.
  * @param {string} text
@@ -110,7 +145,9 @@ function dispatchFrames(text, dispatch) {
 
 /**
  * An EventSource over the proxy's WebSocket transport (same route, query and frames), so the
- * stream logic (backoff, fallback, forward-only revisions) is the SSE path's own. Like an
+ * stream logic (backoff, fallback, forward-only revisions) is the SSE path's own. Where the
+ * runtime can decompress gzip, it asks for large frames gzip-coded (`coding=gzip`): each comes
+ * as a binary message holding the frame alone, decoded before the frames after it. Like an
  * EventSource it reconnects by itself after a socket that had opened closes (readyState 0 and an
  * `error` event); a socket that closes before opening is a refusal (readyState 2: browsers do
  * not tell a WebSocket why its handshake failed; the fallback poll then says it).
@@ -121,7 +158,7 @@ function webSocketSource(WebSocketImpl) {
   return class WebSocketSource {
     /** @param {string} url */
     constructor(url) {
-      this.url = webSocketUrl(url);
+      this.url = canGunzip() ? withQuery(webSocketUrl(url), WEBSOCKET_CODING) : webSocketUrl(url);
       this.readyState = 0;
       this.closed = false;
       /** @type {Map<string, Set<(event: { data: string, lastEventId?: string }) => void>>} */
@@ -156,7 +193,21 @@ function webSocketSource(WebSocketImpl) {
         return;
       }
       this.socket = socket;
+      try {
+        // Binary messages as bytes (browsers default to Blob; both are decoded).
+        socket.binaryType = 'arraybuffer';
+      } catch {
+        // A socket implementation without it: Blob or Buffer data is decoded too.
+      }
       let opened = false;
+      // Binary messages decode asynchronously: later messages wait for them, in order.
+      /** @type {Promise<void> | null} */
+      let decoding = null;
+      /** @param {string} text */
+      const take = (text) => {
+        if (this.socket !== socket || text === 'pong') return;
+        dispatchFrames(text, (type, frame) => this.dispatch(type, frame));
+      };
       socket.onopen = () => {
         if (this.socket !== socket) return;
         opened = true;
@@ -168,9 +219,27 @@ function webSocketSource(WebSocketImpl) {
         if (this.socket !== socket) return;
         this.heard = true;
         const data = event.data;
-        const text = typeof data === 'string' ? data : data instanceof ArrayBuffer ? new TextDecoder().decode(data) : null;
-        if (text === null || text === 'pong') return;
-        dispatchFrames(text, (type, frame) => this.dispatch(type, frame));
+        const g = /** @type {any} */ (globalThis);
+        const binary =
+          data instanceof ArrayBuffer || ArrayBuffer.isView(data) || (typeof g.Blob === 'function' && data instanceof g.Blob);
+        if (typeof data !== 'string' && !binary) return;
+        if (typeof data === 'string' && decoding === null) {
+          take(data);
+          return;
+        }
+        const text = typeof data === 'string' ? Promise.resolve(data) : binaryText(/** @type {ArrayBuffer | Blob} */ (data));
+        // Handled in order below; not an unhandled rejection while earlier ones decode.
+        text.catch(() => {});
+        const step = (decoding ?? Promise.resolve())
+          .then(() => text)
+          .then(take, () => {
+            // A message that does not decode: the connection is not to be trusted; reopen.
+            if (this.socket === socket) this.lost(socket, true);
+          })
+          .finally(() => {
+            if (decoding === step) decoding = null;
+          });
+        decoding = step;
       };
       socket.onclose = () => {
         if (this.socket === socket) this.lost(socket, opened);

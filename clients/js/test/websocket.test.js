@@ -3,6 +3,7 @@
 
 import assert from 'node:assert/strict';
 import { beforeEach, test } from 'node:test';
+import { gzipSync } from 'node:zlib';
 
 import { createClient } from '../src/index.js';
 import { useClock } from './clock.js';
@@ -35,7 +36,8 @@ test('frames arrive over the socket; revisions only move forward', async (t) => 
   const { client, calls } = socketClient({ context: { id: 'u1' }, clientKey: 'ck_1' });
   assert.equal(FakeWebSocket.instances.length, 1);
   const ws = FakeWebSocket.latest();
-  assert.equal(ws.url, 'wss://proxy.test/api/stream?user_id=u1&token=ck_1');
+  // Node has DecompressionStream: the client asks for large frames gzip-coded.
+  assert.equal(ws.url, 'wss://proxy.test/api/stream?user_id=u1&token=ck_1&coding=gzip');
   ws.open();
   assert.equal(client.state(), 'connecting');
   ws.emit({ a: true, b: false }, '5-aa');
@@ -156,6 +158,58 @@ test('a same-origin client resolves the socket URL against the page', async (t) 
     delete (/** @type {any} */ (globalThis).location);
   });
   const { client } = socketClient({ url: '' });
-  assert.equal(FakeWebSocket.latest().url, 'ws://app.example/api/stream');
+  assert.equal(FakeWebSocket.latest().url, 'ws://app.example/api/stream?coding=gzip');
+  client.close();
+});
+
+/** `frame` as the proxy sends a large one to a socket that asked `coding=gzip`. */
+const member = (/** @type {Record<string, boolean>} */ flags, /** @type {string} */ id) =>
+  new Uint8Array(gzipSync(`event: flags\nid: ${id}\ndata: ${JSON.stringify(flags)}\n\n`));
+
+/** Waits (real time, bounded) until `check()` holds. */
+async function until(/** @type {() => boolean} */ check, what = 'condition') {
+  for (let i = 0; i < 400 && !check(); i++) await new Promise((resolve) => setTimeout(resolve, 5));
+  assert.ok(check(), what);
+}
+
+test('gzip-coded frames arrive as binary messages, decoded in order with text ones', async () => {
+  const { client, calls } = socketClient();
+  const ws = FakeWebSocket.latest();
+  assert.match(ws.url, /[?&]coding=gzip$/);
+  assert.equal(/** @type {any} */ (ws).binaryType, 'arraybuffer');
+  ws.open();
+  // A binary frame, then a text one right behind it: applied in that order.
+  ws.message(member({ a: true, b: false }, '5-aa').buffer);
+  ws.emit({ a: true, b: true }, '6-bb');
+  assert.deepEqual(client.getAll(), {}, 'the text frame waits for the binary one before it');
+  await until(() => client.getAll().b === true, 'both frames applied');
+  assert.equal(client.state(), 'open');
+  // A view and a Blob decode too; an older revision is still not applied.
+  ws.message(member({ a: false, b: true }, '7-cc'));
+  ws.message(new Blob([member({ a: false, b: false }, '4-dd')]));
+  ws.message(new Blob([member({ a: false, b: false }, '8-ee')]));
+  await until(() => client.getAll().b === false, 'the newest frame applied');
+  assert.deepEqual(client.getAll(), { a: false, b: false });
+  // Uncompressed binary text is read as UTF-8.
+  ws.message(new TextEncoder().encode('event: flags\nid: 9-ff\ndata: {"a":true,"b":false}\n\n').buffer);
+  await until(() => client.getAll().a === true, 'plain binary frame applied');
+  // A member that does not decode: the socket is dropped and reopened, the flags kept.
+  const bad = member({ a: false, b: false }, '10-gg');
+  bad[bad.length - 5] ^= 0xff;
+  ws.message(bad);
+  await until(() => ws.closed, 'a corrupt message drops the socket');
+  assert.deepEqual(client.getAll(), { a: true, b: false });
+  assert.equal(calls.length, 0);
+  client.close();
+});
+
+test('without DecompressionStream the client does not ask for gzip', async (t) => {
+  const original = /** @type {any} */ (globalThis).DecompressionStream;
+  delete (/** @type {any} */ (globalThis).DecompressionStream);
+  t.after(() => {
+    /** @type {any} */ (globalThis).DecompressionStream = original;
+  });
+  const { client } = socketClient();
+  assert.equal(FakeWebSocket.latest().url, 'wss://proxy.test/api/stream');
   client.close();
 });

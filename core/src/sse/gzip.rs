@@ -34,9 +34,15 @@ pub fn stream_coding(accept_encoding: Option<&str>, frame_len: Option<usize>) ->
 }
 
 /// One frame in the stream's gzip coding, shared by every client that gets the frame.
+///
+/// Its bytes sit inside a whole gzip member of the frame alone ([`Segment::member`]: header,
+/// segment, final block, CRC and length), in one allocation: a WebSocket client that asked for
+/// gzip gets that member as one binary message, decodable on its own, at no second copy.
 #[derive(Clone, Debug)]
 pub struct Segment {
+    /// A slice of `member`.
     bytes: Bytes,
+    member: Bytes,
     /// CRC-32 of the frame, for the trailers of the bodies that carry it.
     crc: crc32fast::Hasher,
     len: u64,
@@ -82,21 +88,38 @@ impl Segment {
     fn encode_at(frame: &[u8], level: u32) -> Self {
         let mut crc = crc32fast::Hasher::new();
         crc.update(frame);
-        let bytes = if frame.len() < MIN_COMPRESS_BYTES {
-            stored(frame)
-        } else {
-            deflate(frame, level).unwrap_or_else(|| stored(frame))
-        };
-        Self {
-            bytes: Bytes::from(bytes),
+        let mut out = Vec::with_capacity(HEADER.len() + frame.len() / 4 + 64);
+        out.extend_from_slice(&HEADER);
+        if frame.len() < MIN_COMPRESS_BYTES || deflate(frame, level, &mut out).is_none() {
+            out.truncate(HEADER.len());
+            stored(frame, &mut out);
+        }
+        let end = out.len();
+        let mut segment = Self {
+            bytes: Bytes::new(),
+            member: Bytes::new(),
             crc,
             len: frame.len() as u64,
-        }
+        };
+        let mut trailer = Trailer::default();
+        trailer.add(&segment);
+        // Exact: the compressor's spare room may be full, and doubling would be kept.
+        out.reserve_exact(10);
+        out.extend_from_slice(&trailer.finish());
+        segment.member = Bytes::from(out);
+        segment.bytes = segment.member.slice(HEADER.len()..end);
+        segment
     }
 
     /// The segment's bytes.
     pub fn bytes(&self) -> &Bytes {
         &self.bytes
+    }
+
+    /// The frame alone as one whole gzip member (RFC 1952): [`HEADER`], this segment, the
+    /// final block, and the frame's CRC-32 and length. Shares the segment's allocation.
+    pub fn member(&self) -> &Bytes {
+        &self.member
     }
 
     /// The length of the frame it encodes.
@@ -105,9 +128,9 @@ impl Segment {
     }
 }
 
-/// `frame` as stored (uncompressed) deflate blocks, none final.
-fn stored(frame: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(frame.len() + 5 * (frame.len() / MAX_STORED + 1));
+/// Appends `frame` to `out` as stored (uncompressed) deflate blocks, none final.
+fn stored(frame: &[u8], out: &mut Vec<u8>) {
+    out.reserve(frame.len() + 5 * (frame.len() / MAX_STORED + 1));
     let mut chunks = frame.chunks(MAX_STORED).peekable();
     if chunks.peek().is_none() {
         // An empty frame is an empty stored block: still a valid, byte-aligned segment.
@@ -121,14 +144,13 @@ fn stored(frame: &[u8]) -> Vec<u8> {
         out.extend_from_slice(&(!len).to_le_bytes());
         out.extend_from_slice(chunk);
     }
-    out
 }
 
-/// `frame` deflated from a fresh state and sync-flushed; `None` if the compressor failed.
-fn deflate(frame: &[u8], level: u32) -> Option<Vec<u8>> {
+/// Appends `frame` to `out` deflated from a fresh state and sync-flushed; `None` if the
+/// compressor failed (`out` then holds a partial segment after what it had).
+fn deflate(frame: &[u8], level: u32, out: &mut Vec<u8>) -> Option<()> {
     use flate2::{Compress, Compression, FlushCompress};
     let mut compress = Compress::new(Compression::new(level), false);
-    let mut out = Vec::with_capacity(frame.len() / 4 + 64);
     // Bounded: each round either consumes input or fills the spare room it was given, and the
     // room doubles; a compressor that does neither is given up on.
     for _ in 0..64 {
@@ -138,12 +160,12 @@ fn deflate(frame: &[u8], level: u32) -> Option<Vec<u8>> {
         let consumed = usize::try_from(compress.total_in()).ok()?;
         let before = (compress.total_in(), compress.total_out());
         compress
-            .compress_vec(frame.get(consumed..)?, &mut out, FlushCompress::Sync)
+            .compress_vec(frame.get(consumed..)?, out, FlushCompress::Sync)
             .ok()?;
         let done = usize::try_from(compress.total_in()).ok()? == frame.len();
         // The flush is complete once the compressor stops short of the room it had.
         if done && out.len() < out.capacity() {
-            return Some(out);
+            return Some(());
         }
         if (compress.total_in(), compress.total_out()) == before && out.len() < out.capacity() {
             return None;
@@ -277,15 +299,50 @@ mod tests {
         let large_incompressible: Vec<u8> = (0..200_000u32)
             .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
             .collect();
-        let stored_big = stored(&large_incompressible);
         let mut body = HEADER.to_vec();
-        body.extend_from_slice(&stored(b""));
-        body.extend_from_slice(&stored_big);
+        stored(b"", &mut body);
+        stored(&large_incompressible, &mut body);
         let mut trailer = Trailer::default();
         trailer.add(&Segment::encode(b""));
         trailer.add(&Segment::encode(&large_incompressible));
         body.extend_from_slice(&trailer.finish());
         assert_eq!(gunzip(&body), large_incompressible);
+    }
+
+    #[test]
+    fn each_segment_is_also_a_whole_member_of_its_frame_alone() {
+        let big = frame(2000, 4);
+        let incompressible: Vec<u8> = (0..70_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+            .collect();
+        for segment in [
+            Segment::encode(&big),
+            Segment::encode_for_one(&big),
+            Segment::encode(b"retry: 2000\n\n"),
+            Segment::encode(b""),
+            Segment::encode(&incompressible),
+        ] {
+            let member = segment.member();
+            let plain = gunzip(member);
+            assert_eq!(plain.len() as u64, segment.frame_len());
+            // The segment is the member's middle: one allocation for both.
+            assert_eq!(&member[..HEADER.len()], &HEADER[..]);
+            assert_eq!(
+                &member[HEADER.len()..member.len() - 10],
+                &segment.bytes()[..]
+            );
+            assert_eq!(
+                member[HEADER.len()..].as_ptr(),
+                segment.bytes().as_ptr(),
+                "no second copy"
+            );
+        }
+        assert_eq!(gunzip(Segment::encode(&big).member()), big);
+        assert_eq!(
+            gunzip(Segment::encode(&incompressible).member()),
+            incompressible
+        );
+        assert!(Segment::encode(&big).member().len() * 5 < big.len());
     }
 
     #[test]

@@ -8,8 +8,13 @@
 //! *pushes* every publish and per-user refresh to the shards that registered sockets
 //! ([`PUSH_PATH`], a request that wakes the object). After waking, the object rebuilds each
 //! socket's core `Subscriber` from the attachment; revisions only move forward per socket.
+//!
+//! Core also decides each message's form (`Subscriber::socket_message`): text, or for a client
+//! that asked `?coding=gzip` a large frame as one binary gzip member. Either is made into one JS
+//! value per frame and publish, sent by reference to every socket.
 
-use js_sys::JsString;
+use js_sys::{JsString, Uint8Array};
+use rollgate_proxy_core::stream::SocketMessage;
 use wasm_bindgen::{JsCast, JsValue};
 use worker::{WebSocket, WebSocketPair};
 
@@ -202,7 +207,7 @@ pub(super) async fn connect(inner: &Rc<Inner>, req: &Request) -> worker::Result<
         .accept_websocket_with_tags(&pair.server, &[kind.label()]);
     attachment.store(&pair.server);
     if let Some(snapshot) = current(inner).await {
-        deliver(inner, &pair.server, &snapshot, &SharedText::default());
+        deliver(inner, &pair.server, &snapshot, &SharedMessages::default());
     }
     if let Some(at) = attachment.close_at {
         schedule_close(inner, at).await;
@@ -403,9 +408,9 @@ pub(super) async fn push(inner: &Rc<Inner>, req: &mut Request) -> worker::Result
                     .is_some_and(|user| users.contains(&user))
         })
         .collect();
-    // One JS string per shared frame, sent by reference to every socket; paced like the
+    // One JS value per shared message, sent by reference to every socket; paced like the
     // event streams' hand-out (the runtime copies each socket's message into its own buffer).
-    let shared = SharedText::default();
+    let shared = SharedMessages::default();
     for (n, ws) in sockets.iter().enumerate() {
         if n > 0 && n % PUBLISH_BATCH == 0 {
             yield_to_runtime().await;
@@ -416,30 +421,46 @@ pub(super) async fn push(inner: &Rc<Inner>, req: &mut Request) -> worker::Result
     Response::ok("ok")
 }
 
-/// The JS strings of the current publish's shared frames.
+/// The JS values of the current publish's shared messages (a few: one per frame and form),
+/// keyed by the bytes core shares between sockets.
 #[derive(Default)]
-struct SharedText {
-    texts: std::cell::RefCell<Vec<(bytes::Bytes, JsString)>>,
+struct SharedMessages {
+    made: std::cell::RefCell<Vec<(SocketMessage, JsValue)>>,
 }
 
-impl SharedText {
-    fn get(&self, frame: &bytes::Bytes) -> JsString {
-        let mut texts = self.texts.borrow_mut();
-        if let Some((_, text)) = texts
-            .iter()
-            .find(|(b, _)| b.as_ptr() == frame.as_ptr() && b.len() == frame.len())
-        {
-            return text.clone();
+impl SharedMessages {
+    fn get(&self, message: SocketMessage) -> JsValue {
+        let mut made = self.made.borrow_mut();
+        let same = |made: &SocketMessage| match (made, &message) {
+            (SocketMessage::Text(a), SocketMessage::Text(b))
+            | (SocketMessage::Gzip(a), SocketMessage::Gzip(b)) => {
+                a.as_ptr() == b.as_ptr() && a.len() == b.len()
+            }
+            _ => false,
+        };
+        if let Some((_, value)) = made.iter().find(|(m, _)| same(m)) {
+            return value.clone();
         }
-        let text = JsString::from(String::from_utf8_lossy(frame).as_ref());
-        texts.push((frame.clone(), text.clone()));
-        text
+        let value = js_message(&message);
+        made.push((message, value.clone()));
+        value
+    }
+}
+
+/// `message` as what `ws.send` takes: a JS string (made once: `WebSocket::send_with_str` would
+/// convert the Rust string again for every socket), or the gzip member's bytes.
+fn js_message(message: &SocketMessage) -> JsValue {
+    match message {
+        SocketMessage::Text(frame) => {
+            JsString::from(String::from_utf8_lossy(frame).as_ref()).into()
+        }
+        SocketMessage::Gzip(member) => Uint8Array::from(&member[..]).into(),
     }
 }
 
 /// Sends `ws` what core's subscriber, re-created from the attachment, decides for `snapshot`;
 /// a per-user socket's flags are asked of the relay in a task of their own.
-fn deliver(inner: &Rc<Inner>, ws: &WebSocket, snapshot: &Arc<Snapshot>, shared: &SharedText) {
+fn deliver(inner: &Rc<Inner>, ws: &WebSocket, snapshot: &Arc<Snapshot>, shared: &SharedMessages) {
     let Some(mut attachment) = Attachment::of(ws) else {
         return;
     };
@@ -469,7 +490,8 @@ fn deliver(inner: &Rc<Inner>, ws: &WebSocket, snapshot: &Arc<Snapshot>, shared: 
     match subscriber.on_snapshot(snapshot) {
         Next::Frame(frame) => {
             attachment.sent_id = Some(snapshot.event_id().to_owned());
-            if send_text(ws, &shared.get(&frame)) {
+            let message = shared.get(subscriber.socket_message(snapshot, frame));
+            if send(ws, &message) {
                 inner.core.borrow_mut().frames_sent[subscriber.kind().index()] += 1;
             }
         }
@@ -526,8 +548,8 @@ async fn resolve(
     subscriber.resume_sent_flags(attachment.sent_flags);
     if let Some(frame) = subscriber.on_flags(&snapshot, &flags) {
         attachment.sent_id = Some(snapshot.event_id().to_owned());
-        let text = JsString::from(String::from_utf8_lossy(&frame).as_ref());
-        if send_text(&ws, &text) {
+        let message = js_message(&subscriber.socket_message(&snapshot, frame));
+        if send(&ws, &message) {
             inner.core.borrow_mut().frames_sent[subscriber.kind().index()] += 1;
         }
     }
@@ -535,10 +557,9 @@ async fn resolve(
     attachment.store(&ws);
 }
 
-/// `ws.send(text)` with a JS string made once per frame (`WebSocket::send_with_str` would
-/// convert the Rust string again for every socket).
-fn send_text(ws: &WebSocket, text: &JsString) -> bool {
-    call(ws, "send", Some(text)).is_ok()
+/// `ws.send(message)` with a JS value made once per frame ([`js_message`]).
+fn send(ws: &WebSocket, message: &JsValue) -> bool {
+    call(ws, "send", Some(message)).is_ok()
 }
 
 /// Core's request for a socket's stream, as the client first sent it.

@@ -5,7 +5,8 @@
 //   needs a preflight, and reading the exposed ETag), and streams with the proxy's own JS client,
 //   over EventSource and over the browser's WebSocket (`transport: 'websocket'`);
 // - with client keys, `/?token=<key>` works and a page without a key shows a 401 error state;
-// - a large flag set streams gzip-coded, and the page follows a change on the same stream.
+// - a large flag set streams gzip-coded, and the page follows a change on the same stream;
+//   over the WebSocket its frames come as binary gzip messages that the client decompresses.
 // Screenshots go to test-artifacts/ (not committed).
 
 import { after, before, describe, test } from 'node:test';
@@ -190,7 +191,8 @@ describe('Chromium: demo page, second origin', () => {
     page.on('websocket', (ws) => sockets.push(ws.url()));
     await page.goto(`${other.origin}/client.html?transport=websocket&proxy=${encodeURIComponent(proxy.url)}`);
     await page.waitForSelector('#out[data-state="open"]', { timeout: 8000 });
-    assert.deepEqual(sockets, [`${proxy.url.replace(/^http/, 'ws')}/api/stream`]);
+    // Chromium has DecompressionStream: the client asks for large frames gzip-coded.
+    assert.deepEqual(sockets, [`${proxy.url.replace(/^http/, 'ws')}/api/stream?coding=gzip`]);
     const expected = (await proxy.json('/api/flags')).flags;
     assert.deepEqual(JSON.parse(await page.textContent('#out')), expected);
     await mock.setFlag('config', false);
@@ -227,6 +229,48 @@ describe('Chromium: a large flag set', () => {
     assert.ok(codings.length >= 1 && codings.every((c) => c === 'gzip'), `stream codings: ${codings}`);
     assert.deepEqual(consoleErrors, []);
     await page.close();
+  });
+
+  // The client page on a second origin; closed after Chromium (the `after` above), whose
+  // keep-alive connections would hold the server open.
+  let other;
+  before(async () => {
+    other = await staticServer('127.0.0.2', { '/client.html': CLIENT_PAGE });
+  });
+  after(async () => {
+    await other?.close();
+  });
+
+  test('the JS client over the WebSocket gets it as binary gzip messages and follows a change', async () => {
+    const { mock, proxy, browser } = parts;
+    const page = await browser.context.newPage();
+    try {
+      const frames = { binary: 0, text: 0 };
+      page.on('websocket', (ws) =>
+        ws.on('framereceived', (f) => (typeof f.payload === 'string' ? frames.text++ : frames.binary++)),
+      );
+      const consoleErrors = [];
+      // The static server has no favicon: its 404 is not the client's.
+      page.on('console', (m) => {
+        if (m.type() === 'error' && !m.location().url.endsWith('/favicon.ico')) consoleErrors.push(m.text());
+      });
+      await page.goto(`${other.origin}/client.html?transport=websocket&proxy=${encodeURIComponent(proxy.url)}`);
+      await page.waitForSelector('#out[data-state="open"]', { timeout: 20_000 });
+      assert.deepEqual(JSON.parse(await page.textContent('#out')), (await proxy.json('/api/flags')).flags);
+      const key = 'bulk-experiment-0001-checkout-flow';
+      const before = (await proxy.json('/api/flags')).flags[key];
+      await mock.setFlag(key, !before);
+      await page.waitForFunction(
+        ([k, v]) => JSON.parse(document.querySelector('#out')?.textContent || '{}')[k] === v,
+        [key, !before],
+        { timeout: 20_000 },
+      );
+      assert.equal(await page.getAttribute('#out', 'data-state'), 'open');
+      assert.ok(frames.binary >= 2 && frames.text === 0, `frames received: ${JSON.stringify(frames)}`);
+      assert.deepEqual(consoleErrors, []);
+    } finally {
+      await page.close();
+    }
   });
 });
 
