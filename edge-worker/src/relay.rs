@@ -81,9 +81,10 @@ struct Core {
     /// Shards holding WebSocket clients: they hibernate and hold no internal stream, so every
     /// publish and refreshed answer is pushed to them (`shard/sockets.rs`). Persisted.
     socket_shards: BTreeSet<u32>,
-    /// Registrations of socket shards so far: a shard's 410 to a push drops it only if no
-    /// shard registered while that push was under way (its new socket would miss every push).
-    socket_registrations: u64,
+    /// Registrations so far per socket shard (at most one entry per configured shard): a
+    /// shard's 410 to a push drops it only if it did not register again while that push was
+    /// under way (its new socket would miss every later push).
+    socket_registrations: BTreeMap<u32, u64>,
     /// Notifications dropped on the shards' streams so far, as last logged.
     notifications_dropped: u64,
     /// Open upstream streams, to abort on `CloseStream`.
@@ -387,8 +388,13 @@ fn push_to_sockets(inner: &Rc<Inner>, frame: Bytes) {
         )
     };
     let Some(config) = config else { return };
-    let registrations = inner.core.borrow().socket_registrations;
     for index in shards {
+        let registrations = inner
+            .core
+            .borrow()
+            .socket_registrations
+            .get(&index)
+            .copied();
         let (inner, config, frame) = (Rc::clone(inner), Rc::clone(&config), frame.clone());
         wasm_bindgen_futures::spawn_local(async move {
             let mut headers = vec![(http::SHARD_HEADER, index.to_string())];
@@ -413,7 +419,7 @@ fn push_to_sockets(inner: &Rc<Inner>, frame: Bytes) {
                     // next push asks again.
                     let removed = {
                         let mut core = inner.core.borrow_mut();
-                        core.socket_registrations == registrations
+                        core.socket_registrations.get(&index).copied() == registrations
                             && core.socket_shards.remove(&index)
                     };
                     if removed {
@@ -455,7 +461,7 @@ async fn register_sockets(inner: &Rc<Inner>, query: &str) -> worker::Result<Resp
     if let Some(shard) = shard.filter(|s| *s < shards) {
         let added = {
             let mut core = inner.core.borrow_mut();
-            core.socket_registrations += 1;
+            *core.socket_registrations.entry(shard).or_default() += 1;
             core.socket_shards.insert(shard)
         };
         if added {
