@@ -326,14 +326,20 @@ mod tests {
         )
     }
 
-    #[test]
-    fn large_flag_frames_are_gzip_coded_for_clients_that_accept_it() {
-        use crate::encoding::Encoding;
+    /// 101 flags: frames well over the size worth compressing.
+    fn large_flags_json() -> String {
         let mut map = String::from(r#"{"flags":{"#);
         for i in 0..100 {
             map.push_str(&format!(r#""checkout-experiment-{i:05}":true,"#));
         }
         map.push_str(r#""last":false}}"#);
+        map
+    }
+
+    #[test]
+    fn large_flag_frames_are_gzip_coded_for_clients_that_accept_it() {
+        use crate::encoding::Encoding;
+        let map = large_flags_json();
         let large = snapshot(1, &map);
         let small = snapshot(1, r#"{"flags":{"a":true}}"#);
         let gzip = Some("gzip, deflate, br");
@@ -367,11 +373,7 @@ mod tests {
                 .expect("a whole gzip member");
             out
         };
-        let mut map = String::from(r#"{"flags":{"#);
-        for i in 0..100 {
-            map.push_str(&format!(r#""checkout-experiment-{i:05}":true,"#));
-        }
-        map.push_str(r#""last":false}}"#);
+        let map = large_flags_json();
         let large = snapshot(1, &map);
         let small = snapshot(1, r#"{"flags":{"a":true}}"#);
         let asking = |kind, query: &str| anonymous(kind).with_socket_coding(query);
@@ -419,15 +421,7 @@ mod tests {
         }
 
         // A per-user frame is coded for its client alone.
-        let mut user = Subscriber::new(
-            Timestamp::ZERO,
-            StreamKind::Sdk,
-            Context::with_id("u1"),
-            None,
-            TIMING,
-            0.5,
-        )
-        .with_socket_coding("user_id=u1&coding=gzip");
+        let mut user = sdk_subscriber_for_u1().with_socket_coding("user_id=u1&coding=gzip");
         let flags = EvaluatedFlags::from_json(map.as_bytes()).unwrap();
         let own = user.on_flags(&large, &flags).expect("a first frame");
         // Its own rendering, not the snapshot's frame (even with the same bytes).
