@@ -11,15 +11,18 @@
 #      `/live` (answered by the front alone), as a yardstick for the RSS figures above.
 #   5. (`floor`, not in the default phases) Phase 1's measurement on a minimal JS Durable Object
 #      (scripts/bench-edge-floor/) that holds the N streams and pushes one shared frame of
-#      BENCH_FLOOR_FRAME_BYTES (17,000: phase 1's gzip-coded change) to all, BENCH_FLOOR_BATCH
-#      at a time (25, as the shards do; 0: all at once): what any Worker pays under
-#      `wrangler dev`, with no code of this project.
+#      BENCH_FLOOR_FRAME_BYTES (5,700: about phase 1's gzip-coded change, 5,665 B per stream)
+#      to all, BENCH_FLOOR_BATCH at a time (25, as the shards do; 0: all at once): what any
+#      Worker pays under `wrangler dev`, with no code of this project. BENCH_FLOOR_SOURCE=pull,
+#      BENCH_FLOOR_CODING=gzip and BENCH_FLOOR_HEADERS=proxy make its streams look like the
+#      shards' (pull-based, gzip-coded, this proxy's headers).
 # Usage: scripts/bench-edge.sh [clients=2000] [shards=4]   (BENCH_PHASES="sse ws poll latency" picks)
 # Knobs of phases 1/1b: BENCH_CHANGES (changes measured, 1), BENCH_ROUNDS (the phase again with
 # new clients on the same wrangler dev, 1), BENCH_SETTLE_MS (idle time of the
 # connected clients before the baseline, 1000), BENCH_ACCEPT_ENCODING (the SSE clients' header,
 # a browser's by default; `identity` for uncompressed streams; with gzip in it the WebSocket
-# clients ask `?coding=gzip`, as the JS client does). The RSS is also printed per
+# clients ask `?coding=gzip`, as the JS client does), BENCH_WARMUP_CHANGES (changes made before
+# any client connects, 0). The RSS is also printed per
 # workerd process (`rss_by_process_mib`): wrangler dev runs its proxy beside the Worker's.
 # Run scripts/build-edge.sh first (and `cargo build -p rollgate-proxy-tests --bin mock-upstream`).
 # Every process runs under `timeout` and is stopped by its recorded pid; results go to stdout
@@ -187,10 +190,10 @@ if has devcost; then
 fi
 if has floor; then
   stop_all
-  echo "== 5. the floor: $clients SSE streams on a minimal JS Durable Object, one shared frame of ${BENCH_FLOOR_FRAME_BYTES:-17000} bytes pushed to all"
+  echo "== 5. the floor: $clients SSE streams on a minimal JS Durable Object, one shared frame of ${BENCH_FLOOR_FRAME_BYTES:-5700} bytes pushed to all"
   start_js_worker "$ROOT/scripts/bench-edge-floor"
   sleep 2
-  BENCH_FLOOR_FRAME_BYTES=${BENCH_FLOOR_FRAME_BYTES:-17000} BENCH_FLOOR_BATCH=${BENCH_FLOOR_BATCH:-25} timeout 300 \
+  BENCH_FLOOR_FRAME_BYTES=${BENCH_FLOOR_FRAME_BYTES:-5700} BENCH_FLOOR_BATCH=${BENCH_FLOOR_BATCH:-25} timeout 300 \
     node scripts/bench-edge.mjs floor "$w" - "$clients" - "$(workerd_pids)"
   echo "   load average $(cut -d' ' -f1-3 /proc/loadavg)"
 fi
