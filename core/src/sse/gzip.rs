@@ -59,10 +59,9 @@ pub fn keepalive() -> &'static Segment {
 pub fn head(preamble: &[u8], trailer: &mut Trailer) -> Bytes {
     let segment = Segment::encode(preamble);
     trailer.add(&segment);
-    let mut out = Vec::with_capacity(HEADER.len() + segment.bytes().len());
-    out.extend_from_slice(&HEADER);
-    out.extend_from_slice(segment.bytes());
-    Bytes::from(out)
+    // The segment already sits after the header in its member's buffer: no copy.
+    let member = segment.member();
+    member.slice(..HEADER.len() + segment.bytes().len())
 }
 
 /// The largest stored block deflate allows.
