@@ -921,6 +921,12 @@ impl Upstream {
             self.counters.events += 1;
             self.last_confirmed = Some(now);
             self.handle_event(now, &event);
+            // A snapshot's data was the decoder's line buffer: the next one reuses it.
+            if let StreamSlot::Open(open) = &mut self.stream
+                && open.id == id
+            {
+                open.decoder.recycle(event);
+            }
         }
         self.settle_change();
         self.drive(now);

@@ -568,6 +568,8 @@ async fn follow_relay(inner: &Rc<Inner>) -> worker::Result<bool> {
                 }
                 Err(error) => console_error!("shard: bad snapshot from relay: {error}"),
             }
+            // The envelope's data was the decoder's line buffer: the next one reuses it.
+            decoder.recycle(event);
         }
         if inner.core.borrow().clients.is_empty() {
             // Nobody to serve: let the internal stream go (the next client re-subscribes).

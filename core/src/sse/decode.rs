@@ -14,6 +14,8 @@
 //! Every byte is scanned once: a partial line is kept in a buffer and only the new chunk is
 //! searched for a line ending, so feeding a large line one byte at a time stays linear. Lines
 //! completed inside a chunk are parsed in place; only a line spanning chunks is copied (once).
+//! A long such line that is an event's first `data` field becomes its data in place, and a
+//! caller that hands the event back ([`Decoder::recycle`]) lets the next one reuse the buffer.
 //!
 //! # Limits
 //! A hostile or broken upstream cannot make the decoder hold more than about
@@ -27,6 +29,10 @@ use std::time::Duration;
 
 /// The UTF-8 byte order mark.
 const BOM: &[u8] = b"\xEF\xBB\xBF";
+
+/// A buffered line at least this long that is its event's first `data` field becomes the
+/// event's data without a copy ([`Decoder::recycle`] gives the buffer back).
+const ADOPT_LINE_BYTES: usize = 64 * 1024;
 
 /// Bounds on what one stream may make the decoder buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -283,6 +289,11 @@ impl Decoder {
         }
         let mut line = mem::take(&mut self.line);
         line.extend_from_slice(tail);
+        if let Some(line) = self.adopt_data_line(&mut line) {
+            // The buffer is the event's data now; `recycle` gives it back once read.
+            self.line = line;
+            return Ok(());
+        }
         let result = self.process_line(&line);
         // Keep the allocation (bounded by the line limit) for the next long line. Releasing a
         // snapshot-sized one (1 MiB for 2,000 flags) was measured worse on the Worker: every
@@ -290,6 +301,52 @@ impl Decoder {
         line.clear();
         self.line = line;
         result
+    }
+
+    /// Takes a long buffered `line` that is its event's first `data` field as that data, in
+    /// place: a snapshot arrives as one `data:` line of hundreds of KB over many chunks, and
+    /// copying it out of the line buffer held it twice at every change's peak. Returns the
+    /// line buffer to use from now on (empty), or `None` (the line is left as it was) for
+    /// any other line, which is parsed as usual.
+    fn adopt_data_line(&mut self, line: &mut Vec<u8>) -> Option<Vec<u8>> {
+        if line.len() < ADOPT_LINE_BYTES || !self.data.is_empty() || !line.starts_with(b"data:") {
+            return None;
+        }
+        let start = if line.get(5) == Some(&b' ') { 6 } else { 5 };
+        let value = &line[start..];
+        // Over the limit, or not UTF-8 (decoded lossily): the usual path reports or replaces.
+        if value.len() > self.limits.max_event_bytes || std::str::from_utf8(value).is_err() {
+            return None;
+        }
+        let mut data = mem::take(line);
+        data.drain(..start);
+        // Within the capacity the prefix freed: no reallocation.
+        data.push(b'\n');
+        self.data = match String::from_utf8(data) {
+            Ok(data) => data,
+            // Checked above; kept total all the same.
+            Err(error) => {
+                self.lossy = true;
+                String::from_utf8_lossy(error.as_bytes()).into_owned()
+            }
+        };
+        Some(Vec::new())
+    }
+
+    /// Gives back a dispatched event once it has been read: its data's allocation becomes
+    /// the line buffer again when it is larger than the current one, so the next long line
+    /// fills it instead of growing a new buffer by doubling (measured on the Worker: the
+    /// holes a growing buffer leaves raise the wasm memory's level for good). Optional: an
+    /// event that is not given back is simply freed.
+    pub fn recycle(&mut self, event: SseEvent) {
+        let mut buffer = event.data.into_bytes();
+        let bound = self.limits.max_line_bytes.saturating_mul(2);
+        if buffer.capacity() <= self.line.capacity() || buffer.capacity() > bound {
+            return;
+        }
+        buffer.clear();
+        buffer.extend_from_slice(&self.line);
+        self.line = buffer;
     }
 
     fn process_line(&mut self, line: &[u8]) -> Result<(), DecodeError> {
@@ -827,6 +884,60 @@ mod tests {
 
     /// Each fixture `<name>.sse` has `<name>.expected.json`:
     /// `{"events":[{"event","data","id"}..],"last_event_id","retry_ms","comments"}`.
+    /// Long `data` lines (over the adopt threshold) decode as the reference does, whatever
+    /// the chunking, with more data lines after them, without the space, and with events
+    /// around them; a recycled event's buffer carries the next long line.
+    #[test]
+    fn long_data_lines_are_taken_in_place() {
+        let long = "x".repeat(ADOPT_LINE_BYTES + 10);
+        let other = "y".repeat(ADOPT_LINE_BYTES * 2);
+        let streams = [
+            format!("event: rules-full\ndata: {long}\n\n"),
+            format!("data:{long}\n\nevent: b\ndata: {other}\r\n\r\n"),
+            format!("data: {long}\ndata: second\n\ndata: short\n\n"),
+            format!("data: short\ndata: {long}\n\n: keepalive\n\n"),
+            format!("id: 7\ndata: {long}\nid: 8\n\ndata: {other}\n\n"),
+        ];
+        for stream in &streams {
+            let want = reference(stream.as_bytes());
+            for size in [1_000, 4_096, ADOPT_LINE_BYTES, stream.len()] {
+                let chunks: Vec<&[u8]> = stream.as_bytes().chunks(size).collect();
+                assert_eq!(decode_chunks(&chunks), want, "chunks of {size}");
+            }
+        }
+        // Handed back, the data's buffer is the line buffer again: the next long event is
+        // read into it without growing another one.
+        let mut decoder = Decoder::default();
+        let stream = format!("data: {other}\n\n");
+        for round in 0..3 {
+            for chunk in stream.as_bytes().chunks(16 * 1024) {
+                decoder.push(chunk).unwrap();
+            }
+            let event = decoder.next_event().unwrap();
+            assert_eq!(event.data, other);
+            let capacity = event.data.capacity();
+            decoder.recycle(event);
+            assert_eq!(decoder.line.capacity(), capacity, "round {round}");
+            assert!(decoder.line.is_empty());
+        }
+    }
+
+    /// A long line that is not UTF-8 takes the usual (lossy) path.
+    #[test]
+    fn long_invalid_utf8_data_is_lossy() {
+        let mut stream = b"data: ".to_vec();
+        stream.extend(std::iter::repeat_n(b'a', ADOPT_LINE_BYTES));
+        stream.extend_from_slice(b"\xff\n\n");
+        let mut decoder = Decoder::default();
+        for chunk in stream.chunks(8 * 1024) {
+            decoder.push(chunk).unwrap();
+        }
+        let event = decoder.next_event().unwrap();
+        assert!(event.lossy);
+        assert!(event.data.ends_with('\u{FFFD}'));
+        assert_eq!(event.data.len(), ADOPT_LINE_BYTES + 3);
+    }
+
     #[test]
     fn golden_fixtures() {
         macro_rules! fixture {
