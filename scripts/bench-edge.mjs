@@ -17,6 +17,10 @@ const [mode, worker, ...rest] = process.argv.slice(2);
 // What SSE clients accept: a browser's header by default (the stream is then gzip-coded for
 // large flag sets); BENCH_ACCEPT_ENCODING=identity measures the uncompressed stream.
 const acceptEncoding = process.env.BENCH_ACCEPT_ENCODING ?? 'gzip, deflate, br';
+// Which gzip-coded SSE bodies the load client decodes: `all` (a browser's work, on the
+// measured box's own cores), or `first` (the first three, to check them; the others count a
+// frame when its member arrives, as the WebSocket clients do).
+const sseDecode = process.env.BENCH_SSE_DECODE ?? 'all';
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
 /** A short form of a process's command line, to tell wrangler dev's workerd processes apart. */
@@ -151,8 +155,11 @@ function percentile(sorted, p) {
  * A gzip-coded body is decoded as it arrives (as a browser does); `wireBytes` counts what came
  * over the connection, `bytes` the decoded stream.
  */
+let streamsToDecode = 3;
 function openStream(path) {
   return new Promise((resolve, reject) => {
+    const decode = sseDecode === 'all' || streamsToDecode > 0;
+    streamsToDecode -= 1;
     const client = { frames: [], bytes: 0, wireBytes: 0, coding: 'identity', since: 0, lastNl: false, req: null };
     const headers = { accept: 'text/event-stream', 'accept-encoding': acceptEncoding };
     const req = http.get(`${worker}${path}`, { agent: false, headers }, (res) => {
@@ -166,6 +173,25 @@ function openStream(path) {
         client.wireBytes += chunk.length;
       });
       let body = res;
+      if (res.headers['content-encoding'] === 'gzip' && !decode) {
+        // Not decoded (BENCH_SSE_DECODE=first): each frame is one gzip member written as one
+        // chunk, so a burst of wire bytes (chunks less than 20 ms apart) of 1,000 bytes or
+        // more is a flag frame; keepalives and the preamble are a few dozen bytes.
+        client.coding = 'gzip';
+        let burst = 0;
+        let lastAt = 0;
+        res.on('data', (chunk) => {
+          const at = performance.now();
+          if (at - lastAt > 20) burst = 0;
+          lastAt = at;
+          const before = burst;
+          burst += chunk.length;
+          client.bytes += chunk.length;
+          if (before < 1000 && burst >= 1000) client.frames.push(at);
+        });
+        res.on('error', () => {});
+        return;
+      }
       if (res.headers['content-encoding'] === 'gzip') {
         client.coding = 'gzip';
         body = res.pipe(zlib.createGunzip());
@@ -531,7 +557,8 @@ const modes = {
       floorPublish,
       `/api/stream?source=${process.env.BENCH_FLOOR_SOURCE ?? 'writer'}` +
         (process.env.BENCH_FLOOR_CODING === 'gzip' ? '&coding=gzip' : '') +
-        (process.env.BENCH_FLOOR_HEADERS === 'proxy' ? '&headers=proxy' : ''),
+        (process.env.BENCH_FLOOR_HEADERS === 'proxy' ? '&headers=proxy' : '') +
+        (process.env.BENCH_FLOOR_HEAD === '1' ? '&head=1' : ''),
     ),
   poll,
   latency,

@@ -15,14 +15,18 @@
 #      to all, BENCH_FLOOR_BATCH at a time (25, as the shards do; 0: all at once): what any
 #      Worker pays under `wrangler dev`, with no code of this project. BENCH_FLOOR_SOURCE=pull,
 #      BENCH_FLOOR_CODING=gzip and BENCH_FLOOR_HEADERS=proxy make its streams look like the
-#      shards' (pull-based, gzip-coded, this proxy's headers).
+#      shards' (pull-based, gzip-coded, this proxy's headers); BENCH_FLOOR_HEAD=1 sends a small
+#      first chunk before the first frame, as the shards' `retry:` preamble.
 # Usage: scripts/bench-edge.sh [clients=2000] [shards=4]   (BENCH_PHASES="sse ws poll latency" picks)
 # Knobs of phases 1/1b: BENCH_CHANGES (changes measured, 1), BENCH_ROUNDS (the phase again with
 # new clients on the same wrangler dev, 1), BENCH_SETTLE_MS (idle time of the
 # connected clients before the baseline, 1000), BENCH_ACCEPT_ENCODING (the SSE clients' header,
 # a browser's by default; `identity` for uncompressed streams; with gzip in it the WebSocket
 # clients ask `?coding=gzip`, as the JS client does), BENCH_WARMUP_CHANGES (changes made before
-# any client connects, 0). The RSS is also printed per
+# any client connects, 0), BENCH_SSE_DECODE (`all` gzip-coded SSE bodies decoded by the load
+# client, the default, or `first`: only the first three, the others counting a frame when its
+# member arrives, as the WebSocket clients do). BENCH_WORKER_LOG=<file> keeps wrangler dev's
+# output (the Worker's console errors). The RSS is also printed per
 # workerd process (`rss_by_process_mib`): wrangler dev runs its proxy beside the Worker's.
 # Run scripts/build-edge.sh first (and `cargo build -p rollgate-proxy-tests --bin mock-upstream`).
 # Every process runs under `timeout` and is stopped by its recorded pid; results go to stdout
@@ -43,6 +47,7 @@ work=$(mktemp -d)
 pids=()
 cleanup() {
   for pid in "${pids[@]}"; do kill -- "-$pid" 2>/dev/null || kill "$pid" 2>/dev/null || true; done
+  if [ -n "${BENCH_WORKER_LOG:-}" ]; then cp "$work/worker.log" "$BENCH_WORKER_LOG" 2>/dev/null || true; fi
   rm -rf "$work"
 }
 trap cleanup EXIT INT TERM

@@ -27,8 +27,9 @@ fn kib(bytes: usize) -> String {
 }
 
 /// One change as the Relay takes it: the event through the stream's SSE decoder in 16 KiB
-/// reads, parsed and compiled into a snapshot that replaces the current one, its persisted form
-/// and the shards' envelope made, then what the change does not keep dropped. Prints each
+/// reads, parsed and compiled into a snapshot that replaces the current one, its persisted form,
+/// the shards' frame and a stream's flags frame made, then what the change does not keep
+/// dropped. Prints each
 /// step's live bytes above `base` (a decoder that already read a change reuses its buffer).
 fn change(
     store: &mut SnapshotStore,
@@ -58,17 +59,20 @@ fn change(
     let event = decoder.next_event().expect("one event");
     step("decoded event");
     let source = FlagSource::rules_from_json(event.data.as_bytes()).expect("valid rules");
-    drop(event);
-    step("parsed and compiled (event dropped)");
+    // Handed back as the Relay's upstream machine does: its buffer reads the next change.
+    decoder.recycle(event);
+    step("parsed and compiled (event recycled)");
     let snapshot = store
         .replace(Timestamp::from_millis(at), source)
         .expect("new content");
     step("snapshot current (the old one dropped)");
     let persisted = snapshot.to_persisted(None);
     step("persisted form");
-    let shared = snapshot.to_shared_anonymous();
-    step("shards' envelope");
-    drop((persisted, shared, snapshot));
+    let shared = snapshot.shared_anonymous_frame("snapshot");
+    step("shards' frame (the envelope as an SSE event)");
+    let frame = snapshot.flags_frame().clone();
+    step("a stream's flags frame");
+    drop((persisted, shared, frame, snapshot));
     step("after the change");
 }
 

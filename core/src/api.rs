@@ -13,7 +13,7 @@ use subtle::ConstantTimeEq;
 
 use crate::encoding::{self, Encoding, Variants};
 use crate::model::{AttributeValue, Context, EvaluatedFlags, FlagKey, Reason, ReasonKind};
-use crate::render;
+use crate::render::{self, json_bytes};
 use crate::snapshot::{CacheStats, Snapshot};
 use crate::stream::StreamKind;
 
@@ -1145,11 +1145,6 @@ fn percent_decode(segment: &str) -> Result<String, ApiError> {
         .decode_utf8()
         .map(Cow::into_owned)
         .map_err(|_| ApiError::bad_request("path is not valid UTF-8"))
-}
-
-fn json_bytes<T: Serialize + ?Sized>(value: &T) -> Bytes {
-    // Serializing these plain structs and maps cannot fail.
-    Bytes::from(serde_json::to_vec(value).unwrap_or_default())
 }
 
 /// Whether a caller's `X-Request-ID` may be kept and echoed: 1 to 128 visible ASCII bytes

@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 
 use crate::eval::Evaluation;
 use crate::model::EvaluatedFlags;
-use crate::sse::encode::Event;
+use crate::sse::encode::{self, Event};
 use crate::time::Timestamp;
 
 /// SSE event name of the frontend stream (`GET /api/stream`), as in the original pattern.
@@ -132,7 +132,7 @@ fn sdk_flags_body_of<F: Serialize, R: Serialize>(flags: F, reasons: Option<R>) -
 
 /// `event: flags` with the bare flag map as data: one frame of `GET /api/stream`.
 pub fn flags_frame(flags: &EvaluatedFlags, event_id: &str) -> Bytes {
-    frame(FLAGS_EVENT, event_id, &json_string(&flags.flags))
+    json_frame(FLAGS_EVENT, Some(event_id), &flags.flags)
 }
 
 /// `event: init` with `{"flags":{..}}` as data: one frame of `GET /api/v1/sdk/stream`.
@@ -144,12 +144,12 @@ pub fn init_frame(flags: &EvaluatedFlags, event_id: &str) -> Bytes {
     struct Data<'a> {
         flags: &'a BTreeMap<String, bool>,
     }
-    frame(
+    json_frame(
         INIT_EVENT,
-        event_id,
-        &json_string(&Data {
+        Some(event_id),
+        &Data {
             flags: &flags.flags,
-        }),
+        },
     )
 }
 
@@ -163,12 +163,15 @@ pub fn ofrep_refetch_frame(event_id: &str, etag: &str, last_modified: Timestamp)
         #[serde(rename = "lastModified")]
         last_modified: u64,
     }
-    let data = json_string(&Data {
-        kind: "refetchEvaluation",
-        etag,
-        last_modified: last_modified.as_millis() / 1000,
-    });
-    frame(OFREP_EVENT, event_id, &data)
+    json_frame(
+        OFREP_EVENT,
+        Some(event_id),
+        &Data {
+            kind: "refetchEvaluation",
+            etag,
+            last_modified: last_modified.as_millis() / 1000,
+        },
+    )
 }
 
 /// `retry: <ms>\n\n`: sent first on every stream so clients reconnect at the pace we choose.
@@ -196,7 +199,11 @@ pub fn content_hash_of(parts: &[&[u8]]) -> String {
     for part in parts {
         hasher.update(part);
     }
-    let digest = hasher.finalize();
+    hex_prefix(&hasher.finalize())
+}
+
+/// 16 lowercase hex digits of a digest's first 8 bytes.
+fn hex_prefix(digest: &[u8]) -> String {
     let mut hex = String::with_capacity(16);
     for byte in &digest[..8] {
         hex.push(char::from(HEX[usize::from(byte >> 4)]));
@@ -216,23 +223,143 @@ pub fn if_none_match_matches(header: &str, etag: &str) -> bool {
         .any(|tag| tag == "*" || strip_weak(tag) == wanted)
 }
 
-fn frame(event: &str, id: &str, data: &str) -> Bytes {
+/// An SSE event whose data is `value` as JSON, serialized straight into the frame, which is
+/// allocated once at its size (see [`encode::one_line_data_frame`]).
+pub(crate) fn json_frame<T: Serialize + ?Sized>(event: &str, id: Option<&str>, value: &T) -> Bytes {
+    let len = json_len(value);
+    let write = |out: &mut Vec<u8>| write_json(out, value);
     // Event names here are constants and ids are produced by this crate (digits, '-', hex), so
     // neither can hold a line break; should one ever be rejected, the frame stays valid without
     // that field rather than failing the publish.
-    let builder = Event::new();
-    let builder = builder.clone().event(event).unwrap_or(builder);
-    let builder = builder.clone().id(id).unwrap_or(builder);
-    builder.data(data).into_bytes()
+    encode::one_line_data_frame(event, id, len, write)
+        .or_else(|_| encode::one_line_data_frame(event, None, len, write))
+        .or_else(|_| encode::one_line_data_frame("", None, len, write))
+        .unwrap_or_default()
 }
 
-fn json_string<T: Serialize + ?Sized>(value: &T) -> String {
-    // Serializing maps with string keys and plain values cannot fail.
-    serde_json::to_string(value).unwrap_or_default()
+/// `value` as JSON, allocated once at its size: bodies and frames live as long as their
+/// snapshot, and `Bytes` keeps a growing `Vec`'s spare capacity (up to as much again).
+pub(crate) fn json_bytes<T: Serialize + ?Sized>(value: &T) -> Bytes {
+    let mut out = Vec::with_capacity(json_len(value));
+    write_json(&mut out, value);
+    Bytes::from(out)
 }
 
-fn json_bytes<T: Serialize + ?Sized>(value: &T) -> Bytes {
-    Bytes::from(serde_json::to_vec(value).unwrap_or_default())
+/// Appends `value` as JSON to `out`. Serializing the plain structs and string-keyed maps
+/// rendered here cannot fail; should it, what it wrote is taken back (empty JSON, as a failed
+/// `to_vec` gave before).
+fn write_json<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
+    let start = out.len();
+    if serde_json::to_writer(&mut JsonSink::Buffer(out), value).is_err() {
+        out.truncate(start);
+    }
+}
+
+/// The size of `value` as JSON, without writing it anywhere (0 if it cannot be serialized).
+pub(crate) fn json_len<T: Serialize + ?Sized>(value: &T) -> usize {
+    let mut sink = JsonSink::Count(0);
+    match (serde_json::to_writer(&mut sink, value), sink) {
+        (Ok(()), JsonSink::Count(len)) => len,
+        _ => 0,
+    }
+}
+
+/// [`content_hash_of`] `prefix` and then `value` as JSON, serialized into the hash without a
+/// buffer.
+pub(crate) fn json_content_hash<T: Serialize + ?Sized>(prefix: &[u8], value: &T) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(prefix);
+    // As in `write_json`: these values always serialize; a failure hashes what was written.
+    let _ = serde_json::to_writer(&mut JsonSink::Hash(&mut hasher), value);
+    hex_prefix(&hasher.finalize())
+}
+
+/// Where the JSON helpers above serialize to: one writer type, so each value type's
+/// serializer is compiled once for all three (the Worker's wasm pays for every copy).
+enum JsonSink<'a> {
+    /// Only counts the bytes.
+    Count(usize),
+    /// Appends them.
+    Buffer(&'a mut Vec<u8>),
+    /// Feeds them to a hash.
+    Hash(&'a mut Sha256),
+}
+
+impl std::io::Write for JsonSink<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Self::Count(len) => *len += buf.len(),
+            Self::Buffer(out) => out.extend_from_slice(buf),
+            Self::Hash(hasher) => hasher.update(buf),
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags(n: usize) -> EvaluatedFlags {
+        let json = format!(
+            "{{\"flags\":{{{}}}}}",
+            (0..n)
+                .map(|i| format!("\"flag-{i}\":{}", i % 3 == 0))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        EvaluatedFlags::from_json(json.as_bytes()).unwrap()
+    }
+
+    /// The exact-size helpers write what `serde_json` writes, and hash what it would hash.
+    #[test]
+    fn json_helpers_agree_with_serde_json() {
+        for n in [0, 1, 7, 2_000] {
+            let flags = flags(n);
+            let want = serde_json::to_vec(&flags.flags).unwrap();
+            assert_eq!(json_len(&flags.flags), want.len());
+            assert_eq!(json_bytes(&flags.flags), want);
+            assert_eq!(
+                json_content_hash(b"evaluated:", &flags.flags),
+                content_hash_of(&[b"evaluated:", &want])
+            );
+        }
+    }
+
+    /// Stream frames written in place are the builder's frames of the serialized JSON.
+    #[test]
+    fn json_frames_are_the_builders() {
+        for n in [0, 1, 2_000] {
+            let flags = flags(n);
+            let data = serde_json::to_string(&flags.flags).unwrap();
+            let want = Event::new()
+                .event(FLAGS_EVENT)
+                .unwrap()
+                .id("7-abc")
+                .unwrap()
+                .data(&data)
+                .into_bytes();
+            assert_eq!(flags_frame(&flags, "7-abc"), want);
+            let init = format!("{{\"flags\":{data}}}");
+            let want = Event::new()
+                .event(INIT_EVENT)
+                .unwrap()
+                .id("7-abc")
+                .unwrap()
+                .data(&init)
+                .into_bytes();
+            assert_eq!(init_frame(&flags, "7-abc"), want);
+        }
+        // An id that cannot be a field leaves it out rather than failing the frame.
+        assert_eq!(
+            json_frame(FLAGS_EVENT, Some("bad\nid"), &1),
+            Bytes::from_static(b"event: flags\ndata: 1\n\n")
+        );
+    }
+}

@@ -91,10 +91,7 @@ impl FlagSource {
     /// always gives equal bytes. Rules hash the JSON their compilation kept, with no copy.
     fn content_hash(&self) -> String {
         match self {
-            Self::Evaluated(flags) => {
-                let json = serde_json::to_vec(flags).unwrap_or_default();
-                render::content_hash_of(&[b"evaluated:", &json])
-            }
+            Self::Evaluated(flags) => render::json_content_hash(b"evaluated:", flags),
             Self::Rules(rules) => {
                 render::content_hash_of(&[b"rules:", rules.payload_json().get().as_bytes()])
             }
@@ -349,47 +346,38 @@ impl Snapshot {
     /// `{"format":1,"revision","cachedAt","upstreamEtag","kind":"evaluated"|"rules","data"}`.
     pub fn to_persisted(&self, upstream_etag: Option<&str>) -> Bytes {
         // The source is serialized straight into the envelope (no intermediate
-        // `serde_json::Value`): a 2,000-flag rules set is ~0.5 MB, written on every change.
-        // `size`: the data's JSON length when known, so the buffer is allocated once, at its
-        // size (grown by doubling, a 0.6 MB set held 1 MiB until the write was done).
-        fn write<T: Serialize + ?Sized>(
+        // `serde_json::Value`), into a buffer allocated once at its size: a 2,000-flag rules
+        // set is ~0.5 MB, written on every change (grown by doubling, it held 1 MiB).
+        fn envelope<'a, T: ?Sized>(
             snapshot: &Snapshot,
             upstream_etag: Option<&str>,
             kind: PersistedKind,
-            data: &T,
-            size: usize,
-        ) -> Vec<u8> {
-            let envelope = 160 + upstream_etag.map_or(0, str::len);
-            let mut out = Vec::with_capacity(size.saturating_add(envelope));
-            let written = serde_json::to_writer(
-                &mut out,
-                &Persisted {
-                    format: PERSIST_FORMAT,
-                    revision: snapshot.revision,
-                    cached_at: snapshot.cached_at,
-                    upstream_etag: upstream_etag.map(str::to_owned),
-                    kind,
-                    hash: None::<&str>,
-                    data,
-                },
-            );
-            if written.is_err() {
-                out.clear();
+            data: &'a T,
+        ) -> Persisted<&'a T, &'a str> {
+            Persisted {
+                format: PERSIST_FORMAT,
+                revision: snapshot.revision,
+                cached_at: snapshot.cached_at,
+                upstream_etag: upstream_etag.map(str::to_owned),
+                kind,
+                hash: None,
+                data,
             }
-            out
         }
-        Bytes::from(match &self.source {
-            FlagSource::Evaluated(flags) => {
-                write(self, upstream_etag, PersistedKind::Evaluated, flags, 0)
-            }
-            FlagSource::Rules(rules) => write(
+        match &self.source {
+            FlagSource::Evaluated(flags) => render::json_bytes(&envelope(
+                self,
+                upstream_etag,
+                PersistedKind::Evaluated,
+                flags,
+            )),
+            FlagSource::Rules(rules) => render::json_bytes(&envelope(
                 self,
                 upstream_etag,
                 PersistedKind::Rules,
                 rules.payload_json(),
-                rules.payload_json().get().len(),
-            ),
-        })
+            )),
+        }
     }
 
     /// This snapshot as a reader that serves only anonymous stream frames needs it (an SSE
@@ -399,24 +387,28 @@ impl Snapshot {
     /// [`Snapshot::from_shared_anonymous`] rebuilds the same frames, event id and ETag without
     /// parsing, compiling or hashing the rules.
     pub fn to_shared_anonymous(&self) -> Bytes {
-        #[derive(Serialize)]
-        struct Values<'a> {
-            flags: &'a std::collections::BTreeMap<String, bool>,
+        render::json_bytes(&self.shared_anonymous())
+    }
+
+    /// [`Snapshot::to_shared_anonymous`] as the data of one SSE event of type `event`, written
+    /// straight into the frame (the internal stream from the Worker's relay to its shards: one
+    /// buffer of the envelope's size per publish, no copies).
+    pub fn shared_anonymous_frame(&self, event: &str) -> Bytes {
+        render::json_frame(event, None, &self.shared_anonymous())
+    }
+
+    fn shared_anonymous(&self) -> Persisted<SharedValues<'_>, &str> {
+        Persisted {
+            format: PERSIST_FORMAT,
+            revision: self.revision,
+            cached_at: self.cached_at,
+            upstream_etag: None,
+            kind: PersistedKind::Evaluated,
+            hash: Some(self.hash.as_str()),
+            data: SharedValues {
+                flags: &self.defaults().flags,
+            },
         }
-        Bytes::from(
-            serde_json::to_vec(&Persisted {
-                format: PERSIST_FORMAT,
-                revision: self.revision,
-                cached_at: self.cached_at,
-                upstream_etag: None,
-                kind: PersistedKind::Evaluated,
-                hash: Some(self.hash.as_str()),
-                data: Values {
-                    flags: &self.defaults().flags,
-                },
-            })
-            .unwrap_or_default(),
-        )
     }
 
     /// Restores what [`Snapshot::to_shared_anonymous`] wrote. The content hash is taken as
@@ -593,6 +585,12 @@ struct Persisted<D, H> {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     hash: Option<H>,
     data: D,
+}
+
+/// The data of [`Snapshot::to_shared_anonymous`]'s envelope.
+#[derive(Serialize)]
+struct SharedValues<'a> {
+    flags: &'a std::collections::BTreeMap<String, bool>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -20,7 +20,7 @@ use rollgate_proxy_core::metrics::{MAX_SIDE_REQUESTS_IN_FLIGHT, SideOutcome, Sid
 use rollgate_proxy_core::model::EvaluatedFlags;
 use rollgate_proxy_core::reports::RestartingCounters;
 use rollgate_proxy_core::snapshot::{FlagSource, Freshness, Revision, Snapshot, SnapshotStore};
-use rollgate_proxy_core::sse::encode::{Event, KEEPALIVE};
+use rollgate_proxy_core::sse::encode::KEEPALIVE;
 use rollgate_proxy_core::stream::StreamKind;
 use rollgate_proxy_core::time::Timestamp;
 use rollgate_proxy_core::upstream::{
@@ -358,11 +358,7 @@ async fn put_unconfirmed(inner: &Inner, key: &str, value: JsValue) -> worker::Re
 /// (a shard serves anonymous frames and asks the relay for per-user answers), so that a shard
 /// rebuilds it without parsing, compiling or hashing the rules.
 fn snapshot_frame(snapshot: &Snapshot) -> Bytes {
-    let persisted = snapshot.to_shared_anonymous();
-    let data = String::from_utf8_lossy(&persisted);
-    let builder = Event::new();
-    let builder = builder.clone().event(SNAPSHOT_EVENT).unwrap_or(builder);
-    builder.data(&data).into_bytes()
+    snapshot.shared_anonymous_frame(SNAPSHOT_EVENT)
 }
 
 /// Hands every shard one JS copy of a snapshot `frame` (a shard that has not taken the

@@ -31,6 +31,14 @@ async function gzipFrame(bytes, n) {
   return new Uint8Array(await new Response(stream).arrayBuffer());
 }
 
+/** The shards' stream preamble, `retry: 2000` and a blank line, as one chunk of the coding. */
+async function preamble(gzip) {
+  const plain = encoder.encode('retry: 2000\n\n');
+  if (!gzip) return plain;
+  const stream = new Blob([plain]).stream().pipeThrough(new CompressionStream('gzip'));
+  return new Uint8Array(await new Response(stream).arrayBuffer());
+}
+
 export class Floor {
   constructor() {
     this.writers = new Set();
@@ -80,10 +88,13 @@ export class Floor {
     // The bytes are gzip members already: the runtime must send them as they are.
     const init = gzip ? { headers, encodeBody: 'manual' } : { headers };
     const first = gzip ? (this.currentGzip ??= await gzipFrame(5700, this.n)) : this.current;
+    // `?head=1`: a small first chunk before the first frame, as the shards send their
+    // `retry:` preamble (a gzip member of its own when gzip-coded).
+    const head = url.searchParams.get('head') === '1' ? await preamble(gzip) : null;
     if (url.searchParams.get('source') === 'pull') {
       // A pull source holding the newest frame, as the shards' Rust-made streams are: the
       // runtime asks for the next chunk, which waits until a publish offers one.
-      const slot = { frame: first, wake: null };
+      const slot = { frame: first, wake: null, head };
       const source = {
         gzip,
         write: (frame) => {
@@ -95,6 +106,11 @@ export class Floor {
       this.writers.add(source);
       const readable = new ReadableStream({
         pull: async (controller) => {
+          if (slot.head) {
+            controller.enqueue(slot.head);
+            slot.head = null;
+            return;
+          }
           while (!slot.frame) await new Promise((resolve) => (slot.wake = resolve));
           slot.wake = null;
           controller.enqueue(slot.frame);
@@ -108,6 +124,7 @@ export class Floor {
     const writer = writable.getWriter();
     writer.gzip = gzip;
     this.writers.add(writer);
+    if (head) writer.write(head).catch(() => this.writers.delete(writer));
     writer.write(first).catch(() => this.writers.delete(writer));
     return new Response(readable, init);
   }

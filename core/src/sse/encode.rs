@@ -122,22 +122,11 @@ impl Event {
     /// The encoded frame, ending with the blank line that dispatches it.
     pub fn to_bytes(&self) -> Bytes {
         let mut out = Vec::with_capacity(self.encoded_len());
-        if let Some(comment) = &self.comment {
-            write_lines(&mut out, b":", comment);
-        }
-        if !self.event.is_empty() {
-            write_field(&mut out, b"event", &self.event);
-        }
-        if let Some(id) = &self.id {
-            write_field(&mut out, b"id", id);
-        }
-        if let Some(retry) = self.retry {
-            write_field(&mut out, b"retry", &retry.as_millis().to_string());
-        }
-        if let Some(data) = &self.data {
-            write_lines(&mut out, b"data", data);
-        }
+        self.write_fields(&mut out);
         out.push(b'\n');
+        // Exactly the size reserved: a frame is kept for as long as its snapshot, and `Bytes`
+        // keeps a `Vec`'s whole capacity.
+        debug_assert_eq!(out.len(), out.capacity());
         Bytes::from(out)
     }
 
@@ -146,28 +135,87 @@ impl Event {
         self.to_bytes()
     }
 
-    /// An upper bound on the frame's size, so `to_bytes` allocates once.
-    fn encoded_len(&self) -> usize {
-        // Per line: name, ": " and "\n". A string of n bytes has at most n + 1 lines.
-        let lines = |name: usize, text: &str| (text.len() + 1) * (name + 3) + text.len();
-        let mut len = 1;
+    /// Every field line, without the blank line that ends the event.
+    fn write_fields(&self, out: &mut Vec<u8>) {
         if let Some(comment) = &self.comment {
-            len += lines(1, comment);
+            write_lines(out, b":", comment);
         }
         if !self.event.is_empty() {
-            len += "event: \n".len() + self.event.len();
+            write_field(out, b"event", &self.event);
         }
         if let Some(id) = &self.id {
-            len += "id: \n".len() + id.len();
+            write_field(out, b"id", id);
         }
-        if self.retry.is_some() {
-            len += "retry: \n".len() + 39; // u128::MAX has 39 digits
+        if let Some(retry) = self.retry {
+            write_field(out, b"retry", &retry.as_millis().to_string());
         }
         if let Some(data) = &self.data {
-            len += lines(4, data);
+            write_lines(out, b"data", data);
+        }
+    }
+
+    /// The frame's exact size, so `to_bytes` allocates once and keeps nothing spare.
+    fn encoded_len(&self) -> usize {
+        let mut len = 1;
+        if let Some(comment) = &self.comment {
+            len += lines_len(b":", comment);
+        }
+        if !self.event.is_empty() {
+            len += field_len(b"event", self.event.len());
+        }
+        if let Some(id) = &self.id {
+            len += field_len(b"id", id.len());
+        }
+        if let Some(retry) = self.retry {
+            let millis = retry.as_millis();
+            let digits = millis.checked_ilog10().map_or(1, |log| log as usize + 1);
+            len += field_len(b"retry", digits);
+        }
+        if let Some(data) = &self.data {
+            len += lines_len(b"data", data);
         }
         len
     }
+}
+
+/// An event of type `event` (none when empty) with `id` (none when `None`) whose data is
+/// **one line** that `write_data` appends to the frame: a snapshot's JSON, written straight
+/// into the frame instead of into a string that is then copied line by line. `data_len` is
+/// what `write_data` will append, so the frame is allocated once at its exact size: snapshot
+/// frames are hundreds of KB and live as long as their snapshot, and on the Worker every
+/// transient copy raises the wasm memory's level for good. Compact JSON never holds a line
+/// break; should the data hold one anyway, it is split into `data:` lines as
+/// [`Event::data`] does (correct, with one copy more).
+///
+/// # Errors
+/// [`EncodeError`] when `event` or `id` cannot be a field (as [`Event::event`], [`Event::id`]).
+pub fn one_line_data_frame(
+    event: &str,
+    id: Option<&str>,
+    data_len: usize,
+    write_data: impl FnOnce(&mut Vec<u8>),
+) -> Result<Bytes, EncodeError> {
+    let mut head = Event::new().event(event)?;
+    if let Some(id) = id {
+        head = head.id(id)?;
+    }
+    // The head's size counts the blank line that ends the frame.
+    let mut out = Vec::with_capacity(head.encoded_len() + field_len(b"data", data_len));
+    head.write_fields(&mut out);
+    out.extend_from_slice(b"data: ");
+    let start = out.len();
+    write_data(&mut out);
+    if memchr::memchr2(b'\n', b'\r', &out[start..]).is_some() {
+        let data = String::from_utf8_lossy(&out[start..]).into_owned();
+        return Ok(head.data(&data).into_bytes());
+    }
+    out.extend_from_slice(b"\n\n");
+    debug_assert_eq!(
+        out.len(),
+        out.capacity(),
+        "`write_data` wrote other than `data_len`"
+    );
+    Ok(Bytes::from(out))
 }
 
 /// A standalone comment frame, `: <line>\n` per line of `text`, then the blank line.
@@ -188,6 +236,18 @@ fn write_field(out: &mut Vec<u8>, name: &[u8], value: &str) {
     out.push(b' ');
     out.extend_from_slice(value.as_bytes());
     out.push(b'\n');
+}
+
+/// The size of what [`write_field`] writes for a value of `value_len` bytes.
+fn field_len(name: &[u8], value_len: usize) -> usize {
+    name.len() + usize::from(name != b":") + 1 + value_len + 1
+}
+
+/// The size of what [`write_lines`] writes for `text`.
+fn lines_len(name: &[u8], text: &str) -> usize {
+    Lines::new(text)
+        .map(|line| field_len(name, line.len()))
+        .sum()
 }
 
 fn write_lines(out: &mut Vec<u8>, name: &[u8], text: &str) {
@@ -312,9 +372,75 @@ mod tests {
         for (event, want) in cases {
             let got = event.to_bytes();
             assert_eq!(got, Bytes::from_static(want), "{event:?}");
-            assert!(got.len() <= event.encoded_len(), "{event:?}");
+            assert_eq!(got.len(), event.encoded_len(), "{event:?}");
             assert_eq!(event.into_bytes(), got);
         }
+    }
+
+    proptest::proptest! {
+        /// Every frame is allocated at its exact size (`to_bytes` also asserts the capacity
+        /// in debug builds): a snapshot frame is kept as long as its snapshot, and an upper
+        /// bound of one line per byte once made each frame keep 8 times its size.
+        #[test]
+        fn frames_are_allocated_at_their_size(
+            comment in proptest::option::of("[a-z\r\n ]{0,12}"),
+            event in "[a-z-]{0,8}",
+            id in proptest::option::of("[0-9a-f-]{0,8}"),
+            retry in proptest::option::of(0u64..10_000_000),
+            data in proptest::option::of("[a-z{}\":,\r\n ]{0,40}"),
+        ) {
+            let mut frame = Event::new().event(&event).unwrap();
+            if let Some(comment) = &comment {
+                frame = frame.comment(comment);
+            }
+            if let Some(id) = &id {
+                frame = frame.id(id).unwrap();
+            }
+            if let Some(retry) = retry {
+                frame = frame.retry(Duration::from_millis(retry));
+            }
+            if let Some(data) = &data {
+                frame = frame.data(data);
+            }
+            proptest::prop_assert_eq!(frame.to_bytes().len(), frame.encoded_len());
+        }
+
+        /// A frame whose one data line is written in place is byte for byte the builder's,
+        /// and a line break in that data is split as the builder splits it.
+        #[test]
+        fn one_line_data_frames_are_the_builders(
+            event in "[a-z-]{0,8}",
+            id in proptest::option::of("[0-9a-f-]{0,8}"),
+            data in "[a-z{}\":,\r\n ]{0,40}",
+        ) {
+            let mut builder = Event::new().event(&event).unwrap();
+            if let Some(id) = &id {
+                builder = builder.id(id).unwrap();
+            }
+            let want = builder.data(&data).into_bytes();
+            let got = one_line_data_frame(&event, id.as_deref(), data.len(), |out| {
+                out.extend_from_slice(data.as_bytes());
+            })
+            .unwrap();
+            proptest::prop_assert_eq!(got, want);
+        }
+    }
+
+    #[test]
+    fn one_line_data_frames_refuse_what_the_builder_refuses() {
+        let write = |out: &mut Vec<u8>| out.extend_from_slice(b"{}");
+        assert_eq!(
+            one_line_data_frame("a\nb", None, 2, write),
+            Err(EncodeError::NewlineInField { field: "event" })
+        );
+        assert_eq!(
+            one_line_data_frame("init", Some("1\r"), 2, write),
+            Err(EncodeError::NewlineInField { field: "id" })
+        );
+        assert_eq!(
+            one_line_data_frame("init", Some("1\0"), 2, write),
+            Err(EncodeError::NulInId)
+        );
     }
 
     #[test]
