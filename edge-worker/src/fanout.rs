@@ -1,5 +1,5 @@
 //! Streamed response bodies that hold one shared copy of each frame: a per-reader slot with
-//! the newest frame and a wakeup, instead of a queue of per-reader copies.
+//! the newest frame, instead of a queue of per-reader copies.
 //!
 //! Every snapshot frame an object sends is a whole snapshot, so a reader that has not taken the
 //! previous one yet only ever needs the newest one: [`Outlet::offer`] replaces it. Small
@@ -11,19 +11,24 @@
 //! A gzip-coded body (core's [`gzip`] segments: each frame compressed once per object, for all
 //! its readers) carries each chunk's [`Segment`] beside its bytes, and counts it into the body's
 //! [`Trailer`] only when the body really takes it (a superseded frame never reaches the client).
+//!
+//! Each body is a JS `ReadableStream` with no queue of its own (high-water mark 0) whose
+//! source is the slot: the runtime's `pull` (it wants a chunk) is answered from the slot at
+//! once or as soon as the object offers one, and its `cancel` (the reader went away) marks the
+//! slot gone. The two callbacks are made once per body, so handing a publish to 2,000 readers
+//! allocates nothing in wasm.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::pin::Pin;
 use std::rc::Rc;
-use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
-use futures_util::{Stream, StreamExt};
 use js_sys::Uint8Array;
 use rollgate_proxy_core::snapshot::Snapshot;
 use rollgate_proxy_core::sse::gzip::{self, Segment, Trailer};
+use wasm_bindgen::closure::Closure;
 use wasm_bindgen::{JsCast, JsValue};
+use web_sys::{QueuingStrategy, ReadableStreamDefaultController, UnderlyingSource};
 use worker::{EncodeBody, Headers, Response, ResponseBuilder};
 
 /// What a body sends: the bytes, and in a gzip-coded body the segment they are (for its
@@ -89,18 +94,110 @@ struct Slot {
     dropped: u64,
     /// The object ended this body.
     closed: bool,
-    /// The runtime dropped the body (the reader went away).
+    /// The runtime cancelled the body (the reader went away).
     gone: bool,
-    waker: Option<Waker>,
+    /// The body's controller, from its first `pull`.
+    controller: Option<ReadableStreamDefaultController>,
+    /// The runtime asked for a chunk (`pull`) that has not been given yet.
+    wanted: bool,
+    /// The stream's callbacks into this slot, held while the body is read and released when
+    /// it ends (they hold the slot: a cycle this breaks).
+    callbacks: Option<Callbacks>,
+}
+
+/// The JS functions the body's stream calls: made once per body, so handing out a chunk
+/// allocates nothing in wasm (a stream adapter that made a future and a promise per `pull`
+/// allocated per client and change, and those allocations, live until the next change,
+/// scattered the fan-out over the wasm memory, which never shrinks).
+struct Callbacks {
+    _pull: Closure<dyn FnMut(ReadableStreamDefaultController)>,
+    _cancel: Closure<dyn FnMut(JsValue)>,
+}
+
+impl Slot {
+    /// What the body sends next: the head, then pending chunks in order, then a keepalive
+    /// (a gzip-coded chunk counted into the trailer as it is handed out).
+    fn next_chunk(&mut self) -> Option<JsValue> {
+        if let Some(head) = self.head.take() {
+            return Some(head.into());
+        }
+        let next = self
+            .pending
+            .pop_front()
+            .map(|(_, chunk)| chunk)
+            .or_else(|| self.keepalive.take())?;
+        if let (Some(trailer), Some(segment)) = (self.trailer.as_mut(), &next.segment) {
+            trailer.add(segment);
+        }
+        Some(next.js.into())
+    }
+}
+
+/// What [`deliver`] does once the slot is no longer borrowed (the controller's methods may
+/// call `pull` again at once).
+enum Delivery {
+    Chunk(JsValue),
+    End(Option<Uint8Array>, Option<Callbacks>),
+}
+
+/// Hands the body its next chunk if it asked for one and one is there; ends it once the
+/// object closed it and everything was taken (a gzip body with its trailer first).
+fn deliver(slot: &Rc<RefCell<Slot>>) {
+    let (controller, delivery) = {
+        let mut slot = slot.borrow_mut();
+        if !slot.wanted || slot.gone {
+            return;
+        }
+        let Some(controller) = slot.controller.clone() else {
+            return;
+        };
+        if let Some(chunk) = slot.next_chunk() {
+            slot.wanted = false;
+            (controller, Delivery::Chunk(chunk))
+        } else if slot.closed {
+            slot.wanted = false;
+            let trailer = slot.trailer.take().map(|t| js_bytes(&t.finish()));
+            (controller, Delivery::End(trailer, slot.callbacks.take()))
+        } else {
+            return;
+        }
+    };
+    match delivery {
+        Delivery::Chunk(chunk) => {
+            if controller.enqueue_with_chunk(&chunk).is_err() {
+                // The stream is closed or errored: the reader is gone.
+                abandon(slot);
+            }
+        }
+        Delivery::End(trailer, callbacks) => {
+            if let Some(trailer) = trailer {
+                let _ = controller.enqueue_with_chunk(&trailer);
+            }
+            let _ = controller.close();
+            // Released after the call that ends the body returns (the runtime counts a
+            // callback's calls in progress).
+            drop(callbacks);
+        }
+    }
+}
+
+/// The reader went away: drops what was waiting and the stream's callbacks.
+fn abandon(slot: &Rc<RefCell<Slot>>) {
+    let callbacks = {
+        let mut slot = slot.borrow_mut();
+        slot.gone = true;
+        slot.wanted = false;
+        slot.head = None;
+        slot.pending.clear();
+        slot.keepalive = None;
+        slot.controller = None;
+        slot.callbacks.take()
+    };
+    drop(callbacks);
 }
 
 /// The object's end of one reader's body.
 pub(crate) struct Outlet {
-    slot: Rc<RefCell<Slot>>,
-}
-
-/// The body's end: yields what the slot holds, when the runtime asks for more.
-struct Body {
     slot: Rc<RefCell<Slot>>,
 }
 
@@ -141,14 +238,37 @@ impl Outlet {
             trailer,
             ..Slot::default()
         }));
-        let body = Body {
-            slot: Rc::clone(&slot),
+        let pull = {
+            let slot = Rc::clone(&slot);
+            Closure::<dyn FnMut(ReadableStreamDefaultController)>::new(
+                move |controller: ReadableStreamDefaultController| {
+                    {
+                        let mut slot = slot.borrow_mut();
+                        slot.controller.get_or_insert(controller);
+                        slot.wanted = true;
+                    }
+                    deliver(&slot);
+                },
+            )
         };
-        let stream = wasm_streams::ReadableStream::from_stream(body.map(Ok::<JsValue, JsValue>));
-        let raw: web_sys::ReadableStream = stream
-            .into_raw()
-            .dyn_into()
-            .map_err(|_| worker::Error::RustError("not a ReadableStream".into()))?;
+        let cancel = {
+            let slot = Rc::clone(&slot);
+            Closure::<dyn FnMut(JsValue)>::new(move |_reason: JsValue| abandon(&slot))
+        };
+        let source = UnderlyingSource::new();
+        source.set_pull(pull.as_ref().unchecked_ref());
+        source.set_cancel(cancel.as_ref().unchecked_ref());
+        // No queue in the stream: the slot holds what waits, newest frame only, and a chunk
+        // is handed out when the runtime reads (as `pull` says).
+        let strategy = QueuingStrategy::new();
+        strategy.set_high_water_mark(0.0);
+        let raw =
+            web_sys::ReadableStream::new_with_underlying_source_and_strategy(&source, &strategy)
+                .map_err(|error| worker::Error::RustError(format!("body stream: {error:?}")))?;
+        slot.borrow_mut().callbacks = Some(Callbacks {
+            _pull: pull,
+            _cancel: cancel,
+        });
         let builder = ResponseBuilder::new().with_headers(headers);
         let builder = if gzip {
             // Already coded: the runtime must not compress (or decode) it again.
@@ -166,41 +286,42 @@ impl Outlet {
 
     /// [`Outlet::offer`] for a chunk of the body's coding.
     pub(crate) fn offer_chunk(&self, chunk: &Chunk) -> bool {
-        let mut slot = self.slot.borrow_mut();
-        if slot.gone {
-            return false;
+        {
+            let mut slot = self.slot.borrow_mut();
+            if slot.gone {
+                return false;
+            }
+            // A snapshot frame not taken yet is superseded: every such frame is a whole
+            // snapshot.
+            slot.pending.retain(|(superseding, _)| !superseding);
+            slot.pending.push_back((true, chunk.clone()));
+            slot.keepalive = None;
         }
-        // A snapshot frame not taken yet is superseded: every such frame is a whole snapshot.
-        slot.pending.retain(|(superseding, _)| !superseding);
-        slot.pending.push_back((true, chunk.clone()));
-        slot.keepalive = None;
-        if let Some(waker) = slot.waker.take() {
-            waker.wake();
-        }
+        deliver(&self.slot);
         true
     }
 
     /// Queues a notification that does not supersede others (at most [`MAX_QUEUED`]; the
     /// oldest is dropped and counted beyond that); `false` once the reader is gone.
     pub(crate) fn push(&self, event: &Uint8Array) -> bool {
-        let mut slot = self.slot.borrow_mut();
-        if slot.gone {
-            return false;
-        }
-        if slot.pending.len() >= MAX_QUEUED
-            && let Some(at) = slot
-                .pending
-                .iter()
-                .position(|(superseding, _)| !superseding)
         {
-            slot.pending.remove(at);
-            slot.dropped += 1;
+            let mut slot = self.slot.borrow_mut();
+            if slot.gone {
+                return false;
+            }
+            if slot.pending.len() >= MAX_QUEUED
+                && let Some(at) = slot
+                    .pending
+                    .iter()
+                    .position(|(superseding, _)| !superseding)
+            {
+                slot.pending.remove(at);
+                slot.dropped += 1;
+            }
+            slot.pending.push_back((false, Chunk::plain(event.clone())));
+            slot.keepalive = None;
         }
-        slot.pending.push_back((false, Chunk::plain(event.clone())));
-        slot.keepalive = None;
-        if let Some(waker) = slot.waker.take() {
-            waker.wake();
-        }
+        deliver(&self.slot);
         true
     }
 
@@ -216,16 +337,17 @@ impl Outlet {
 
     /// [`Outlet::keepalive`] with a comment of the body's coding.
     pub(crate) fn keepalive_chunk(&self, comment: &Chunk) -> bool {
-        let mut slot = self.slot.borrow_mut();
-        if slot.gone {
-            return false;
-        }
-        if slot.pending.is_empty() && slot.head.is_none() {
-            slot.keepalive = Some(comment.clone());
-            if let Some(waker) = slot.waker.take() {
-                waker.wake();
+        {
+            let mut slot = self.slot.borrow_mut();
+            if slot.gone {
+                return false;
             }
+            if !(slot.pending.is_empty() && slot.head.is_none()) {
+                return true;
+            }
+            slot.keepalive = Some(comment.clone());
         }
+        deliver(&self.slot);
         true
     }
 
@@ -238,52 +360,8 @@ impl Outlet {
 impl Drop for Outlet {
     /// Ends the body once what is pending has been sent.
     fn drop(&mut self) {
-        let mut slot = self.slot.borrow_mut();
-        slot.closed = true;
-        if let Some(waker) = slot.waker.take() {
-            waker.wake();
-        }
-    }
-}
-
-impl Stream for Body {
-    type Item = JsValue;
-
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<JsValue>> {
-        let mut slot = self.slot.borrow_mut();
-        if let Some(head) = slot.head.take() {
-            return Poll::Ready(Some(head.into()));
-        }
-        if let Some(next) = slot
-            .pending
-            .pop_front()
-            .map(|(_, chunk)| chunk)
-            .or_else(|| slot.keepalive.take())
-        {
-            if let (Some(trailer), Some(segment)) = (slot.trailer.as_mut(), &next.segment) {
-                trailer.add(segment);
-            }
-            return Poll::Ready(Some(next.js.into()));
-        }
-        if slot.closed {
-            // A gzip body ends with its trailer, so the client's decoder sees a complete body.
-            if let Some(trailer) = slot.trailer.take() {
-                return Poll::Ready(Some(js_bytes(&trailer.finish()).into()));
-            }
-            return Poll::Ready(None);
-        }
-        slot.waker = Some(cx.waker().clone());
-        Poll::Pending
-    }
-}
-
-impl Drop for Body {
-    fn drop(&mut self) {
-        let mut slot = self.slot.borrow_mut();
-        slot.gone = true;
-        slot.head = None;
-        slot.pending.clear();
-        slot.keepalive = None;
+        self.slot.borrow_mut().closed = true;
+        deliver(&self.slot);
     }
 }
 

@@ -23,6 +23,7 @@ pub(crate) fn scenarios() -> Vec<Scenario> {
         scenario!(mode_flag_update),
         scenario!(rules_full_evaluates_like_the_sdks),
         scenario!(last_event_id_current_gets_no_snapshot),
+        scenario!(a_client_that_goes_away_is_released),
     ]
 }
 
@@ -475,4 +476,42 @@ async fn rules_survive_a_slow_startup_fetch() {
     assert_eq!(h["upstream"]["mode"], "rules", "{h}");
     let flags = served_flags(&proxy, "?user_id=user-1").await;
     assert_eq!(flags["rollout-50"], true, "SDK bucket 32 < 50: {flags}");
+}
+
+/// A client that closes its event stream is released (uncounted, its slot dropped): natively
+/// when its connection ends; on the Worker when the runtime cancels the body, which it does
+/// once a write to the gone client fails, so within about two keepalive intervals (1 s here).
+/// Two clients, so that the one left is still served afterwards.
+async fn a_client_that_goes_away_is_released() {
+    let env = Env::with(MockConfig::basic(), |c| {
+        c.keepalive = Some(Duration::from_secs(1));
+    })
+    .await;
+    let mut staying = sse(&env.url("/api/stream")).await;
+    let mut leaving = sse(&env.url("/api/stream")).await;
+    next_event(&mut staying, Duration::from_secs(5)).await;
+    next_event(&mut leaving, Duration::from_secs(5)).await;
+    let open = |want: f64| {
+        let proxy = &env.proxy;
+        async move {
+            let open = metric_sum(proxy, "rollgate_proxy_sse_clients", "").await?;
+            (open == want).then_some(())
+        }
+    };
+    eventually("both streams counted", Duration::from_secs(30), || {
+        open(2.0)
+    })
+    .await;
+    drop(leaving);
+    eventually(
+        "the closed stream uncounted",
+        Duration::from_secs(30),
+        || open(1.0),
+    )
+    .await;
+    env.mock.set_flag("enabled-flag", false);
+    event_where(&mut staying, Duration::from_secs(10), |e| {
+        e.json().is_ok_and(|v| v["enabled-flag"] == false)
+    })
+    .await;
 }
