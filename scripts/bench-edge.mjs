@@ -97,8 +97,19 @@ async function isolateMemory() {
       .filter((line) => line.startsWith('rollgate_proxy_wasm_memory_bytes{'))
       .map((line) => Number(line.trim().split(/\s+/).pop())),
   );
+  // The stream clients the shards last reported (closed ones count until the runtime cancels
+  // their bodies).
+  const streamClients = metrics
+    .split('\n')
+    .filter((line) => line.startsWith('rollgate_proxy_sse_clients{'))
+    .reduce((sum, line) => sum + Number(line.trim().split(/\s+/).pop()), 0);
   const mib = (bytes) => +(bytes / 1048576).toFixed(1);
-  return { heap_after_gc_mib: mib(heap), heap_committed_mib: mib(heapTotal), wasm_memory_mib: mib(wasm) };
+  return {
+    heap_after_gc_mib: mib(heap),
+    heap_committed_mib: mib(heapTotal),
+    wasm_memory_mib: mib(wasm),
+    ...(answer.ok ? { stream_clients: streamClients } : {}),
+  };
 }
 
 /** A DevTools protocol session: `call(method, params)` answers within 10 s or throws. */
