@@ -174,8 +174,9 @@ fn deliver(slot: &Rc<RefCell<Slot>>) {
                 let _ = controller.enqueue_with_chunk(&trailer);
             }
             let _ = controller.close();
-            // Released after the call that ends the body returns (the runtime counts a
-            // callback's calls in progress).
+            // The body asked for this chunk, so its queue is empty and the stream is closed
+            // now: neither callback is called again. One of them may be running (`pull`):
+            // wasm-bindgen frees a closure dropped during its own call when the call returns.
             drop(callbacks);
         }
     }

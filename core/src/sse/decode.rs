@@ -882,8 +882,6 @@ mod tests {
         );
     }
 
-    /// Each fixture `<name>.sse` has `<name>.expected.json`:
-    /// `{"events":[{"event","data","id"}..],"last_event_id","retry_ms","comments"}`.
     /// Long `data` lines (over the adopt threshold) decode as the reference does, whatever
     /// the chunking, with more data lines after them, without the space, and with events
     /// around them; a recycled event's buffer carries the next long line.
@@ -938,6 +936,8 @@ mod tests {
         assert_eq!(event.data.len(), ADOPT_LINE_BYTES + 3);
     }
 
+    /// Each fixture `<name>.sse` has `<name>.expected.json`:
+    /// `{"events":[{"event","data","id"}..],"last_event_id","retry_ms","comments"}`.
     #[test]
     fn golden_fixtures() {
         macro_rules! fixture {
