@@ -352,6 +352,7 @@ async function sseRound(open, change, path, round) {
   const [, count, , pidList] = rest;
   const pids = pidList.split(',').filter(Boolean).map(Number);
   const rssBefore = rssKiB(pids);
+  streamsToDecode = 3;
   const clients = await openMany(Number(count), () => path, open);
   const initial = await waitFor(() => clients.every((c) => c.frames.length >= 1), 120_000);
   // BENCH_SETTLE_MS: how long the connected clients idle before the baseline is read (1 s by

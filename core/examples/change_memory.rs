@@ -29,8 +29,8 @@ fn kib(bytes: usize) -> String {
 /// One change as the Relay takes it: the event through the stream's SSE decoder in 16 KiB
 /// reads, parsed and compiled into a snapshot that replaces the current one, its persisted form,
 /// the shards' frame and a stream's flags frame made, then what the change does not keep
-/// dropped. Prints each
-/// step's live bytes above `base` (a decoder that already read a change reuses its buffer).
+/// dropped. Prints each step's live bytes above `base` (a decoder that already read a change
+/// reuses its buffer).
 fn change(
     store: &mut SnapshotStore,
     decoder: &mut Decoder,
