@@ -479,9 +479,10 @@ async fn rules_survive_a_slow_startup_fetch() {
 }
 
 /// A client that closes its event stream is released (uncounted, its slot dropped): natively
-/// when its connection ends; on the Worker when the runtime cancels the body, which it does
-/// once a write to the gone client fails, so within about two keepalive intervals (1 s here).
-/// Two clients, so that the one left is still served afterwards.
+/// when its connection ends; on the Worker once a write to it has failed (the runtime then
+/// cancels the body, and a chunk can no longer be enqueued: either releases the slot), so
+/// within about two keepalive intervals (1 s here). Two clients, so that the one left is still
+/// served afterwards.
 async fn a_client_that_goes_away_is_released() {
     let env = Env::with(MockConfig::basic(), |c| {
         c.keepalive = Some(Duration::from_secs(1));
