@@ -13,7 +13,7 @@ use subtle::ConstantTimeEq;
 
 use crate::encoding::{self, Encoding, Variants};
 use crate::model::{AttributeValue, Context, EvaluatedFlags, FlagKey, Reason, ReasonKind};
-use crate::render::{self, json_bytes};
+use crate::render::{self, json_body};
 use crate::snapshot::{CacheStats, Snapshot};
 use crate::stream::StreamKind;
 
@@ -371,7 +371,7 @@ impl ApiError {
         struct Outer<'a> {
             error: Inner<'a>,
         }
-        json_bytes(&Outer {
+        json_body(&Outer {
             error: Inner {
                 code: self.code.as_str(),
                 message: &self.message,
@@ -815,7 +815,7 @@ pub fn count_telemetry(body: &[u8]) -> Result<u64, ApiError> {
 
 /// `{"received":N}`: what every SDK expects back from `/events` and `/telemetry`.
 pub fn received_body(count: u64) -> Bytes {
-    json_bytes(&serde_json::json!({ "received": count }))
+    json_body(&serde_json::json!({ "received": count }))
 }
 
 /// What `/api/health` reports. Adapters fill it; [`HealthReport::body`] renders it.
@@ -863,7 +863,7 @@ pub struct UpstreamHealth {
 impl HealthReport {
     /// The JSON body.
     pub fn body(&self) -> Bytes {
-        json_bytes(self)
+        json_body(self)
     }
 }
 
@@ -893,7 +893,7 @@ pub mod ofrep {
                 error_code: &'a str,
                 error_details: &'a str,
             }
-            let mut response = ApiResponse::json(json_bytes(&Body {
+            let mut response = ApiResponse::json(json_body(&Body {
                 key,
                 error_code: self.code,
                 error_details: &self.details,
@@ -981,9 +981,7 @@ pub mod ofrep {
     /// `POST /ofrep/v1/evaluate/flags/{key}`.
     pub fn single(key: &str, flags: &EvaluatedFlags) -> ApiResponse {
         match flags.flags.get(key) {
-            Some(value) => {
-                ApiResponse::json(json_bytes(&item(key, *value, flags.reasons.get(key))))
-            }
+            Some(value) => ApiResponse::json(json_body(&item(key, *value, flags.reasons.get(key)))),
             None => OfrepError {
                 status: 404,
                 code: "FLAG_NOT_FOUND",
@@ -1036,7 +1034,7 @@ pub mod ofrep {
                 }]
             }),
         };
-        ApiResponse::json_with_etag(json_bytes(&body), &etag, None)
+        ApiResponse::json_with_etag(json_body(&body), &etag, None)
     }
 
     /// The bulk ETag: snapshot content × context.

@@ -245,6 +245,15 @@ pub(crate) fn json_bytes<T: Serialize + ?Sized>(value: &T) -> Bytes {
     Bytes::from(out)
 }
 
+/// `value` as JSON in one pass, for a per-request body that is dropped once sent: its spare
+/// capacity goes with it, so the second pass [`json_bytes`] makes to size a kept body exactly
+/// would be wasted work on the request path.
+pub(crate) fn json_body<T: Serialize + ?Sized>(value: &T) -> Bytes {
+    let mut out = Vec::new();
+    write_json(&mut out, value);
+    Bytes::from(out)
+}
+
 /// Appends `value` as JSON to `out`. Serializing the plain structs and string-keyed maps
 /// rendered here cannot fail; should it, what it wrote is taken back (empty JSON, as a failed
 /// `to_vec` gave before).
@@ -325,6 +334,7 @@ mod tests {
             let want = serde_json::to_vec(&flags.flags).unwrap();
             assert_eq!(json_len(&flags.flags), want.len());
             assert_eq!(json_bytes(&flags.flags), want);
+            assert_eq!(json_body(&flags.flags), want);
             assert_eq!(
                 json_content_hash(b"evaluated:", &flags.flags),
                 content_hash_of(&[b"evaluated:", &want])
