@@ -5,7 +5,10 @@
 #   1b. The same over the WebSocket transport (hibernatable shard sockets, relay pushes): a fresh
 #      `wrangler dev`, so the RSS figures do not include phase 1's.
 #   2. Per-user polling in rules mode: share of requests that reached the relay object.
-#   3. Change latency, upstream → client, with a small flag set.
+#   3. Change latency, upstream → client, with a small flag set; then the same measure through
+#      a native `rollgate-proxy` (release build) on the same mock, as the yardstick: it shares
+#      every fixed cost of the chain (the control request, the mock's own work, the load
+#      client), so the difference is what the Worker's hops add (BENCH_LATENCY_NATIVE=0 skips it).
 #   4. (`devcost`, not in the default phases) What `wrangler dev` itself keeps per request: the
 #      workerd RSS growth over 1,000 requests to a one-line JS Worker, then to this Worker's
 #      `/live` (answered by the front alone), as a yardstick for the RSS figures above.
@@ -28,7 +31,9 @@
 # member arrives, as the WebSocket clients do). BENCH_WORKER_LOG=<file> keeps wrangler dev's
 # output (the Worker's console errors). The RSS is also printed per
 # workerd process (`rss_by_process_mib`): wrangler dev runs its proxy beside the Worker's.
-# Run scripts/build-edge.sh first (and `cargo build -p rollgate-proxy-tests --bin mock-upstream`).
+# Run scripts/build-edge.sh first. The mock upstream is the release build (built here, like the
+# native proxy of phase 3'): it stands for Rollgate, whose own time per change a debug build
+# would add to every figure (~100 ms of each 2,000-flag change, BENCHMARKS.md).
 # Every process runs under `timeout` and is stopped by its recorded pid; results go to stdout
 # with the load average.
 set -euo pipefail
@@ -42,7 +47,8 @@ mock_port=${BENCH_MOCK_PORT:-19311}
 control_port=${BENCH_CONTROL_PORT:-19312}
 worker_port=${BENCH_WORKER_PORT:-19313}
 inspector_port=${BENCH_INSPECTOR_PORT:-19314}
-mock_bin=${MOCK_UPSTREAM_BIN:-$ROOT/target/debug/mock-upstream}
+mock_bin=${MOCK_UPSTREAM_BIN:-$ROOT/target/release/mock-upstream}
+native_bin=$ROOT/target/release/rollgate-proxy
 work=$(mktemp -d)
 pids=()
 cleanup() {
@@ -52,7 +58,8 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-[ -x "$mock_bin" ] || cargo build -p rollgate-proxy-tests --bin mock-upstream --locked
+# Built every run (a no-op when current): a stale binary would measure older code.
+[ -n "${MOCK_UPSTREAM_BIN:-}" ] || cargo build --release -q -p rollgate-proxy-tests --bin mock-upstream --locked
 [ -f edge-worker/build/index.js ] || { echo "run scripts/build-edge.sh first" >&2; exit 1; }
 
 # Rules payloads: 2,000 flags with long names (the anonymous frame is ~129 KB), and 7 flags.
@@ -175,6 +182,19 @@ if has latency; then
   echo "== 3. change latency upstream → client: 20 clients, 30 changes, 7 flags"
   BENCH_RULES_FILE="$work/small.json" timeout 300 node scripts/bench-edge.mjs latency "$w" "$c" 20 30 "$smallkey"
   echo "   load average $(cut -d' ' -f1-3 /proc/loadavg)"
+  if [ "${BENCH_LATENCY_NATIVE:-1}" != 0 ]; then
+    stop_all
+    cargo build --release -q -p rollgate-proxy-server --bin rollgate-proxy --locked
+    start_mock "$work/small.json"
+    setsid timeout 900 "$native_bin" --api-key "$key" --base-url "http://127.0.0.1:$mock_port" \
+      --bind 127.0.0.1 --port "$worker_port" --snapshot-file "$work/native-snapshot.json" \
+      >"$work/native.log" 2>&1 &
+    pids+=($!)
+    for _ in $(seq 1 100); do curl -sf "$w/api/flags" -o /dev/null && break; sleep 0.1; done
+    echo "== 3'. the same through a native rollgate-proxy (release) on the same mock: the yardstick"
+    BENCH_RULES_FILE="$work/small.json" timeout 300 node scripts/bench-edge.mjs latency "$w" "$c" 20 30 "$smallkey"
+    echo "   load average $(cut -d' ' -f1-3 /proc/loadavg)"
+  fi
 fi
 if has devcost; then
   stop_all
