@@ -60,6 +60,10 @@ trap cleanup EXIT INT TERM
 
 # Built every run (a no-op when current): a stale binary would measure older code.
 [ -n "${MOCK_UPSTREAM_BIN:-}" ] || cargo build --release -q -p rollgate-proxy-tests --bin mock-upstream --locked
+if [[ " $phases " == *" latency "* ]] && [ "${BENCH_LATENCY_NATIVE:-1}" != 0 ]; then
+  # Before any phase: a build never runs between measurements.
+  cargo build --release -q -p rollgate-proxy-server --bin rollgate-proxy --locked
+fi
 [ -f edge-worker/build/index.js ] || { echo "run scripts/build-edge.sh first" >&2; exit 1; }
 
 # Rules payloads: 2,000 flags with long names (the anonymous frame is ~129 KB), and 7 flags.
@@ -142,12 +146,17 @@ bigkey=$(python3 -c "import json;print(next(iter(json.load(open('$work/big.json'
 smallkey=$(python3 -c "import json;print(next(iter(json.load(open('$work/small.json'))['flags'])))")
 
 has() { [[ " $phases " == *" $1 "* ]]; }
+# Until the server on $w answers /api/flags (upstream connected, rules loaded): at most 20 s.
+wait_flags() {
+  for _ in $(seq 1 100); do curl -sf "$w/api/flags" -o /dev/null && return 0; sleep 0.2; done
+  echo "   no answer on $w/api/flags within 20 s; measuring anyway" >&2
+}
 echo "== load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 if has sse || has ws || has poll; then
   start_mock "$work/big.json"
   start_worker
   # Warm the relay (upstream connected, rules loaded) before measuring.
-  for _ in $(seq 1 100); do curl -sf "$w/api/flags" -o /dev/null && break; sleep 0.2; done
+  wait_flags
   echo "   snapshot: $(curl -s -m 5 "$w/api/flags" | wc -c) bytes of flags JSON"
 fi
 if has sse; then
@@ -160,7 +169,7 @@ if has ws; then
     stop_all
     start_mock "$work/big.json"
     start_worker
-    for _ in $(seq 1 100); do curl -sf "$w/api/flags" -o /dev/null && break; sleep 0.2; done
+    wait_flags
   fi
   echo "== 1b. WebSocket fan-out: $clients clients, $shards shards, 2,000-flag rules set"
   BENCH_RULES_FILE="$work/big.json" timeout 300 node scripts/bench-edge.mjs ws "$w" "$c" "$clients" "$bigkey" "$(workerd_pids)"
@@ -178,19 +187,18 @@ stop_all
 if has latency; then
   start_mock "$work/small.json"
   start_worker
-  for _ in $(seq 1 100); do curl -sf "$w/api/flags" -o /dev/null && break; sleep 0.2; done
+  wait_flags
   echo "== 3. change latency upstream → client: 20 clients, 30 changes, 7 flags"
   BENCH_RULES_FILE="$work/small.json" timeout 300 node scripts/bench-edge.mjs latency "$w" "$c" 20 30 "$smallkey"
   echo "   load average $(cut -d' ' -f1-3 /proc/loadavg)"
   if [ "${BENCH_LATENCY_NATIVE:-1}" != 0 ]; then
     stop_all
-    cargo build --release -q -p rollgate-proxy-server --bin rollgate-proxy --locked
     start_mock "$work/small.json"
     setsid timeout 900 "$native_bin" --api-key "$key" --base-url "http://127.0.0.1:$mock_port" \
       --bind 127.0.0.1 --port "$worker_port" --snapshot-file "$work/native-snapshot.json" \
       >"$work/native.log" 2>&1 &
     pids+=($!)
-    for _ in $(seq 1 100); do curl -sf "$w/api/flags" -o /dev/null && break; sleep 0.1; done
+    wait_flags
     echo "== 3'. the same through a native rollgate-proxy (release) on the same mock: the yardstick"
     BENCH_RULES_FILE="$work/small.json" timeout 300 node scripts/bench-edge.mjs latency "$w" "$c" 20 30 "$smallkey"
     echo "   load average $(cut -d' ' -f1-3 /proc/loadavg)"
@@ -208,7 +216,7 @@ if has devcost; then
   stop_all
   start_mock "$work/small.json"
   start_worker
-  for _ in $(seq 1 100); do curl -sf "$w/api/flags" -o /dev/null && break; sleep 0.2; done
+  wait_flags
   sleep 2
   for round in 1 2; do echo "   this Worker's /live, round $round: $(requests_growth "$w/live")"; done
   echo "   load average $(cut -d' ' -f1-3 /proc/loadavg)"
