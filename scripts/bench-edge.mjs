@@ -314,12 +314,31 @@ async function control(base, method, path, body) {
     body: body === undefined ? undefined : JSON.stringify(body),
   });
   if (!res.ok) throw new Error(`${method} ${path}: ${res.status}`);
+  return res.json();
 }
 
-/** Toggles `key` in the mock's rules (a `rules-full` event on the upstream stream). */
+/**
+ * Toggles `key` in the mock's rules (a `rules-full` event on the upstream stream). Resolves to
+ * the mock's answer, whose `last_change_unix_us` is when the event was queued on its streams.
+ */
 async function flipRule(mock, rules, key) {
   rules.flags[key].enabled = !rules.flags[key].enabled;
-  await control(mock, 'PUT', '/control/rules', rules);
+  return control(mock, 'PUT', '/control/rules', rules);
+}
+
+/**
+ * The wall clock minus `performance.now()`, in ms, to well under a millisecond: `Date.now()`
+ * counts whole milliseconds, so its difference from `performance.now()` is at most the true
+ * offset and reaches it within a millisecond's worth of samples. Taken afresh for each change,
+ * so a clock the system slews during a run does not skew the figures.
+ */
+function wallClockOffset() {
+  let best = -Infinity;
+  const end = performance.now() + 1.5;
+  for (let n = 0; n < 1_000_000 && performance.now() < end; n += 1) {
+    best = Math.max(best, Date.now() - performance.now());
+  }
+  return best;
 }
 
 /**
@@ -521,27 +540,53 @@ async function poll() {
 async function latency() {
   const [mock, count, changes, key] = rest;
   const rules = JSON.parse(fs.readFileSync(process.env.BENCH_RULES_FILE, 'utf8'));
-  const clients = await openMany(Number(count), () => '/api/stream');
+  // BENCH_STREAM_PATH: another stream to measure (the floor's chain).
+  const path = process.env.BENCH_STREAM_PATH ?? '/api/stream';
+  const clients = await openMany(Number(count), () => path);
   await waitFor(() => clients.every((c) => c.frames.length >= 1), 60_000);
+  // From the control request that makes the change (`lat`), and from the moment the mock
+  // queued the event on its upstream stream (`fromUpstream`: the target's "upstream → client",
+  // without the control request's round trip and the mock's parse of the new rules).
   const lat = [];
+  const fromUpstream = [];
+  let outside = 0;
   for (let n = 0; n < Number(changes); n += 1) {
     await sleep(300);
-    const want = n + 2;
+    // Each client's next frame is this change's (counted from what it has, not from its
+    // connect: a stream may start with more than one frame).
+    const seen = clients.map((c) => c.frames.length);
+    const offset = wallClockOffset();
     const t0 = performance.now();
-    await flipRule(mock, rules, key);
-    await waitFor(() => clients.every((c) => c.frames.length >= want), 10_000);
-    for (const c of clients) if (c.frames.length >= want) lat.push(c.frames[want - 1] - t0);
+    const answer = await flipRule(mock, rules, key);
+    const answered = performance.now();
+    const queued = answer.last_change_unix_us / 1000 - offset;
+    // The event is queued while the control request is in flight: anything else is a clock
+    // that moved, and that change's upstream figures are left out (and counted).
+    const trusted = queued >= t0 - 0.5 && queued <= answered + 0.5;
+    if (!trusted) outside += 1;
+    await waitFor(() => clients.every((c, i) => c.frames.length > seen[i]), 10_000);
+    clients.forEach((c, i) => {
+      if (c.frames.length <= seen[i]) return;
+      lat.push(c.frames[seen[i]] - t0);
+      if (trusted) fromUpstream.push(c.frames[seen[i]] - queued);
+    });
   }
   for (const c of clients) c.req.destroy();
   lat.sort((a, b) => a - b);
+  fromUpstream.sort((a, b) => a - b);
+  const figure = (values, p) => (values.length ? +percentile(values, p).toFixed(1) : null);
   console.log(
     JSON.stringify({
       clients: clients.length,
       changes: Number(changes),
       samples: lat.length,
-      p50_ms: +percentile(lat, 50).toFixed(1),
-      p90_ms: +percentile(lat, 90).toFixed(1),
+      p50_ms: figure(lat, 50),
+      p90_ms: figure(lat, 90),
       max_ms: +lat[lat.length - 1].toFixed(1),
+      upstream_p50_ms: figure(fromUpstream, 50),
+      upstream_p90_ms: figure(fromUpstream, 90),
+      upstream_samples: fromUpstream.length,
+      changes_clock_outside: outside,
     }),
   );
 }

@@ -90,7 +90,12 @@ fn invalid(message: impl std::fmt::Display) -> Invalid {
 type Reply = Result<Response, Invalid>;
 
 fn done(ctl: &MockControl) -> Response {
-    ok(&json!({"ok": true, "version": ctl.stats().version}))
+    let stats = ctl.stats();
+    ok(&json!({
+        "ok": true,
+        "version": stats.version,
+        "last_change_unix_us": stats.last_change_unix_us,
+    }))
 }
 
 fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Invalid> {

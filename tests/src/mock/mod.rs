@@ -36,6 +36,10 @@
 //! | `POST /control/outage` | `{"ms"}` | stop, then rebind the same port `ms` later |
 //! | `GET`/`DELETE /control/requests` | `?route=` | recorded requests; `GET /control/requests/last/{route}` |
 //! | `GET`/`DELETE /control/received` | | identify / events / telemetry bodies |
+//!
+//! A change answers `{"ok","version","last_change_unix_us"}`: the last is when the change was
+//! queued on the open streams (microseconds since the Unix epoch), for benches that measure
+//! upstream → client on the same machine.
 
 mod config;
 mod control;

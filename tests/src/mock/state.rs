@@ -289,6 +289,7 @@ impl Shared {
                     let _ = entry.data.send(frame);
                 }
             }
+            inner.stats.last_change_unix_us = unix_micros();
         });
     }
 
@@ -301,6 +302,7 @@ impl Shared {
                 for entry in inner.streams.values() {
                     let _ = entry.data.send(frame.clone());
                 }
+                inner.stats.last_change_unix_us = unix_micros();
             }
             inner.rules = rules;
         });
@@ -406,6 +408,15 @@ impl Shared {
         self.stall.send_replace(false);
         self.set_down_flag(false);
     }
+}
+
+/// Now, in microseconds since the Unix epoch (0 for a clock before it).
+fn unix_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| {
+            u64::try_from(since.as_micros()).unwrap_or(u64::MAX)
+        })
 }
 
 #[cfg(test)]

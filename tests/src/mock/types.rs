@@ -382,6 +382,11 @@ pub struct Stats {
     pub telemetry_requests: u64,
     /// Requests to `/health`.
     pub health_requests: u64,
+    /// When the last flag-data change was queued on the open streams, in microseconds since
+    /// the Unix epoch (0: none yet): a bench on this machine measures upstream → client from
+    /// here, without the control request that made the change.
+    #[serde(default)]
+    pub last_change_unix_us: u64,
 }
 
 /// One request as the mock received it (protocol routes only, not `/control`).
