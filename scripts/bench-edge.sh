@@ -9,6 +9,8 @@
 #      a native `rollgate-proxy` (release build) on the same mock, as the yardstick: it shares
 #      every fixed cost of the chain (the control request, the mock's own work, the load
 #      client), so the difference is what the Worker's hops add (BENCH_LATENCY_NATIVE=0 skips it).
+#      Each line has p50/p90 from the control request that makes the change, and upstream_p50/p90
+#      from the moment the mock queued the event on its stream (the target's upstream → client).
 #   4. (`devcost`, not in the default phases) What `wrangler dev` itself keeps per request: the
 #      workerd RSS growth over 1,000 requests to a one-line JS Worker, then to this Worker's
 #      `/live` (answered by the front alone), as a yardstick for the RSS figures above.
@@ -20,6 +22,10 @@
 #      BENCH_FLOOR_CODING=gzip and BENCH_FLOOR_HEADERS=proxy make its streams look like the
 #      shards' (pull-based, gzip-coded, this proxy's headers); BENCH_FLOOR_HEAD=1 sends a small
 #      first chunk before the first frame, as the shards' `retry:` preamble.
+#   6. (`floorlatency`, not in the default phases) Phase 3's measure through a minimal JS Worker
+#      with this proxy's topology and nothing else (scripts/bench-edge-floor/): one relay object
+#      holding the upstream stream, N shard objects passing each chunk on, then the relay holding
+#      the clients itself; BENCH_FLOOR_SOURCE=pull makes those streams pull-based, as ours are.
 # Usage: scripts/bench-edge.sh [clients=2000] [shards=4]   (BENCH_PHASES="sse ws poll latency" picks)
 # Knobs of phases 1/1b: BENCH_CHANGES (changes measured, 1), BENCH_ROUNDS (the phase again with
 # new clients on the same wrangler dev, 1), BENCH_SETTLE_MS (idle time of the
@@ -220,6 +226,25 @@ if has devcost; then
   sleep 2
   for round in 1 2; do echo "   this Worker's /live, round $round: $(requests_growth "$w/live")"; done
   echo "   load average $(cut -d' ' -f1-3 /proc/loadavg)"
+fi
+if has floorlatency; then
+  upstream="upstream=http://127.0.0.1:$mock_port&key=$key"
+  # BENCH_FLOOR_SOURCE=pull: pull-based streams with no queue (the proxy's objects' shape).
+  [ "${BENCH_FLOOR_SOURCE:-writer}" = pull ] && upstream="$upstream&source=pull"
+  for chain in "$shards" 0; do
+    # A fresh `wrangler dev` (and mock) for each shape: no subscriber of the other one is left.
+    stop_all
+    start_mock "$work/small.json"
+    start_js_worker "$ROOT/scripts/bench-edge-floor"
+    if [ "$chain" = 0 ]; then
+      echo "== 6. the latency floor: phase 3's measure through a minimal JS relay object that holds the clients (no shards)"
+    else
+      echo "== 6. the latency floor: phase 3's measure through a minimal JS relay object and $chain shard objects that only pass bytes on"
+    fi
+    BENCH_STREAM_PATH="/api/stream?chain=$chain&$upstream" BENCH_RULES_FILE="$work/small.json" timeout 300 \
+      node scripts/bench-edge.mjs latency "$w" "$c" 20 30 "$smallkey"
+    echo "   load average $(cut -d' ' -f1-3 /proc/loadavg)"
+  done
 fi
 if has floor; then
   stop_all

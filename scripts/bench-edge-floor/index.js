@@ -9,6 +9,13 @@
 // gzip member, compressed once per publish, `Content-Encoding: gzip`, sent as is), and its
 // frames' padding is random, so `?bytes=` is about what goes over the wire. No code of this
 // project runs here.
+//
+// `/api/stream?chain=N&upstream=<base>&key=<key>` is the floor under the change latency
+// (`BENCH_PHASES=floorlatency`): the proxy's topology with nothing but the hops. One `Relay`
+// object holds one upstream stream (the mock's `/api/v1/sdk/stream`) and writes each event it
+// completes, as is, to every subscriber; with N > 0 the clients are held by N `Shard` objects
+// (round-robin), each subscribed to the relay by a streamed fetch as the proxy's shards are,
+// and passing each chunk on to its clients; with N = 0 the relay holds the clients itself.
 
 const encoder = new TextEncoder();
 
@@ -130,9 +137,148 @@ export class Floor {
   }
 }
 
+const decoder = new TextDecoder();
+
+/** A frame every chain stream starts with (over 64 bytes: the load client counts it). */
+const HELLO = encoder.encode(`event: hello\ndata: {"pad":"${'x'.repeat(80)}"}\n\n`);
+
+/**
+ * A stream response and its writer, whose failed write removes it from `set`. With `pull`, a
+ * pull-based stream with no queue holding the newest chunk, as the proxy's objects make theirs.
+ */
+function chainStream(set, first, pull) {
+  if (pull) {
+    const slot = { chunks: [first], controller: null, wanted: false };
+    const deliver = () => {
+      if (slot.wanted && slot.chunks.length > 0) {
+        slot.wanted = false;
+        slot.controller.enqueue(slot.chunks.shift());
+      }
+    };
+    const entry = {
+      write: (chunk) => {
+        slot.chunks.push(chunk);
+        try {
+          deliver();
+        } catch {
+          set.delete(entry);
+        }
+      },
+    };
+    set.add(entry);
+    const readable = new ReadableStream(
+      {
+        pull: (controller) => {
+          slot.controller = controller;
+          slot.wanted = true;
+          deliver();
+        },
+        cancel: () => set.delete(entry),
+      },
+      { highWaterMark: 0 },
+    );
+    return new Response(readable, { headers: { 'content-type': 'text/event-stream' } });
+  }
+  const { readable, writable } = new TransformStream();
+  const writer = writable.getWriter();
+  const entry = {
+    write: (chunk) => writer.write(chunk).catch(() => set.delete(entry)),
+  };
+  set.add(entry);
+  entry.write(first);
+  return new Response(readable, { headers: { 'content-type': 'text/event-stream' } });
+}
+
+/** The chain's relay: one upstream stream, each completed event written to every subscriber. */
+export class Relay {
+  constructor() {
+    this.subscribers = new Set();
+    this.following = false;
+    this.last = HELLO;
+  }
+
+  fetch(request) {
+    const url = new URL(request.url);
+    if (!this.following) {
+      this.following = true;
+      this.follow(url.searchParams.get('upstream'), url.searchParams.get('key'));
+    }
+    return chainStream(this.subscribers, this.last, url.searchParams.get('source') === 'pull');
+  }
+
+  async follow(upstream, key) {
+    // Bounded: a bench run is minutes; the mock restarting is not part of it.
+    for (let attempt = 0; attempt < 100; attempt += 1) {
+      try {
+        const response = await fetch(`${upstream}/api/v1/sdk/stream?token=${encodeURIComponent(key)}`, {
+          headers: { authorization: `Bearer ${key}`, accept: 'text/event-stream' },
+        });
+        const reader = response.body.getReader();
+        let pending = '';
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          pending += decoder.decode(value, { stream: true });
+          for (let at = pending.indexOf('\n\n'); at >= 0; at = pending.indexOf('\n\n')) {
+            const event = encoder.encode(pending.slice(0, at + 2));
+            pending = pending.slice(at + 2);
+            this.last = event;
+            for (const subscriber of this.subscribers) subscriber.write(event);
+          }
+        }
+      } catch {
+        // Followed again below.
+      }
+      await new Promise((resolve) => setTimeout(resolve, 200));
+    }
+  }
+}
+
+/** The chain's shard: its clients' streams, fed from one streamed fetch to the relay. */
+export class Shard {
+  constructor(state, env) {
+    this.env = env;
+    this.clients = new Set();
+    this.following = false;
+    this.last = HELLO;
+  }
+
+  fetch(request) {
+    if (!this.following) {
+      this.following = true;
+      this.follow(request.url);
+    }
+    const pull = new URL(request.url).searchParams.get('source') === 'pull';
+    return chainStream(this.clients, this.last, pull);
+  }
+
+  async follow(url) {
+    const relay = this.env.RELAY.get(this.env.RELAY.idFromName('relay'));
+    const response = await relay.fetch(url);
+    const reader = response.body.getReader();
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      this.last = value;
+      for (const client of this.clients) client.write(value);
+    }
+  }
+}
+
+/** Round-robin over the chain's shards, per isolate. */
+let nextShard = 0;
+
 export default {
   fetch(request, env) {
-    if (new URL(request.url).pathname === '/') return new Response('ok');
+    const url = new URL(request.url);
+    if (url.pathname === '/') return new Response('ok');
+    const chain = url.searchParams.get('chain');
+    if (chain === '0') return env.RELAY.get(env.RELAY.idFromName('relay')).fetch(request);
+    if (chain !== null) {
+      const shard = nextShard % Math.max(1, Number(chain));
+      nextShard += 1;
+      return env.SHARD.get(env.SHARD.idFromName(`shard-${shard}`)).fetch(request);
+    }
     return env.FLOOR.get(env.FLOOR.idFromName('floor')).fetch(request);
   },
 };
