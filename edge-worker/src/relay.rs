@@ -337,8 +337,9 @@ fn drive(inner: &Rc<Inner>) {
 /// Writes snapshot `text` to storage in a later turn than the publish the same change makes,
 /// and only the newest of those that came in meanwhile (as the native proxy's persister
 /// does). Written in the publish's own turn, the write held the change on its way to the
-/// shards even with `allowUnconfirmed`: upstream → client p50 9.3–9.5 ms against 5.9–6.7 ms
-/// (`BENCHMARKS.md`, "Change latency: the floor under it, and the snapshot write").
+/// shards even with `allowUnconfirmed`: upstream → client p50 9.3–12.6 ms then, 5.9–11.5 ms
+/// now (median of eight runs 7.9; `BENCHMARKS.md`, "Change latency: the floor under it, and
+/// the snapshot write").
 fn persist_later(inner: &Rc<Inner>, text: JsValue) {
     let start = {
         let mut core = inner.core.borrow_mut();

@@ -411,7 +411,7 @@ impl Shared {
 }
 
 /// Now, in microseconds since the Unix epoch (0 for a clock before it).
-fn unix_micros() -> u64 {
+pub(super) fn unix_micros() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |since| {

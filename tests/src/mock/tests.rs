@@ -965,7 +965,7 @@ async fn control_over_http() {
     )
     .await;
     assert_eq!(client.next_event(T).await.unwrap().data, r#"{"flags":{}}"#);
-    let before = unix_micros_now();
+    let before = state::unix_micros();
     let (_, changed) = control(
         &mock,
         Method::PUT,
@@ -973,7 +973,7 @@ async fn control_over_http() {
         Some(json!({"version": "1", "flags": {}})),
     )
     .await;
-    let after = unix_micros_now();
+    let after = state::unix_micros();
     assert_eq!(client.next_event(T).await.unwrap().event, "rules-full");
     // When the event was queued: while the control request was in flight.
     let queued = changed["last_change_unix_us"].as_u64().expect("a time");
@@ -1107,11 +1107,4 @@ async fn a_stream_closed_before_the_next_opens_is_never_counted_with_it() {
     );
     drop((first, second));
     mock.wait_for_open_streams(0, T).await.unwrap();
-}
-
-fn unix_micros_now() -> u64 {
-    let since = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("a clock after 1970");
-    u64::try_from(since.as_micros()).expect("in range")
 }
