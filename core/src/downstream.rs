@@ -197,6 +197,8 @@ pub struct MetricsExtra {
     pub shard_clients: Vec<(u32, u64)>,
     /// WebSocket connects refused because their shard object was full (the Worker).
     pub sockets_refused: u64,
+    /// The adapter's snapshot writes (`None` where nothing is persisted).
+    pub persisted: Option<crate::metrics::PersistReport>,
 }
 
 /// One environment's downstream state. See the module docs.
@@ -761,6 +763,7 @@ impl Downstream {
             dropped: extra.dropped,
             shard_clients: extra.shard_clients,
             sockets_refused: extra.sockets_refused,
+            persisted: extra.persisted,
         };
         ApiResponse {
             status: 200,

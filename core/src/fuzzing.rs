@@ -721,12 +721,14 @@ impl Harness {
                     );
                     self.last_revision = Some(snapshot.revision());
                 }
-                Action::Persist(bytes) => {
+                Action::Persist { revision, bytes } => {
                     let (restored, _) = Snapshot::from_persisted(&bytes)
                         .unwrap_or_else(|e| panic!("persisted bytes do not restore: {e}"));
                     let current = self.upstream.snapshot();
                     let current = current.unwrap_or_else(|| panic!("persisted without data"));
                     assert_eq!(restored.content_hash(), current.content_hash());
+                    assert_eq!(restored.revision(), revision);
+                    assert_eq!(revision, current.revision());
                     self.last_persisted = Some(bytes);
                 }
             }

@@ -276,6 +276,19 @@ pub struct Scrape {
     /// WebSocket connects refused because their shard object was full (the Worker; the native
     /// server refuses none beyond what refuses an SSE stream).
     pub sockets_refused: u64,
+    /// The adapter's snapshot writes to durable storage; `None` where nothing is persisted
+    /// (no snapshot file, local mode), and then the families are not rendered.
+    pub persisted: Option<PersistReport>,
+}
+
+/// What an adapter's writes of [`crate::upstream::Action::Persist`] did, since it started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PersistReport {
+    /// Revision of the snapshot in durable storage: the last one written, or the one loaded at
+    /// start (0: none).
+    pub revision: u64,
+    /// Writes that failed.
+    pub failures: u64,
 }
 
 impl Metrics {
@@ -649,6 +662,26 @@ impl Metrics {
             "Revision of the served snapshot (0 before any data).",
             scrape.revision as f64,
         );
+        if let Some(persisted) = scrape.persisted {
+            gauge(
+                &mut out,
+                "snapshot_persisted_revision",
+                "Revision of the snapshot in durable storage: the last written or the one loaded at start (0: none).",
+                persisted.revision as f64,
+            );
+            family(
+                &mut out,
+                "snapshot_persist_failures_total",
+                "counter",
+                "Snapshot writes to durable storage that failed.",
+            );
+            sample(
+                &mut out,
+                "snapshot_persist_failures_total",
+                &[],
+                persisted.failures,
+            );
+        }
         gauge(
             &mut out,
             "snapshot_age_seconds",

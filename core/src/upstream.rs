@@ -51,7 +51,7 @@ use crate::breaker::{
 };
 use crate::metrics::SideRequest;
 use crate::model::EvaluatedFlags;
-use crate::snapshot::{FlagSource, Freshness, Snapshot, SnapshotError, SnapshotStore};
+use crate::snapshot::{FlagSource, Freshness, Revision, Snapshot, SnapshotError, SnapshotStore};
 use crate::sse::decode::{DecodeError, Decoder, DecoderLimits, SseEvent};
 use crate::time::Timestamp;
 
@@ -195,8 +195,15 @@ pub enum Action {
     /// Python-style servers need); report with `handle_stream_opened`, `handle_stream_bytes`
     /// and `handle_stream_closed`.
     OpenStream(StreamId),
-    /// Write these bytes to durable storage, replacing what was there (atomically).
-    Persist(Bytes),
+    /// Write `bytes` (snapshot `revision`'s persisted form) to durable storage, replacing what
+    /// was there (atomically). The revision is for the adapter's report of what it wrote
+    /// ([`crate::metrics::PersistReport`]).
+    Persist {
+        /// The snapshot's revision.
+        revision: Revision,
+        /// [`Snapshot::to_persisted`]'s bytes.
+        bytes: Bytes,
+    },
     /// Make this snapshot current and send its frames to subscribers.
     Publish(Arc<Snapshot>),
 }
@@ -1159,8 +1166,12 @@ impl Upstream {
         self.change_pending = false;
         // Publish first: clients wait on it; storage does not.
         let persisted = snapshot.to_persisted(self.upstream_etag.as_deref());
+        let revision = snapshot.revision();
         self.actions.push_back(Action::Publish(snapshot));
-        self.actions.push_back(Action::Persist(persisted));
+        self.actions.push_back(Action::Persist {
+            revision,
+            bytes: persisted,
+        });
         true
     }
 

@@ -16,7 +16,9 @@ use rollgate_proxy_core::api::{ApiError, Route};
 use rollgate_proxy_core::breaker::Outcome;
 use rollgate_proxy_core::downstream::{Answer, Downstream, MetricsExtra, SourceReport};
 use rollgate_proxy_core::forwards::REPORT_GRACE;
-use rollgate_proxy_core::metrics::{MAX_SIDE_REQUESTS_IN_FLIGHT, SideOutcome, SideRequest};
+use rollgate_proxy_core::metrics::{
+    MAX_SIDE_REQUESTS_IN_FLIGHT, PersistReport, SideOutcome, SideRequest,
+};
 use rollgate_proxy_core::model::EvaluatedFlags;
 use rollgate_proxy_core::reports::RestartingCounters;
 use rollgate_proxy_core::snapshot::{FlagSource, Freshness, Revision, Snapshot, SnapshotStore};
@@ -106,10 +108,13 @@ struct Core {
     side_in_flight: [usize; 4],
     /// A timer for core's next per-user refresh is pending.
     refresh_timer: bool,
-    /// The newest snapshot to persist (a JS string), not written yet: a newer one replaces it.
-    persist_pending: Option<JsValue>,
+    /// The newest snapshot to persist (its revision and a JS string), not written yet: a newer
+    /// one replaces it.
+    persist_pending: Option<(Revision, JsValue)>,
     /// A write of `persist_pending` is scheduled or under way.
     persist_writer: bool,
+    /// What the writes did (for `/api/metrics`).
+    persisted: PersistReport,
     /// `/identify` forwards in flight per user (forwarded by the fronts), and the fetches
     /// waiting for them.
     identifies: HashMap<String, (usize, Vec<oneshot::Sender<()>>)>,
@@ -243,7 +248,11 @@ async fn start(inner: &Rc<Inner>, environment: Option<String>) -> worker::Result
         let mut upstream = Upstream::new(config.core.upstream.clone(), at);
         if let Some(bytes) = persisted {
             match upstream.restore(bytes.as_bytes()) {
-                Ok(()) => console_log!("relay: restored the persisted snapshot"),
+                Ok(()) => {
+                    // What storage holds is this snapshot until the next write.
+                    core.persisted.revision = upstream.snapshot().map_or(0, |s| s.revision().get());
+                    console_log!("relay: restored the persisted snapshot");
+                }
                 Err(error) => console_error!("relay: ignoring the persisted snapshot: {error}"),
             }
         }
@@ -293,12 +302,12 @@ fn drive(inner: &Rc<Inner>) {
                     controller.abort();
                 }
             }
-            Action::Persist(bytes) => {
+            Action::Persist { revision, bytes } => {
                 // Made a JS string here and the bytes dropped (core writes UTF-8, so borrowed):
-                // the wasm copy is not held through the publish below and the storage write.
+                // the wasm copy is not held until the storage write.
                 let text = JsValue::from_str(&String::from_utf8_lossy(&bytes));
                 drop(bytes);
-                persist_later(inner, text);
+                persist_later(inner, revision, text);
             }
             Action::Publish(snapshot) => {
                 let frame = snapshot_frame(&snapshot);
@@ -340,10 +349,10 @@ fn drive(inner: &Rc<Inner>) {
 /// shards even with `allowUnconfirmed`: upstream → client p50 9.3–12.6 ms then, 5.9–11.5 ms
 /// now (median of ten runs 7.5; `BENCHMARKS.md`, "Change latency: the floor under it, and
 /// the snapshot write").
-fn persist_later(inner: &Rc<Inner>, text: JsValue) {
+fn persist_later(inner: &Rc<Inner>, revision: Revision, text: JsValue) {
     let start = {
         let mut core = inner.core.borrow_mut();
-        core.persist_pending = Some(text);
+        core.persist_pending = Some((revision, text));
         !std::mem::replace(&mut core.persist_writer, true)
     };
     if !start {
@@ -354,11 +363,15 @@ fn persist_later(inner: &Rc<Inner>, text: JsValue) {
         // Ends once no newer snapshot came in during a write (each write takes the newest).
         loop {
             yield_to_runtime().await;
-            let Some(text) = inner.core.borrow_mut().persist_pending.take() else {
+            let Some((revision, text)) = inner.core.borrow_mut().persist_pending.take() else {
                 break;
             };
-            if let Err(error) = put_unconfirmed(&inner, SNAPSHOT_KEY, text).await {
-                console_error!("relay: persisting the snapshot failed: {error}");
+            match put_unconfirmed(&inner, SNAPSHOT_KEY, text).await {
+                Ok(()) => inner.core.borrow_mut().persisted.revision = revision.get(),
+                Err(error) => {
+                    inner.core.borrow_mut().persisted.failures += 1;
+                    console_error!("relay: persisting the snapshot failed: {error}");
+                }
             }
         }
         inner.core.borrow_mut().persist_writer = false;
@@ -821,6 +834,11 @@ async fn handle(inner: &Rc<Inner>, mut req: Request) -> worker::Result<Response>
                 MetricsExtra {
                     shard_clients,
                     sockets_refused: refused,
+                    // Upstream mode persists every snapshot; local mode reads its file.
+                    persisted: {
+                        let core = inner.core.borrow();
+                        core.upstream.is_some().then_some(core.persisted)
+                    },
                     ..MetricsExtra::default()
                 },
             );

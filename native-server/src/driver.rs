@@ -13,6 +13,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use http::header;
 use rollgate_proxy_core::breaker::BreakerState;
+use rollgate_proxy_core::snapshot::Revision;
 use rollgate_proxy_core::upstream::{
     Action, FetchResult, RequestId, StreamEnd, StreamId, StreamState,
 };
@@ -61,9 +62,9 @@ pub async fn run(
                     );
                     snapshots.send_replace(Some(snapshot));
                 }
-                Action::Persist(bytes) => {
+                Action::Persist { revision, bytes } => {
                     if let Some(persister) = &persister {
-                        persister.save(bytes);
+                        persister.save(revision, bytes);
                     }
                 }
             }
@@ -269,12 +270,21 @@ async fn stream(upstream: Arc<UpstreamHandle>, id: StreamId) {
 }
 
 /// Loads the persisted snapshot into the machine, if there is a usable one.
-pub fn restore(upstream: &UpstreamHandle, bytes: Option<Bytes>) {
-    let Some(bytes) = bytes else { return };
-    match upstream.with_quiet(|m| m.restore(&bytes)) {
-        Ok(()) => {
-            tracing::info!("restored the persisted snapshot; serving it until upstream answers")
+/// Restores the persisted snapshot `bytes` into the machine; returns its revision when it
+/// was taken.
+pub fn restore(upstream: &UpstreamHandle, bytes: Option<Bytes>) -> Option<Revision> {
+    let bytes = bytes?;
+    match upstream.with_quiet(|m| {
+        m.restore(&bytes)
+            .map(|()| m.snapshot().map(|snapshot| snapshot.revision()))
+    }) {
+        Ok(revision) => {
+            tracing::info!("restored the persisted snapshot; serving it until upstream answers");
+            revision
         }
-        Err(error) => tracing::warn!(%error, "ignoring the persisted snapshot"),
+        Err(error) => {
+            tracing::warn!(%error, "ignoring the persisted snapshot");
+            None
+        }
     }
 }

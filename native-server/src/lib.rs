@@ -119,8 +119,12 @@ pub fn start_sharing(
                 settings.core.upstream_timeout,
             ));
             let persister = settings.snapshot_file.clone().map(|path| {
-                driver::restore(&upstream, persist::load(&path));
+                let restored = driver::restore(&upstream, persist::load(&path));
                 let (persister, task) = Persister::start(path, shutdown.clone());
+                if let Some(revision) = restored {
+                    // What the file holds is this snapshot until the next write.
+                    persister.written().restored(revision);
+                }
                 tasks.push(task);
                 persister
             });
@@ -134,6 +138,7 @@ pub fn start_sharing(
                 shutdown.clone(),
             );
             app.in_flight = in_flight;
+            app.persisted = persister.as_ref().map(Persister::written);
             let app = Arc::new(app);
             tasks.push(tokio::spawn(driver::run(
                 Arc::clone(&upstream),

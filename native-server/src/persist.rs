@@ -2,23 +2,55 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
+use rollgate_proxy_core::metrics::PersistReport;
+use rollgate_proxy_core::snapshot::Revision;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+/// A snapshot to write: its revision and persisted bytes.
+type Pending = Option<(Revision, Bytes)>;
+
 /// Sends snapshots to the writer task; only the newest pending write matters.
 #[derive(Debug, Clone)]
 pub struct Persister {
-    pending: watch::Sender<Option<Bytes>>,
+    pending: watch::Sender<Pending>,
+    written: Arc<Written>,
+}
+
+/// What the writer did, for `/api/metrics`.
+#[derive(Debug, Default)]
+pub struct Written {
+    revision: AtomicU64,
+    failures: AtomicU64,
+}
+
+impl Written {
+    /// The file held snapshot `revision` at start.
+    pub fn restored(&self, revision: Revision) {
+        self.revision.store(revision.get(), Ordering::Relaxed);
+    }
+
+    /// The revision last written (or loaded at start) and the failed writes, since start.
+    pub fn report(&self) -> PersistReport {
+        PersistReport {
+            revision: self.revision.load(Ordering::Relaxed),
+            failures: self.failures.load(Ordering::Relaxed),
+        }
+    }
 }
 
 impl Persister {
     /// Starts the writer for `path`. It writes each new value, and the last pending one when
     /// `shutdown` fires, then ends.
     pub fn start(path: PathBuf, shutdown: CancellationToken) -> (Self, JoinHandle<()>) {
-        let (pending, mut rx) = watch::channel::<Option<Bytes>>(None);
+        let (pending, mut rx) = watch::channel::<Pending>(None);
+        let written = Arc::new(Written::default());
+        let counts = Arc::clone(&written);
         let task = tokio::spawn(async move {
             loop {
                 tokio::select! {
@@ -29,35 +61,49 @@ impl Persister {
                     }
                     () = shutdown.cancelled() => {
                         if rx.has_changed().unwrap_or(false) {
-                            let bytes = rx.borrow_and_update().clone();
-                            write_logged(&path, bytes).await;
+                            let pending = rx.borrow_and_update().clone();
+                            write_logged(&path, pending, &counts).await;
                         }
                         break;
                     }
                 }
-                let bytes = rx.borrow_and_update().clone();
-                write_logged(&path, bytes).await;
+                let pending = rx.borrow_and_update().clone();
+                write_logged(&path, pending, &counts).await;
             }
         });
-        (Self { pending }, task)
+        (Self { pending, written }, task)
     }
 
-    /// Queues `bytes` for writing (replacing any write not started yet).
-    pub fn save(&self, bytes: Bytes) {
-        self.pending.send_replace(Some(bytes));
+    /// Queues snapshot `revision`'s `bytes` for writing (replacing any write not started yet).
+    pub fn save(&self, revision: Revision, bytes: Bytes) {
+        self.pending.send_replace(Some((revision, bytes)));
+    }
+
+    /// What the writer did so far.
+    pub fn written(&self) -> Arc<Written> {
+        Arc::clone(&self.written)
     }
 }
 
-async fn write_logged(path: &Path, bytes: Option<Bytes>) {
-    let Some(bytes) = bytes else { return };
+async fn write_logged(path: &Path, pending: Pending, written: &Written) {
+    let Some((revision, bytes)) = pending else {
+        return;
+    };
     let target = path.to_owned();
     let result = tokio::task::spawn_blocking(move || write_atomic(&target, &bytes)).await;
     match result {
-        Ok(Ok(())) => tracing::debug!(path = %path.display(), "persisted snapshot"),
+        Ok(Ok(())) => {
+            written.revision.store(revision.get(), Ordering::Relaxed);
+            tracing::debug!(path = %path.display(), %revision, "persisted snapshot");
+        }
         Ok(Err(error)) => {
+            written.failures.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(path = %path.display(), %error, "could not persist the snapshot; continuing");
         }
-        Err(error) => tracing::warn!(%error, "snapshot writer task failed; continuing"),
+        Err(error) => {
+            written.failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%error, "snapshot writer task failed; continuing");
+        }
     }
 }
 
@@ -124,14 +170,21 @@ mod tests {
         let path = dir.path().join("snap.json");
         let shutdown = CancellationToken::new();
         let (persister, task) = Persister::start(path.clone(), shutdown.clone());
-        persister.save(Bytes::from_static(b"a"));
-        persister.save(Bytes::from_static(b"b"));
+        persister.save(Revision::new(1), Bytes::from_static(b"a"));
+        persister.save(Revision::new(2), Bytes::from_static(b"b"));
         shutdown.cancel();
         tokio::time::timeout(Duration::from_secs(5), task)
             .await
             .unwrap()
             .unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"b");
+        assert_eq!(
+            persister.written().report(),
+            PersistReport {
+                revision: 2,
+                failures: 0
+            }
+        );
     }
 }
 
@@ -147,7 +200,7 @@ mod live_tests {
         let path = dir.path().join("snap.json");
         let shutdown = CancellationToken::new();
         let (persister, _task) = Persister::start(path.clone(), shutdown.clone());
-        persister.save(Bytes::from_static(b"a"));
+        persister.save(Revision::new(1), Bytes::from_static(b"a"));
         tokio::time::timeout(Duration::from_secs(5), async {
             while !path.exists() {
                 tokio::time::sleep(Duration::from_millis(10)).await;

@@ -375,6 +375,7 @@ pub(crate) fn metrics_of(app: &App) -> ApiResponse {
         &app.report(),
         MetricsExtra {
             dropped: lock(&app.outbox).dropped(),
+            persisted: app.persisted.as_ref().map(|written| written.report()),
             ..MetricsExtra::default()
         },
     )

@@ -62,6 +62,8 @@ pub struct App {
     /// environment's state of one process shares it (`--max-concurrent-requests` bounds the
     /// process, not each environment).
     pub in_flight: Arc<AtomicUsize>,
+    /// What the snapshot file's writer did (`None` without `--snapshot-file`).
+    pub persisted: Option<Arc<crate::persist::Written>>,
 }
 
 impl App {
@@ -79,6 +81,7 @@ impl App {
             identifies: Arc::default(),
             user_streams: crate::refresh::UserStreams::default(),
             in_flight: Arc::default(),
+            persisted: None,
         }
     }
 

@@ -282,10 +282,19 @@ fn metric_diffs(
             .cloned()
             .collect::<Vec<_>>()
     };
-    let (n, mut w) = (only(native, worker), only(worker, native));
+    let (mut n, mut w) = (only(native, worker), only(worker, native));
     // The one family only the Worker can have: its clients per SSE shard object (the native
-    // server has no shards). Everything else must match.
-    w.retain(|name| name != "rollgate_proxy_sse_shard_clients");
+    // server has no shards). And the snapshot writes, which the Worker always makes and the
+    // native server only with `--snapshot-file` (their TYPE and HELP are compared below when
+    // both have them). Everything else must match.
+    const ONLY_WHERE_PERSISTED: [&str; 2] = [
+        "rollgate_proxy_snapshot_persisted_revision",
+        "rollgate_proxy_snapshot_persist_failures_total",
+    ];
+    w.retain(|name| {
+        name != "rollgate_proxy_sse_shard_clients" && !ONLY_WHERE_PERSISTED.contains(&name.as_str())
+    });
+    n.retain(|name| !ONLY_WHERE_PERSISTED.contains(&name.as_str()));
     if !n.is_empty() || !w.is_empty() {
         diffs.push(format!(
             "/api/metrics families\n  native only {n:?}\n  worker only {w:?}"

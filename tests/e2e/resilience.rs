@@ -190,10 +190,21 @@ async fn restart_while_upstream_down_serves_persisted_snapshot() {
     env.mock.set_flag("persisted-flag", true);
     wait_served(&env.proxy, "persisted-flag", true, Duration::from_secs(3)).await;
     let served = served_flags(&env.proxy, "").await;
-    if edge {
-        // Object storage cannot be read from outside; the put follows the publish at once.
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    } else {
+    // The served snapshot written: both targets say so in `/api/metrics` (the Relay's storage
+    // cannot be read from outside; the native file is checked as well, below).
+    let revision = metric_sum(&env.proxy, "rollgate_proxy_snapshot_revision", "")
+        .await
+        .expect("the served revision in /api/metrics");
+    assert!(revision >= 1.0, "served revision {revision}");
+    wait_metric_at_least(
+        &env.proxy,
+        "rollgate_proxy_snapshot_persisted_revision",
+        "",
+        revision,
+        Duration::from_secs(10),
+    )
+    .await;
+    if !edge {
         eventually(
             "the snapshot file has the change",
             Duration::from_secs(5),
@@ -214,6 +225,12 @@ async fn restart_while_upstream_down_serves_persisted_snapshot() {
     let ready = must_get(&env.url("/ready")).await;
     assert_eq!(ready.status, 200, "ready from disk: {}", ready.text());
     assert_eq!(served_flags(&env.proxy, "").await, served);
+    // What storage held at start counts as persisted, before any write.
+    let persisted = metric_sum(&env.proxy, "rollgate_proxy_snapshot_persisted_revision", "").await;
+    assert!(
+        persisted.is_some_and(|p| p >= revision),
+        "persisted revision after the restart {persisted:?}, served before it {revision}"
+    );
     let sdk = must_get(&env.url("/api/v1/sdk/flags"))
         .await
         .expect_json(200);

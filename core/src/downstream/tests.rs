@@ -486,6 +486,46 @@ fn overload_answers_are_jittered_and_spare_probes() {
 }
 
 #[test]
+fn snapshot_writes_are_rendered_only_where_snapshots_are_persisted() {
+    let d = local();
+    let source = SourceReport::Local {
+        last_error: None,
+        loaded_at: None,
+    };
+    let none = d.metrics(Timestamp::ZERO, None, &source, MetricsExtra::default());
+    let none = text(&none);
+    assert!(!none.contains("snapshot_persisted_revision"), "{none}");
+    assert!(!none.contains("snapshot_persist_failures_total"), "{none}");
+    let written = d.metrics(
+        Timestamp::ZERO,
+        None,
+        &source,
+        MetricsExtra {
+            persisted: Some(crate::metrics::PersistReport {
+                revision: 7,
+                failures: 2,
+            }),
+            ..MetricsExtra::default()
+        },
+    );
+    let written = text(&written);
+    assert!(
+        written.contains(
+            "# TYPE rollgate_proxy_snapshot_persisted_revision gauge\n\
+             rollgate_proxy_snapshot_persisted_revision 7\n"
+        ),
+        "{written}"
+    );
+    assert!(
+        written.contains(
+            "# TYPE rollgate_proxy_snapshot_persist_failures_total counter\n\
+             rollgate_proxy_snapshot_persist_failures_total 2\n"
+        ),
+        "{written}"
+    );
+}
+
+#[test]
 fn rules_mode_answers_are_rendered_once_per_revision_and_context() {
     let d = local();
     let snapshot = rules();

@@ -186,7 +186,7 @@ impl Sim {
                     self.log(&format!("publish r{} {flags}", snapshot.revision()));
                     self.published.push(snapshot);
                 }
-                Action::Persist(bytes) => self.persisted.push(bytes),
+                Action::Persist { bytes, .. } => self.persisted.push(bytes),
             }
         }
     }
@@ -422,7 +422,7 @@ fn drain(machine: &mut Upstream) -> (Option<RequestId>, Option<StreamId>, Vec<Ar
             Action::Fetch { id, .. } => fetch = Some(id),
             Action::OpenStream(id) => stream = Some(id),
             Action::Publish(snapshot) => published.push(snapshot),
-            Action::CloseStream(_) | Action::Persist(_) => {}
+            Action::CloseStream(_) | Action::Persist { .. } => {}
         }
     }
     (fetch, stream, published)
@@ -868,7 +868,7 @@ proptest! {
                         prop_assert!(Some(snapshot.revision()) > last_revision);
                         last_revision = Some(snapshot.revision());
                     }
-                    Action::Persist(_) => {}
+                    Action::Persist { .. } => {}
                 }
             }
             match input {
