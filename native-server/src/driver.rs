@@ -269,9 +269,8 @@ async fn stream(upstream: Arc<UpstreamHandle>, id: StreamId) {
     upstream.with(|m| m.handle_stream_closed(now(), id, StreamEnd::Eof));
 }
 
-/// Loads the persisted snapshot into the machine, if there is a usable one.
-/// Restores the persisted snapshot `bytes` into the machine; returns its revision when it
-/// was taken.
+/// Loads the persisted snapshot `bytes` into the machine, if they are a usable one; returns
+/// its revision when it was taken.
 pub fn restore(upstream: &UpstreamHandle, bytes: Option<Bytes>) -> Option<Revision> {
     let bytes = bytes?;
     match upstream.with_quiet(|m| {

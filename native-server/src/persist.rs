@@ -210,4 +210,29 @@ mod live_tests {
         .unwrap();
         shutdown.cancel();
     }
+
+    #[tokio::test]
+    async fn a_failed_write_is_counted_and_keeps_the_last_written_revision() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("no-such-dir").join("snap.json");
+        let shutdown = CancellationToken::new();
+        let (persister, _task) = Persister::start(path, shutdown.clone());
+        persister.written().restored(Revision::new(4));
+        persister.save(Revision::new(5), Bytes::from_static(b"a"));
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while persister.written().report().failures == 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            persister.written().report(),
+            PersistReport {
+                revision: 4,
+                failures: 1
+            }
+        );
+        shutdown.cancel();
+    }
 }
