@@ -142,9 +142,13 @@ const decoder = new TextDecoder();
 /** A frame every chain stream starts with (over 64 bytes: the load client counts it). */
 const HELLO = encoder.encode(`event: hello\ndata: {"pad":"${'x'.repeat(80)}"}\n\n`);
 
+/** Chunks a chain stream's reader may fall behind by before it is dropped. */
+const MAX_BEHIND = 64;
+
 /**
- * A stream response and its writer, whose failed write removes it from `set`. With `pull`, a
- * pull-based stream with no queue holding the newest chunk, as the proxy's objects make theirs.
+ * A stream response and its writer, whose failed write removes it from `set`, as does a reader
+ * `MAX_BEHIND` chunks behind. With `pull`, a pull-based stream with no queue of its own (a
+ * high-water mark of 0), as the proxy's objects make theirs: chunks wait in its slot.
  */
 function chainStream(set, first, pull) {
   if (pull) {
@@ -157,6 +161,12 @@ function chainStream(set, first, pull) {
     };
     const entry = {
       write: (chunk) => {
+        if (slot.chunks.length >= MAX_BEHIND) {
+          set.delete(entry);
+          slot.chunks = [];
+          if (slot.controller) slot.controller.error(new Error('reader too far behind'));
+          return;
+        }
         slot.chunks.push(chunk);
         try {
           deliver();
@@ -182,7 +192,15 @@ function chainStream(set, first, pull) {
   const { readable, writable } = new TransformStream();
   const writer = writable.getWriter();
   const entry = {
-    write: (chunk) => writer.write(chunk).catch(() => set.delete(entry)),
+    write: (chunk) => {
+      // The writer's queue: its high-water mark is 1, so this is how far the reader is behind.
+      if (writer.desiredSize !== null && writer.desiredSize < -MAX_BEHIND) {
+        set.delete(entry);
+        writer.abort(new Error('reader too far behind')).catch(() => {});
+        return;
+      }
+      writer.write(chunk).catch(() => set.delete(entry));
+    },
   };
   set.add(entry);
   entry.write(first);
