@@ -347,7 +347,7 @@ fn drive(inner: &Rc<Inner>) {
 /// and only the newest of those that came in meanwhile (as the native proxy's persister
 /// does). Written in the publish's own turn, the write held the change on its way to the
 /// shards even with `allowUnconfirmed`: upstream → client p50 9.3–12.6 ms then, 5.9–11.5 ms
-/// now (median of ten runs 7.5; `BENCHMARKS.md`, "Change latency: the floor under it, and
+/// now (median of eleven runs 7.2; `BENCHMARKS.md`, "Change latency: the floor under it, and
 /// the snapshot write").
 fn persist_later(inner: &Rc<Inner>, revision: Revision, text: JsValue) {
     let start = {
