@@ -512,18 +512,21 @@ impl Upstream {
     /// Restores a persisted snapshot (from disk or Durable Object storage) so clients are served
     /// at once, before upstream answers. Call right after [`Upstream::new`].
     ///
-    /// The restored data counts as unconfirmed (stale) until upstream confirms it.
+    /// The restored data counts as unconfirmed (stale) until upstream confirms it. Returns the
+    /// persisted snapshot's revision.
     ///
     /// # Errors
     /// [`SnapshotError`] when the bytes are not a valid persisted snapshot; nothing changes.
-    pub fn restore(&mut self, bytes: &[u8]) -> Result<(), SnapshotError> {
+    pub fn restore(&mut self, bytes: &[u8]) -> Result<Revision, SnapshotError> {
         let (snapshot, etag) = Snapshot::from_persisted(bytes)?;
+        // What storage holds until the next `Persist` (for the adapter's `PersistReport`).
+        let revision = snapshot.revision();
         if let Some(snapshot) = self.store.restore(snapshot) {
             self.upstream_etag = etag;
             self.rules_active = false;
             self.actions.push_back(Action::Publish(snapshot));
         }
-        Ok(())
+        Ok(revision)
     }
 
     /// The current snapshot, if any.

@@ -248,9 +248,8 @@ async fn start(inner: &Rc<Inner>, environment: Option<String>) -> worker::Result
         let mut upstream = Upstream::new(config.core.upstream.clone(), at);
         if let Some(bytes) = persisted {
             match upstream.restore(bytes.as_bytes()) {
-                Ok(()) => {
-                    // What storage holds is this snapshot until the next write.
-                    core.persisted.revision = upstream.snapshot().map_or(0, |s| s.revision().get());
+                Ok(revision) => {
+                    core.persisted.revision = revision.get();
                     console_log!("relay: restored the persisted snapshot");
                 }
                 Err(error) => console_error!("relay: ignoring the persisted snapshot: {error}"),

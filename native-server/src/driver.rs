@@ -273,13 +273,10 @@ async fn stream(upstream: Arc<UpstreamHandle>, id: StreamId) {
 /// its revision when it was taken.
 pub fn restore(upstream: &UpstreamHandle, bytes: Option<Bytes>) -> Option<Revision> {
     let bytes = bytes?;
-    match upstream.with_quiet(|m| {
-        m.restore(&bytes)
-            .map(|()| m.snapshot().map(|snapshot| snapshot.revision()))
-    }) {
+    match upstream.with_quiet(|m| m.restore(&bytes)) {
         Ok(revision) => {
             tracing::info!("restored the persisted snapshot; serving it until upstream answers");
-            revision
+            Some(revision)
         }
         Err(error) => {
             tracing::warn!(%error, "ignoring the persisted snapshot");
