@@ -64,8 +64,8 @@ use sha2::{Digest, Sha256};
 
 use self::condition::{Attributes, CompiledCondition, Outcome};
 use crate::model::{
-    Context, ErrorKind, EvaluatedFlags, FlagRule, ModelError, Reason, ReasonKind, RulesPayload,
-    check_key,
+    Condition, Context, ErrorKind, EvaluatedFlags, FlagRule, ModelError, Reason, ReasonKind,
+    RulesPayload, check_key,
 };
 
 /// The value of one flag for one context, and why.
@@ -268,6 +268,11 @@ impl Serialize for Reasons<'_, '_> {
 /// Compiling never fails. Condition values are lower-cased, `in` lists split, numbers and
 /// versions parsed and regexes compiled here, once; disabled rules and rules without conditions
 /// (which can never match) are dropped.
+///
+/// The layout is compact because the Worker's wasm memory keeps its high-water mark, and a
+/// change holds two of these at once (the old one is served while the new one is built): each
+/// distinct condition is compiled once, in one table the rules index, and a flag's key is read
+/// from its JSON form (`examples/change_memory.rs` measures it).
 #[derive(Clone, Debug)]
 pub struct CompiledRules {
     /// The payload as `serde_json` writes it (maps in key order, so equal content gives equal
@@ -278,45 +283,75 @@ pub struct CompiledRules {
     /// Upstream's version label of the payload.
     version: String,
     /// Sorted by key (the payload's map order), for binary search and ordered output.
-    flags: Vec<(String, CompiledFlag)>,
+    flags: Box<[CompiledFlag]>,
+    /// Every distinct condition (attribute, operator, value), compiled once; a rule holds
+    /// indices into it, which are also the conditions' memo slots.
+    conditions: Box<[CompiledCondition]>,
     /// The number of distinct custom attribute names, i.e. of attribute cache slots.
     attribute_slots: usize,
-    /// The number of distinct conditions, i.e. of condition memo slots.
-    condition_slots: usize,
 }
 
-/// Slots given out while compiling: one per distinct custom attribute name, one per distinct
-/// condition (attribute, operator, value).
+/// What compiling gives out: one cache slot per distinct custom attribute name, and one table
+/// entry per distinct condition (attribute, operator, value).
 #[derive(Default)]
 struct Slots {
     attributes: BTreeMap<String, usize>,
-    conditions: BTreeMap<(String, String, String), usize>,
+    condition_index: BTreeMap<(String, String, String), u32>,
+    conditions: Vec<CompiledCondition>,
+}
+
+impl Slots {
+    /// The table index of `condition`, compiled the first time it is seen.
+    fn condition(&mut self, condition: &Condition) -> u32 {
+        let key = (
+            condition.attribute.clone(),
+            condition.operator.clone(),
+            condition.value.clone(),
+        );
+        if let Some(index) = self.condition_index.get(&key) {
+            return *index;
+        }
+        let index = self.conditions.len();
+        self.conditions
+            .push(CompiledCondition::compile(condition, &mut self.attributes).with_memo(index));
+        // More conditions than `u32` holds do not fit any payload the size limits admit.
+        let index = u32::try_from(index).unwrap_or(u32::MAX);
+        self.condition_index.insert(key, index);
+        index
+    }
 }
 
 #[derive(Clone, Debug)]
 struct CompiledFlag {
-    /// `"<key>":` as JSON, for [`Evaluation::write_values`].
+    /// `"<key>":` as JSON, for [`Evaluation::write_values`]; the key itself is read from it.
     key_json: Box<str>,
+    /// The key, only when JSON had to escape it (never for a key [`check_key`] admits).
+    escaped_key: Option<Box<str>>,
     enabled: bool,
     rollout: i64,
     /// Sorted and deduplicated, for binary search.
-    target_users: Vec<String>,
+    target_users: Box<[Box<str>]>,
     /// Enabled rules with at least one condition, in their original order.
-    rules: Vec<CompiledRule>,
+    rules: Box<[CompiledRule]>,
 }
 
 #[derive(Clone, Debug)]
 struct CompiledRule {
-    id: String,
+    id: Box<str>,
     /// Position in the flag's original rule list (`ruleIndex`).
     index: u32,
     rollout: i64,
-    conditions: Vec<CompiledCondition>,
+    /// Indices into [`CompiledRules::conditions`].
+    conditions: Box<[u32]>,
 }
 
 impl CompiledFlag {
     fn compile(key: &str, flag: &FlagRule, slots: &mut Slots) -> Self {
-        let mut target_users = flag.target_users.clone();
+        let mut target_users: Vec<Box<str>> = flag
+            .target_users
+            .iter()
+            .map(|user| Box::from(user.as_str()))
+            .collect();
         target_users.sort_unstable();
         target_users.dedup();
         let rules = flag
@@ -325,40 +360,45 @@ impl CompiledFlag {
             .enumerate()
             .filter(|(_, rule)| rule.enabled && !rule.conditions.is_empty())
             .map(|(index, rule)| CompiledRule {
-                id: rule.id.clone(),
+                id: Box::from(rule.id.as_str()),
                 index: u32::try_from(index).unwrap_or(u32::MAX),
                 rollout: rule.rollout,
                 conditions: rule
                     .conditions
                     .iter()
-                    .map(|condition| {
-                        let next = slots.conditions.len();
-                        let memo = *slots
-                            .conditions
-                            .entry((
-                                condition.attribute.clone(),
-                                condition.operator.clone(),
-                                condition.value.clone(),
-                            ))
-                            .or_insert(next);
-                        CompiledCondition::compile(condition, &mut slots.attributes).with_memo(memo)
-                    })
+                    .map(|condition| slots.condition(condition))
                     .collect(),
             })
             .collect();
         // Serialising a string cannot fail; the fallback is never used.
         let mut key_json = serde_json::to_string(key).unwrap_or_default();
         key_json.push(':');
+        let key_json = key_json.into_boxed_str();
+        let escaped_key = (unescaped_key(&key_json) != Some(key)).then(|| Box::from(key));
         Self {
-            key_json: key_json.into_boxed_str(),
+            key_json,
+            escaped_key,
             enabled: flag.enabled,
             rollout: flag.rollout,
-            target_users,
+            target_users: target_users.into_boxed_slice(),
             rules,
         }
     }
 
-    fn evaluate<'s>(&'s self, key: &str, attributes: &mut Attributes<'_>) -> (bool, ReasonRef<'s>) {
+    /// The flag's key.
+    fn key(&self) -> &str {
+        match &self.escaped_key {
+            Some(key) => key,
+            None => unescaped_key(&self.key_json).unwrap_or_default(),
+        }
+    }
+
+    fn evaluate<'s>(
+        &'s self,
+        conditions: &[CompiledCondition],
+        attributes: &mut Attributes<'_>,
+    ) -> (bool, ReasonRef<'s>) {
+        let key = self.key();
         let context = attributes.context();
         if !self.enabled {
             return (false, ReasonRef::new(ReasonKind::Off));
@@ -368,7 +408,7 @@ impl CompiledFlag {
         if let Some(id) = user_id
             && self
                 .target_users
-                .binary_search_by(|user| user.as_str().cmp(id))
+                .binary_search_by(|user| (**user).cmp(id))
                 .is_ok()
         {
             return (true, ReasonRef::new(ReasonKind::TargetMatch));
@@ -376,7 +416,7 @@ impl CompiledFlag {
         // The SDKs skip rules for a `null` user, which is what an anonymous context stands for.
         if !context.is_anonymous() {
             for rule in &self.rules {
-                match rule.matches(attributes) {
+                match rule.matches(conditions, attributes) {
                     Outcome::NoMatch => {}
                     Outcome::Malformed => {
                         return (false, ReasonRef::error(ErrorKind::MalformedFlag));
@@ -390,7 +430,7 @@ impl CompiledFlag {
                         return (
                             in_rollout,
                             ReasonRef {
-                                rule_id: Some(&rule.id),
+                                rule_id: Some(&*rule.id),
                                 rule_index: Some(rule.index),
                                 in_rollout: Some(in_rollout),
                                 ..ReasonRef::new(ReasonKind::RuleMatch)
@@ -415,8 +455,16 @@ impl CompiledFlag {
 }
 
 impl CompiledRule {
-    fn matches(&self, attributes: &mut Attributes<'_>) -> Outcome {
-        for condition in &self.conditions {
+    fn matches(
+        &self,
+        conditions: &[CompiledCondition],
+        attributes: &mut Attributes<'_>,
+    ) -> Outcome {
+        for &index in &self.conditions {
+            // The index was given out with the table, so it is always there.
+            let Some(condition) = conditions.get(index as usize) else {
+                return Outcome::Malformed;
+            };
             match condition.matches_memo(attributes) {
                 Outcome::Match => {}
                 other => return other,
@@ -435,6 +483,11 @@ fn partial_rollout(flag_key: &str, user_id: &str, percentage: i64) -> bool {
     } else {
         is_in_rollout(flag_key, user_id, percentage)
     }
+}
+
+/// The key inside a flag's `"<key>":`, as written (escapes, if any, not undone).
+fn unescaped_key(key_json: &str) -> Option<&str> {
+    key_json.strip_prefix('"')?.strip_suffix("\":")
 }
 
 /// A JSON object's entries in document order, each value as raw text: a rules payload's flags
@@ -472,7 +525,7 @@ impl CompiledRules {
         let flags = payload
             .flags
             .iter()
-            .map(|(key, flag)| (key.clone(), CompiledFlag::compile(key, flag, &mut slots)))
+            .map(|(key, flag)| CompiledFlag::compile(key, flag, &mut slots))
             .collect();
         Self {
             // Serializing strings, numbers, booleans and string-keyed maps cannot fail; were it
@@ -481,8 +534,8 @@ impl CompiledRules {
                 .unwrap_or_else(|_| RawValue::NULL.to_owned()),
             version: payload.version.clone(),
             flags,
+            conditions: slots.conditions.into_boxed_slice(),
             attribute_slots: slots.attributes.len(),
-            condition_slots: slots.conditions.len(),
         }
     }
 
@@ -518,13 +571,12 @@ impl CompiledRules {
             serde_json::to_writer(&mut json, &key)?;
             json.push(b':');
             serde_json::to_writer(&mut json, &flag)?;
-            let flag = CompiledFlag::compile(&key, &flag, &mut slots);
-            compiled.push((key, flag));
+            compiled.push(CompiledFlag::compile(&key, &flag, &mut slots));
         }
         json.extend_from_slice(b"}}");
         // After every flag parsed, as the typed parse reports a malformed flag first.
-        for (key, _) in &compiled {
-            check_key(key)?;
+        for flag in &compiled {
+            check_key(flag.key())?;
         }
         // `serde_json` writes UTF-8: the check cannot fail.
         let json = String::from_utf8(json).map_err(|_| {
@@ -533,9 +585,9 @@ impl CompiledRules {
         Ok(Self {
             payload_json: RawValue::from_string(json)?,
             version,
-            flags: compiled,
+            flags: compiled.into_boxed_slice(),
+            conditions: slots.conditions.into_boxed_slice(),
             attribute_slots: slots.attributes.len(),
-            condition_slots: slots.conditions.len(),
         })
     }
 
@@ -568,9 +620,9 @@ impl CompiledRules {
     fn find(&self, key: &str) -> Option<&CompiledFlag> {
         let at = self
             .flags
-            .binary_search_by(|(k, _)| k.as_str().cmp(key))
+            .binary_search_by(|flag| flag.key().cmp(key))
             .ok()?;
-        self.flags.get(at).map(|(_, flag)| flag)
+        self.flags.get(at)
     }
 
     /// Evaluates one flag for `context`. An unknown key gives `false` with reason
@@ -578,7 +630,8 @@ impl CompiledRules {
     pub fn evaluate(&self, key: &str, context: &Context) -> Detail {
         match self.find(key) {
             Some(flag) => {
-                let (value, reason) = flag.evaluate(key, &mut Attributes::new(context));
+                let (value, reason) =
+                    flag.evaluate(&self.conditions, &mut Attributes::new(context));
                 Detail::new(value, reason.to_reason())
             }
             None => Detail::new(false, Reason::error(ErrorKind::FlagNotFound)),
@@ -590,14 +643,14 @@ impl CompiledRules {
     pub fn evaluate_all(&self, context: &Context) -> Evaluation<'_> {
         // Each attribute is looked up, and each distinct condition matched, once for all flags.
         let mut attributes =
-            Attributes::cached(context, self.attribute_slots, self.condition_slots);
+            Attributes::cached(context, self.attribute_slots, self.conditions.len());
         let flags = self
             .flags
             .iter()
-            .map(|(key, flag)| {
-                let (value, reason) = flag.evaluate(key, &mut attributes);
+            .map(|flag| {
+                let (value, reason) = flag.evaluate(&self.conditions, &mut attributes);
                 Evaluated {
-                    key,
+                    key: flag.key(),
                     value,
                     reason,
                     key_json: &flag.key_json,

@@ -228,7 +228,7 @@ enum Op {
 pub(super) struct CompiledCondition {
     attribute: Attribute,
     op: Op,
-    /// The memo slot shared by every identical condition of the rules (see
+    /// The condition's memo slot: its index in the rules' table of distinct conditions (see
     /// [`Attributes::cached`]).
     memo: usize,
 }
@@ -293,7 +293,7 @@ impl CompiledCondition {
         }
     }
 
-    /// Gives the condition the memo slot of its identical twins.
+    /// Gives the condition its memo slot (its index in the rules' condition table).
     pub(super) const fn with_memo(mut self, memo: usize) -> Self {
         self.memo = memo;
         self

@@ -332,6 +332,64 @@ fn compiled_rules_keep_their_payload_and_duplicate_targets() {
     assert_eq!(rules.evaluate("f", &user("A")), fallthrough(false));
 }
 
+#[test]
+fn identical_conditions_are_compiled_once_and_shared() {
+    let source = payload(
+        r#"{"version":"1","flags":{
+            "a":{"enabled":true,"rollout":0,"rules":[
+                {"id":"pro","enabled":true,"rollout":100,"conditions":[{"attribute":"plan","operator":"equals","value":"Pro"}]}]},
+            "b":{"enabled":true,"rollout":0,"rules":[
+                {"id":"pro-eu","enabled":true,"rollout":100,"conditions":[
+                    {"attribute":"plan","operator":"equals","value":"Pro"},
+                    {"attribute":"region","operator":"in","value":"eu, uk"}]}]},
+            "c":{"enabled":true,"rollout":0,"rules":[
+                {"id":"eu","enabled":true,"rollout":100,"conditions":[{"attribute":"region","operator":"in","value":"eu, uk"}]},
+                {"id":"free","enabled":true,"rollout":100,"conditions":[{"attribute":"plan","operator":"equals","value":"free"}]}]}}}"#,
+    );
+    for rules in [
+        CompiledRules::compile(&source),
+        CompiledRules::from_json(serde_json::to_string(&source).unwrap().as_bytes()).unwrap(),
+    ] {
+        // Three distinct conditions among five uses.
+        assert_eq!(rules.conditions.len(), 3);
+        let pro_in_us = with_attrs(Some("u"), &[("plan", s("pro")), ("region", s("us"))]);
+        let all = rules.evaluate_all(&pro_in_us).to_flags();
+        assert_eq!(all.reasons["a"], rule_match("pro", 0, true).reason);
+        assert_eq!(all.reasons["b"], fallthrough(false).reason);
+        assert_eq!(all.reasons["c"], fallthrough(false).reason);
+        // The same table evaluated for another context: no outcome carried over.
+        let free_in_uk = with_attrs(Some("u"), &[("plan", s("free")), ("region", s("UK"))]);
+        let all = rules.evaluate_all(&free_in_uk).to_flags();
+        assert_eq!(all.reasons["a"], fallthrough(false).reason);
+        assert_eq!(all.reasons["b"], fallthrough(false).reason);
+        assert_eq!(all.reasons["c"], rule_match("eu", 0, true).reason);
+        for key in ["a", "b", "c"] {
+            assert_eq!(rules.evaluate(key, &free_in_uk).reason, all.reasons[key]);
+        }
+    }
+}
+
+#[test]
+fn keys_json_escapes_are_found_and_rendered_as_given() {
+    // Keys from a payload built in code are not checked: one that JSON escapes keeps its own
+    // copy, and every other key is read from its JSON form.
+    let mut source = payload(r#"{"version":"1","flags":{"plain":{"enabled":true,"rollout":100}}}"#);
+    let odd = "quo\"te\\back\u{1}slash";
+    source
+        .flags
+        .insert(odd.to_owned(), source.flags["plain"].clone());
+    let rules = CompiledRules::compile(&source);
+    assert!(rules.contains(odd));
+    assert!(rules.contains("plain"));
+    assert!(!rules.contains("quo"));
+    let all = rules.evaluate_all(&Context::anonymous());
+    let keys: Vec<&str> = all.iter().map(|flag| flag.key).collect();
+    assert_eq!(keys, vec!["plain", odd]);
+    let mut values = Vec::new();
+    all.write_values(&mut values);
+    assert_eq!(values, serde_json::to_vec(&all.to_flags().flags).unwrap());
+}
+
 // ---------------------------------------------------------------------------------------------
 // Golden fixture: results of the official evaluators (see core/tests/data/gen-eval-vectors.py).
 
