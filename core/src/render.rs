@@ -4,8 +4,6 @@
 //! [`crate::snapshot`]), so the native server and the Worker are byte-identical by construction
 //! and one set of golden files covers both.
 
-use std::collections::BTreeMap;
-
 use bytes::Bytes;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -132,7 +130,13 @@ fn sdk_flags_body_of<F: Serialize, R: Serialize>(flags: F, reasons: Option<R>) -
 
 /// `event: flags` with the bare flag map as data: one frame of `GET /api/stream`.
 pub fn flags_frame(flags: &EvaluatedFlags, event_id: &str) -> Bytes {
-    json_frame(FLAGS_EVENT, Some(event_id), &flags.flags)
+    flags_frame_of(&flags.flags, event_id)
+}
+
+/// [`flags_frame`] of any form of a key → value map that serialises as
+/// [`EvaluatedFlags::flags`] does (the snapshot's borrowed evaluation in rules mode).
+pub(crate) fn flags_frame_of(values: &impl Serialize, event_id: &str) -> Bytes {
+    json_frame(FLAGS_EVENT, Some(event_id), values)
 }
 
 /// `event: init` with `{"flags":{..}}` as data: one frame of `GET /api/v1/sdk/stream`.
@@ -140,17 +144,16 @@ pub fn flags_frame(flags: &EvaluatedFlags, event_id: &str) -> Bytes {
 /// The data always has a `flags` key: the Python SDK treats any data event as a snapshot and
 /// would wipe its flags on anything else (protocol doc §2.2).
 pub fn init_frame(flags: &EvaluatedFlags, event_id: &str) -> Bytes {
+    init_frame_of(&flags.flags, event_id)
+}
+
+/// [`init_frame`] of any form of a key → value map, as [`flags_frame_of`].
+pub(crate) fn init_frame_of(values: &impl Serialize, event_id: &str) -> Bytes {
     #[derive(Serialize)]
-    struct Data<'a> {
-        flags: &'a BTreeMap<String, bool>,
+    struct Data<'a, F> {
+        flags: &'a F,
     }
-    json_frame(
-        INIT_EVENT,
-        Some(event_id),
-        &Data {
-            flags: &flags.flags,
-        },
-    )
+    json_frame(INIT_EVENT, Some(event_id), &Data { flags: values })
 }
 
 /// An OFREP ADR-0008 notification: `{"type":"refetchEvaluation","etag":..,"lastModified":..}`.

@@ -137,9 +137,12 @@ pub struct Snapshot {
     revision: Revision,
     cached_at: Timestamp,
     source: FlagSource,
-    /// The anonymous context's values and reasons, computed once in rules mode (in evaluated
-    /// mode they are the source's own: no second copy).
-    evaluated_defaults: Option<EvaluatedFlags>,
+    /// The anonymous context's values and reasons as owned maps, in rules mode, built on the
+    /// first [`Snapshot::defaults`] (in evaluated mode they are the source's own). Lazily,
+    /// because the frames and bodies render from a borrowed evaluation instead: a Worker relay
+    /// that only publishes never holds this ~0.4 MB (2,000 flags) of small allocations, nor
+    /// builds it while the snapshot it replaces is still held.
+    evaluated_defaults: OnceLock<EvaluatedFlags>,
     hash: String,
     etag: String,
     event_id: String,
@@ -172,10 +175,6 @@ impl Snapshot {
         source: FlagSource,
         hash: String,
     ) -> Self {
-        let evaluated_defaults = match &source {
-            FlagSource::Evaluated(_) => None,
-            FlagSource::Rules(rules) => Some(rules.evaluate_all(&Context::anonymous()).to_flags()),
-        };
         let etag = format!("\"{hash}\"");
         // The id carries the content hash as well as the revision: a client reconnecting to
         // another replica (whose revision numbers differ) is still recognised as up to date
@@ -190,7 +189,7 @@ impl Snapshot {
             revision,
             cached_at,
             source,
-            evaluated_defaults,
+            evaluated_defaults: OnceLock::new(),
             hash,
             etag,
             event_id,
@@ -200,11 +199,20 @@ impl Snapshot {
     /// Anonymous answer `body`, rendered (and compressed) on first use.
     fn body(&self, body: Body) -> &(Bytes, Variants) {
         self.bodies[body as usize].get_or_init(|| {
-            let defaults = self.defaults();
-            let bytes = match body {
-                Body::Flags => render::flags_body(defaults, self.cached_at),
-                Body::Sdk => render::sdk_flags_body(defaults, false),
-                Body::SdkWithReasons => render::sdk_flags_body(defaults, true),
+            let bytes = match &self.source {
+                FlagSource::Rules(rules) => {
+                    let defaults = rules.evaluate_all(&Context::anonymous());
+                    match body {
+                        Body::Flags => render::evaluation_flags_body(&defaults, self.cached_at),
+                        Body::Sdk => render::evaluation_sdk_flags_body(&defaults, false),
+                        Body::SdkWithReasons => render::evaluation_sdk_flags_body(&defaults, true),
+                    }
+                }
+                FlagSource::Evaluated(defaults) => match body {
+                    Body::Flags => render::flags_body(defaults, self.cached_at),
+                    Body::Sdk => render::sdk_flags_body(defaults, false),
+                    Body::SdkWithReasons => render::sdk_flags_body(defaults, true),
+                },
             };
             let variants = Variants::compress(&bytes);
             (bytes, variants)
@@ -236,13 +244,22 @@ impl Snapshot {
 
     /// Values and reasons for the anonymous context.
     pub fn defaults(&self) -> &EvaluatedFlags {
-        match (&self.evaluated_defaults, &self.source) {
-            (Some(defaults), _) => defaults,
-            (None, FlagSource::Evaluated(flags)) => flags,
-            // Never built (rules mode always computes its defaults); no flags, not a panic.
-            (None, FlagSource::Rules(_)) => {
-                static NO_FLAGS: EvaluatedFlags = EvaluatedFlags::EMPTY;
-                &NO_FLAGS
+        match &self.source {
+            FlagSource::Evaluated(flags) => flags,
+            FlagSource::Rules(rules) => self
+                .evaluated_defaults
+                .get_or_init(|| rules.evaluate_all(&Context::anonymous()).to_flags()),
+        }
+    }
+
+    /// The anonymous context's values, as the frames and the shards' envelope serialise them:
+    /// the source's own map, or in rules mode a borrowed evaluation (one allocation, dropped
+    /// once rendered) rather than [`Self::defaults`]' owned maps.
+    fn anonymous_values(&self) -> AnonymousValues<'_> {
+        match &self.source {
+            FlagSource::Evaluated(flags) => AnonymousValues::Map(&flags.flags),
+            FlagSource::Rules(rules) => {
+                AnonymousValues::Evaluation(rules.evaluate_all(&Context::anonymous()))
             }
         }
     }
@@ -306,12 +323,13 @@ impl Snapshot {
     /// `event: flags` frame of `GET /api/stream` for the anonymous context.
     pub fn flags_frame(&self) -> &Bytes {
         self.frames[FLAGS_FRAME]
-            .get_or_init(|| render::flags_frame(self.defaults(), &self.event_id))
+            .get_or_init(|| render::flags_frame_of(&self.anonymous_values(), &self.event_id))
     }
 
     /// `event: init` frame of `GET /api/v1/sdk/stream` for the anonymous context.
     pub fn init_frame(&self) -> &Bytes {
-        self.frames[INIT_FRAME].get_or_init(|| render::init_frame(self.defaults(), &self.event_id))
+        self.frames[INIT_FRAME]
+            .get_or_init(|| render::init_frame_of(&self.anonymous_values(), &self.event_id))
     }
 
     /// OFREP `refetchEvaluation` notification frame for this snapshot.
@@ -397,7 +415,7 @@ impl Snapshot {
         render::json_frame(event, None, &self.shared_anonymous())
     }
 
-    fn shared_anonymous(&self) -> Persisted<SharedValues<'_>, &str> {
+    fn shared_anonymous(&self) -> Persisted<SharedValues<AnonymousValues<'_>>, &str> {
         Persisted {
             format: PERSIST_FORMAT,
             revision: self.revision,
@@ -406,7 +424,7 @@ impl Snapshot {
             kind: PersistedKind::Evaluated,
             hash: Some(self.hash.as_str()),
             data: SharedValues {
-                flags: &self.defaults().flags,
+                flags: self.anonymous_values(),
             },
         }
     }
@@ -589,8 +607,26 @@ struct Persisted<D, H> {
 
 /// The data of [`Snapshot::to_shared_anonymous`]'s envelope.
 #[derive(Serialize)]
-struct SharedValues<'a> {
-    flags: &'a std::collections::BTreeMap<String, bool>,
+struct SharedValues<F> {
+    flags: F,
+}
+
+/// The anonymous context's flag values (key → value), from whichever form the snapshot has;
+/// both serialise to the same bytes.
+pub(crate) enum AnonymousValues<'a> {
+    /// An evaluated source's own map.
+    Map(&'a std::collections::BTreeMap<String, bool>),
+    /// Rules evaluated for the anonymous context, borrowing from the compiled rules.
+    Evaluation(crate::eval::Evaluation<'a>),
+}
+
+impl Serialize for AnonymousValues<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Map(flags) => flags.serialize(serializer),
+            Self::Evaluation(evaluation) => evaluation.values().serialize(serializer),
+        }
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -830,6 +866,42 @@ mod tests {
         };
         assert!(flags.flags["a"]);
         assert!(!local.defaults().flags["a"]);
+    }
+
+    #[test]
+    fn rules_render_from_an_evaluation_without_building_the_owned_defaults() {
+        let rules = RulesPayload::from_json(
+            br#"{"flags":{"a":{"enabled":true,"rollout":100},"b":{"enabled":false},
+                "c":{"enabled":true,"rollout":40,"targetUsers":["u1"]},
+                "d":{"enabled":true,"rollout":0,"rules":[{"id":"r","enabled":true,"rollout":100,
+                    "conditions":[{"attribute":"plan","operator":"equals","value":"pro"}]}]}}}"#,
+        )
+        .unwrap();
+        let s = Snapshot::build(
+            Revision::new(3),
+            Timestamp::from_millis(42),
+            FlagSource::rules(&rules),
+        );
+        let (flags_body, sdk_body, sdk_reasons_body) = (
+            s.flags_body().clone(),
+            s.sdk_body(false).clone(),
+            s.sdk_body(true).clone(),
+        );
+        let (flags_frame, init_frame) = (s.flags_frame().clone(), s.init_frame().clone());
+        let shared = s.to_shared_anonymous();
+        // Everything a publish renders, and no owned maps built for it.
+        assert!(s.evaluated_defaults.get().is_none());
+        // The same bytes the owned maps give.
+        let defaults = s.defaults();
+        assert!(s.evaluated_defaults.get().is_some());
+        assert_eq!(flags_body, render::flags_body(defaults, s.cached_at()));
+        assert_eq!(sdk_body, render::sdk_flags_body(defaults, false));
+        assert_eq!(sdk_reasons_body, render::sdk_flags_body(defaults, true));
+        assert_eq!(flags_frame, render::flags_frame(defaults, s.event_id()));
+        assert_eq!(init_frame, render::init_frame(defaults, s.event_id()));
+        let copy = Snapshot::from_shared_anonymous(&shared).unwrap();
+        assert_eq!(copy.defaults().flags, defaults.flags);
+        assert_eq!(copy.flags_frame(), &flags_frame);
     }
 
     #[test]
