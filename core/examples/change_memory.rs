@@ -76,18 +76,21 @@ fn change(
     step("after the change");
 }
 
-fn main() {
-    let first = fixtures::rules_full();
-    // The change: one flag switched, as `scripts/bench-edge.sh` does.
+/// Measures the second of two changes of `first` (one flag switched, as
+/// `scripts/bench-edge.sh` does) under its own profiler.
+fn measure(label: &str, first: &str) {
     let second = first.replacen("\"enabled\":true", "\"enabled\":false", 1);
     // dhat counts what is allocated while its profiler runs (`testing`: no file written).
     let _profiler = dhat::Profiler::builder().testing().build();
     let mut store = SnapshotStore::new();
     // One upstream stream's decoder for both changes, as the Relay has.
     let mut decoder = Decoder::default();
-    change(&mut store, &mut decoder, 1, &first, 0, false);
+    change(&mut store, &mut decoder, 1, first, 0, false);
     let kept = live();
-    println!("rules-full event: {} bytes, 2,000 flags", first.len());
+    println!(
+        "{label}: rules-full event of {} bytes, 2,000 flags",
+        first.len()
+    );
     println!(
         "kept between changes (the snapshot, the stream decoder's line buffer) {}",
         kib(kept)
@@ -100,5 +103,23 @@ fn main() {
         "peak of the change above what was kept {}",
         kib(peak - kept)
     );
-    println!("peak in all {}", kib(peak));
+    println!("peak in all {}\n", kib(peak));
+}
+
+fn main() {
+    let shared = fixtures::rules_full();
+    measure(
+        "one condition shared by every flag (the bench's set)",
+        &shared,
+    );
+    // Compiled rules keep one copy of each distinct condition: the same set with a value of
+    // its own in every flag's condition shows the layout without that saving.
+    let mut distinct = String::with_capacity(shared.len() + 16 * 2000);
+    for (i, part) in shared.split(r#""value":"pro""#).enumerate() {
+        if i > 0 {
+            distinct.push_str(&format!(r#""value":"pro-{i}""#));
+        }
+        distinct.push_str(part);
+    }
+    measure("a distinct condition in every flag", &distinct);
 }

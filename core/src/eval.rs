@@ -296,19 +296,16 @@ pub struct CompiledRules {
 #[derive(Default)]
 struct Slots {
     attributes: BTreeMap<String, usize>,
-    condition_index: BTreeMap<(String, String, String), u32>,
+    /// Keyed by [`condition_identity`]: one allocation per distinct condition.
+    condition_index: BTreeMap<Box<str>, u32>,
     conditions: Vec<CompiledCondition>,
 }
 
 impl Slots {
     /// The table index of `condition`, compiled the first time it is seen.
     fn condition(&mut self, condition: &Condition) -> u32 {
-        let key = (
-            condition.attribute.clone(),
-            condition.operator.clone(),
-            condition.value.clone(),
-        );
-        if let Some(index) = self.condition_index.get(&key) {
+        let identity = condition_identity(condition);
+        if let Some(index) = self.condition_index.get(identity.as_str()) {
             return *index;
         }
         let index = self.conditions.len();
@@ -316,9 +313,23 @@ impl Slots {
             .push(CompiledCondition::compile(condition, &mut self.attributes).with_memo(index));
         // More conditions than `u32` holds do not fit any payload the size limits admit.
         let index = u32::try_from(index).unwrap_or(u32::MAX);
-        self.condition_index.insert(key, index);
+        self.condition_index
+            .insert(identity.into_boxed_str(), index);
         index
     }
+}
+
+/// A condition's (attribute, operator, value) as one string: the attribute's and the
+/// operator's lengths first, so that no two conditions share it.
+fn condition_identity(condition: &Condition) -> String {
+    format!(
+        "{}:{}:{}{}{}",
+        condition.attribute.len(),
+        condition.operator.len(),
+        condition.attribute,
+        condition.operator,
+        condition.value
+    )
 }
 
 #[derive(Clone, Debug)]
@@ -492,7 +503,40 @@ fn unescaped_key(key_json: &str) -> Option<&str> {
 
 /// A JSON object's entries in document order, each value as raw text: a rules payload's flags
 /// before they are parsed one at a time.
-struct FlagEntries<'a>(Vec<(String, &'a RawValue)>);
+struct FlagEntries<'a>(Vec<(Key<'a>, &'a RawValue)>);
+
+/// A flag key as the payload spells it: borrowed from the payload's text unless JSON escaped
+/// it (2,000 owned keys were ~150 KB more at a change's peak).
+struct Key<'a>(std::borrow::Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl<'de> Visitor<'de> for KeyVisitor {
+            type Value = Key<'de>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a flag key")
+            }
+
+            fn visit_borrowed_str<E: serde::de::Error>(
+                self,
+                key: &'de str,
+            ) -> Result<Self::Value, E> {
+                Ok(Key(std::borrow::Cow::Borrowed(key)))
+            }
+
+            fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<Self::Value, E> {
+                Ok(Key(std::borrow::Cow::Owned(key.to_owned())))
+            }
+
+            fn visit_string<E: serde::de::Error>(self, key: String) -> Result<Self::Value, E> {
+                Ok(Key(std::borrow::Cow::Owned(key)))
+            }
+        }
+        deserializer.deserialize_str(KeyVisitor)
+    }
+}
 
 impl<'de> Deserialize<'de> for FlagEntries<'de> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -507,7 +551,7 @@ impl<'de> Deserialize<'de> for FlagEntries<'de> {
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
                 // The hint is the parser's own bound (serde_json gives none): no input sizes it.
                 let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0).min(4096));
-                while let Some(entry) = map.next_entry::<String, &'de RawValue>()? {
+                while let Some(entry) = map.next_entry::<Key<'de>, &'de RawValue>()? {
                     entries.push(entry);
                 }
                 Ok(FlagEntries(entries))
@@ -550,7 +594,7 @@ impl CompiledRules {
         let (version, flags) = RulesPayload::split_json(bytes)?;
         // Every entry, values still text, in key order; duplicates keep their document order.
         let mut flags = serde_json::from_str::<FlagEntries<'_>>(flags)?.0;
-        flags.sort_by(|a, b| a.0.cmp(&b.0));
+        flags.sort_by(|(Key(a), _), (Key(b), _)| a.cmp(b));
         let mut flags = flags.into_iter().peekable();
         // What `serde_json` writes for the typed payload: `{"version":…,"flags":{…}}`.
         let mut json = Vec::with_capacity(bytes.len());
@@ -559,9 +603,9 @@ impl CompiledRules {
         json.extend_from_slice(b",\"flags\":{");
         let mut slots = Slots::default();
         let mut compiled = Vec::with_capacity(flags.len());
-        while let Some((key, raw)) = flags.next() {
+        while let Some((Key(key), raw)) = flags.next() {
             let flag: FlagRule = serde_json::from_str(raw.get())?;
-            if flags.peek().is_some_and(|(next, _)| *next == key) {
+            if flags.peek().is_some_and(|(Key(next), _)| *next == key) {
                 // A later duplicate wins, as in the typed map; this one had to parse all the same.
                 continue;
             }
