@@ -128,7 +128,8 @@ async fn dashboard_and_alerts_use_only_exported_metrics() {
         sample(&refused_text, "rollgate_proxy_snapshot_revision"),
         Some(0.0)
     );
-    // Several environments (--config): the reload counters.
+    // Several environments (--config): the reload counters; with a snapshot file, what it
+    // holds (the persistence gauge and counter are absent without one).
     let dir = rollgate_proxy_tests::target::TempDir::new("monitoring").expect("temp dir");
     let file = dir.join("environments.toml");
     std::fs::write(
@@ -140,19 +141,29 @@ async fn dashboard_and_alerts_use_only_exported_metrics() {
     )
     .expect("write the environments file");
     let several = start_proxy(
-        ProxyConfig::default().setting("ROLLGATE_PROXY_CONFIG", file.display().to_string()),
+        ProxyConfig {
+            snapshot_file: Some(dir.join("snapshot.json")),
+            ..ProxyConfig::default()
+        }
+        .setting("ROLLGATE_PROXY_CONFIG", file.display().to_string()),
     )
     .await;
     wait_ready(&several).await;
-    let exported: BTreeSet<String> = [
-        good,
-        metrics_text(&local).await,
-        refused_text,
-        metrics_text(&several).await,
-    ]
-    .iter()
-    .flat_map(|text| metric_names(text))
-    .collect();
+    let several_url = several.url("/api/metrics");
+    let several_text = eventually("the persisted revision", Duration::from_secs(30), || {
+        let url = several_url.clone();
+        async move {
+            let text = get(&url).await.ok()?.text();
+            text.lines()
+                .any(|line| line.starts_with("rollgate_proxy_snapshot_persisted_revision{"))
+                .then_some(text)
+        }
+    })
+    .await;
+    let exported: BTreeSet<String> = [good, metrics_text(&local).await, refused_text, several_text]
+        .iter()
+        .flat_map(|text| metric_names(text))
+        .collect();
     let missing: Vec<&String> = wanted.difference(&exported).collect();
     assert!(
         missing.is_empty(),
