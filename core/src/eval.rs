@@ -506,7 +506,7 @@ fn unescaped_key(key_json: &str) -> Option<&str> {
 struct FlagEntries<'a>(Vec<(Key<'a>, &'a RawValue)>);
 
 /// A flag key as the payload spells it: borrowed from the payload's text unless JSON escaped
-/// it (2,000 owned keys were ~150 KB more at a change's peak).
+/// it, so that compiling makes no copy of the key per flag just to sort the entries.
 struct Key<'a>(std::borrow::Cow<'a, str>);
 
 impl<'de> Deserialize<'de> for Key<'de> {

@@ -613,7 +613,7 @@ struct SharedValues<F> {
 
 /// The anonymous context's flag values (key → value), from whichever form the snapshot has;
 /// both serialise to the same bytes.
-pub(crate) enum AnonymousValues<'a> {
+enum AnonymousValues<'a> {
     /// An evaluated source's own map.
     Map(&'a std::collections::BTreeMap<String, bool>),
     /// Rules evaluated for the anonymous context, borrowing from the compiled rules.
