@@ -507,36 +507,8 @@ struct FlagEntries<'a>(Vec<(Key<'a>, &'a RawValue)>);
 
 /// A flag key as the payload spells it: borrowed from the payload's text unless JSON escaped
 /// it, so that compiling makes no copy of the key per flag just to sort the entries.
-struct Key<'a>(std::borrow::Cow<'a, str>);
-
-impl<'de> Deserialize<'de> for Key<'de> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct KeyVisitor;
-        impl<'de> Visitor<'de> for KeyVisitor {
-            type Value = Key<'de>;
-
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a flag key")
-            }
-
-            fn visit_borrowed_str<E: serde::de::Error>(
-                self,
-                key: &'de str,
-            ) -> Result<Self::Value, E> {
-                Ok(Key(std::borrow::Cow::Borrowed(key)))
-            }
-
-            fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<Self::Value, E> {
-                Ok(Key(std::borrow::Cow::Owned(key.to_owned())))
-            }
-
-            fn visit_string<E: serde::de::Error>(self, key: String) -> Result<Self::Value, E> {
-                Ok(Key(std::borrow::Cow::Owned(key)))
-            }
-        }
-        deserializer.deserialize_str(KeyVisitor)
-    }
-}
+#[derive(Deserialize)]
+struct Key<'a>(#[serde(borrow)] std::borrow::Cow<'a, str>);
 
 impl<'de> Deserialize<'de> for FlagEntries<'de> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {

@@ -773,3 +773,14 @@ fn one_pass_compile_matches_the_typed_parse_and_refuses_alike() {
         );
     }
 }
+
+#[test]
+fn flag_entries_borrow_keys_unless_escaped() {
+    let text = r#"{"plain":{},"b\u0062":{}}"#;
+    let entries = serde_json::from_str::<FlagEntries<'_>>(text).unwrap().0;
+    let keys: Vec<(&str, bool)> = entries
+        .iter()
+        .map(|(Key(key), _)| (key.as_ref(), matches!(key, std::borrow::Cow::Borrowed(_))))
+        .collect();
+    assert_eq!(keys, vec![("plain", true), ("bb", false)]);
+}
