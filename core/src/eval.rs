@@ -51,6 +51,7 @@
 //!   `UNKNOWN` for a key it has never seen.
 //! - **Go aliases** (`eq`, `gte`, ...) match here; Node and Python treat them as unknown.
 
+mod canonical;
 mod condition;
 pub(crate) mod js;
 
@@ -62,6 +63,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
+use self::canonical::{CanonicalJson, CanonicalWriter};
 use self::condition::{Attributes, CompiledCondition, Outcome};
 use crate::model::{
     Condition, Context, ErrorKind, EvaluatedFlags, FlagRule, ModelError, Reason, ReasonKind,
@@ -276,10 +278,11 @@ impl Serialize for Reasons<'_, '_> {
 #[derive(Clone, Debug)]
 pub struct CompiledRules {
     /// The payload as `serde_json` writes it (maps in key order, so equal content gives equal
-    /// bytes), kept for the content hash and persistence. Not the typed payload: for a
-    /// 2,000-flag set that is ~2 MiB of small allocations against ~0.6 MB of text, and the
-    /// Worker's wasm memory keeps its high-water mark (`examples/change_memory.rs`).
-    payload_json: Box<RawValue>,
+    /// bytes) and its content hash, kept for persistence: deflated when large, since nothing
+    /// else reads it. Not the typed payload: for a 2,000-flag set that is ~2 MiB of small
+    /// allocations against ~0.6 MB of text, and the Worker's wasm memory keeps its high-water
+    /// mark (`examples/change_memory.rs`).
+    payload_json: CanonicalJson,
     /// Upstream's version label of the payload.
     version: String,
     /// Sorted by key (the payload's map order), for binary search and ordered output.
@@ -544,10 +547,7 @@ impl CompiledRules {
             .map(|(key, flag)| CompiledFlag::compile(key, flag, &mut slots))
             .collect();
         Self {
-            // Serializing strings, numbers, booleans and string-keyed maps cannot fail; were it
-            // to, `null` persists nothing restorable and hashes like no other payload.
-            payload_json: serde_json::value::to_raw_value(payload)
-                .unwrap_or_else(|_| RawValue::NULL.to_owned()),
+            payload_json: CanonicalJson::of(payload),
             version: payload.version.clone(),
             flags,
             conditions: slots.conditions.into_boxed_slice(),
@@ -568,11 +568,12 @@ impl CompiledRules {
         let mut flags = serde_json::from_str::<FlagEntries<'_>>(flags)?.0;
         flags.sort_by(|(Key(a), _), (Key(b), _)| a.cmp(b));
         let mut flags = flags.into_iter().peekable();
-        // What `serde_json` writes for the typed payload: `{"version":…,"flags":{…}}`.
-        let mut json = Vec::with_capacity(bytes.len());
-        json.extend_from_slice(b"{\"version\":");
+        // What `serde_json` writes for the typed payload: `{"version":…,"flags":{…}}`, hashed
+        // and (when large) deflated as it is written.
+        let mut json = CanonicalWriter::new();
+        json.push(b"{\"version\":");
         serde_json::to_writer(&mut json, &version)?;
-        json.extend_from_slice(b",\"flags\":{");
+        json.push(b",\"flags\":{");
         let mut slots = Slots::default();
         let mut compiled = Vec::with_capacity(flags.len());
         while let Some((Key(key), raw)) = flags.next() {
@@ -582,24 +583,20 @@ impl CompiledRules {
                 continue;
             }
             if !compiled.is_empty() {
-                json.push(b',');
+                json.push(b",");
             }
             serde_json::to_writer(&mut json, &key)?;
-            json.push(b':');
+            json.push(b":");
             serde_json::to_writer(&mut json, &flag)?;
             compiled.push(CompiledFlag::compile(&key, &flag, &mut slots));
         }
-        json.extend_from_slice(b"}}");
+        json.push(b"}}");
         // After every flag parsed, as the typed parse reports a malformed flag first.
         for flag in &compiled {
             check_key(flag.key())?;
         }
-        // `serde_json` writes UTF-8: the check cannot fail.
-        let json = String::from_utf8(json).map_err(|_| {
-            <serde_json::Error as serde::de::Error>::custom("canonical rules are not UTF-8")
-        })?;
         Ok(Self {
-            payload_json: RawValue::from_string(json)?,
+            payload_json: json.finish(),
             version,
             flags: compiled.into_boxed_slice(),
             conditions: slots.conditions.into_boxed_slice(),
@@ -607,10 +604,29 @@ impl CompiledRules {
         })
     }
 
-    /// The payload these rules were compiled from, as canonical JSON: for the content hash
-    /// and persistence ([`RulesPayload::from_json`] reads it back).
-    pub fn payload_json(&self) -> &RawValue {
-        &self.payload_json
+    /// The payload these rules were compiled from, as canonical JSON, for persistence
+    /// ([`RulesPayload::from_json`] reads it back): inflated for each call when the set is
+    /// large, so a copy of ~0.5 MB per 2,000 flags; [`CompiledRules::write_payload_json`]
+    /// appends it to a buffer instead.
+    pub fn payload_json(&self) -> std::borrow::Cow<'_, str> {
+        self.payload_json.text()
+    }
+
+    /// Appends [`CompiledRules::payload_json`] to `out`.
+    pub fn write_payload_json(&self, out: &mut Vec<u8>) {
+        self.payload_json.write_to(out);
+    }
+
+    /// The length of [`CompiledRules::payload_json`] in bytes.
+    pub fn payload_json_len(&self) -> usize {
+        self.payload_json.len()
+    }
+
+    /// The content hash of the payload: 16 hex digits of SHA-256 over `rules:` and
+    /// [`CompiledRules::payload_json`], taken as it was written. It goes into the ETag, so it
+    /// is the same for the same rules in every version.
+    pub fn content_hash(&self) -> &str {
+        self.payload_json.content_hash()
     }
 
     /// Upstream's version label of the payload.

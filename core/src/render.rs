@@ -206,7 +206,7 @@ pub fn content_hash_of(parts: &[&[u8]]) -> String {
 }
 
 /// 16 lowercase hex digits of a digest's first 8 bytes.
-fn hex_prefix(digest: &[u8]) -> String {
+pub(crate) fn hex_prefix(digest: &[u8]) -> String {
     let mut hex = String::with_capacity(16);
     for byte in &digest[..8] {
         hex.push(char::from(HEX[usize::from(byte >> 4)]));

@@ -88,13 +88,11 @@ impl FlagSource {
 
     /// The hash of the content's canonical bytes, which goes into the ETag: a prefix that keeps
     /// a rule set and an evaluated set apart, then the JSON. Maps are ordered, so equal content
-    /// always gives equal bytes. Rules hash the JSON their compilation kept, with no copy.
+    /// always gives equal bytes. Rules give the hash their compilation took of that JSON.
     fn content_hash(&self) -> String {
         match self {
             Self::Evaluated(flags) => render::json_content_hash(b"evaluated:", flags),
-            Self::Rules(rules) => {
-                render::content_hash_of(&[b"rules:", rules.payload_json().get().as_bytes()])
-            }
+            Self::Rules(rules) => rules.content_hash().to_owned(),
         }
     }
 }
@@ -389,12 +387,23 @@ impl Snapshot {
                 PersistedKind::Evaluated,
                 flags,
             )),
-            FlagSource::Rules(rules) => render::json_bytes(&envelope(
-                self,
-                upstream_etag,
-                PersistedKind::Rules,
-                rules.payload_json(),
-            )),
+            FlagSource::Rules(rules) => {
+                // The rules' JSON is inflated straight into the envelope (it is kept deflated
+                // when large): the envelope is written with `"data":null`, its last field, and
+                // that `null}` replaced by the JSON and the closing brace.
+                let head =
+                    render::json_bytes(&envelope(self, upstream_etag, PersistedKind::Rules, &()));
+                let Some(stem) = head.strip_suffix(b"null}") else {
+                    // Cannot happen: `data` is the envelope's last field and `()` is `null`.
+                    // Were it to, the envelope holds no rules and restores as an error.
+                    return head;
+                };
+                let mut out = Vec::with_capacity(stem.len() + rules.payload_json_len() + 1);
+                out.extend_from_slice(stem);
+                rules.write_payload_json(&mut out);
+                out.push(b'}');
+                Bytes::from(out)
+            }
         }
     }
 
@@ -1029,21 +1038,44 @@ mod tests {
     fn a_rule_sets_hash_and_persisted_data_are_its_payloads_canonical_json() {
         // What ETags and persisted snapshots of earlier versions were made from: both must stay
         // the same for the same rules, or an upgrade would look like a change to every client.
-        let rules = RulesPayload::from_json(
-            br#"{"version":"v2","flags":{"b":{"enabled":true,"rules":[{"id":"r","conditions":[{"attribute":"plan","operator":"in","value":"a, b"}]}]},"a":{"enabled":false,"targetUsers":["u"]}}}"#,
+        // A small set keeps its JSON as text, a large one deflated (`eval/canonical.rs`); both
+        // compiles (typed and one-pass) must give the same bytes either way.
+        let small = br#"{"version":"v2","flags":{"b":{"enabled":true,"rules":[{"id":"r","conditions":[{"attribute":"plan","operator":"in","value":"a, b"}]}]},"a":{"enabled":false,"targetUsers":["u"]}}}"#.to_vec();
+        let large_flags: Vec<String> = (0..600)
+            .map(|i| {
+                format!(
+                    r#""flag-{i:04}":{{"enabled":true,"rollout":{},"rules":[{{"id":"r{i}","conditions":[{{"attribute":"plan","operator":"equals","value":"p{i}"}}]}}]}}"#,
+                    i % 100
+                )
+            })
+            .collect();
+        let large = format!(
+            r#"{{"version":"v3","flags":{{{}}}}}"#,
+            large_flags.join(",")
         )
-        .unwrap();
-        let canonical = serde_json::to_vec(&rules).unwrap();
-        let snapshot =
-            Snapshot::build(Revision::new(1), Timestamp::ZERO, FlagSource::rules(&rules));
-        let mut prefixed = b"rules:".to_vec();
-        prefixed.extend(&canonical);
-        assert_eq!(snapshot.content_hash(), render::content_hash(&prefixed));
-        let persisted: serde_json::Value =
-            serde_json::from_slice(&snapshot.to_persisted(None)).unwrap();
-        let data: serde_json::Value = serde_json::from_slice(&canonical).unwrap();
-        assert_eq!(persisted["data"], data);
-        assert_eq!(persisted["kind"], "rules");
+        .into_bytes();
+        for text in [small, large] {
+            let rules = RulesPayload::from_json(&text).unwrap();
+            let canonical = serde_json::to_vec(&rules).unwrap();
+            let mut prefixed = b"rules:".to_vec();
+            prefixed.extend(&canonical);
+            for source in [
+                FlagSource::rules(&rules),
+                FlagSource::rules_from_json(&text).unwrap(),
+            ] {
+                let snapshot = Snapshot::build(Revision::new(1), Timestamp::ZERO, source);
+                assert_eq!(snapshot.content_hash(), render::content_hash(&prefixed));
+                let bytes = snapshot.to_persisted(Some("\"up\""));
+                let persisted: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+                let data: serde_json::Value = serde_json::from_slice(&canonical).unwrap();
+                assert_eq!(persisted["data"], data);
+                assert_eq!(persisted["kind"], "rules");
+                assert_eq!(persisted["upstreamEtag"], "\"up\"");
+                let (restored, etag) = Snapshot::from_persisted(&bytes).unwrap();
+                assert_eq!(restored.content_hash(), snapshot.content_hash());
+                assert_eq!(etag.as_deref(), Some("\"up\""));
+            }
+        }
     }
 
     #[test]

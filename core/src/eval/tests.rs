@@ -322,7 +322,7 @@ fn compiled_rules_keep_their_payload_and_duplicate_targets() {
         r#"{"version":"9","flags":{"f":{"enabled":true,"rollout":0,"targetUsers":["b","a","b"]}}}"#,
     );
     let rules = CompiledRules::compile(&source);
-    let kept = RulesPayload::from_json(rules.payload_json().get().as_bytes()).unwrap();
+    let kept = RulesPayload::from_json(rules.payload_json().as_bytes()).unwrap();
     assert_eq!(kept, source);
     let target = Detail::new(true, Reason::new(ReasonKind::TargetMatch));
     assert_eq!(rules.evaluate("f", &user("b")), target);
@@ -735,7 +735,7 @@ fn one_pass_compile_matches_the_typed_parse_and_refuses_alike() {
     let text = br#"{"version":7,"flags":{"z":{"enabled":true,"rollout":50.0},"a":{"enabled":false},"\u0062":{"enabled":true,"targetUsers":["u"],"rules":[{"id":"r","enabled":true,"rollout":100,"conditions":[{"attribute":"plan","operator":"in","value":["Pro","free"]}]}]},"a":{"enabled":true,"rollout":100}}}"#;
     let typed = CompiledRules::compile(&RulesPayload::from_json(text).unwrap());
     let one_pass = CompiledRules::from_json(text).unwrap();
-    assert_eq!(one_pass.payload_json().get(), typed.payload_json().get());
+    assert_eq!(one_pass.payload_json(), typed.payload_json());
     assert_eq!(one_pass.version(), "7");
     // The later duplicate "a" won; "\u0062" is "b".
     for key in ["a", "b", "z"] {
