@@ -53,11 +53,10 @@ impl CanonicalJson {
     /// no rule set.
     pub(crate) fn of<T: serde::Serialize + ?Sized>(value: &T) -> Self {
         let mut writer = CanonicalWriter::new();
-        if serde_json::to_writer(&mut writer, value).is_err() {
-            writer = CanonicalWriter::new();
-            writer.push(b"null");
+        match serde_json::to_writer(&mut writer, value) {
+            Ok(()) => writer.finish(),
+            Err(_) => CanonicalWriter::null(),
         }
-        writer.finish()
     }
 
     /// The content hash: 16 hex digits of SHA-256 over `rules:` and the JSON.
